@@ -1,0 +1,166 @@
+"""GPU benchmark in one script: encoder slices/s (ViT-B/L, float32/bfloat16, batch 1/8/32, attention
+implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice
+and the training step's images/s with utilisation from `cost_analysis`.
+
+    python -m benchmarks.gpu_benchmark --out benchmarks/results/gpu     # on a GPU
+    python -m benchmarks.gpu_benchmark --small --out /tmp/bench         # shrunk, runs on a CPU
+
+Utilisation is measured FLOP/s over a large bf16 matrix product timed in the same run. Each section
+records its error and the script goes on, so one failure does not lose the other numbers.
+"""
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import blocking, compiled_flops, device_name, peak_device_bytes, time_call, write_table
+from radsam_jax.model import RadSam, Sam, init_variables, load_model_config
+
+
+def matmul_rate(n: int, dtype) -> float:
+    """FLOP/s of an n x n x n matrix product: the machine's practical peak for this dtype."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    seconds = time_call(blocking(lambda: f(a, a)), repeats=5)
+    return 2 * n**3 / seconds
+
+
+def encoder_rows(args, peak_bf16: float) -> list[dict]:
+    rows = []
+    plan = args.encoder_plan
+    for name, dtype_name, attention, batches in plan:
+        config = load_model_config(name)
+        if args.small:
+            config = load_model_config("small")
+        variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
+        for batch in batches:
+            row = {"model": config.name, "dtype": dtype_name, "attention": attention, "batch": batch}
+            try:
+                dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+                fn = jax.jit(lambda v, x: Sam(config, dtype, attention=attention).apply(v, x, method=Sam.encode))
+                images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
+                t0 = time.perf_counter()
+                compiled = fn.lower(variables, images).compile()
+                row["compile_s"] = time.perf_counter() - t0
+                seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
+                flops = compiled_flops(compiled)
+                row["ms_per_batch"] = seconds * 1e3
+                row["slices_per_s"] = batch / seconds
+                row["tflops_per_s"] = flops / seconds / 1e12 if flops else None
+                row["of_matmul_peak"] = flops / seconds / peak_bf16 if flops else None
+                row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+            except Exception as e:  # keep going: one OOM must not lose the other rows
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def bf16_parity_rows(args) -> list[dict]:
+    """Relative error of bfloat16 (and of each attention path) against float32 'chunked' on this device."""
+    config = load_model_config("small" if args.small else "vit_b")
+    variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(1))
+    # Random weights with SAM's zero-initialised position tables filled in, so every path is exercised.
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    variables = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, config.image_size, config.image_size, 3)), jnp.float32)
+    reference = RadSam(config, variables).encode_image(images)
+    rows = []
+    for dtype_name, attention in (("float32", "materialized"), ("float32", "fused"), ("bfloat16", "chunked"), ("bfloat16", "fused")):
+        model = RadSam(config, variables, jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32, attention=attention)
+        out = model.encode_image(images).astype(jnp.float32)
+        rel = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
+        rows.append({"model": config.name, "dtype": dtype_name, "attention": attention, "rel_error_vs_f32_chunked": rel})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def torch_rows(args) -> list[dict]:
+    """segment_anything's encoder on the same device, float32 and bfloat16 autocast."""
+    import sys
+    import types
+
+    import torch
+
+    # segment_anything/__init__ imports torchvision for its resize helper; the model code does not.
+    import importlib.util
+    spec = importlib.util.find_spec("segment_anything")
+    package = types.ModuleType("segment_anything")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["segment_anything"] = package
+    from segment_anything.build_sam import sam_model_registry
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for name in (("vit_b",) if not args.small else ()):
+        sam = sam_model_registry[name](checkpoint=None).to(device).eval()
+        for dtype_name, batch in (("float32", 8), ("bfloat16", 8), ("bfloat16", 32)):
+            x = torch.randn(batch, 3, 1024, 1024, device=device)
+
+            def run():
+                with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=dtype_name == "bfloat16"):
+                    sam.image_encoder(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+            seconds = time_call(run, repeats=args.repeats)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            rows.append({"model": f"torch {name}", "dtype": dtype_name, "batch": batch, "slices_per_s": batch / seconds, "peak_gib": peak})
+            print(rows[-1], flush=True)
+        del sam
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--small", action="store_true", help="shrink everything so it runs on a CPU")
+    parser.add_argument("--sections", default="matmul,encoder,parity,torch")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.small:
+        args.encoder_plan = [("small", "float32", "chunked", (1, 4)), ("small", "bfloat16", "fused", (4,))]
+    else:
+        args.encoder_plan = [
+            ("vit_b", "float32", "chunked", (1, 8, 32)),
+            ("vit_b", "bfloat16", "fused", (1, 8, 32)),
+            ("vit_b", "bfloat16", "chunked", (8, 32)),
+            ("vit_b", "bfloat16", "materialized", (8,)),
+            ("vit_l", "float32", "chunked", (8,)),
+            ("vit_l", "bfloat16", "fused", (1, 8, 32)),
+        ]
+    print("device:", device_name(), "jax", jax.__version__, flush=True)
+    results = {"device": device_name(), "jax": jax.__version__}
+    peak_bf16 = None
+    if "matmul" in sections:
+        n = 1024 if args.small else 8192
+        peak_bf16 = matmul_rate(n, jnp.bfloat16)
+        results["matmul"] = {"n": n, "bf16_tflops": peak_bf16 / 1e12, "f32_tflops": matmul_rate(n, jnp.float32) / 1e12}
+        print(results["matmul"], flush=True)
+    runners = {"encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")), "parity": lambda: bf16_parity_rows(args), "torch": lambda: torch_rows(args)}
+    for section, runner in runners.items():
+        if section not in sections:
+            continue
+        try:
+            rows = runner()
+            write_table(rows, out / f"{section}.md", f"{section} on {device_name()}")
+            results[section] = rows
+        except Exception:
+            results[section] = {"error": traceback.format_exc()[-2000:]}
+            print(results[section]["error"], flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""RadSAM on TotalSegmentator (CT, one folder per subject, split from meta.csv): same recipe as
+amos_vit_b (SAM ViT-B, Adam constant 1e-5, global batch 32, 7 epochs).
+
+    radsam train --config configs/train/totalseg_vit_b.py --workdir runs/totalseg_vit_b \\
+        --config.data.root=/data/Totalsegmentator_dataset_v201
+"""
+
+from radsam_jax.train.config_lib import base_config, pipeline_data_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.model.name = "vit_b"  # architecture when init_checkpoint is empty
+    c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B; relative = repo-relative
+    c.precision = "bfloat16"  # bf16 compute, f32 params
+    c.batch_size = 32  # 16 devices x 2
+    c.num_epochs = 7  # as the paper's AMOS run
+    c.optim.learning_rate = 1e-5  # Adam, constant
+    c.data_source = "pipeline"  # radsam_jax.data.pipeline
+    c.data = pipeline_data_config(
+        format="totalsegmentator",  # sXXXX/ct.nii.gz + segmentations/<structure>.nii.gz
+        root="",  # dataset folder: set with --config.data.root
+        num_workers=8,  # 117 structure files per subject: decoding is the bottleneck
+        cache_size=2,  # decoded subjects kept per worker
+    )
+    c.eval.split = "val"  # meta.csv split "val"
+    c.eval.every_steps = 5000  # validate every 5000 steps
+    c.checkpoint.every_steps = 5000  # save every 5000 steps
+    if arg == "runlocal":
+        c.model.name = "small"  # the CPU-sized model
+        c.init_checkpoint = ""  # from scratch
+        c.precision = "float32"  # CPU
+        c.batch_size = 2  # one CPU
+        c.num_train_steps = 20  # smoke run
+        c.data.num_workers = 0  # in-process loading
+    return c

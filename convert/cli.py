@@ -1,0 +1,57 @@
+"""`radsam convert SRC DST [--format ...] [--model ...]`: the command-line face of convert.py.
+
+radsam_jax/cli.py registers it with `add_parser(subparsers)`; `python -m radsam_jax.convert.cli SRC DST`
+runs it on its own.
+"""
+
+import argparse
+import sys
+
+PROG = "radsam convert"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `convert` subcommand; dispatch with `args.func(args)`."""
+    from radsam_jax.convert.convert import FORMATS, MODELS
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a SAM / MedSAM / Hugging Face SamModel checkpoint to a RadSAM checkpoint",
+        description="Converts a PyTorch (.pth/.pt/.bin) or safetensors SAM-family checkpoint, or a Hugging Face "
+        "model directory, into a RadSAM model checkpoint directory (Orbax + radsam.json).",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file or Hugging Face model directory")
+    parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="key naming of SRC (default: detect from the keys)")
+    parser.add_argument("--model", choices=MODELS, default="auto", help="architecture (default: infer from the tensor shapes)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Converts; expected failures print `radsam convert: error: ...` and exit with status 2."""
+    from radsam_jax.checkpoint import CheckpointError
+    from radsam_jax.convert.convert import ConversionError, convert_checkpoint
+
+    try:
+        model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model)
+    except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    c = model.config
+    print(
+        f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "
+        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format)"
+    )
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="radsam")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

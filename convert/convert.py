@@ -1,0 +1,356 @@
+"""Converts SAM-family PyTorch checkpoints (SAM, MedSAM, Hugging Face SamModel) to RadSAM checkpoints.
+
+    convert_checkpoint("sam_vit_b_01ec64.pth", "checkpoints/sam_vit_b")        # -> RadSam
+
+Steps: read the source lazily (torch.load with mmap, or safetensors without torch) -> detect its
+key format -> map every key through the declarative table in key_maps.py -> infer (or take) the
+model config -> compare with `abstract_variables(config)` -> report every missing, unused and
+mis-shaped key at once, or write the Orbax checkpoint atomically with `save_model`.
+This package is the only part of radsam-jax that imports torch, and only to read .pth/.bin files.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from radsam_jax.checkpoint import expected_shapes, load_checkpoint, save_model
+from radsam_jax.model.config import ModelConfig, load_model_config
+from radsam_jax.model.sam import RadSam
+from radsam_jax.convert.infer_arch import ArchitectureError, infer_config
+from radsam_jax.convert.key_maps import IGNORED_KEYS, KEY_MAPS
+
+FORMATS = ("auto", "segment_anything", "hf")
+MODELS = ("auto", "vit_b", "vit_l", "vit_h", "small")
+# Containers some training scripts wrap the state dict in.
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+_HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message says which file, key and shape."""
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+@dataclasses.dataclass
+class StateDict:
+    """A lazily read state dict: `shape(key)` is cheap, `load(key)` returns a float32 numpy array."""
+
+    file: Path
+    container: str  # "pytorch-zip", "pytorch-pickle" or "safetensors"
+    keys: list[str]
+    shape: Callable[[str], tuple]
+    load: Callable[[str], np.ndarray]
+
+
+def _file_kind(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        if not zipfile.is_zipfile(path):
+            raise ConversionError(f"{path}: truncated or damaged checkpoint (a zip archive without its central directory)")
+        return "pytorch-zip"
+    if head[:1] == b"\x80":  # pickle protocol >= 2: PyTorch's legacy (non-zip) format
+        return "pytorch-pickle"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
+        return "safetensors"
+    raise ConversionError(f"{path} is not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor safetensors")
+
+
+def _unwrap(obj: Any, path: Path) -> dict:
+    import torch
+
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], dict) and not isinstance(obj[key], torch.Tensor):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ConversionError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    # DistributedDataParallel wraps every key in "module.".
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _torch_state_dict(path: Path, container: str) -> StateDict:
+    import torch  # only here: reading PyTorch files is the one place torch is needed
+
+    try:
+        # mmap keeps the tensors on disk until each is converted, so a checkpoint converts within
+        # about twice its size in memory; weights_only refuses arbitrary pickled code.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=container == "pytorch-zip")
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    state = _unwrap(obj, path)
+
+    def load(key: str) -> np.ndarray:
+        t = state[key].detach()
+        return (t if t.dtype == torch.float32 else t.float()).numpy()
+
+    return StateDict(path, container, list(state), lambda k: tuple(state[k].shape), load)
+
+
+@contextlib.contextmanager
+def _safetensors_state_dict(path: Path) -> Iterator[StateDict]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="np")
+        f = handle.__enter__()
+        keys = list(f.keys())
+    except Exception as e:
+        raise ConversionError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        if not keys:
+            raise ConversionError(f"{path} holds no tensors")
+
+        def load(key: str) -> np.ndarray:
+            try:
+                x = f.get_tensor(key)
+            except Exception as e:
+                raise ConversionError(f"{path}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
+            return x if x.dtype == np.float32 else x.astype(np.float32)
+
+        yield StateDict(path, "safetensors", keys, lambda k: tuple(f.get_slice(k).get_shape()), load)
+    finally:
+        handle.__exit__(None, None, None)
+
+
+def _resolve_source(src: Path) -> Path:
+    if not src.exists():
+        raise ConversionError(f"{src} does not exist")
+    if src.is_dir():
+        for name in _HF_DIR_FILES:
+            if (src / name).is_file():
+                return src / name
+        raise ConversionError(f"{src} is a directory without {' or '.join(_HF_DIR_FILES)}")
+    return src
+
+
+@contextlib.contextmanager
+def open_state_dict(src) -> Iterator[StateDict]:
+    """The state dict in a .pth/.pt/.bin/.safetensors file or a Hugging Face model directory."""
+    path = _resolve_source(Path(src))
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        with _safetensors_state_dict(path) as state:
+            yield state
+    else:
+        yield _torch_state_dict(path, kind)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(keys: list[str], path: Path) -> str:
+    if any(k.startswith("vision_encoder.") for k in keys):
+        return "hf"
+    if any(k.startswith("image_encoder.") for k in keys):
+        return "segment_anything"
+    raise ConversionError(
+        f"{path}: not a SAM-family state dict (no image_encoder.* or vision_encoder.* keys; first keys: {', '.join(keys[:5])})"
+    )
+
+
+def _hf_decoder_heads(path: Path) -> Optional[int]:
+    """num_attention_heads of the mask decoder from a Hugging Face config.json beside the weights."""
+    config_file = path.parent / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return int(json.loads(config_file.read_text())["mask_decoder_config"]["num_attention_heads"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------- mapping keys
+
+
+@dataclasses.dataclass
+class MappedWeights:
+    arrays: dict[str, np.ndarray]  # Flax path -> array in Flax layout
+    sources: dict[str, list[str]]  # Flax path -> the PyTorch key(s) it came from
+    unmatched: list[str]  # PyTorch keys no rule matched
+    ignored: dict[str, list]  # ignored PyTorch key -> its values (e.g. pixel_mean)
+    problems: list[str]  # transform, stacking or duplicate-copy errors
+
+
+def map_state_dict(state: StateDict, fmt: str) -> MappedWeights:
+    """Applies the key map of `fmt` to every key; collects, rather than raises, each problem."""
+    rules = [(re.compile(r.pattern), r) for r in KEY_MAPS[fmt]]
+    ignored_patterns = [re.compile(p) for p in IGNORED_KEYS[fmt]]
+    arrays, sources, unmatched, ignored, problems = {}, collections.defaultdict(list), [], {}, []
+    stacks: dict[str, dict[int, tuple[str, np.ndarray]]] = collections.defaultdict(dict)
+    for key in state.keys:
+        match = rule = None
+        for rx, r in rules:
+            if m := rx.fullmatch(key):
+                match, rule = m, r
+                break
+        if rule is None:
+            if any(p.fullmatch(key) for p in ignored_patterns):
+                ignored[key] = state.load(key).reshape(-1).tolist()
+            else:
+                unmatched.append(key)
+            continue
+        target = rule.target_for(match)
+        try:
+            value = np.ascontiguousarray(rule.transform(state.load(key)), dtype=np.float32)
+        except ValueError as e:
+            problems.append(f"{key} {state.shape(key)}: {e}")
+            continue
+        if stack := re.fullmatch(r"(.*)\[(\d+)\]", target):
+            base, slot = stack[1], int(stack[2])
+            if slot in stacks[base]:
+                problems.append(f"{key} and {stacks[base][slot][0]} both fill {base}[{slot}]")
+            stacks[base][slot] = (key, value)
+            continue
+        if target in arrays:
+            if arrays[target].shape != value.shape or not np.array_equal(arrays[target], value):
+                problems.append(f"{key} and {sources[target][0]} are tied copies of {target} but differ")
+            sources[target].append(key)
+            continue
+        arrays[target], sources[target] = value, [key]
+
+    for base, slots in stacks.items():
+        keys = [slots[i][0] for i in sorted(slots)]
+        if sorted(slots) != list(range(len(slots))):
+            problems.append(f"{base}: slots {sorted(slots)} from {', '.join(keys)} are not 0..{len(slots) - 1}")
+            continue
+        shapes = {slots[i][1].shape for i in slots}
+        if len(shapes) > 1:
+            problems.append(f"{base}: {', '.join(keys)} have different shapes {sorted(shapes)}")
+            continue
+        arrays[base] = np.stack([slots[i][1] for i in range(len(slots))])
+        sources[base] = keys
+
+    # Hugging Face MLPs name their last layer proj_out: it follows the numbered ones.
+    last = [t for t in arrays if "/layers_LAST/" in t]
+    numbered = collections.Counter()  # MLP path -> number of numbered layers (counted before renaming)
+    for t in {(m[1], m[2]) for t in arrays if (m := re.fullmatch(r"(.*)/layers_(\d+)/[^/]+", t))}:
+        numbered[t[0]] += 1
+    for target in last:
+        parent, leaf = target.split("/layers_LAST/")
+        final = f"{parent}/layers_{numbered[parent]}/{leaf}"
+        arrays[final], sources[final] = arrays.pop(target), sources.pop(target)
+    return MappedWeights(arrays, dict(sources), unmatched, ignored, problems)
+
+
+def _unflatten(arrays: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in arrays.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def check_against_model(mapped: MappedWeights, state: StateDict, config: ModelConfig) -> list[str]:
+    """Every disagreement between the mapped weights and the model, mis-shaped keys first."""
+    expected = expected_shapes(config)
+    misshaped, missing, unused = [], [], []
+    for target, value in mapped.arrays.items():
+        src = ", ".join(f"{k} {state.shape(k)}" for k in mapped.sources[target])
+        if target not in expected:
+            unused.append(f"unused: {src} (-> {target}, which model {config.name!r} does not have)")
+        elif value.shape != expected[target]:
+            misshaped.append(
+                f"mis-shaped: {src} -> {target} {value.shape}, but model {config.name!r} expects {expected[target]}"
+            )
+    missing = [f"missing: {t} {shape} (no key in the checkpoint maps to it)" for t, shape in expected.items() if t not in mapped.arrays]
+    unused += [f"unused: {k} {state.shape(k)} (no rule in the key map matches it)" for k in mapped.unmatched]
+    return misshaped + missing + unused + [f"invalid: {p}" for p in mapped.problems]
+
+
+def _error_report(path: Path, fmt: str, config_name: str, problems: list[str]) -> str:
+    counts = collections.Counter(p.split(":", 1)[0] for p in problems)
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    return f"{path} ({fmt} format) does not match model {config_name!r}: {summary}; first: {problems[0]}\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto") -> RadSam:
+    """Converts the checkpoint `src` into a RadSAM model checkpoint directory `dst` and returns the model.
+
+    src: a .pth/.pt/.bin (PyTorch), .safetensors file, or a Hugging Face model directory.
+    format: "auto" (from the keys), "segment_anything" (SAM, MedSAM) or "hf" (transformers SamModel).
+    model: "auto" (the architecture is inferred from the tensor shapes) or a preset name.
+    Raises ConversionError naming the file and, for key problems, every offending key and shape;
+    nothing is left at `dst` unless the conversion is complete.
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise ConversionError(f"destination {dst} already exists; refusing to overwrite it")
+    if not dst.absolute().parent.is_dir():
+        raise ConversionError(f"destination's parent directory {dst.absolute().parent} does not exist")
+    if format not in FORMATS:
+        raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    preset = None
+    if model != "auto":
+        try:
+            preset = load_model_config(model)
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+
+    with open_state_dict(src) as state:
+        fmt = detect_format(state.keys, state.file) if format == "auto" else format
+        mapped = map_state_dict(state, fmt)
+        if preset is not None:
+            config = preset
+        else:
+            heads = (_hf_decoder_heads(state.file) if fmt == "hf" else None) or 8
+            try:
+                config = infer_config({k: v.shape for k, v in mapped.arrays.items()}, decoder_heads=heads)
+            except ArchitectureError as e:
+                raise ConversionError(f"{state.file} ({fmt} format): {e}") from e
+        problems = check_against_model(mapped, state, config)
+        if problems:
+            raise ConversionError(_error_report(state.file, fmt, config.name, problems))
+        config = _with_preprocessing_buffers(config, mapped.ignored)
+        metadata = {
+            "source_file": state.file.name,
+            "source_sha256": sha256(state.file),
+            "source_format": fmt,
+            "source_container": state.container,
+            "model_inferred": preset is None,
+            "converter": "radsam-jax convert",
+        }
+        if mapped.ignored:
+            metadata["ignored_keys"] = mapped.ignored
+        save_model(dst, config, _unflatten(mapped.arrays), metadata)
+    del mapped
+    return load_checkpoint(dst)
+
+
+def _with_preprocessing_buffers(config: ModelConfig, ignored: dict[str, list]) -> ModelConfig:
+    """Takes pixel_mean / pixel_std buffers into the config, scaled to 0..255 like SAM's."""
+    changes = {}
+    for field in ("pixel_mean", "pixel_std"):
+        values = next((v for k, v in ignored.items() if k.endswith(field)), None)
+        if values is not None and len(values) == 3:
+            values = tuple(float(v) for v in values)
+            if not np.allclose(values, getattr(config, field)):
+                changes[field] = values
+    return dataclasses.replace(config, **changes) if changes else config

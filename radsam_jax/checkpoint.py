@@ -1,0 +1,164 @@
+"""RadSAM model checkpoints on disk: an Orbax directory of variables plus `radsam.json`.
+
+Layout of a model checkpoint directory DST:
+
+    DST/radsam.json   {"format": "radsam-jax-model", "format_version": 1,
+                       "model_config": ModelConfig.to_dict(), "metadata": {...}}
+    DST/variables/    Orbax (StandardCheckpointer) checkpoint of {"params": ..., "buffers": ...}
+
+`radsam.json` carries everything needed to rebuild the architecture, so `load_checkpoint(DST)`
+restores against `abstract_variables(config)` and any shape disagreement is an error. This module
+needs no PyTorch: converted checkpoints are read by the runtime alone.
+"""
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radsam_jax.model.config import ModelConfig
+from radsam_jax.model.sam import RadSam, abstract_variables
+
+FORMAT_NAME = "radsam-jax-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "radsam.json"
+VARIABLES_DIR = "variables"
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint directory that is missing, incomplete or inconsistent."""
+
+
+def _orbax():
+    # Imported lazily: orbax pulls in a lot and most of the package never touches checkpoints.
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_model(path, config: ModelConfig, variables: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Writes `variables` (numpy or jax arrays) and `config` as a model checkpoint directory at `path`.
+
+    Everything is written into a temporary sibling directory first and renamed into place at the
+    end, so `path` exists only once it is complete. Refuses an existing `path`.
+    """
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"parent directory {path.parent} does not exist")
+    _check_against_config(variables, config)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_config": config.to_dict(),
+        "metadata": dict(metadata or {}),
+    }
+    text = json.dumps(header, indent=2, sort_keys=True)  # fails early on non-JSON metadata
+    ocp = _orbax()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / VARIABLES_DIR, dict(variables))
+            checkpointer.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(text + "\n")
+        os.rename(tmp, path)  # atomic on one filesystem; fails if `path` appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_header(path) -> dict:
+    """The parsed and validated `radsam.json` of a model checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model checkpoint at {path}: it does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a RadSAM model checkpoint directory (it is a file; convert PyTorch checkpoints with `radsam convert`)")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a RadSAM model checkpoint: {CONFIG_FILE} is missing")
+    try:
+        header = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{config_file} is not a RadSAM model header (expected \"format\": \"{FORMAT_NAME}\")")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{config_file} has format_version {version!r}; this radsam-jax reads version {FORMAT_VERSION}")
+    if not isinstance(header.get("model_config"), dict):
+        raise CheckpointError(f"{config_file} has no \"model_config\" object")
+    if not isinstance(header.get("metadata", {}), dict):
+        raise CheckpointError(f"{config_file}: \"metadata\" must be an object")
+    return header
+
+
+def load_config(path) -> ModelConfig:
+    """The architecture stored in a model checkpoint directory, without reading the weights."""
+    header = read_header(path)
+    try:
+        return ModelConfig.from_mapping(header["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: bad model_config: {e}") from e
+
+
+def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
+    """Reads a model checkpoint directory written by `save_model` (or `radsam convert`).
+
+    Variables are restored against `abstract_variables(config)`: a missing, extra or mis-shaped
+    array is an error naming it. `dtype` is the compute dtype; parameters stay float32.
+    """
+    path = Path(path).absolute()
+    header = read_header(path)
+    config = load_config(path)
+    variables_dir = path / VARIABLES_DIR
+    if not variables_dir.is_dir():
+        raise CheckpointError(f"{path} is incomplete: {VARIABLES_DIR}/ is missing")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_variables(config))
+    ocp = _orbax()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(variables_dir, abstract)
+    except ValueError as e:
+        raise CheckpointError(f"{variables_dir} does not match the model in {CONFIG_FILE}: {e}") from e
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(f"cannot read {variables_dir}: {type(e).__name__}: {e}") from e
+    # Orbax does not compare shapes with the target; the model would fail later and less clearly.
+    _check_against_config(restored, config)
+    variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), restored)
+    return RadSam(config, variables, dtype=dtype, metadata=header.get("metadata", {}))
+
+
+@functools.lru_cache(maxsize=8)
+def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """"params/image_encoder/pos_embed"-style path -> shape of every variable of `config` (cached)."""
+    return {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(_abstract_variables(config))[0]}
+
+
+def _check_against_config(variables: Mapping[str, Any], config: ModelConfig) -> None:
+    """Raises CheckpointError listing every path whose presence or shape disagrees with `config`."""
+    expected = expected_shapes(config)
+    found = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    problems = [f"missing {k} {expected[k]}" for k in expected if k not in found]
+    problems += [f"unexpected {k} {found[k]}" for k in found if k not in expected]
+    problems += [f"{k} has shape {found[k]}, expected {expected[k]}" for k in expected if k in found and found[k] != tuple(expected[k])]
+    if problems:
+        raise CheckpointError(f"variables do not match model config {config.name!r}: " + "; ".join(problems))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(config: ModelConfig):
+    return abstract_variables(config)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

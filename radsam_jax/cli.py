@@ -1,0 +1,48 @@
+"""`radsam` command line: one subcommand per job, each defined beside the code it drives.
+
+Subcommand modules expose `add_parser(subparsers)`, which registers the parser and sets `func`.
+They are imported lazily so `radsam --help` stays fast and a missing optional extra (torch for
+`convert`) only matters for the command that needs it.
+"""
+
+import argparse
+import importlib
+import sys
+
+# (module, subcommands it registers)
+SUBCOMMAND_MODULES = (
+    "radsam_jax.convert.cli",
+    "radsam_jax.train.cli",
+    "radsam_jax.inference.cli",
+    "radsam_jax.evaluate.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radsam",
+        description="RadSAM in JAX: convert SAM checkpoints, train, segment CT volumes, evaluate.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # that part of the package is not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

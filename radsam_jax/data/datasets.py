@@ -1,0 +1,271 @@
+"""Dataset readers: a folder in a known layout -> a list of `Case`s (paths and structure ids).
+
+Layouts:
+- "amos": `dataset.json` ("labels": {"0": "background", "1": "spleen", ...}), `imagesTr/`+`labelsTr/`
+  (split "train") and `imagesVa/`+`labelsVa/` (split "val"). Case numbers <= 500 are CT, > 500 MRI
+  (`amos_0507.nii.gz` -> 507), selected with `modality` ("CT", "MRI" or "all").
+- "totalsegmentator": one folder per subject `sXXXX/` with `ct.nii.gz` and `segmentations/<name>.nii.gz`
+  (one binary mask per structure); the split comes from `meta.csv` (column `image_id` and column
+  `split` = train/val/test; ';'-separated in the released dataset, ',' accepted too).
+- "generic": a case folder, or a folder of case folders, each holding an image (`ct.nii.gz`,
+  `image.nii.gz`, another single `*.nii[.gz]`, or a DICOM folder `dicom/`), `labels.nii.gz` and
+  `labels.json` with "label_map" {id: name} (the format of shared/data/*/labels.json). An optional
+  `splits.json` {"train": [case ids], "val": [...]} in the root assigns splits; without it every
+  case belongs to every split (point `root` and `val_root` at different folders instead).
+
+Split "all" returns every case of a layout. Label ids in `Case.structures` are the values in the
+case's label map; for TotalSegmentator, where each structure is its own file, ids are assigned
+1..N in sorted name order over the whole dataset and `load_case` builds the label map from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from radsam_jax import io
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("amos", "totalsegmentator", "generic")
+AMOS_CT_MAX_CASE = 500
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+    """One image with its labels.
+
+    label_path: one integer label map (AMOS, generic); None when structure_paths is used.
+    structure_paths: name -> binary mask file (TotalSegmentator); None when label_path is used.
+    structures: name -> label id in the (possibly assembled) label map.
+    """
+
+    case_id: str
+    image_path: str
+    structures: dict
+    label_path: Optional[str] = None
+    structure_paths: Optional[dict] = None
+    modality: str = "CT"
+
+    def __post_init__(self):
+        if (self.label_path is None) == (self.structure_paths is None):
+            raise ValueError(f"case {self.case_id}: give exactly one of label_path and structure_paths")
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if io.is_nifti_path(p.name)) if folder.is_dir() else []
+
+
+def _strip_nifti(name: str) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------- AMOS
+
+
+def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
+    """AMOS22 layout. split: "train" (imagesTr), "val" (imagesVa) or "all"; modality: CT, MRI, all."""
+    root = Path(root)
+    meta_file = root / "dataset.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"AMOS layout needs {meta_file}")
+    meta = json.loads(meta_file.read_text())
+    names = {str(k): str(v) for k, v in meta.get("labels", {}).items()}
+    structures = {name: int(k) for k, name in names.items() if int(k) != 0}
+    if not structures:
+        raise ValueError(f"{meta_file} has no 'labels' besides background")
+    folders = {"train": [("imagesTr", "labelsTr")], "val": [("imagesVa", "labelsVa")]}
+    folders["all"] = folders["train"] + folders["val"]
+    if split not in folders:
+        raise ValueError(f"AMOS split must be one of {sorted(folders)}, got {split!r}")
+    wanted = {"CT": "CT", "MRI": "MRI", "MR": "MRI", "ALL": "ALL"}.get(str(modality).upper())
+    if wanted is None:
+        raise ValueError(f"modality must be 'CT', 'MRI' or 'all', got {modality!r}")
+    cases = []
+    for image_dir, label_dir in folders[split]:
+        for image in _nifti_files(root / image_dir):
+            case_id = _strip_nifti(image.name)
+            match = re.search(r"(\d+)$", case_id)
+            number = int(match.group(1)) if match else 0
+            case_modality = "CT" if number <= AMOS_CT_MAX_CASE else "MRI"
+            if wanted != "ALL" and case_modality != wanted:
+                continue
+            label = root / label_dir / image.name
+            if not label.exists():
+                raise FileNotFoundError(f"AMOS image {image} has no label map {label}")
+            cases.append(Case(case_id, str(image), dict(structures), label_path=str(label), modality=case_modality))
+    if not cases:
+        raise ValueError(f"no AMOS cases for split={split!r} modality={modality!r} under {root}")
+    return cases
+
+
+# --------------------------------------------------------------------------- TotalSegmentator
+
+
+def _read_meta_csv(path: Path) -> dict[str, str]:
+    text = path.read_text()
+    first = text.splitlines()[0] if text else ""
+    delimiter = ";" if first.count(";") >= first.count(",") else ","
+    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    if not rows or "split" not in rows[0] or "image_id" not in rows[0]:
+        raise ValueError(f"{path} needs columns 'image_id' and 'split' (found {list(rows[0]) if rows else []})")
+    return {row["image_id"].strip(): row["split"].strip() for row in rows}
+
+
+def totalsegmentator_cases(root, split: str = "train") -> list[Case]:
+    """TotalSegmentator layout (sXXXX/ct.nii.gz + segmentations/*.nii.gz, split from meta.csv)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"TotalSegmentator root not found: {root}")
+    subjects = sorted(p for p in root.iterdir() if p.is_dir() and (p / "ct.nii.gz").exists())
+    if not subjects:
+        raise ValueError(f"no TotalSegmentator cases (folders with ct.nii.gz) under {root}")
+    meta_file = root / "meta.csv"
+    if split != "all":
+        if not meta_file.exists():
+            raise FileNotFoundError(f"split {split!r} needs {meta_file} (or use split='all')")
+        splits = _read_meta_csv(meta_file)
+        valid = sorted(set(splits.values()))
+        if split not in valid:
+            raise ValueError(f"split {split!r} not in {meta_file} (splits there: {valid})")
+        subjects = [s for s in subjects if splits.get(s.name) == split]
+    per_subject = {s: {_strip_nifti(p.name): p for p in _nifti_files(s / "segmentations")} for s in subjects}
+    names = sorted(set().union(*[set(v) for v in per_subject.values()])) if per_subject else []
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    cases = []
+    for subject, files in per_subject.items():
+        if not files:
+            log.warning("TotalSegmentator subject %s has no segmentations; skipped", subject)
+            continue
+        cases.append(
+            Case(
+                subject.name,
+                str(subject / "ct.nii.gz"),
+                {n: ids[n] for n in sorted(files)},
+                structure_paths={n: str(p) for n, p in sorted(files.items())},
+                modality="CT",
+            )
+        )
+    if not cases:
+        raise ValueError(f"no TotalSegmentator cases for split {split!r} under {root}")
+    return cases
+
+
+# ------------------------------------------------------------------------------------ generic
+
+
+def _generic_image(folder: Path) -> Optional[Path]:
+    for name in ("ct.nii.gz", "ct.nii", "image.nii.gz", "image.nii"):
+        if (folder / name).exists():
+            return folder / name
+    others = [p for p in _nifti_files(folder) if not p.name.lower().startswith("label")]
+    if len(others) == 1:
+        return others[0]
+    if (folder / "dicom").is_dir():
+        return folder / "dicom"
+    return None
+
+
+def _generic_case(folder: Path) -> Case:
+    meta = json.loads((folder / "labels.json").read_text())
+    if "label_map" not in meta:
+        raise ValueError(f"{folder / 'labels.json'} has no 'label_map' (id -> name)")
+    structures = {str(name): int(k) for k, name in meta["label_map"].items() if int(k) != 0}
+    image = _generic_image(folder)
+    if image is None:
+        raise ValueError(f"case folder {folder} has no image (ct.nii.gz, image.nii.gz, one *.nii.gz or dicom/)")
+    label = next((folder / n for n in ("labels.nii.gz", "labels.nii", "label.nii.gz", "label.nii") if (folder / n).exists()), None)
+    if label is None:
+        raise ValueError(f"case folder {folder} has labels.json but no labels.nii.gz")
+    return Case(folder.name, str(image), structures, label_path=str(label), modality=str(meta.get("modality", "CT")))
+
+
+def generic_cases(root, split: str = "all") -> list[Case]:
+    """Generic layout: `root` is a case folder (labels.json inside) or a folder of case folders."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    if (root / "labels.json").exists():
+        folders = [root]
+    else:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / "labels.json").exists())
+    if not folders:
+        raise ValueError(f"no cases under {root}: expected labels.json in it or in its sub-folders")
+    cases = [_generic_case(f) for f in folders]
+    splits_file = root / "splits.json"
+    if split != "all" and splits_file.exists():
+        splits = json.loads(splits_file.read_text())
+        if split not in splits:
+            raise ValueError(f"split {split!r} not in {splits_file} (has {sorted(splits)})")
+        keep = set(map(str, splits[split]))
+        cases = [c for c in cases if c.case_id in keep]
+        if not cases:
+            raise ValueError(f"split {split!r} of {splits_file} names no case found under {root}")
+    return cases
+
+
+# ----------------------------------------------------------------------------------- dispatch
+
+
+def read_cases(
+    format: str, root, split: str = "train", *, modality: str = "CT", structures: Optional[Sequence[str]] = None
+) -> list[Case]:
+    """Cases of one split in a layout ("amos", "totalsegmentator", "generic"), optionally keeping only
+    `structures` (names; an unknown name is an error listing the valid ones)."""
+    if format == "amos":
+        cases = amos_cases(root, split, modality)
+    elif format == "totalsegmentator":
+        cases = totalsegmentator_cases(root, split)
+    elif format == "generic":
+        cases = generic_cases(root, split)
+    else:
+        raise ValueError(f"unknown dataset format {format!r}; expected one of {FORMATS}")
+    if structures:
+        cases = select_structures(cases, structures)
+    return cases
+
+
+def select_structures(cases: Iterable[Case], names: Sequence[str]) -> list[Case]:
+    """Keeps only the named structures in each case; drops cases left with none."""
+    cases = list(cases)
+    valid = sorted(set().union(*[set(c.structures) for c in cases])) if cases else []
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown structure(s) {unknown}; valid names: {', '.join(valid)}")
+    out = []
+    for c in cases:
+        kept = {n: c.structures[n] for n in names if n in c.structures}
+        if not kept:
+            continue
+        paths = {n: c.structure_paths[n] for n in kept} if c.structure_paths is not None else None
+        out.append(dataclasses.replace(c, structures=kept, structure_paths=paths))
+    return out
+
+
+def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndarray]:
+    """(volume, integer label map on the volume's grid), both in RAS voxel order when canonical.
+
+    Labels on a different grid are aligned through world coordinates (io.load_label_map); one that
+    does not overlap the image is an error. TotalSegmentator masks are combined into one map with
+    the ids of `case.structures` (where masks overlap, the later name in sorted order wins).
+    """
+    volume = io.load_volume(case.image_path)
+    if case.label_path is not None:
+        labels = io.load_label_map(case.label_path, volume)
+    else:
+        top = max(case.structures.values())
+        labels = np.zeros(volume.array.shape, np.uint8 if top < 256 else np.uint16)
+        for name, path in sorted(case.structure_paths.items()):
+            mask = io.load_label_map(path, volume)
+            labels[mask > 0] = case.structures[name]
+    if canonical:
+        labels = io.reorient_labels_like(labels, volume)
+        volume = io.to_canonical(volume)
+    return volume, labels

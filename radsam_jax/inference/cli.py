@@ -1,0 +1,248 @@
+"""`radsam segment` and `radsam segment-batch`: `add_parser(subparsers)` registers both, `run(args)`
+executes one and returns the exit status (0 ok, 1 a case failed or an unexpected error, 2 bad input).
+
+    radsam segment IMAGE [--checkpoint CKPT] --slice K (--box X0 Y0 X1 Y1 | --point X Y [--negative X Y ...])
+                   [--bounds LO HI] --out MASK.nii.gz [--preview PNG] [--prompts FILE.json] [--world]
+                   [--labels LABELS.nii.gz --label-id N]
+    radsam segment-batch MANIFEST --checkpoint CKPT --out-dir DIR
+
+Coordinates are voxel indices of IMAGE (x = first array axis, y = second, K = third; the slice is
+shown as `array[:, :, K].T`); with --world, X Y are RAS millimetres and K, LO, HI the z coordinate in
+millimetres. The --prompts schema is in `radsam_jax.inference.prompt_file`. Every input is checked
+before the model runs, and the label map is written atomically at the very end, so a failed run
+leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default_checkpoint"
+
+
+class InputError(ValueError):
+    pass
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and inference")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
+    g.add_argument("--encoder-batch-size", type=int, default=8, metavar="N", help="slices per encoder call (default 8)")
+    g.add_argument("--bucket", type=int, default=32, metavar="N",
+                   help="pad slice counts to multiples of N so new volumes reuse compiled functions (default 32)")
+    g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
+                   help="when the propagated mask becomes empty: stop (later slices stay empty) or continue (default stop)")
+    g.add_argument("--world", action="store_true", help="coordinates are RAS millimetres (slice, bounds: z in mm)")
+
+
+def add_parser(subparsers) -> None:
+    """Registers `segment` and `segment-batch` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "segment", help="segment one object (or several, --prompts) in a CT volume from a 2D prompt",
+        description="Volume-level RadSAM: a box or points on one slice, propagated slice by slice to the bounds.",
+    )
+    p.add_argument("image", help="NIfTI file (.nii, .nii.gz) or DICOM series folder")
+    p.add_argument("--checkpoint", help=f"model checkpoint directory (default: the bundled {DEFAULT_CHECKPOINT.name}/ if present)")
+    p.add_argument("--slice", type=float, metavar="K", help="prompted slice index (third array axis)")
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt on the slice")
+    p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point (repeatable)")
+    p.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point (repeatable)")
+    p.add_argument("--bounds", type=float, nargs=2, metavar=("LO", "HI"), help="bottom and top slices of the object (default: whole volume)")
+    p.add_argument("--propagation", choices=("mask", "box"), default="mask",
+                   help="prompt each slice with the previous mask (RadSAM, default) or the box around it (SAM/MedSAM)")
+    p.add_argument("--prompts", metavar="FILE.json", help="several objects and edits in one JSON file (instead of --slice/--box/--point)")
+    p.add_argument("--out", required=True, metavar="MASK.nii.gz", help="output label map (input grid and affine)")
+    p.add_argument("--label-value", type=int, default=1, metavar="V", help="value of the object in the output (default 1; --prompts: per object)")
+    p.add_argument("--preview", metavar="PNG", help="write a PNG montage of the prompted slice and its neighbours")
+    p.add_argument("--labels", metavar="LABELS.nii.gz", help="reference label map: print the Dice of each object")
+    p.add_argument("--label-id", type=int, metavar="N", help="reference id compared with the object (--prompts: objects without reference_label)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    p.set_defaults(radsam_command="segment")
+
+    b = subparsers.add_parser(
+        "segment-batch", help="segment every case of a manifest (CSV or JSON of image, prompts file)",
+        description="Offline volume inference over a manifest; failed cases are reported and skipped, existing outputs are kept.",
+    )
+    b.add_argument("manifest", help="CSV (columns image,prompts[,id]) or JSON list of {image, prompts[, id]}")
+    b.add_argument("--checkpoint", required=True, help="model checkpoint directory")
+    b.add_argument("--out-dir", required=True, help="folder for <id>.nii.gz outputs and segment-batch-summary.json")
+    b.add_argument("--previews", action="store_true", help="also write <id>.png montages")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(b)
+    b.set_defaults(radsam_command="segment-batch")
+
+
+def _error(command: str, message: str) -> None:
+    print(f"radsam {command}: error: {message}", file=sys.stderr)
+
+
+def _load_model(checkpoint, dtype: str):
+    import jax.numpy as jnp
+
+    from radsam_jax.checkpoint import load_checkpoint
+
+    if checkpoint is None:
+        if not DEFAULT_CHECKPOINT.is_dir():
+            raise InputError(f"no --checkpoint given and no bundled default checkpoint at {DEFAULT_CHECKPOINT}; pass --checkpoint CKPT")
+        checkpoint = DEFAULT_CHECKPOINT
+    return load_checkpoint(checkpoint, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+
+
+def _predictor(model, args):
+    from radsam_jax.inference.volume_predictor import VolumePredictor
+
+    if args.encoder_batch_size < 1:
+        raise InputError(f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}")
+    if args.bucket < 1:
+        raise InputError(f"--bucket must be >= 1, got {args.bucket}")
+    return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket)
+
+
+def _objects_from_args(args, volume):
+    """The single command-line object, through the same validation as a prompts file."""
+    from radsam_jax.inference.prompt_file import parse_prompts
+
+    if args.prompts:
+        given = [n for n, v in (("--slice", args.slice), ("--box", args.box), ("--point", args.point),
+                                ("--negative", args.negative), ("--bounds", args.bounds)) if v is not None]
+        if given:
+            raise InputError(f"--prompts replaces {', '.join(given)}: put the prompt in the JSON file or drop --prompts")
+        from radsam_jax.inference.prompt_file import load_prompts_file
+
+        return load_prompts_file(args.prompts, volume.array.shape, volume.affine, world=args.world)
+    if args.slice is None:
+        raise InputError("--slice K is required (or --prompts FILE.json)")
+    if args.box is None and not args.point:
+        raise InputError("a prompt is required: --box X0 Y0 X1 Y1 or --point X Y")
+    if args.negative and not args.point and args.box is None:
+        raise InputError("--negative needs a --point or --box")
+    obj = {"slice": args.slice, "label": args.label_value, "propagation": args.propagation}
+    if args.box is not None:
+        obj["box"] = list(args.box)
+    pts = [list(p) for p in (args.point or [])] + [list(p) for p in (args.negative or [])]
+    if pts:
+        obj["points"] = pts
+        obj["point_labels"] = [1] * len(args.point or []) + [0] * len(args.negative or [])
+    if args.bounds is not None:
+        obj["bounds"] = list(args.bounds)
+    if args.label_id is not None:
+        obj["reference_label"] = args.label_id
+    return parse_prompts({"objects": [obj]}, volume.array.shape, volume.affine, world=args.world)
+
+
+def run_segment(args) -> int:
+    from radsam_jax.io import is_nifti_path, load_label_map, load_volume, save_label_map
+    from radsam_jax.inference.batch import dice, segment_objects
+
+    out = Path(args.out)
+    if not is_nifti_path(out):
+        raise InputError(f"--out {out} must end with .nii or .nii.gz")
+    if args.labels is None and args.label_id is not None:
+        raise InputError("--label-id needs --labels LABELS.nii.gz")
+    t0 = time.perf_counter()
+    volume = load_volume(args.image)
+    objects = _objects_from_args(args, volume)
+    if args.label_id is not None:
+        for o in objects:
+            if o.reference_label is None:
+                o.reference_label = args.label_id
+    reference = None
+    if args.labels is not None:
+        if all(o.reference_label is None for o in objects):
+            raise InputError("--labels needs --label-id N (or reference_label in the prompts file) to know which label to compare")
+        reference = load_label_map(args.labels, like=volume)
+    model = _load_model(args.checkpoint, args.dtype)
+    predictor = _predictor(model, args)
+
+    bar = None
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        total = sum(o.bounds[1] - o.bounds[0] + 1 for o in objects)
+        bar = tqdm(total=total, unit="slice", file=sys.stderr, desc="segment")
+        progress = bar.update
+    try:
+        labels, results = _segment_with_bar(predictor, volume, objects, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    save_label_map(out, labels, like=volume)
+    seconds = time.perf_counter() - t0
+    for o, r in zip(objects, results):
+        n = int((r.mask > 0).sum())
+        lo, hi = r.bounds
+        print(f"{o.title}: {n} voxels on slices {lo}..{hi}, mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
+        if reference is not None and o.reference_label is not None:
+            ref = reference == o.reference_label
+            if not ref.any():
+                print(f"{o.title}: reference label {o.reference_label} is absent from {args.labels}", file=sys.stderr)
+            print(f"dice {o.title} vs reference label {o.reference_label}: {dice(labels == o.label, ref):.4f}")
+    print(f"wrote {out} ({seconds:.1f} s)")
+    if args.preview:
+        from radsam_jax.inference.preview import save_preview
+
+        save_preview(args.preview, volume.array, labels, objects)
+        print(f"wrote preview {args.preview}")
+    return 0
+
+
+def _segment_with_bar(predictor, volume, objects, bar):
+    """segment_objects with the bar advanced per encoded chunk, then per propagated object."""
+    from radsam_jax.inference.batch import segment_objects
+
+    if bar is None:
+        return segment_objects(predictor, volume, objects)
+    done = [0]
+
+    def progress(n):
+        done[0] += n
+        bar.update(n)
+
+    labels, results = segment_objects(predictor, volume, objects, progress=progress)
+    bar.update(max(0, bar.total - done[0]))  # propagated slices (already encoded ones, other objects)
+    return labels, results
+
+
+def run_batch_command(args) -> int:
+    from radsam_jax.inference.batch import read_manifest, run_batch
+
+    cases = read_manifest(args.manifest)
+    model = _load_model(args.checkpoint, args.dtype)
+    predictor = _predictor(model, args)
+    summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews, progress=not args.no_progress)
+    return 1 if summary["failed"] else 0
+
+
+def run(args) -> int:
+    """Runs the parsed `segment` / `segment-batch` command; returns the exit status."""
+    command = getattr(args, "radsam_command", "segment")
+    from radsam_jax.checkpoint import CheckpointError
+
+    try:
+        if command == "segment":
+            return run_segment(args)
+        return run_batch_command(args)
+    except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        _error(command, str(e))
+        return 2
+    except RuntimeError as e:
+        _error(command, str(e))
+        return 1
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry point (`python -m radsam_jax.inference.cli segment ...`)."""
+    parser = argparse.ArgumentParser(prog="radsam")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The propagation loop: one jitted call decodes the prompted slice, then scans up and down the volume.
+
+Everything here works in the *model frame*: slice k of the padded embedding stack (Zp, e, e, C),
+prompts in model-input pixels, masks as (m, m) low-resolution logits (m = S/4).
+
+`propagate_volume` is the whole of a volume-level segmentation or edit:
+
+    start slice j:   decode(embeddings[j], user prompt (+ stored corrections on j) (+ current mask))
+    up   (lax.scan): for k = j+1 .. hi   decode(embeddings[k], previous mask (+ corrections on k))
+    down (lax.scan): for k = j-1 .. lo   decode(embeddings[k], previous mask (+ corrections on k))
+
+Each scan step carries the previous slice's binary mask (primary low-resolution logits > 0) and
+builds the next prompt from it on device: the mask itself (propagation="mask", RadSAM) or the box
+around it (propagation="box", for SAM/MedSAM, which never saw mask prompts). Nothing returns to the
+host between slices. Both scans have the static length Zp (the bucketed slice count); steps beyond
+the bounds are skipped with `lax.cond`, so they cost nothing and one compiled function serves every
+bound, prompted slice and volume whose slice count falls into the same bucket.
+
+Corrections: a static table `points (Zp, P, 2)`, `labels (Zp, P)` (label -1 = empty slot) holds the
+correction points stored per slice. Whenever a scan passes a slice, that slice's points are added
+to the propagated prompt, so earlier edits are re-applied by later re-propagations.
+
+Vanished masks (the previous slice's mask is empty before the bound is reached):
+- "stop" (default): the object is taken to have ended; every later slice in that direction stays
+  empty and the decoder is not run, except on slices holding a stored *positive* correction point,
+  which restart the propagation from there (the user said the object is present).
+- "continue": the decoder keeps running with the empty mask as the mask prompt (propagation="box":
+  with no box), plus any stored corrections, so the object may reappear. An untrained prompt-free
+  decode may also hallucinate; "stop" is the safer default.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from radsam_jax.model.config import ModelConfig
+from radsam_jax.model.sam import Sam
+from radsam_jax.prompts import Prompts
+
+VANISH_POLICIES = ("stop", "continue")
+PROPAGATION_MODES = ("mask", "box")
+# Written into the logits of slices that were not segmented (outside the bounds, or stopped).
+EMPTY_LOGIT = -1e4
+
+# decode_fn(variables, embeddings (B, e, e, C), prompts (B leading)) -> (logits (B, M, m, m), iou (B, M)).
+DecodeFn = Callable[[Any, jax.Array, Prompts], tuple[jax.Array, jax.Array]]
+
+
+@functools.lru_cache(maxsize=None)
+def sam_decoder(config: ModelConfig, dtype) -> DecodeFn:
+    """The model's prompt encoder + mask decoder as a plain function; cached so the same
+    (config, dtype) gives the same object, a stable static argument for `jax.jit`."""
+    dtype = jnp.dtype(dtype)
+
+    def decode(variables, embeddings, prompts):
+        return Sam(config, dtype).apply(variables, embeddings, prompts, method=Sam.decode)
+
+    decode.__name__ = f"sam_decode_{config.name}_{dtype.name}"
+    return decode
+
+
+def single_prompt(points, point_labels, box, has_box, mask, has_mask) -> Prompts:
+    """A batch-of-one `Prompts` from unbatched jnp arrays (works on traced values: no host trip)."""
+    return Prompts(
+        points=jnp.asarray(points, jnp.float32)[None],
+        point_labels=jnp.asarray(point_labels, jnp.int32)[None],
+        box=jnp.asarray(box, jnp.float32)[None],
+        has_box=jnp.asarray(has_box, bool).reshape(1),
+        mask=jnp.asarray(mask, jnp.float32)[None],
+        has_mask=jnp.asarray(has_mask, bool).reshape(1),
+    )
+
+
+def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Array]:
+    """(m, m) binary low-res mask -> (box (4,) x0, y0, x1, y1 in model-input pixels, non-empty flag).
+
+    Low-res pixel c covers input pixels [c * S/m, (c + 1) * S/m - 1]; the box spans those extremes.
+    """
+    m = mask.shape[-1]
+    on = mask > 0
+    cols, rows = jnp.any(on, axis=0), jnp.any(on, axis=1)
+    idx = jnp.arange(m)
+    x0 = jnp.min(jnp.where(cols, idx, m))
+    x1 = jnp.max(jnp.where(cols, idx, -1))
+    y0 = jnp.min(jnp.where(rows, idx, m))
+    y1 = jnp.max(jnp.where(rows, idx, -1))
+    scale = image_size / m
+    box = jnp.stack([x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1]).astype(jnp.float32)
+    nonempty = jnp.any(on)
+    return jnp.where(nonempty, box, 0.0), nonempty
+
+
+def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, step, table_points, table_labels, *,
+                    image_size: int, mode: str, vanish_policy: str):
+    """One direction of propagation: slices start+step, start+2*step, ... up to `stop` (inclusive).
+
+    Returns per scan step i (slice start + step * (i + 1)): primary logits (Zp, m, m), IoU (Zp,),
+    written (Zp,) bool = the slice lies within the bound (its logits are the answer for that slice).
+    """
+    num_slices = embeddings.shape[0]
+    m = init_mask.shape[-1]
+
+    def decode_slice(emb, prev_mask, points, labels):
+        if mode == "mask":
+            prompt = single_prompt(points, labels, jnp.zeros(4), False, prev_mask, True)
+        else:
+            box, nonempty = box_from_mask(prev_mask, image_size)
+            prompt = single_prompt(points, labels, box, nonempty, jnp.zeros_like(prev_mask), False)
+        logits, iou = decode_fn(variables, emb[None], prompt)
+        return logits[0, 0].astype(jnp.float32), iou[0, 0].astype(jnp.float32)
+
+    def skip_slice(emb, prev_mask, points, labels):
+        return jnp.full((m, m), EMPTY_LOGIT, jnp.float32), jnp.full((), jnp.nan, jnp.float32)
+
+    def body(prev_mask, i):
+        k = start + step * (i + 1)
+        in_range = jnp.where(step > 0, k <= stop, k >= stop) & (k >= 0) & (k < num_slices)
+        kc = jnp.clip(k, 0, num_slices - 1)
+        points, labels = table_points[kc], table_labels[kc]
+        if vanish_policy == "stop":
+            run = in_range & (jnp.any(prev_mask > 0) | jnp.any(labels == 1))
+        else:
+            run = in_range
+        logits, iou = jax.lax.cond(run, decode_slice, skip_slice, embeddings[kc], prev_mask, points, labels)
+        next_mask = jnp.where(in_range, (logits > 0).astype(jnp.float32), prev_mask)
+        return next_mask, (logits, iou, in_range)
+
+    _, (logits, iou, written) = jax.lax.scan(body, init_mask, jnp.arange(num_slices))
+    return logits, iou, written
+
+
+@functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy"))
+def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, start_prompt: Prompts,
+                     table_points, table_labels, *, image_size: int, mode: str = "mask", vanish_policy: str = "stop"):
+    """Segments slice `start` with `start_prompt` (batch of one) and propagates to `lo` and `hi`.
+
+    embeddings (Zp, e, e, C); start, lo, hi int scalars (traced: no recompilation per bound);
+    table_points (Zp, P, 2), table_labels (Zp, P) stored corrections in model-input pixels.
+    Returns (logits (Zp, m, m) float32, primary-mask logits per slice, EMPTY_LOGIT outside [lo, hi]
+    and on stopped slices; iou (Zp,) primary IoU prediction, NaN outside [lo, hi]).
+    """
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"propagation must be one of {PROPAGATION_MODES}, got {mode!r}")
+    if vanish_policy not in VANISH_POLICIES:
+        raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
+    num_slices = embeddings.shape[0]
+    emb0 = jax.lax.dynamic_index_in_dim(embeddings, start, keepdims=True)
+    logits0, iou0 = decode_fn(variables, emb0, start_prompt)
+    logits0, iou0 = logits0[0, 0].astype(jnp.float32), iou0[0, 0].astype(jnp.float32)
+    m = logits0.shape[-1]
+    mask0 = (logits0 > 0).astype(jnp.float32)
+
+    scan = functools.partial(_scan_direction, decode_fn, variables, embeddings, mask0,
+                             image_size=image_size, mode=mode, vanish_policy=vanish_policy)
+    up_logits, up_iou, up_written = scan(start, hi, 1, table_points, table_labels)
+    down_logits, down_iou, down_written = scan(start, lo, -1, table_points, table_labels)
+
+    logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32)
+    iou = jnp.full((num_slices,), jnp.nan, jnp.float32)
+    steps = jnp.arange(num_slices)
+    # Unwritten steps get index num_slices, which mode="drop" discards.
+    up_idx = jnp.where(up_written, start + 1 + steps, num_slices)
+    down_idx = jnp.where(down_written, start - 1 - steps, num_slices)
+    logits = logits.at[up_idx].set(up_logits, mode="drop").at[down_idx].set(down_logits, mode="drop")
+    iou = iou.at[up_idx].set(up_iou, mode="drop").at[down_idx].set(down_iou, mode="drop")
+    logits = logits.at[start].set(logits0)
+    iou = iou.at[start].set(iou0)
+    return logits, iou
+
+
+@functools.partial(jax.jit, static_argnames=("decode_fn",))
+def decode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, prompts: Prompts):
+    """Slice-level prompting: one prompt per slice in one batched decoder call.
+
+    slice_indices (B,) into embeddings (Zp, ...), index Zp for padding rows (dropped); prompts with
+    batch B. Returns (logits (Zp, m, m), EMPTY_LOGIT on unprompted slices; iou (Zp,), NaN there).
+    """
+    num_slices = embeddings.shape[0]
+    emb = embeddings[jnp.clip(slice_indices, 0, num_slices - 1)]
+    logits, iou = decode_fn(variables, emb, prompts)
+    m = logits.shape[-1]
+    out_logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32)
+    out_iou = jnp.full((num_slices,), jnp.nan, jnp.float32)
+    out_logits = out_logits.at[slice_indices].set(logits[:, 0].astype(jnp.float32), mode="drop")
+    out_iou = out_iou.at[slice_indices].set(iou[:, 0].astype(jnp.float32), mode="drop")
+    return out_logits, out_iou

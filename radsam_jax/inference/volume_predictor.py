@@ -1,0 +1,414 @@
+"""`VolumePredictor`: volume-level (and slice-level) RadSAM inference on one CT volume at a time.
+
+    predictor = VolumePredictor(load_checkpoint(path))
+    predictor.set_volume(load_volume("ct.nii.gz"))
+    result = predictor.segment(60, box=(30, 40, 70, 80), bounds=(45, 75))   # voxel coordinates
+    result = predictor.edit(52, points=[(50, 61)], point_labels=[0])        # correction + re-propagation
+    save_label_map("mask.nii.gz", result.mask, like=volume)
+
+Coordinates are the file's voxel indices: x = first array axis, y = second, slice = third (the
+slice shown is `array[:, :, k].T`). Internally the volume is reoriented in-plane to canonical R, A
+(see `orientation.SliceFrame`), which is how the model was trained; results come back on the file's
+own grid. Slice counts are padded to buckets (`bucket`, default multiples of 32), so every compiled
+function (encoder chunk, propagation, upscaling) is reused by the next volume of the same in-plane
+size; the propagation itself depends only on the bucket.
+
+The encoder runs once per slice, lazily: `segment` encodes the slices inside its bounds that are not
+yet cached, in chunks of `encoder_batch_size`; `edit` never re-runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radsam_jax.inference.orientation import SliceFrame
+from radsam_jax.inference.propagation import (
+    EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, sam_decoder, single_prompt,
+)
+from radsam_jax.model.config import ModelConfig
+from radsam_jax.model.sam import RadSam, Sam
+from radsam_jax.preprocess import DEFAULT_WINDOW, Geometry, geometry, logits_to_mask, preprocess_ct_slices
+from radsam_jax.prompts import Prompts
+
+Bucket = Union[int, Sequence[int]]
+
+
+def bucket_size(n: int, bucket: Bucket) -> int:
+    """Padded size for n slices: the next multiple of `bucket` (int), or the smallest listed size
+    >= n (sequence; beyond the largest, the next multiple of the largest)."""
+    if n < 1:
+        raise ValueError(f"need at least one slice, got {n}")
+    if isinstance(bucket, int):
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        return int(math.ceil(n / bucket) * bucket)
+    sizes = sorted(int(b) for b in bucket)
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"bucket sizes must be positive, got {bucket!r}")
+    for s in sizes:
+        if s >= n:
+            return s
+    return int(math.ceil(n / sizes[-1]) * sizes[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "window"), donate_argnums=(1,))
+def _encode_into(variables, embeddings, hu_slices, indices, *, config: ModelConfig, dtype, window):
+    """Preprocesses and encodes hu_slices[indices] (B,) and writes them into embeddings (donated)."""
+    images = preprocess_ct_slices(hu_slices[indices], config, window)
+    emb = Sam(config, dtype).apply(variables, images, method=Sam.encode)
+    return embeddings.at[indices].set(emb.astype(embeddings.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("geo", "preprocessing"))
+def _logits_to_masks(logits, *, geo: Geometry, preprocessing: str):
+    """(Zp, m, m) low-res logits -> (Zp, H, W) uint8 masks on the model-frame slice grid."""
+    return logits_to_mask(logits, geo, preprocessing).astype(jnp.uint8)
+
+
+@dataclasses.dataclass
+class VolumeResult:
+    """mask: uint8 (X, Y, Z) on the volume's grid (1 = object); iou: float32 (Z,) the model's IoU
+    prediction for each segmented slice, NaN elsewhere; bounds: (lo, hi) segmented slices;
+    logits: (Zp, m, m) primary low-res logits in the model frame (device array; EMPTY_LOGIT where
+    not segmented)."""
+
+    mask: np.ndarray
+    iou: np.ndarray
+    bounds: tuple[int, int]
+    logits: Any = None
+
+
+@dataclasses.dataclass
+class _ObjectState:
+    """What `edit` needs from the last `segment`: bounds, mode, corrections, current logits."""
+
+    lo: int
+    hi: int
+    propagation: str
+    table_points: np.ndarray  # (Zp, P, 2) model-input pixels
+    table_labels: np.ndarray  # (Zp, P) int32, -1 = empty slot
+    logits: Any  # (Zp, m, m) device
+    iou: Any  # (Zp,) device
+    slice_level: bool = False
+
+
+class VolumePredictor:
+    """Runs a `RadSam` model over the slices of one volume at a time; see the module docstring.
+
+    encoder_batch_size: slices per encoder call (memory vs. speed). dtype: compute dtype
+    (None = the model's; jnp.bfloat16 halves activation and embedding memory). vanish_policy:
+    "stop" or "continue" (see `radsam_jax.inference.propagation`). bucket: slice-count padding
+    (int multiple or sequence of sizes). max_points: point slots per prompt and stored corrections
+    per slice (static). window: CT (level, width) in HU.
+    """
+
+    def __init__(self, model: RadSam, *, encoder_batch_size: int = 8, dtype=None, vanish_policy: str = "stop",
+                 bucket: Bucket = 32, max_points: int = 16, window: tuple[float, float] = DEFAULT_WINDOW):
+        if vanish_policy not in VANISH_POLICIES:
+            raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
+        if encoder_batch_size < 1:
+            raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
+        bucket_size(1, bucket)  # validates
+        self.model = model
+        self.config = model.config
+        self.variables = model.variables
+        self.dtype = jnp.dtype(dtype if dtype is not None else model.dtype)
+        self.encoder_batch_size = int(encoder_batch_size)
+        self.vanish_policy = vanish_policy
+        self.bucket = bucket
+        self.max_points = int(max_points)
+        self.window = (float(window[0]), float(window[1]))
+        self.decode_fn = sam_decoder(self.config, self.dtype)
+        self.volume = None
+        self._state: Optional[_ObjectState] = None
+
+    # ------------------------------------------------------------------------------------------
+    # Volume and encoder
+    # ------------------------------------------------------------------------------------------
+
+    def set_volume(self, volume, *, encode: str = "lazy", progress: Optional[Callable[[int], Any]] = None) -> None:
+        """Takes a `radsam_jax.io.Volume` (or anything with `.array` (X, Y, Z) HU and `.affine`).
+
+        Uploads the reoriented HU slices to the device once; encode="all" encodes every slice now,
+        "lazy" (default) only when a call needs them. Forgets the previous volume and object.
+        """
+        array = np.asarray(volume.array)
+        if array.ndim != 3:
+            raise ValueError(f"the volume must be 3D (X, Y, Z), got shape {array.shape}")
+        if min(array.shape) < 1:
+            raise ValueError(f"the volume is empty: shape {array.shape}")
+        affine = getattr(volume, "affine", None)
+        frame = SliceFrame.identity(array.shape) if affine is None else SliceFrame.from_affine(affine, array.shape)
+        canon = frame.to_canonical(array)  # (N0 = R, N1 = A, Z)
+        z = array.shape[2]
+        zp = bucket_size(z, self.bucket)
+        # Model-frame slice k is canon[:, :, k].T: (H = N1 rows, W = N0 columns).
+        slices = np.full((zp, canon.shape[1], canon.shape[0]), -1000.0, np.float32)
+        slices[:z] = np.transpose(canon, (2, 1, 0))
+        self.volume = volume
+        self.frame = frame
+        self.num_slices = z
+        self.padded_slices = zp
+        self.geo = geometry(self.config, slices.shape[1], slices.shape[2])
+        self._hu = jnp.asarray(slices)
+        e, c = self.config.embedding_size, self.config.prompt_embed_dim
+        emb_dtype = jax.eval_shape(
+            lambda v, x: Sam(self.config, self.dtype).apply(v, x, method=Sam.encode),
+            self.variables, jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3), jnp.float32),
+        ).dtype
+        self._embeddings = jnp.zeros((zp, e, e, c), emb_dtype)
+        self._encoded = np.zeros((z,), bool)
+        self._state = None
+        if encode == "all":
+            self.encode_slices(0, z - 1, progress=progress)
+        elif encode != "lazy":
+            raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
+
+    def _require_volume(self):
+        if self.volume is None:
+            raise RuntimeError("no volume: call set_volume(volume) first")
+
+    def encode_slices(self, lo: int, hi: int, progress: Optional[Callable[[int], Any]] = None) -> int:
+        """Encodes the not-yet-cached slices lo..hi (inclusive) in chunks; returns how many it encoded."""
+        self._require_volume()
+        todo = np.flatnonzero(~self._encoded[lo: hi + 1]) + lo
+        return self._encode_indices(todo, progress)
+
+    def _encode_indices(self, todo: np.ndarray, progress=None) -> int:
+        b = self.encoder_batch_size
+        for start in range(0, len(todo), b):
+            chunk = todo[start: start + b]
+            # A short last chunk repeats its last slice: same shape, same compiled function.
+            idx = np.concatenate([chunk, np.full(b - len(chunk), chunk[-1])]).astype(np.int32)
+            self._embeddings = _encode_into(self.variables, self._embeddings, self._hu, jnp.asarray(idx),
+                                            config=self.config, dtype=self.dtype, window=self.window)
+            self._encoded[chunk] = True
+            if progress is not None:
+                jax.block_until_ready(self._embeddings)
+                progress(len(chunk))
+        return len(todo)
+
+    @property
+    def embeddings(self) -> jax.Array:
+        """(Zp, e, e, C) cached embeddings (zeros for slices not yet encoded)."""
+        self._require_volume()
+        return self._embeddings
+
+    # ------------------------------------------------------------------------------------------
+    # Prompt conversion and checks
+    # ------------------------------------------------------------------------------------------
+
+    def _check_slice(self, k, what="slice") -> int:
+        if isinstance(k, (bool, np.bool_)) or not float(k).is_integer():
+            raise ValueError(f"{what} index must be an integer, got {k!r}")
+        k = int(k)
+        if not 0 <= k < self.num_slices:
+            raise ValueError(f"{what} {k} is outside the image, which has slices 0..{self.num_slices - 1}")
+        return k
+
+    def _check_bounds(self, bounds, slice_index) -> tuple[int, int]:
+        if bounds is None:
+            return 0, self.num_slices - 1
+        if len(bounds) != 2:
+            raise ValueError(f"bounds must be (lo, hi), got {bounds!r}")
+        lo, hi = self._check_slice(bounds[0], "bound lo"), self._check_slice(bounds[1], "bound hi")
+        if lo > hi:
+            raise ValueError(f"bounds lo={lo} > hi={hi}: the bottom slice must not be above the top slice")
+        if not lo <= slice_index <= hi:
+            raise ValueError(f"slice {slice_index} is outside the bounds {lo}..{hi}")
+        return lo, hi
+
+    def _points_to_model(self, points, point_labels) -> tuple[np.ndarray, np.ndarray]:
+        """File voxel points (N, 2) + labels -> model-input points and labels padded to max_points."""
+        pts = np.zeros((self.max_points, 2), np.float32)
+        labels = -np.ones((self.max_points,), np.int32)
+        if points is None:
+            if point_labels is not None:
+                raise ValueError("point_labels given without points")
+            return pts, labels
+        p = np.asarray(points, np.float64).reshape(-1, 2) if np.size(points) else np.zeros((0, 2))
+        if point_labels is None:
+            raise ValueError("points given without point_labels (1 = positive, 0 = negative)")
+        lab = np.asarray(point_labels, np.int64).reshape(-1)
+        if lab.shape[0] != p.shape[0]:
+            raise ValueError(f"{p.shape[0]} points but {lab.shape[0]} point labels")
+        if not np.isin(lab, (0, 1)).all():
+            raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {lab.tolist()}")
+        if p.shape[0] > self.max_points:
+            raise ValueError(f"{p.shape[0]} points exceed max_points={self.max_points}")
+        self._check_inside(p, "point")
+        pts[: len(p)] = self._to_input(self.frame.points_to_canonical(p))
+        labels[: len(p)] = lab
+        return pts, labels
+
+    def _check_inside(self, p: np.ndarray, what: str) -> None:
+        n0, n1 = self.frame.shape
+        for x, y in np.asarray(p).reshape(-1, 2):
+            if not (np.isfinite(x) and np.isfinite(y) and -0.5 <= x <= n0 - 0.5 and -0.5 <= y <= n1 - 0.5):
+                raise ValueError(
+                    f"{what} ({x:g}, {y:g}) is outside the image: x must lie in 0..{n0 - 1} (first axis) "
+                    f"and y in 0..{n1 - 1} (second axis)"
+                )
+
+    def _to_input(self, canon_xy: np.ndarray) -> np.ndarray:
+        return (np.asarray(canon_xy, np.float32) * self.geo.scale_xy).astype(np.float32)
+
+    def _box_to_model(self, box) -> np.ndarray:
+        b = np.asarray(box, np.float64).reshape(-1)
+        if b.shape != (4,):
+            raise ValueError(f"box must be x0, y0, x1, y1, got {box!r}")
+        self._check_inside(b.reshape(2, 2), "box corner")
+        if b[0] > b[2] or b[1] > b[3]:
+            raise ValueError(f"box {b.tolist()} must have x0 <= x1 and y0 <= y1")
+        return self._to_input(self.frame.box_to_canonical(b).reshape(2, 2)).reshape(4)
+
+    # ------------------------------------------------------------------------------------------
+    # Volume-level prompting and edits
+    # ------------------------------------------------------------------------------------------
+
+    def segment(self, slice_index: int, points=None, point_labels=None, box=None, bounds=None,
+                propagation: str = "mask", progress: Optional[Callable[[int], Any]] = None) -> VolumeResult:
+        """Volume-level prompting: a point(s) and/or box prompt on `slice_index`, propagated to `bounds`.
+
+        points (N, 2) / box (x0, y0, x1, y1) in file voxel coordinates; point_labels 1/0; bounds
+        (lo, hi) inclusive, default the whole volume. propagation: "mask" (RadSAM) or "box"
+        (SAM/MedSAM). Starts a new object: corrections of the previous one are forgotten.
+        """
+        self._require_volume()
+        if propagation not in PROPAGATION_MODES:
+            raise ValueError(f"propagation must be one of {PROPAGATION_MODES}, got {propagation!r}")
+        k = self._check_slice(slice_index)
+        lo, hi = self._check_bounds(bounds, k)
+        if points is None and box is None:
+            raise ValueError("segment needs a prompt: points and/or a box")
+        pts, labels = self._points_to_model(points, point_labels)
+        if box is not None:
+            bx, has_box = self._box_to_model(box), True
+        else:
+            bx, has_box = np.zeros(4, np.float32), False
+        m = self.config.mask_size
+        zp = self.padded_slices
+        table_points = np.zeros((zp, self.max_points, 2), np.float32)
+        table_labels = -np.ones((zp, self.max_points), np.int32)
+        # The user's points count as corrections on their slice, re-applied when an edit elsewhere
+        # re-propagates through it (a box is not stored).
+        table_points[k], table_labels[k] = pts, labels
+        self.encode_slices(lo, hi, progress=progress)
+        prompt = single_prompt(pts, labels, bx, has_box, jnp.zeros((m, m), jnp.float32), False)
+        logits, iou = self._propagate(k, lo, hi, prompt, table_points, table_labels, propagation)
+        self._state = _ObjectState(lo, hi, propagation, table_points, table_labels, logits, iou)
+        return self._result(logits, iou, (lo, hi))
+
+    def edit(self, slice_index: int, points, point_labels) -> VolumeResult:
+        """Correction points on `slice_index` (1 = add, 0 = remove): decodes that slice with all its
+        stored corrections and the current mask as the mask prompt (propagation="box": the box
+        around it), then re-propagates in both directions to the object's bounds. The corrections
+        are remembered and re-applied whenever a later re-propagation passes this slice."""
+        self._require_volume()
+        state = self._state
+        if state is None:
+            raise RuntimeError("edit needs an object: call segment (or segment_slices) first")
+        k = self._check_slice(slice_index)
+        if not state.slice_level and not state.lo <= k <= state.hi:
+            raise ValueError(f"slice {k} is outside the bounds {state.lo}..{state.hi} of the object being edited")
+        if points is None or np.size(points) == 0:
+            raise ValueError("edit needs at least one correction point")
+        new_pts, new_labels = self._points_to_model(points, point_labels)
+        n_new = int((new_labels != -1).sum())
+        used = int((state.table_labels[k] != -1).sum())
+        if used + n_new > self.max_points:
+            raise ValueError(f"slice {k} would hold {used + n_new} correction points, more than max_points={self.max_points}")
+        table_points, table_labels = state.table_points.copy(), state.table_labels.copy()
+        table_points[k, used: used + n_new] = new_pts[:n_new]
+        table_labels[k, used: used + n_new] = new_labels[:n_new]
+        self.encode_slices(k, k)
+        current = (state.logits[k] > 0).astype(jnp.float32)  # on device
+        if state.propagation == "box":
+            from radsam_jax.inference.propagation import box_from_mask
+
+            bx, has_box = box_from_mask(current, self.config.image_size)
+            prompt = single_prompt(table_points[k], table_labels[k], bx, has_box, jnp.zeros_like(current), False)
+        else:
+            prompt = single_prompt(table_points[k], table_labels[k], jnp.zeros(4), False, current, True)
+        if state.slice_level:
+            logits, iou = self._propagate(k, k, k, prompt, table_points, table_labels, state.propagation)
+            logits = state.logits.at[k].set(logits[k])
+            iou = state.iou.at[k].set(iou[k])
+        else:
+            logits, iou = self._propagate(k, state.lo, state.hi, prompt, table_points, table_labels, state.propagation)
+        self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
+        return self._result(logits, iou, (state.lo, state.hi))
+
+    def _propagate(self, k, lo, hi, prompt: Prompts, table_points, table_labels, propagation):
+        return propagate_volume(
+            self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
+            jnp.asarray(table_points), jnp.asarray(table_labels),
+            image_size=self.config.image_size, mode=propagation, vanish_policy=self.vanish_policy,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Slice-level prompting
+    # ------------------------------------------------------------------------------------------
+
+    def segment_slices(self, prompts: Union[Mapping[int, Mapping[str, Any]], Sequence[Mapping[str, Any]]]) -> VolumeResult:
+        """Slice-level prompting: one prompt per slice, all slices decoded in one batched call.
+
+        prompts: {slice_index: {"points": ..., "point_labels": ..., "box": ...}} or a list of dicts
+        with a "slice" key. Slices without a prompt stay empty. `edit` afterwards corrects one slice
+        (no propagation).
+        """
+        self._require_volume()
+        items = list(prompts.items()) if isinstance(prompts, Mapping) else [(p["slice"], p) for p in prompts]
+        if not items:
+            raise ValueError("segment_slices needs at least one slice prompt")
+        n = len(items)
+        nb = bucket_size(n, self.bucket)
+        m = self.config.mask_size
+        idx = np.full((nb,), self.padded_slices, np.int32)  # padding rows are dropped
+        pts = np.zeros((nb, self.max_points, 2), np.float32)
+        labels = -np.ones((nb, self.max_points), np.int32)
+        boxes = np.zeros((nb, 4), np.float32)
+        has_box = np.zeros((nb,), bool)
+        seen = set()
+        for i, (k, p) in enumerate(items):
+            k = self._check_slice(k)
+            if k in seen:
+                raise ValueError(f"slice {k} has more than one prompt")
+            seen.add(k)
+            if p.get("points") is None and p.get("box") is None:
+                raise ValueError(f"the prompt for slice {k} has neither points nor a box")
+            idx[i] = k
+            pts[i], labels[i] = self._points_to_model(p.get("points"), p.get("point_labels"))
+            if p.get("box") is not None:
+                boxes[i], has_box[i] = self._box_to_model(p["box"]), True
+        self._encode_indices(np.array(sorted(k for k in seen if not self._encoded[k]), np.int64))
+        batch = Prompts(jnp.asarray(pts), jnp.asarray(labels), jnp.asarray(boxes), jnp.asarray(has_box),
+                        jnp.zeros((nb, m, m), jnp.float32), jnp.zeros((nb,), bool))
+        logits, iou = decode_slices(self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), batch)
+        zp = self.padded_slices
+        table_points = np.zeros((zp, self.max_points, 2), np.float32)
+        table_labels = -np.ones((zp, self.max_points), np.int32)
+        for i, (k, _) in enumerate(items):
+            table_points[int(k)], table_labels[int(k)] = pts[i], labels[i]
+        lo, hi = min(seen), max(seen)
+        self._state = _ObjectState(lo, hi, "mask", table_points, table_labels, logits, iou, slice_level=True)
+        return self._result(logits, iou, (lo, hi))
+
+    # ------------------------------------------------------------------------------------------
+    # Results
+    # ------------------------------------------------------------------------------------------
+
+    def _result(self, logits, iou, bounds) -> VolumeResult:
+        masks = _logits_to_masks(logits, geo=self.geo, preprocessing=self.config.preprocessing)
+        masks = np.asarray(masks)[: self.num_slices]  # the single transfer to the host: (Z, H, W)
+        canon = np.transpose(masks, (2, 1, 0))  # (N0, N1, Z)
+        mask = np.ascontiguousarray(self.frame.from_canonical(canon), dtype=np.uint8)
+        iou_host = np.asarray(iou, np.float32)[: self.num_slices]
+        return VolumeResult(mask, iou_host, (int(bounds[0]), int(bounds[1])), logits)

@@ -1,0 +1,447 @@
+"""Reading CT/MRI volumes and label maps (NIfTI files, DICOM series) and writing label maps.
+
+Conventions, shared with `radsam_jax.preprocess`:
+- A `Volume` holds a float32 array (X, Y, Z) in the file's own voxel order and a 4x4 affine from
+  voxel indices (i, j, k) to RAS+ world millimetres (NIfTI's convention; DICOM's LPS is converted).
+- Axial slice k is shown as `array[:, :, k].T`, so a point (x, y) is (first-axis, second-axis) index.
+- A DICOM series becomes X = columns, Y = rows, Z = slices ordered along the slice normal, which is
+  how dcm2niix-free readers (and ITK before reorientation) lay it out; its affine says where it is.
+- Label maps are aligned to an image through world coordinates, never by transposing arrays: the
+  two may be stored in different voxel orders (e.g. a NIfTI label map in L,A,S beside a DICOM series).
+- Training reads volumes through `to_canonical` (RAS voxel order) so every slice has the same
+  in-plane orientation; inference keeps the file's own order and writes results on the input grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Two grids are "identical" when shapes match and affines agree to this many millimetres.
+AFFINE_ATOL_MM = 1e-3
+
+
+@dataclasses.dataclass
+class Volume:
+    """An image volume: `array` float32 (X, Y, Z), `affine` (4, 4) voxel index -> RAS mm, `path`."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str = ""
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes (norms of the affine's columns)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Orientation codes of the array axes, e.g. ('R', 'A', 'S')."""
+        return tuple(nib.aff2axcodes(self.affine))
+
+
+def is_nifti_path(path) -> bool:
+    name = str(path).lower()
+    return name.endswith(NIFTI_SUFFIXES)
+
+
+def _squeeze_to_3d(shape: Sequence[int], path, what: str) -> tuple[int, ...]:
+    """Shape checks shared by images and labels: 3D, or 4D+ whose extra axes all have size 1."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise ValueError(f"{what} {path} is {len(shape)}D with shape {shape}; a 3D volume (X, Y, Z) is required")
+    if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+        raise ValueError(
+            f"{what} {path} is {len(shape)}D with shape {shape}; a single 3D volume is required "
+            f"(split the time/channel axis first)"
+        )
+    return shape[:3]
+
+
+def _load_nifti(path: Path) -> Volume:
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise ValueError(f"cannot read NIfTI file {path}: {e}") from e
+    shape = _squeeze_to_3d(img.shape, path, "image")
+    # get_fdata applies the header's scl_slope/scl_inter, so stored integers become Hounsfield units.
+    array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), np.asarray(img.affine, np.float64), str(path))
+
+
+def _import_pydicom():
+    try:
+        import pydicom  # noqa: F401
+    except ImportError as e:
+        raise ImportError("reading DICOM needs pydicom: pip install radsam-jax[dicom]") from e
+    return pydicom
+
+
+def _read_dicom_folder(folder: Path):
+    """All DICOM datasets with pixel data under `folder` (recursively), as (file, dataset) pairs."""
+    pydicom = _import_pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    datasets = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            file = Path(root) / name
+            try:
+                ds = pydicom.dcmread(str(file))
+            except (InvalidDicomError, EOFError, OSError, TypeError, ValueError, KeyError):
+                continue  # not DICOM (README, DICOMDIR-less junk, ...)
+            if "PixelData" not in ds:
+                continue  # DICOMDIR, structured reports, presentation states
+            datasets.append((file, ds))
+    return datasets
+
+
+def _load_dicom_series(folder: Path) -> Volume:
+    """A single-frame DICOM series -> Volume (X = columns, Y = rows, Z = along the slice normal).
+
+    HU = stored pixel * RescaleSlope + RescaleIntercept, per slice. The affine maps (col, row, slice)
+    to LPS from ImagePositionPatient (first slice), ImageOrientationPatient and PixelSpacing (row
+    spacing, column spacing) and the mean step between consecutive slice positions, then negates x
+    and y to get RAS.
+    """
+    datasets = _read_dicom_folder(folder)
+    if not datasets:
+        raise ValueError(f"no DICOM image files found in folder {folder}")
+    series = sorted({str(ds.get("SeriesInstanceUID", "") or "") for _, ds in datasets})
+    if len(series) > 1:
+        raise ValueError(
+            f"folder {folder} mixes {len(series)} DICOM series ({', '.join(series[:4])}"
+            f"{', ...' if len(series) > 4 else ''}); pass the folder of a single series"
+        )
+    for file, ds in datasets:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise ValueError(f"{file} is a multi-frame DICOM ({frames} frames); only single-frame series are supported")
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise ValueError(f"DICOM file {file} has no {tag}; cannot place it in space")
+
+    first_file, first = datasets[0]
+    orient = np.asarray([float(v) for v in first.ImageOrientationPatient], np.float64)
+    rows, cols = int(first.Rows), int(first.Columns)
+    spacing = np.asarray([float(v) for v in first.PixelSpacing], np.float64)  # (row spacing, column spacing)
+    for file, ds in datasets[1:]:
+        o = np.asarray([float(v) for v in ds.ImageOrientationPatient], np.float64)
+        if not np.allclose(o, orient, atol=1e-4):
+            raise ValueError(
+                f"inconsistent ImageOrientationPatient in {folder}: {list(orient)} ({first_file.name}) vs "
+                f"{list(o)} ({file.name}); mixed series or a tilted localiser"
+            )
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise ValueError(
+                f"inconsistent slice size in {folder}: {rows}x{cols} ({first_file.name}) vs "
+                f"{int(ds.Rows)}x{int(ds.Columns)} ({file.name}); mixed series"
+            )
+        if not np.allclose([float(v) for v in ds.PixelSpacing], spacing, atol=1e-4):
+            raise ValueError(f"inconsistent PixelSpacing in {folder} ({first_file.name} vs {file.name}); mixed series")
+
+    row_dir, col_dir = orient[:3], orient[3:]  # row_dir: along a row (increasing column)
+    normal = np.cross(row_dir, col_dir)
+    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets], np.float64)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    datasets = [datasets[i] for i in order]
+    if len(datasets) > 1:
+        steps = np.diff(along)
+        dup = np.flatnonzero(steps < 1e-3)
+        if dup.size:
+            a, b = datasets[dup[0]][0].name, datasets[dup[0] + 1][0].name
+            raise ValueError(
+                f"two DICOM slices at the same position {along[dup[0]]:.3f} mm in {folder} ({a}, {b}); "
+                f"mixed series or duplicated files"
+            )
+        mean_step = float(steps.mean())
+        if np.abs(steps - mean_step).max() > 0.1 * mean_step + 1e-3:
+            raise ValueError(
+                f"uneven slice spacing in {folder}: steps from {steps.min():.3f} to {steps.max():.3f} mm "
+                f"(missing slices?); resample the series first"
+            )
+        slice_vec = (positions[-1] - positions[0]) / (len(datasets) - 1)
+    else:
+        thickness = float(datasets[0][1].get("SliceThickness", 1.0) or 1.0)
+        slice_vec = normal * thickness
+
+    slices = []
+    for file, ds in datasets:
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:
+            raise ValueError(f"cannot decode pixel data of {file}: {e}") from e
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    # (Z, rows, cols) -> (cols, rows, Z) = (X, Y, Z)
+    array = np.ascontiguousarray(np.stack(slices, axis=0).transpose(2, 1, 0), dtype=np.float32)
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * spacing[1]  # one column step
+    affine_lps[:3, 1] = col_dir * spacing[0]  # one row step
+    affine_lps[:3, 2] = slice_vec
+    affine_lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # LPS -> RAS
+    return Volume(array, affine, str(folder))
+
+
+def load_volume(path) -> Volume:
+    """A NIfTI file (.nii, .nii.gz) or a DICOM series folder -> Volume (float32 HU, affine to RAS mm).
+
+    NIfTI keeps the file's voxel order and applies its intensity scaling. A DICOM folder is read with
+    pydicom (optional dependency); its slices are sorted by ImagePositionPatient projected on the
+    slice normal, not by file name. Raises FileNotFoundError for a missing path and ValueError for a
+    file that is neither, an empty or mixed DICOM folder, or an image that is not 3D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.is_dir():
+        return _load_dicom_series(path)
+    if is_nifti_path(path):
+        return _load_nifti(path)
+    if _looks_like_dicom_file(path):
+        raise ValueError(f"{path} is a single DICOM file; pass the folder holding the whole series")
+    raise ValueError(f"{path} is not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+
+
+def _looks_like_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# ---------------------------------------------------------------------------------------------
+# Label maps
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_integer_labels(data: np.ndarray, path) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+        labels = data
+    else:
+        rounded = np.rint(data)
+        if not np.allclose(rounded, data, atol=1e-3):
+            raise ValueError(f"label map {path} holds non-integer values (is it an image, not a label map?)")
+        labels = rounded
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0:
+        raise ValueError(f"label map {path} holds negative label {lo}")
+    dtype = np.uint8 if hi < 256 else np.uint16 if hi < 65536 else np.int32
+    return np.ascontiguousarray(labels, dtype=dtype)
+
+
+def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"label map not found: {path}")
+    if not is_nifti_path(path):
+        raise ValueError(f"label map {path} is not a NIfTI file (.nii, .nii.gz)")
+    img = nib.load(str(path))
+    shape = _squeeze_to_3d(img.shape, path, "label map")
+    data = np.asanyarray(img.dataobj).reshape(shape)  # applies scl_slope/inter if set
+    return _as_integer_labels(data, path), np.asarray(img.affine, np.float64)
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = AFFINE_ATOL_MM) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=atol)
+
+
+def _signed_permutation(matrix: np.ndarray, atol: float = 1e-4):
+    """If `matrix` (3x3) is a signed permutation, its (axis, sign) per output axis; else None."""
+    axes, signs = [], []
+    for row in np.asarray(matrix):
+        big = np.flatnonzero(np.abs(row) > atol)
+        if big.size != 1 or abs(abs(row[big[0]]) - 1.0) > atol:
+            return None
+        axes.append(int(big[0]))
+        signs.append(int(np.sign(row[big[0]])))
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    return axes, signs
+
+
+def resample_labels(
+    labels: np.ndarray,
+    labels_affine: np.ndarray,
+    target_shape: Sequence[int],
+    target_affine: np.ndarray,
+    *,
+    fill: int = 0,
+) -> tuple[np.ndarray, float]:
+    """Nearest-neighbour resampling of a label array onto a target grid through world coordinates.
+
+    For each target voxel v the label voxel is round(inv(labels_affine) @ target_affine @ v); voxels
+    that map outside the label grid get `fill`. When that map is a signed permutation with integer
+    offsets and the same voxel size (a pure reorientation), it is done exactly with transpose/flip/
+    slicing. Returns (labels on the target grid, fraction of target voxels inside the label grid).
+    """
+    target_shape = tuple(int(s) for s in target_shape)
+    src_shape = labels.shape
+    vox = np.linalg.inv(labels_affine) @ target_affine  # target voxel -> label voxel
+    lin, offset = vox[:3, :3], vox[:3, 3]
+    perm = _signed_permutation(lin)
+    if perm is not None and np.allclose(offset, np.rint(offset), atol=1e-3):
+        axes, signs = perm
+        # label index along axes[d] = signs[d] * t_d + offset[axes[d]]... written per target axis d:
+        # row d of `lin` picks the target axis feeding label axis d.
+        out = np.full(target_shape, fill, labels.dtype)
+        # label axis a gets target axis axes[a] with sign signs[a]: l_a = s_a * t_{axes[a]} + o_a.
+        src_sel, dst_sel = [slice(None)] * 3, [slice(None)] * 3
+        for a in range(3):
+            d, s, o = axes[a], signs[a], int(np.rint(offset[a]))
+            n_t, n_l = target_shape[d], src_shape[a]
+            t = np.arange(n_t)
+            ll = s * t + o
+            valid = (ll >= 0) & (ll < n_l)
+            if not valid.any():
+                return out, 0.0
+            t_valid = t[valid]
+            dst_sel[d] = slice(int(t_valid[0]), int(t_valid[-1]) + 1)
+            l0, l1 = int(ll[valid][0]), int(ll[valid][-1])
+            src_sel[a] = slice(l0, l1 + 1) if s > 0 else slice(l0, (l1 - 1) if l1 > 0 else None, -1)
+        block = labels[tuple(src_sel)]
+        # block axes are label axes; move label axis a to target axis axes[a].
+        inverse = np.argsort(axes)
+        out[tuple(dst_sel)] = np.transpose(block, inverse)
+        inside = np.prod([(dst_sel[d].stop - dst_sel[d].start) for d in range(3)]) / np.prod(target_shape)
+        return out, float(inside)
+
+    out = np.full(target_shape, fill, labels.dtype)
+    i = np.arange(target_shape[0], dtype=np.float64)[:, None]
+    j = np.arange(target_shape[1], dtype=np.float64)[None, :]
+    n_inside = 0
+    for k in range(target_shape[2]):  # slice by slice keeps memory at one slice of coordinates
+        idx = []
+        for a in range(3):
+            idx.append(np.floor(lin[a, 0] * i + lin[a, 1] * j + (lin[a, 2] * k + offset[a]) + 0.5).astype(np.int64))
+        valid = (idx[0] >= 0) & (idx[0] < src_shape[0]) & (idx[1] >= 0) & (idx[1] < src_shape[1])
+        valid &= (idx[2] >= 0) & (idx[2] < src_shape[2])
+        if valid.any():
+            out[:, :, k][valid] = labels[idx[0][valid], idx[1][valid], idx[2][valid]]
+            n_inside += int(valid.sum())
+    return out, n_inside / float(np.prod(target_shape))
+
+
+def align_labels(labels: np.ndarray, labels_affine: np.ndarray, like: Volume, *, label_path="<array>") -> np.ndarray:
+    """An integer label array with its own affine -> labels on `like`'s grid (see `resample_labels`).
+
+    Raises ValueError naming both shapes and files when the label grid does not overlap the image.
+    """
+    if same_grid(labels.shape, labels_affine, like.array.shape, like.affine):
+        return labels
+    out, inside = resample_labels(labels, labels_affine, like.array.shape, like.affine)
+    if inside == 0.0:
+        raise ValueError(
+            f"label map {label_path} (shape {tuple(labels.shape)}, {''.join(nib.aff2axcodes(labels_affine))}) "
+            f"does not overlap image {like.path or '<array>'} (shape {tuple(like.array.shape)}, "
+            f"{''.join(nib.aff2axcodes(like.affine))}) in world space; wrong pairing or a broken affine"
+        )
+    return out
+
+
+def load_label_map(path, like: Volume) -> np.ndarray:
+    """A NIfTI label map -> integer labels (uint8/uint16) on `like`'s voxel grid.
+
+    Identical grid (shape and affine within 1e-3 mm): returned as stored. Otherwise aligned through
+    world coordinates with nearest neighbour (a pure reorientation is an exact permutation/flip).
+    Raises ValueError for a 4D label map or one that does not overlap the image, naming both.
+    """
+    labels, affine = read_label_array(path)
+    return align_labels(labels, affine, like, label_path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reorientation
+# ---------------------------------------------------------------------------------------------
+
+
+def reorient_array(array: np.ndarray, affine: np.ndarray, axcodes: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
+    """Permutes/flips a (X, Y, Z) array to the closest `axcodes` orientation; returns (array, affine).
+
+    Exact (no resampling): nibabel's io_orientation picks the closest axis-aligned orientation, so
+    an oblique scan keeps its obliquity in the new affine. Apply the same call to an image and its
+    label map on the same grid and they stay aligned.
+    """
+    current = nib.orientations.io_orientation(affine)
+    target = nib.orientations.axcodes2ornt(tuple(axcodes))
+    transform = nib.orientations.ornt_transform(current, target)
+    out = nib.orientations.apply_orientation(array, transform)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
+    return np.ascontiguousarray(out), new_affine
+
+
+def to_canonical(volume: Volume) -> Volume:
+    """The volume in RAS voxel order (first axis towards Right, then Anterior, then Superior)."""
+    array, affine = reorient_array(volume.array, volume.affine, "RAS")
+    return Volume(array, affine, volume.path)
+
+
+def reorient_labels_like(labels: np.ndarray, volume: Volume, axcodes: str = "RAS") -> np.ndarray:
+    """Labels on `volume`'s grid -> the same reorientation `to_canonical(volume)` applies."""
+    if labels.shape != volume.array.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from volume shape {volume.array.shape}")
+    return reorient_array(labels, volume.affine, axcodes)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
+    """Writes integer `labels` (on `like`'s grid) as NIfTI with `like.affine`, atomically.
+
+    uint8 when every label is < 256, else uint16. The file is written to a temporary name in the
+    same folder, then renamed, so a reader never sees a half-written file.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"cannot save label map to {path}: the name must end with .nii or .nii.gz")
+    labels = np.asarray(labels)
+    if labels.shape != like.array.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the image shape {like.array.shape} ({like.path})")
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.allclose(labels, np.rint(labels)):
+            raise ValueError("labels must be integers")
+        labels = np.rint(labels)
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"labels must lie in 0..65535 to be saved as uint8/uint16, got {lo}..{hi}")
+    dtype = np.uint8 if hi < 256 else np.uint16
+    img = nib.Nifti1Image(np.ascontiguousarray(labels, dtype=dtype), np.asarray(like.affine, np.float64))
+    img.set_qform(like.affine, code=1)
+    img.set_sform(like.affine, code=1)
+    img.header.set_data_dtype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -1,0 +1,79 @@
+"""The model architecture as a frozen dataclass, built from the ml_collections files in configs/."""
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every architecture number of a SAM-family model; see configs/vit_b.py for what each means."""
+
+    name: str = "vit_b"
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_dim: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    encoder_mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    # "sam": resize longest side + ImageNet mean/std + pad; "medsam": resize to square, min-max to [0, 1].
+    preprocessing: str = "sam"
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the low-resolution mask logits and of the mask prompt."""
+        return 4 * self.embedding_size
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        values = dict(values)
+        for key in ("global_attn_indexes", "pixel_mean", "pixel_std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.encoder_dim % self.encoder_heads:
+            raise ValueError(f"encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(f"global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
+        if self.preprocessing not in ("sam", "medsam"):
+            raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
+
+
+def load_model_config(name: str) -> ModelConfig:
+    """The preset `configs/<name>.py` (vit_b, vit_l, vit_h, small) as a ModelConfig."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"radsam_jax.configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"no model config named {name!r} (configs/{name}.py)") from e
+    return ModelConfig.from_mapping(module.get_config().to_dict())

@@ -1,0 +1,126 @@
+"""Pre- and post-processing between CT slices and the model's square input, in jnp so it runs on device.
+
+Conventions: a 2D image is (H, W) = (rows, columns); a point is (x, y) = (column, row). For a volume
+array (X, Y, Z) the axial slice k is shown as `array[:, :, k].T`, so x indexes the first array axis
+and y the second, as `radsam segment` documents.
+
+Two input conventions:
+- "sam": resize the longest side to S (new side = int(old * S / longest + 0.5)), normalise with the
+  ImageNet mean/std on the 0..255 scale, zero-pad bottom/right to S x S.
+- "medsam": resize straight to S x S and min-max scale each image to [0, 1]; masks come back through
+  a sigmoid at 0.5 instead of logits at 0.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radsam_jax.model.config import ModelConfig
+
+# Soft-tissue abdominal window, the default for CT; the level/width are config values in training.
+DEFAULT_WINDOW = (40.0, 400.0)
+
+
+def window_ct(hu, level: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]):
+    """Hounsfield units -> 0..255 float through a window (level, width), clipped."""
+    lo = level - width / 2.0
+    return jnp.clip((jnp.asarray(hu, jnp.float32) - lo) / width, 0.0, 1.0) * 255.0
+
+
+def to_rgb(gray):
+    """(..., H, W) -> (..., H, W, 3): SAM expects three channels; CT repeats the grey one."""
+    return jnp.repeat(jnp.asarray(gray)[..., None], 3, axis=-1)
+
+
+def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
+    """ResizeLongestSide's output size: new side = int(old * target / longest + 0.5)."""
+    scale = target / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class Geometry(NamedTuple):
+    """How an (H, W) image maps into the model input: the resized (h, w) before padding."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    image_size: int
+
+    @property
+    def scale_xy(self) -> np.ndarray:
+        return np.array([self.resized[1] / self.original[1], self.resized[0] / self.original[0]], np.float32)
+
+
+def geometry(config: ModelConfig, height: int, width: int) -> Geometry:
+    s = config.image_size
+    resized = (s, s) if config.preprocessing == "medsam" else resized_shape(height, width, s)
+    return Geometry((height, width), resized, s)
+
+
+def preprocess_images(images_0_255, config: ModelConfig):
+    """(B, H, W, 3) on the 0..255 scale -> (B, S, S, 3) model input, per config.preprocessing.
+
+    Resizing is bilinear with antialiasing (SAM resizes with PIL, which antialiases when shrinking).
+    """
+    images = jnp.asarray(images_0_255, jnp.float32)
+    b, h, w, _ = images.shape
+    geo = geometry(config, h, w)
+    x = jax.image.resize(images, (b, *geo.resized, 3), "linear", antialias=True)
+    if config.preprocessing == "medsam":
+        lo = x.min(axis=(1, 2, 3), keepdims=True)
+        hi = x.max(axis=(1, 2, 3), keepdims=True)
+        return (x - lo) / jnp.maximum(hi - lo, 1e-8)
+    x = (x - jnp.asarray(config.pixel_mean)) / jnp.asarray(config.pixel_std)
+    s = config.image_size
+    return jnp.pad(x, ((0, 0), (0, s - geo.resized[0]), (0, s - geo.resized[1]), (0, 0)))
+
+
+def preprocess_ct_slices(hu_slices, config: ModelConfig, window=DEFAULT_WINDOW):
+    """(B, H, W) Hounsfield units -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise)."""
+    return preprocess_images(to_rgb(window_ct(hu_slices, *window)), config)
+
+
+def points_to_input(points, geo: Geometry):
+    """(..., 2) (x, y) original pixels -> model-input pixels."""
+    return jnp.asarray(points, jnp.float32) * geo.scale_xy
+
+
+def box_to_input(box, geo: Geometry):
+    """(..., 4) x0, y0, x1, y1 original pixels -> model-input pixels."""
+    return jnp.asarray(box, jnp.float32) * jnp.tile(geo.scale_xy, 2)
+
+
+def upscale_logits(logits, geo: Geometry):
+    """(..., S/4, S/4) low-resolution logits -> (..., H, W) logits on the original image.
+
+    SAM's postprocess_masks: bilinear to S x S, crop the padding, bilinear to the original size.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    lead = logits.shape[:-2]
+    s = geo.image_size
+    x = jax.image.resize(logits, (*lead, s, s), "linear", antialias=False)
+    x = x[..., : geo.resized[0], : geo.resized[1]]
+    return jax.image.resize(x, (*lead, *geo.original), "linear", antialias=False)
+
+
+def logits_to_mask(logits, geo: Geometry, preprocessing: str = "sam"):
+    """Low-resolution logits -> binary mask on the original image (sigmoid > 0.5 for MedSAM)."""
+    if preprocessing == "medsam":
+        # MedSAM upsamples probabilities straight to the original size, then thresholds at 0.5.
+        probs = jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))
+        lead = probs.shape[:-2]
+        probs = jax.image.resize(probs, (*lead, *geo.original), "linear", antialias=False)
+        return probs > 0.5
+    return upscale_logits(logits, geo) > 0.0
+
+
+def mask_to_prompt(mask, geo: Geometry, mask_size: int):
+    """(..., H, W) binary mask on the original image -> (..., S/4, S/4) binary mask prompt."""
+    mask = jnp.asarray(mask, jnp.float32)
+    lead = mask.shape[:-2]
+    s = geo.image_size
+    x = jax.image.resize(mask, (*lead, *geo.resized), "linear", antialias=False)
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, s - geo.resized[0]), (0, s - geo.resized[1])])
+    x = jax.image.resize(x, (*lead, mask_size, mask_size), "linear", antialias=True)
+    return (x > 0.5).astype(jnp.float32)

@@ -1,0 +1,142 @@
+"""Orbax checkpoints of a training run: the train state *and* the Grain iterator state, side by side.
+
+Layout (one Orbax step directory per saved step):
+
+    workdir/checkpoints/<step>/state/      TrainState: params, buffers, opt_state, step, rng, loss scale
+    workdir/checkpoints/<step>/data_iter/  process_<i>-of-<n>.json: Grain iterator state, per process
+    workdir/checkpoints/<step>/config/     the training config as JSON (for humans and `radsam` tools)
+
+Saving the iterator beside the model (as maxtext does) is what makes a resume exact: the next batch
+after a restore is the batch the uninterrupted run would have seen.
+
+Crash safety comes from Orbax's atomic finalize: a step is written under a temporary name
+(`<step>.orbax-checkpoint-tmp-*`) and renamed only once complete, and `latest_step()` only lists
+finalised steps, so a run killed mid-save restarts from the last complete checkpoint; we also pass
+`cleanup_tmp_directories=True` so the leftovers are removed at start-up.
+
+SIGTERM (preemption, `kill`, Slurm / Kubernetes shutdown): `PreemptionGuard` records the signal;
+the loop checks it after each step, saves a checkpoint at the current step, waits for the write to
+finish and exits cleanly. We never save from inside the signal handler: the state may be mid-update.
+"""
+
+import json
+import signal
+import threading
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
+
+
+class Checkpointer:
+    """A thin wrapper over `ocp.CheckpointManager` for (TrainState, Grain iterator, config)."""
+
+    def __init__(self, directory, *, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
+                 async_save: bool = True):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA_ITER: grain.checkpoint.CheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> Optional[int]:
+        """The last *complete* checkpoint's step (temporary, unfinished directories are ignored)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *, force: bool = False) -> bool:
+        """Saves if `step` is due (save_interval_steps) or `force`; returns whether it saved."""
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(config)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state, data_iter=None, step: Optional[int] = None):
+        """(state, data_iter) at `step` (default latest); `abstract_state` gives shapes and shardings.
+
+        The iterator is restored in place (set_state) when given.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
+
+    def restore_config(self, step: Optional[int] = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def wait_until_finished(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and optionally SIGINT) into a flag the training loop polls between steps.
+
+    Use as a context manager; the previous handlers are restored on exit. Only the main thread can
+    install signal handlers, so elsewhere (e.g. a test thread) this is a no-op guard.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self._event = threading.Event()
+        self._previous = {}
+        self.received: Optional[int] = None
+
+    def _handler(self, signum, frame):
+        self.received = signum
+        self._event.set()
+
+    @property
+    def should_stop(self) -> bool:
+        return self._event.is_set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+
+def stop_requested_anywhere(local_stop: bool) -> bool:
+    """True if any process got the signal: every process must take the same save-and-exit branch,
+    or the collective save would hang. One process: just the local flag."""
+    if jax.process_count() == 1:
+        return local_stop
+    from jax.experimental import multihost_utils
+    import numpy as np
+
+    flags = multihost_utils.process_allgather(np.asarray([local_stop], np.int32))
+    return bool(np.any(flags))

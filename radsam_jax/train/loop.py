@@ -1,0 +1,275 @@
+"""`train_and_evaluate(config, workdir)`: the RadSAM training loop.
+
+Read top to bottom: the banner comments follow big_vision's train.py. Everything that is not the
+loop itself (loss, optimiser, sharded step, checkpoints) lives in the sibling modules.
+
+Outputs in `workdir`: `checkpoints/` (Orbax, see checkpointing.py), `metrics.jsonl` (one JSON object
+per log step and per validation, with at least "step" and "loss"), TensorBoard event files, and a
+progress line on stdout (step, loss, images/s). Only process 0 writes logs and metrics.
+"""
+
+import json
+import os
+import pathlib
+import time
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from radsam_jax.model import ModelConfig, init_variables, load_model_config
+from radsam_jax.train import checkpointing, optimizer as optimizer_lib
+from radsam_jax.train.config_lib import resolve_path
+from radsam_jax.train.train_step import (
+    create_sharded_state,
+    make_eval_step,
+    make_mesh,
+    make_train_step,
+    to_global_batch,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: distributed hook, model, data, metric writer
+# --------------------------------------------------------------------------------------------------
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-host hook: `jax.distributed.initialize()` only when the config or the environment
+    (RADSAM_DISTRIBUTED=1) asks for it. It must run before anything touches a JAX backend; on a
+    cluster JAX reads the coordinator / process id from the environment (Slurm, TPU, K8s, or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+    wanted = config.get("distributed", False) or os.environ.get("RADSAM_DISTRIBUTED", "") in ("1", "true")
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
+    """(model config, initial variables or None): a converted checkpoint, or a named preset from scratch."""
+    if config.init_checkpoint:
+        from radsam_jax.checkpoint import load_checkpoint
+
+        model = load_checkpoint(resolve_path(config.init_checkpoint))
+        return model.config, jax.device_get(model.variables)
+    model_config = load_model_config(config.model.name)
+    overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+    if overrides:
+        model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
+    return model_config, None
+
+
+def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, *, split: str, batch_size: int,
+                  seed: int, num_epochs: Optional[int]) -> Iterator[dict]:
+    """This process's share of the data (`batch_size` is the per-process batch)."""
+    kwargs = dict(split=split, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                  shard_index=jax.process_index(), shard_count=jax.process_count())
+    if config.data_source == "synthetic":
+        from radsam_jax.train.synthetic import make_synthetic_iterator
+
+        n = config.synthetic.num_train if split == "train" else config.synthetic.num_validation
+        return make_synthetic_iterator(model_config, num_examples=n, **kwargs)
+    if config.data_source == "pipeline":
+        from radsam_jax.data.pipeline import make_data_iterator
+
+        return make_data_iterator(config.data, model_config, **kwargs)
+    raise ValueError(f"data_source must be 'pipeline' or 'synthetic', got {config.data_source!r}")
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard (tensorboardX) + stdout, on process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{f"{prefix}{k}": float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{prefix}{k}", float(v), int(step))
+        self.tb.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+    """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (this process's
+    share); weight 0 marks padding rows of the last batch. Same slices and prompts at every call."""
+    if config.data_source == "pipeline":
+        from radsam_jax.data.pipeline import iterate_slices
+
+        max_samples = config.eval.max_batches * batch_size if config.eval.max_batches > 0 else None
+        for batch in iterate_slices(config.data, model_config, split=config.eval.split, batch_size=batch_size,
+                                    max_samples=max_samples, seed=config.seed):
+            yield batch, np.asarray(batch.pop("valid"), np.float32)
+        return
+    it = make_iterator(config, model_config, split=config.eval.split, batch_size=batch_size,
+                       seed=config.seed, num_epochs=1)
+    for i, batch in enumerate(it):
+        if 0 < config.eval.max_batches <= i:
+            break
+        n = len(batch["target"])
+        weight = np.zeros((batch_size,), np.float32)
+        weight[:n] = 1.0
+        if n < batch_size:  # pad to the compiled batch size with zero-weight rows
+            batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)]) for k, v in batch.items()}
+        yield batch, weight
+
+
+def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) -> dict:
+    """Mean validation loss terms and Dice (primary mask, hard, at S x S) over the held-out slices."""
+    local = batch_size // jax.process_count()
+    sums = None
+    for batch, weight in validation_batches(config, model_config, local):
+        global_batch = to_global_batch(batch, mesh)
+        global_batch["weight"] = jax.make_array_from_process_local_data(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), weight)
+        out = jax.device_get(eval_step(variables, global_batch))
+        sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+    if not sums or sums["count"] == 0:
+        raise ValueError(f"validation split {config.eval.split!r} produced no example")
+    count = sums.pop("count")
+    return {k.removesuffix("_sum"): float(v / count) for k, v in sums.items()} | {"num_examples": float(count)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
+    with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it."""
+    maybe_initialize_distributed(config)
+    if config.compilation_cache_dir:
+        # Persistent XLA cache: a restarted (preempted) run or a sweep does not recompile.
+        jax.config.update("jax_compilation_cache_dir", resolve_path(config.compilation_cache_dir))
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricWriter(workdir)
+
+    # ---------------------------------------------------------------- Set up mesh
+    # One "data" axis over every device of every process: params replicated, batch split.
+    mesh = make_mesh(config.num_devices if config.num_devices > 0 else None)
+    num_processes = jax.process_count()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {mesh.size} devices")
+    local_batch = config.batch_size // num_processes
+    eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
+    if eval_batch % mesh.size:
+        raise ValueError(f"eval.batch_size {eval_batch} is not a multiple of the {mesh.size} devices")
+    writer.print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+                 f"{num_processes} process(es); global batch {config.batch_size}")
+
+    # ---------------------------------------------------------------- Create model & optimizer
+    model_config, init_vars = load_model(config)
+    abstract_params = jax.eval_shape(lambda: init_variables(model_config, jax.random.PRNGKey(0))["params"])
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else None
+    if total_steps is None and config.optim.schedule != "constant":
+        raise ValueError("a decaying lr schedule needs num_train_steps > 0")
+    tx = optimizer_lib.make_optimizer(config.optim, abstract_params, total_steps or 1)
+    schedule = optimizer_lib.make_schedule(config.optim, total_steps or 1)
+
+    # ---------------------------------------------------------------- Data
+    train_iter = make_iterator(config, model_config, split="train", batch_size=local_batch, seed=config.seed,
+                               num_epochs=config.num_epochs if config.num_epochs > 0 else None)
+
+    # ---------------------------------------------------------------- Shard & transfer (or restore)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
+    if ckpt.latest_step() is not None:
+        shapes = jax.eval_shape(lambda: create_sharded_state(model_config, config, tx, mesh, None))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+        state, train_iter = ckpt.restore(target, train_iter)
+        writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
+    else:
+        state = create_sharded_state(model_config, config, tx, mesh, init_vars)
+    del init_vars
+    step = int(state.step)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}")
+
+    # ---------------------------------------------------------------- Update step
+    train_step = make_train_step(model_config, config, tx, mesh, schedule)
+    eval_step = make_eval_step(model_config, config, mesh)
+    config_json = json.loads(config.to_json())
+
+    saved_step = ckpt.latest_step()
+
+    def save(force: bool):
+        nonlocal saved_step
+        if saved_step != step:
+            ckpt.save(step, state, train_iter, config_json, force=force)
+            saved_step = step
+
+    def validate():
+        m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch)
+        writer.write(step, m, prefix="validation_")
+        writer.print(f"step {step}: validation loss {m['loss']:.4f} dice {m['dice']:.4f} "
+                     f"({int(m['num_examples'])} slices)")
+        return m
+
+    # ---------------------------------------------------------------- Train loop
+    last = {}
+    preempted = False
+    t0, images_since = time.perf_counter(), 0
+    with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh):
+        if step == 0 and config.eval.at_start:
+            last.update({f"validation_{k}": v for k, v in validate().items()})
+        while total_steps is None or step < total_steps:
+            try:
+                batch = next(train_iter)
+            except StopIteration:
+                break
+            state, metrics = train_step(state, to_global_batch(batch, mesh))
+            step += 1
+            images_since += config.batch_size
+
+            if step % config.log_every_steps == 0 or step == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs the device
+                dt = time.perf_counter() - t0
+                metrics["images_per_s"] = images_since / dt
+                writer.write(step, metrics)
+                writer.print(f"step {step}{'/' + str(total_steps) if total_steps else ''} "
+                             f"loss {metrics['loss']:.4f} dice {metrics['dice']:.3f} "
+                             f"{metrics['images_per_s']:.1f} images/s")
+                last.update(metrics)
+                t0, images_since = time.perf_counter(), 0
+
+            if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
+                last.update({f"validation_{k}": v for k, v in validate().items()})
+                t0, images_since = time.perf_counter(), 0  # images/s measures training only
+            if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0:
+                save(force=True)
+                t0, images_since = time.perf_counter(), 0
+            if checkpointing.stop_requested_anywhere(guard.should_stop):
+                # Preemption: save where we are and leave; the next start resumes from here.
+                writer.print(f"signal {guard.received}: saving step {step} and exiting")
+                save(force=True)
+                preempted = True
+                break
+
+        if not preempted:
+            if config.eval.every_steps <= 0 or step % config.eval.every_steps:
+                last.update({f"validation_{k}": v for k, v in validate().items()})
+            save(force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    writer.close()
+    last["step"] = step
+    last["preempted"] = preempted
+    return last

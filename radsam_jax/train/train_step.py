@@ -1,0 +1,214 @@
+"""The jitted, sharded RadSAM train step (and eval step), plus creating the train state sharded.
+
+Sharding is declared once: a 1-D `Mesh` with a "data" axis over every device of every process;
+the train state is replicated (P()), every batch array is split on its leading axis (P("data")).
+`jax.jit` with these in/out shardings lets XLA insert the gradient all-reduce itself; the state is
+donated so parameters and Adam moments are updated in place (no second copy in device memory).
+"""
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from radsam_jax.model import ModelConfig, Sam, init_variables
+from radsam_jax.prompts import Prompts
+from radsam_jax.train.loss import LossWeights, radsam_loss, radsam_loss_per_sample
+from radsam_jax.train.state import DynamicLossScale, TrainState
+
+DATA_AXIS = "data"
+
+# Batch fields the step reads, with the dtype each is cast to on the host.
+BATCH_DTYPES = {
+    "image": np.float32,
+    "target": np.uint8,
+    "points": np.float32,
+    "point_labels": np.int32,
+    "box": np.float32,
+    "has_box": np.bool_,
+    "mask": np.float32,
+    "has_mask": np.bool_,
+}
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
+    """A 1-D ("data",) mesh over the first `num_devices` devices (default: all, all processes).
+
+    Auto axis types: the model was written without sharding-in-types annotations, so we let XLA
+    propagate the batch sharding through it (the default Explicit mode would ask for annotations).
+    """
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def to_global_batch(local_batch: dict, mesh) -> dict:
+    """This process's numpy batch -> global jax arrays split over the "data" axis.
+
+    Works for one process (the local batch is the global batch) and for many (each process passes
+    its own shard; the global batch is their concatenation in process order).
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, dtype in BATCH_DTYPES.items():
+        if key not in local_batch:
+            raise KeyError(f"training batch lacks {key!r}; it has {sorted(local_batch)}")
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key], dtype))
+    return out
+
+
+def batch_prompts(batch: dict) -> Prompts:
+    return Prompts(batch["points"], batch["point_labels"], batch["box"], batch["has_box"],
+                   batch["mask"], batch["has_mask"])
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> LossWeights:
+    return LossWeights(config.loss.primary_weight, config.loss.secondary_weight, config.loss.iou_weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Create the state, already sharded
+# --------------------------------------------------------------------------------------------------
+def initial_loss_scale(config: ml_collections.ConfigDict) -> DynamicLossScale:
+    if config.precision == "float16":
+        return DynamicLossScale.create(config.loss_scale.initial, config.loss_scale.period, config.loss_scale.factor)
+    return DynamicLossScale.create(1.0)
+
+
+def create_sharded_state(
+    model_config: ModelConfig,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh,
+    variables: Optional[dict] = None,
+) -> TrainState:
+    """A replicated `TrainState` created directly on the mesh (`jax.jit(init, out_shardings=...)`).
+
+    `variables` ({"params", "buffers"}, e.g. from a converted SAM checkpoint) start the run; None
+    initialises the model from `config.seed`.
+    """
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    loss_scale = initial_loss_scale(config)
+
+    def init(variables):
+        if variables is None:
+            variables = init_variables(model_config, init_rng)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            buffers=variables.get("buffers", {}),
+            opt_state=tx.init(params),
+            rng=train_rng,
+            loss_scale=loss_scale,
+        )
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=replicated(mesh))(variables)
+
+
+def abstract_state(state_fn: Callable[[], TrainState], mesh) -> TrainState:
+    """ShapeDtypeStructs (with replicated shardings) of a state: the target for Orbax restore."""
+    shapes = jax.eval_shape(state_fn)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Update step
+# --------------------------------------------------------------------------------------------------
+def make_train_step(
+    model_config: ModelConfig,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh,
+    schedule: Optional[optax.Schedule] = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
+
+    batch: global arrays from `to_global_batch`. metrics: replicated float32 scalars (loss terms,
+    dice, grad_norm, lr, loss_scale, finite).
+    """
+    dtype = compute_dtype(config.precision)
+    model = Sam(model_config, dtype=dtype, remat=config.remat)
+    weights = loss_weights(config)
+    use_loss_scale = config.precision == "float16"
+
+    def loss_fn(params, buffers, batch):
+        # Only params are differentiated: buffers enter as a constant of this function.
+        mask_logits, iou_pred = model.apply({"params": params, "buffers": buffers},
+                                            batch["image"], batch_prompts(batch))
+        return radsam_loss(mask_logits, iou_pred, batch["target"], weights)
+
+    def train_step(state: TrainState, batch: dict):
+        scale = state.loss_scale.scale
+
+        def scaled_loss(params):
+            loss, metrics = loss_fn(params, state.buffers, batch)
+            return loss * scale, metrics
+
+        grads, metrics = jax.grad(scaled_loss, has_aux=True)(state.params)
+        grads = jax.tree.map(lambda g: (g / scale).astype(jnp.float32), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if use_loss_scale:
+            # Non-finite grads (fp16 overflow): keep the old params / moments, halve the scale.
+            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            loss_scale = state.loss_scale.update(finite)
+        else:
+            finite = jnp.asarray(True)
+            loss_scale = state.loss_scale
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = jnp.asarray(schedule(state.step) if schedule is not None else 0.0, jnp.float32)
+        metrics["loss_scale"] = scale
+        metrics["finite"] = finite.astype(jnp.float32)
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    return jax.jit(train_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(model_config: ModelConfig, config: ml_collections.ConfigDict, mesh) -> Callable:
+    """The jitted `eval_step(variables, batch) -> {"<term>_sum", "count"}` (replicated scalars).
+
+    batch additionally holds "weight" (B,): 1 for real rows, 0 for padding rows of a short last
+    batch. Sums (not means) so the caller can average over a whole split exactly.
+    """
+    model = Sam(model_config, dtype=compute_dtype(config.precision))
+    weights = loss_weights(config)
+
+    def eval_step(variables, batch):
+        mask_logits, iou_pred = model.apply(variables, batch["image"], batch_prompts(batch))
+        terms = radsam_loss_per_sample(mask_logits, iou_pred, batch["target"], weights)
+        w = batch["weight"]
+        out = {f"{k}_sum": jnp.sum(v * w) for k, v in terms.items()}
+        out["count"] = jnp.sum(w)
+        return out
+
+    rep = replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep)

@@ -1,0 +1,131 @@
+"""radsam_jax.checkpoint: the Orbax + radsam.json model checkpoint format (no torch needed)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from radsam_jax import load_checkpoint
+from radsam_jax.checkpoint import CONFIG_FILE, FORMAT_VERSION, CheckpointError, save_model
+from radsam_jax.model import abstract_variables, load_model_config
+
+
+@pytest.fixture(scope="module")
+def small():
+    config = load_model_config("small")
+    # Random arrays of the model's shapes: the format does not care about values, and running
+    # Flax's init eagerly would take a minute on a small CPU.
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), abstract_variables(config))
+    return config, variables
+
+
+@pytest.fixture(scope="module")
+def saved(small, tmp_path_factory):
+    config, variables = small
+    path = tmp_path_factory.mktemp("ckpt") / "small_model"
+    save_model(path, config, variables, {"source_file": "x.pth", "source_sha256": "ab" * 32})
+    return path
+
+
+def test_round_trip(small, saved):
+    config, variables = small
+    header = json.loads((saved / CONFIG_FILE).read_text())
+    assert header["format_version"] == FORMAT_VERSION and header["model_config"] == config.to_dict()
+    model = load_checkpoint(saved)
+    assert model.config == config and model.metadata["source_file"] == "x.pth"
+    assert jax.tree.structure(model.variables) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(model.variables), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert str(load_checkpoint(saved, dtype="bfloat16").dtype) == "bfloat16"
+    assert [p.name for p in saved.parent.iterdir()] == ["small_model"]  # no temporary leftovers
+
+
+def test_existing_destination_is_refused(small, saved):
+    config, variables = small
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_model(saved, config, variables)
+
+
+def test_failed_save_leaves_nothing(small, tmp_path):
+    config, variables = small
+    with pytest.raises(TypeError):
+        save_model(tmp_path / "m", config, variables, {"not json": object()})
+    broken = jax.tree.map(lambda x: x, variables)
+    broken["params"]["image_encoder"]["pos_embed"] = np.zeros((1, 2, 2, 3), np.float32)
+    with pytest.raises(CheckpointError, match="pos_embed has shape"):
+        save_model(tmp_path / "m", config, broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_directory_and_header(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="radsam.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "file.pth").write_text("x")
+    with pytest.raises(CheckpointError, match="radsam convert"):
+        load_checkpoint(tmp_path / "file.pth")
+
+
+def _copy_with_header(saved, tmp_path, edit):
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved, path)
+    edit(path / CONFIG_FILE)
+    return path
+
+
+def test_bad_header_content(saved, tmp_path):
+    path = _copy_with_header(saved, tmp_path, lambda f: f.write_text("{not json"))
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+
+    def set_field(key, value):
+        def edit(f):
+            header = json.loads(f.read_text())
+            header[key] = value
+            f.write_text(json.dumps(header))
+
+        return edit
+
+    for i, (key, value, message) in enumerate(
+        [("format_version", 99, "format_version 99"), ("format", "other", "not a RadSAM model header"), ("model_config", None, "no \"model_config\"")]
+    ):
+        (tmp_path / str(i)).mkdir()
+        path = _copy_with_header(saved, tmp_path / str(i), set_field(key, value))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+
+
+def test_config_that_does_not_match_the_weights(saved, tmp_path):
+    def edit(f):
+        header = json.loads(f.read_text())
+        header["model_config"]["encoder_dim"] = 96
+        f.write_text(json.dumps(header))
+
+    path = _copy_with_header(saved, tmp_path, edit)
+    with pytest.raises(CheckpointError, match="patch_embed"):
+        load_checkpoint(path)
+
+
+def test_unknown_config_key(saved, tmp_path):
+    def edit(f):
+        header = json.loads(f.read_text())
+        header["model_config"]["colour"] = "blue"
+        f.write_text(json.dumps(header))
+
+    with pytest.raises(CheckpointError, match="colour"):
+        load_checkpoint(_copy_with_header(saved, tmp_path, edit))
+
+
+def test_missing_variables(saved, tmp_path):
+    import shutil
+
+    path = _copy_with_header(saved, tmp_path, lambda f: None)
+    shutil.rmtree(path / "variables")
+    with pytest.raises(CheckpointError, match="variables/ is missing"):
+        load_checkpoint(path)

@@ -1,0 +1,241 @@
+"""The converter: weight layouts, key maps, architecture inference, bad inputs and the CLI."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_reference import build_small_hf_sam, build_small_sam, import_segment_anything
+
+torch = pytest.importorskip("torch")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from radsam_jax import load_checkpoint  # noqa: E402
+from radsam_jax.convert import cli  # noqa: E402
+from radsam_jax.convert.convert import ConversionError, StateDict, convert_checkpoint, map_state_dict  # noqa: E402
+from radsam_jax.convert.infer_arch import infer_config  # noqa: E402
+from radsam_jax.convert.key_maps import CONV, CONV_TRANSPOSE, KEY_MAPS, LINEAR  # noqa: E402
+from radsam_jax.model import abstract_variables, load_model_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flat_shapes(tree):
+    return {"/".join(k.key for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _in_memory(state: dict) -> StateDict:
+    return StateDict(Path("memory.pth"), "memory", list(state), lambda k: tuple(state[k].shape), lambda k: state[k].float().numpy())
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_conv_transpose_kernel_layout_matches_torch():
+    """PyTorch ConvTranspose2d (in, out, kh, kw) -> (kh, kw, out, in) + transpose_kernel=True is exact."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 4, 2, 2)).astype(np.float32)  # (in, out, kh, kw)
+    b = rng.normal(size=(4,)).astype(np.float32)
+    x = rng.normal(size=(2, 6, 5, 7)).astype(np.float32)  # NCHW, non-square
+    expected = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride=2).numpy()
+    layer = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True)
+    actual = layer.apply({"params": {"kernel": CONV_TRANSPOSE(w), "bias": b}}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(actual).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5)
+    # The naive reading without transpose_kernel is wrong, so the test would notice a layout slip.
+    naive = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID").apply(
+        {"params": {"kernel": w.transpose(2, 3, 0, 1), "bias": b}}, x.transpose(0, 2, 3, 1)
+    )
+    assert not np.allclose(np.asarray(naive).transpose(0, 3, 1, 2), expected, atol=1e-3)
+
+
+def test_conv_and_linear_layouts_match_torch():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)  # (out, in, kh, kw)
+    x = rng.normal(size=(1, 3, 8, 9)).astype(np.float32)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+    conv = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    actual = conv.apply({"params": {"kernel": CONV(w)}}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(actual).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5)
+    lw = rng.normal(size=(7, 4)).astype(np.float32)  # (out, in)
+    v = rng.normal(size=(2, 4)).astype(np.float32)
+    np.testing.assert_allclose(v @ LINEAR(lw), torch.nn.functional.linear(torch.from_numpy(v), torch.from_numpy(lw)).numpy(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- key maps
+
+
+@pytest.mark.parametrize("fmt", ["segment_anything", "hf"])
+def test_every_key_matches_exactly_one_rule_and_fills_the_model(fmt):
+    import re
+
+    ref = build_small_sam() if fmt == "segment_anything" else build_small_hf_sam()
+    state = ref.state_dict()
+    for key in state:
+        hits = [r.pattern for r in KEY_MAPS[fmt] if re.fullmatch(r.pattern, key)]
+        assert len(hits) == 1, f"{key} matches {hits}"
+    mapped = map_state_dict(_in_memory(state), fmt)
+    assert not mapped.unmatched and not mapped.problems
+    config = infer_config({k: v.shape for k, v in mapped.arrays.items()})
+    assert {k: v.shape for k, v in mapped.arrays.items()} == _flat_shapes(abstract_variables(config))
+
+
+def test_hf_tied_positional_embedding_copies_must_agree():
+    state = build_small_hf_sam().state_dict()
+    state["prompt_encoder.shared_embedding.positional_embedding"] = state["shared_image_embedding.positional_embedding"] + 1
+    mapped = map_state_dict(_in_memory(state), "hf")
+    assert any("tied copies" in p for p in mapped.problems)
+
+
+# --------------------------------------------------------------------------- architecture inference
+
+
+@pytest.mark.parametrize("preset", ["vit_b", "vit_l", "vit_h", "small"])
+def test_infer_config_recovers_presets(preset):
+    config = load_model_config(preset)
+    assert infer_config(_flat_shapes(abstract_variables(config))) == config
+
+
+def test_infer_config_sam_architecture_at_256():
+    """ViT-B widths trained at 256x256: window 14 over a 16x16 grid, global tables of length 31."""
+    import dataclasses
+
+    config = dataclasses.replace(load_model_config("vit_b"), name="custom", image_size=256)
+    inferred = infer_config(_flat_shapes(abstract_variables(config)))
+    assert inferred == config and inferred.window_size == 14 and inferred.global_attn_indexes == (2, 5, 8, 11)
+
+
+# --------------------------------------------------------------------------- conversion details
+
+
+@pytest.fixture(scope="module")
+def small_pth(tmp_path_factory):
+    sam = build_small_sam()
+    path = tmp_path_factory.mktemp("src") / "small.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def test_wrapped_state_dict_and_pixel_buffers(tmp_path, small_pth):
+    state = torch.load(small_pth, weights_only=True)
+    state = {f"module.{k}": v for k, v in state.items()}
+    state["module.pixel_mean"] = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+    state["module.pixel_std"] = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    src = tmp_path / "wrapped.pt"
+    torch.save({"model": state, "epoch": 3}, src)
+    model = convert_checkpoint(src, tmp_path / "out")
+    assert model.config.pixel_mean == (0.5, 0.5, 0.5)
+    assert model.config.pixel_std == load_model_config("vit_b").pixel_std
+    assert model.metadata["ignored_keys"]["pixel_mean"] == [0.5, 0.5, 0.5]
+
+
+def test_every_missing_and_unused_key_is_reported_together(tmp_path, small_pth):
+    state = torch.load(small_pth, weights_only=True)
+    del state["image_encoder.blocks.0.mlp.lin2.bias"], state["mask_decoder.iou_token.weight"]
+    state["image_encoder.extra_head.weight"] = torch.zeros(2, 2)
+    state["prompt_encoder.no_mask_embed.weight"] = torch.zeros(1, 64)  # wrong width
+    src = tmp_path / "broken.pth"
+    torch.save(state, src)
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(src, tmp_path / "out", model="auto")
+    message = str(info.value)
+    for needle in (
+        "image_encoder/blocks_0/mlp/lin2/bias",
+        "mask_decoder/iou_token",
+        "image_encoder.extra_head.weight (2, 2)",
+        "prompt_encoder.no_mask_embed.weight (1, 64)",
+        "expects (128,)",
+    ):
+        assert needle in message
+    assert "broken.pth" in message
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- bad inputs and the CLI
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "radsam_jax.convert.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+def _leftovers(directory: Path, name: str):
+    return [p for p in directory.iterdir() if p.name.startswith(f".{name}") or p.name == name]
+
+
+def _expect_cli_error(capsys, args, *needles):
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("radsam convert: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_cli_converts_small_model_with_model_auto(tmp_path, small_pth):
+    dst = tmp_path / "small_radsam"
+    result = _run_cli(small_pth, dst, "--model", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "converted" in result.stdout and "256x256" in result.stdout
+    header = json.loads((dst / "radsam.json").read_text())
+    assert header["model_config"]["image_size"] == 256 and header["model_config"]["window_size"] == 6
+    assert header["metadata"]["source_file"] == "small.pth"
+    assert header["metadata"]["source_sha256"] == hashlib.sha256(small_pth.read_bytes()).hexdigest()
+    assert header["metadata"]["source_format"] == "segment_anything"
+    assert load_checkpoint(dst).config.global_attn_indexes == (1, 3)
+
+
+def test_cli_truncated_checkpoint(tmp_path, small_pth):
+    src = tmp_path / "truncated.pth"
+    src.write_bytes(small_pth.read_bytes()[: small_pth.stat().st_size // 2])
+    result = _run_cli(src, tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.startswith("radsam convert: error: ") and "Traceback" not in result.stderr
+    assert "truncated.pth" in result.stderr and "truncated" in result.stderr.split("truncated.pth", 1)[1]
+    assert not _leftovers(tmp_path, "out")
+
+
+def test_cli_text_file(tmp_path, capsys):
+    src = tmp_path / "notes.pth"
+    src.write_text("this is not a checkpoint\n" * 10)
+    _expect_cli_error(capsys, [src, tmp_path / "out"], "notes.pth", "not a checkpoint")
+    assert not _leftovers(tmp_path, "out")
+    src = tmp_path / "notes.safetensors"
+    src.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    _expect_cli_error(capsys, [src, tmp_path / "out"], "notes.safetensors")
+
+
+def test_cli_missing_source(tmp_path, capsys):
+    _expect_cli_error(capsys, [tmp_path / "nope.pth", tmp_path / "out"], "nope.pth", "does not exist")
+
+
+def test_cli_existing_destination_is_refused_before_any_work(tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    _expect_cli_error(capsys, [tmp_path / "does_not_even_exist.pth", dst], str(dst), "already exists")
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_cli_vit_b_checkpoint_with_model_vit_l(tmp_path, capsys):
+    """A ViT-B state dict (real shapes, stride-0 storage so the file is tiny) converted as ViT-L."""
+    sam_model_registry, _ = import_segment_anything()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in sam_model_registry["vit_b"]().state_dict().items()}
+    src = tmp_path / "sam_vit_b.pth"
+    torch.save({k: torch.zeros(1).expand(s) for k, s in shapes.items()}, src)
+    err = _expect_cli_error(
+        capsys, [src, tmp_path / "out", "--model", "vit_l"],
+        "sam_vit_b.pth",
+        "first: mis-shaped: image_encoder.pos_embed (1, 64, 64, 768)",
+        "expects (1, 64, 64, 1024)",
+    )
+    assert "missing: params/image_encoder/blocks_12/" in err
+    assert not _leftovers(tmp_path, "out")

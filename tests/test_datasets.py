@@ -1,0 +1,101 @@
+"""Dataset layouts: AMOS, TotalSegmentator and generic readers on tiny fixtures, and the real data."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radsam_jax.data import datasets
+from data_fixtures import synthetic_case, write_amos, write_generic, write_totalsegmentator
+
+SHARED = Path(__file__).parents[2] / "shared"
+
+
+def test_amos_splits_and_modality(tmp_path):
+    root = write_amos(tmp_path / "amos")
+    train = datasets.read_cases("amos", root, "train")
+    assert [c.case_id for c in train] == ["amos_0001", "amos_0002", "amos_0003"]  # 501 is MRI
+    assert train[0].structures == {"organ": 1, "bone": 2} and train[0].modality == "CT"
+    mri = datasets.read_cases("amos", root, "train", modality="MRI")
+    assert [c.case_id for c in mri] == ["amos_0501"] and mri[0].modality == "MRI"
+    assert len(datasets.read_cases("amos", root, "train", modality="all")) == 4
+    assert [c.case_id for c in datasets.read_cases("amos", root, "val")] == ["amos_0004"]
+    with pytest.raises(ValueError, match="no AMOS cases"):
+        datasets.read_cases("amos", root, "val", modality="MRI")
+
+
+def test_amos_case_loads_canonical_with_aligned_labels(tmp_path):
+    root = write_amos(tmp_path / "amos")
+    case = datasets.read_cases("amos", root, "train")[1]  # amos_0002 is stored L,A,S
+    volume, labels = datasets.load_case(case)
+    assert volume.axcodes == ("R", "A", "S") and labels.shape == volume.array.shape
+    hu, lab = synthetic_case(2)
+    np.testing.assert_array_equal(labels, lab[::-1])  # flipped back to RAS
+    assert np.all(volume.array[labels == 2] > 500)
+
+
+def test_totalsegmentator_layout(tmp_path):
+    root = write_totalsegmentator(tmp_path / "ts")
+    train = datasets.read_cases("totalsegmentator", root, "train")
+    assert [c.case_id for c in train] == ["s0001", "s0002"]
+    assert train[0].structures == {"liver": 1, "vertebrae_L1": 2}
+    assert train[0].label_path is None and set(train[0].structure_paths) == {"liver", "vertebrae_L1"}
+    assert [c.case_id for c in datasets.read_cases("totalsegmentator", root, "test")] == ["s0004"]
+    volume, labels = datasets.load_case(train[0])
+    _, expected = synthetic_case(10)
+    np.testing.assert_array_equal(labels, expected)
+    with pytest.raises(ValueError, match="splits there"):
+        datasets.read_cases("totalsegmentator", root, "validation")
+
+
+def test_totalsegmentator_comma_meta_csv(tmp_path):
+    root = write_totalsegmentator(tmp_path / "ts", splits={"s0001": "train", "s0002": "val"}, delimiter=",")
+    assert [c.case_id for c in datasets.read_cases("totalsegmentator", root, "val")] == ["s0002"]
+
+
+def test_generic_layout_and_structure_filter(tmp_path):
+    root = write_generic(tmp_path / "gen")
+    cases = datasets.read_cases("generic", root, "train")
+    assert [c.case_id for c in cases] == ["a", "b"]  # no splits.json: every case in every split
+    one = datasets.read_cases("generic", root / "a", "all")
+    assert len(one) == 1 and one[0].image_path.endswith("ct.nii.gz")
+    kept = datasets.read_cases("generic", root, "all", structures=["bone"])
+    assert kept[0].structures == {"bone": 2}
+    with pytest.raises(ValueError, match=r"unknown structure.*'kidney'.*valid names: absent, bone, organ"):
+        datasets.read_cases("generic", root, "all", structures=["kidney"])
+    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}))
+    assert [c.case_id for c in datasets.read_cases("generic", root, "val")] == ["b"]
+
+
+def test_errors_for_empty_folders_and_misaligned_labels(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no cases"):
+        datasets.read_cases("generic", tmp_path / "empty", "all")
+    with pytest.raises(ValueError, match="no TotalSegmentator cases"):
+        datasets.read_cases("totalsegmentator", tmp_path / "empty", "all")
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        datasets.read_cases("amos", tmp_path / "empty", "train")
+    with pytest.raises(ValueError, match="unknown dataset format"):
+        datasets.read_cases("nnunet", tmp_path / "empty", "train")
+    root = write_generic(tmp_path / "gen", case_ids=("a",))
+    labels = np.asanyarray(nib.load(str(root / "a" / "labels.nii.gz")).dataobj)
+    far = np.diag([1.5, 1.5, 3.0, 1.0])
+    far[:3, 3] = 5000.0
+    nib.save(nib.Nifti1Image(labels, far), str(root / "a" / "labels.nii.gz"))
+    case = datasets.read_cases("generic", root, "all")[0]
+    with pytest.raises(ValueError, match="does not overlap"):
+        datasets.load_case(case)
+
+
+@pytest.mark.skipif(not (SHARED / "data").exists(), reason="shared/data not present")
+def test_real_generic_cases():
+    cases = datasets.read_cases("generic", SHARED / "data", "all", structures=["liver", "spleen"])
+    assert sorted(c.case_id for c in cases) == ["ct-abdomen-3mm", "ct-thorax-abdomen-dicom"]
+    dicom = next(c for c in cases if c.case_id == "ct-thorax-abdomen-dicom")
+    assert dicom.image_path.endswith("dicom")
+    volume, labels = datasets.load_case(dicom)
+    assert volume.axcodes == ("R", "A", "S")
+    liver = volume.array[labels == dicom.structures["liver"]]
+    assert abs(float(np.median(liver)) - 93) < 5

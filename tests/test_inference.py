@@ -1,0 +1,318 @@
+"""Volume inference: propagation bookkeeping (stub decoder, known answer), the real decoder path end
+to end against the per-slice loop, orientation handling, bucketing (compilation counts), bad input."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radsam_jax.inference import SliceFrame, VolumePredictor, bucket_size
+from radsam_jax.inference.propagation import EMPTY_LOGIT, box_from_mask, propagate_volume, single_prompt
+from radsam_jax.inference.reference import per_slice_loop
+from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks
+from radsam_jax.io import Volume
+from radsam_jax.model import ModelConfig, RadSam, init_variables
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(
+        name="tiny", image_size=64, patch_size=16, encoder_dim=32, encoder_depth=2, encoder_heads=2,
+        window_size=2, global_attn_indexes=(1,), prompt_embed_dim=32, mask_in_chans=8, decoder_depth=1,
+        decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_config()
+    return RadSam(config, init_variables(config, jax.random.key(0)))
+
+
+def synthetic_volume(shape=(40, 36, 20), affine=None, seed=0):
+    """A water-like background with a bright ellipsoid (slices 5..14) and noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    ball = ((x - 20) / 10.0) ** 2 + ((y - 16) / 8.0) ** 2 + ((z - 10) / 5.0) ** 2 <= 1.0
+    array = (rng.normal(0, 20, shape) + np.where(ball, 200.0, 0.0)).astype(np.float32)
+    return Volume(array, np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine, "synthetic")
+
+
+# ------------------------------------------------------------------------------------------------
+# Propagation with a stub decoder: a known answer
+# ------------------------------------------------------------------------------------------------
+
+M = 16  # stub mask size
+IMAGE = 64  # stub input size (4 input pixels per mask pixel)
+
+
+def _dilate(mask):
+    p = jnp.pad(mask, 1)
+    return jnp.maximum(jnp.maximum(jnp.maximum(p[1:-1, 1:-1], p[:-2, 1:-1]), jnp.maximum(p[2:, 1:-1], p[1:-1, :-2])), p[1:-1, 2:])
+
+
+def stub_decode(variables, embeddings, prompts):
+    """Answer = the object on this slice (embedding channel 0 at mask resolution) restricted to what
+    the prompt touches: the dilated mask prompt, the box, positive points (minus negative points)."""
+    obj = embeddings[0, :, :, 0] > 0  # (M, M): the stub's "embeddings" are already at mask size
+    yy, xx = jnp.mgrid[0:M, 0:M]
+    cx, cy = (xx + 0.5) * IMAGE / M, (yy + 0.5) * IMAGE / M
+    region = jnp.where(prompts.has_mask[0], _dilate(prompts.mask[0]) > 0, False)
+    b = prompts.box[0]
+    pad = IMAGE / M  # the stub tolerates one mask pixel of drift, like the dilated mask prompt
+    region |= prompts.has_box[0] & (cx >= b[0] - pad) & (cx <= b[2] + 1 + pad) & (cy >= b[1] - pad) & (cy <= b[3] + 1 + pad)
+    near = jnp.hypot(cx[None] - prompts.points[0, :, 0, None, None], cy[None] - prompts.points[0, :, 1, None, None]) < 6
+    lab = prompts.point_labels[0][:, None, None]
+    region |= jnp.any(near & (lab == 1), axis=0)
+    # A positive point grows the region to its whole connected blob on this slice (good enough: one blob per slice).
+    region = jnp.where(jnp.any(near & (lab == 1) & obj[None]), obj | region, region)
+    region &= ~jnp.any(near & (lab == 0), axis=0)
+    logits = jnp.where(obj & region, 5.0, -5.0)
+    iou = jnp.where(jnp.any(obj & region), 0.9, 0.1)
+    return jnp.broadcast_to(logits, (1, 4, M, M)), jnp.broadcast_to(iou, (1, 4))
+
+
+def stub_embeddings(num_slices=32):
+    """Object A: a square drifting by one pixel per slice on slices 8..20; object B on 24..28."""
+    e = np.zeros((num_slices, M, M, 1), np.float32) - 1
+    for k in range(8, 21):
+        s = (k - 8) // 3
+        e[k, 4 + s: 9 + s, 5: 10, 0] = 1
+    for k in range(24, 29):
+        e[k, 2:5, 10:14, 0] = 1
+    return jnp.asarray(e)
+
+
+def run_stub(emb, start, lo, hi, prompt, table=None, mode="mask", vanish_policy="stop"):
+    zp = emb.shape[0]
+    tp = np.zeros((zp, 4, 2), np.float32) if table is None else table[0]
+    tl = -np.ones((zp, 4), np.int32) if table is None else table[1]
+    logits, iou = propagate_volume(stub_decode, {}, emb, jnp.int32(start), jnp.int32(lo), jnp.int32(hi), prompt,
+                                   jnp.asarray(tp), jnp.asarray(tl), image_size=IMAGE, mode=mode, vanish_policy=vanish_policy)
+    return np.asarray(logits) > 0, np.asarray(iou)
+
+
+def point_prompt(x_px, y_px, label=1):
+    pts = np.zeros((4, 2), np.float32)
+    lab = -np.ones(4, np.int32)
+    pts[0], lab[0] = (x_px, y_px), label
+    return single_prompt(pts, lab, np.zeros(4), False, np.zeros((M, M)), False)
+
+
+@pytest.mark.parametrize("mode", ["mask", "box"])
+@pytest.mark.parametrize("vanish_policy", ["stop", "continue"])
+def test_stub_propagation_known_answer(mode, vanish_policy):
+    emb = stub_embeddings()
+    obj = np.asarray(emb[..., 0] > 0)
+    answer = obj.copy()
+    answer[21:] = False  # object B is not connected to A through the slices
+    # A positive point on slice 14 inside object A (mask pixel (7, 7) -> input pixels ~ (30, 30)).
+    masks, iou = run_stub(emb, 14, 2, 30, point_prompt(7.5 * 4, 7.5 * 4), mode=mode, vanish_policy=vanish_policy)
+    np.testing.assert_array_equal(masks, answer)
+    assert np.isnan(iou[:2]).all() and np.isnan(iou[31:]).all()  # outside the bounds
+    assert np.isfinite(iou[8:21]).all()
+    if vanish_policy == "stop":  # the decoder runs on the first empty slice (21, 7), then no more
+        assert np.isfinite(iou[[7, 21]]).all()
+        assert np.isnan(iou[22:31]).all() and np.isnan(iou[2:7]).all()
+    else:
+        assert np.isfinite(iou[2:31]).all()
+
+
+def test_stub_propagation_respects_bounds_and_corrections():
+    emb = stub_embeddings()
+    obj = np.asarray(emb[..., 0] > 0)
+    masks, _ = run_stub(emb, 14, 11, 17, point_prompt(30, 30))
+    expected = np.zeros_like(obj)
+    expected[11:18] = obj[11:18]
+    np.testing.assert_array_equal(masks, expected)
+
+    # A stored positive correction on slice 26 (object B) restarts propagation there: 26..28.
+    zp = emb.shape[0]
+    tp, tl = np.zeros((zp, 4, 2), np.float32), -np.ones((zp, 4), np.int32)
+    tp[26, 0], tl[26, 0] = (12.5 * 4, 3.5 * 4), 1
+    # A stored negative correction on slice 10 cuts the top-left corner of object A there.
+    tp[10, 0], tl[10, 0] = (5.5 * 4, 4.5 * 4), 0
+    masks, _ = run_stub(emb, 14, 0, 31, point_prompt(30, 30), table=(tp, tl))
+    assert masks[26:29].sum() == obj[26:29].sum() and not masks[24:26].any() and not masks[29:].any()
+    assert masks[10].sum() < obj[10].sum() and not masks[10, 4, 5]
+    np.testing.assert_array_equal(masks[11:21], obj[11:21])
+
+
+def test_box_from_mask():
+    mask = jnp.zeros((16, 16)).at[3:6, 7:9].set(1)
+    box, ok = box_from_mask(mask, 64)
+    assert bool(ok)
+    np.testing.assert_allclose(np.asarray(box), [28, 12, 35, 23])
+    _, ok = box_from_mask(jnp.zeros((16, 16)), 64)
+    assert not bool(ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Orientation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_slice_frame_matches_nibabel_canonical():
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(5, 7, 3))
+    for perm, s0, s1 in itertools.product([(0, 1), (1, 0)], [1, -1], [1, -1]):
+        affine = np.eye(4)
+        affine[:3, :3] = 0
+        affine[perm[0], 0], affine[perm[1], 1], affine[2, 2] = 2.0 * s0, 2.0 * s1, 3.0
+        frame = SliceFrame.from_affine(affine, array.shape)
+        canon = nib.as_closest_canonical(nib.Nifti1Image(array, affine)).get_fdata()
+        np.testing.assert_allclose(frame.to_canonical(array), canon)
+        np.testing.assert_allclose(frame.from_canonical(frame.to_canonical(array)), array)
+        # The voxel at file (x, y) lands at canonical points_to_canonical((x, y)).
+        x, y = 3, 5
+        cx, cy = frame.points_to_canonical([x, y]).astype(int)
+        assert frame.to_canonical(array)[cx, cy, 1] == array[x, y, 1]
+        np.testing.assert_allclose(frame.points_from_canonical([cx, cy]), [x, y])
+
+
+def test_slice_frame_rejects_non_axial_slice_axis():
+    affine = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # third axis points A
+    with pytest.raises(ValueError, match="third array axis.*points A"):
+        SliceFrame.from_affine(affine, (4, 4, 4))
+
+
+def test_predictor_is_orientation_invariant(tiny_model):
+    """The same anatomy stored transposed and flipped (L, P in-plane) gives the same mask, mapped back."""
+    vol = synthetic_volume()
+    # Stored file: array'[i, j, k] = array[n0-1-j', ...]: build from an affine that is (P, L, S).
+    stored = np.ascontiguousarray(np.flip(np.flip(np.swapaxes(vol.array, 0, 1), 0), 1))
+    n0, n1 = vol.array.shape[:2]
+    affine = np.zeros((4, 4))
+    affine[0, 1] = -1.5  # stored axis 1 runs R->L
+    affine[1, 0] = -1.5  # stored axis 0 runs A->P
+    affine[2, 2], affine[3, 3] = 3.0, 1.0
+    affine[0, 3], affine[1, 3] = 1.5 * (n0 - 1), 1.5 * (n1 - 1)
+    stored_vol = Volume(stored, affine, "stored")
+    assert "".join(nib.aff2axcodes(affine)) == "PLS"
+    p = VolumePredictor(tiny_model, bucket=32, vanish_policy="continue")
+    p.set_volume(vol)
+    r1 = p.segment(10, points=[[20, 16]], point_labels=[1], box=[12, 9, 28, 23], bounds=(4, 15))
+    p.set_volume(stored_vol)
+    # File point (x, y) = (20, 16) in RAS is at stored (n1-1-16, n0-1-20).
+    sx, sy = n1 - 1 - 16, n0 - 1 - 20
+    r2 = p.segment(10, points=[[sx, sy]], point_labels=[1], box=[n1 - 1 - 23, n0 - 1 - 28, n1 - 1 - 9, n0 - 1 - 12], bounds=(4, 15))
+    back = np.flip(np.flip(r2.mask, 0), 1).swapaxes(0, 1)
+    assert r1.mask.shape == vol.array.shape and r2.mask.shape == stored.shape
+    np.testing.assert_array_equal(back, r1.mask)
+    np.testing.assert_allclose(r1.iou, r2.iou, rtol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real decoder path, end to end
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("propagation", ["mask", "box"])
+def test_scan_matches_per_slice_loop(tiny_model, propagation):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, encoder_batch_size=4, bucket=16, vanish_policy="continue")
+    p.set_volume(vol)
+    result = p.segment(10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)
+    ref_logits, ref_iou, _ = per_slice_loop(p, 10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)
+    logits = np.asarray(result.logits)[: p.num_slices]
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(result.iou, ref_iou, atol=1e-4, equal_nan=True)
+    assert result.mask.dtype == np.uint8 and result.mask.shape == vol.array.shape
+    assert not result.mask[:, :, :3].any() and not result.mask[:, :, 18:].any()
+    assert np.isnan(result.iou[:3]).all() and np.isfinite(result.iou[3:18]).all()
+    # Only the slices in the bounds were encoded (lazily).
+    assert p._encoded[3:18].all() and not p._encoded[:3].any() and not p._encoded[18:].any()
+
+
+def test_edit_re_propagates_and_remembers(tiny_model):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, bucket=32, vanish_policy="continue")
+    p.set_volume(vol)
+    p.segment(10, box=[12, 9, 28, 23], bounds=(4, 15))
+    before = int(p._encoded.sum())
+    r1 = p.edit(12, [[20, 16]], [0])
+    assert int(p._encoded.sum()) == before  # edits never re-run the encoder
+    assert (p._state.table_labels[12] == 0).sum() == 1
+    r2 = p.edit(6, [[21, 15]], [1])
+    # Both corrections are stored; re-propagating from 6 passes 12 and re-applies its point.
+    assert (p._state.table_labels[12] == 0).sum() == 1 and (p._state.table_labels[6] == 1).sum() == 1
+    assert r2.mask.shape == vol.array.shape and r2.bounds == (4, 15)
+    assert not r1.mask[:, :, :4].any() and not r2.mask[:, :, 16:].any()
+
+
+def test_segment_slices_batched(tiny_model):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, bucket=8)
+    p.set_volume(vol)
+    prompts = {7: {"box": [12, 9, 28, 23]}, 10: {"points": [[20, 16]], "point_labels": [1]}, 12: {"box": [14, 10, 26, 22]}}
+    r = p.segment_slices(prompts)
+    assert np.isfinite(r.iou[[7, 10, 12]]).all() and np.isnan(np.delete(r.iou, [7, 10, 12])).all()
+    assert not np.delete(r.mask, [7, 10, 12], axis=2).any()
+    # Same answer as volume-level prompting restricted to that single slice.
+    single = p.segment(10, points=[[20, 16]], point_labels=[1], bounds=(10, 10))
+    np.testing.assert_array_equal(single.mask[:, :, 10], r.mask[:, :, 10])
+
+
+def test_bfloat16_runs(tiny_model):
+    p = VolumePredictor(tiny_model, dtype=jnp.bfloat16, bucket=32, encoder_batch_size=3)
+    p.set_volume(synthetic_volume())
+    r = p.segment(10, box=[12, 9, 28, 23], bounds=(6, 14))
+    assert p.embeddings.dtype == jnp.bfloat16
+    assert r.mask.shape == (40, 36, 20) and np.isfinite(r.iou[6:15]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Buckets: a new volume does not recompile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bucket_size():
+    assert bucket_size(1, 32) == 32 and bucket_size(32, 32) == 32 and bucket_size(33, 32) == 64
+    assert bucket_size(20, (16, 64, 128)) == 64 and bucket_size(200, (16, 64, 128)) == 256
+
+
+def test_new_volume_in_same_bucket_does_not_recompile(tiny_model):
+    p = VolumePredictor(tiny_model, bucket=32, encoder_batch_size=4)
+    p.set_volume(synthetic_volume((40, 36, 20), seed=1))
+    p.segment(10, box=[12, 9, 28, 23], bounds=(3, 17))
+    p.edit(12, [[20, 16]], [0])
+    counts = (propagate_volume._cache_size(), _encode_into._cache_size(), _logits_to_masks._cache_size())
+    # Another volume: different slice count (27), same bucket (32); other prompts, bounds, propagation.
+    p.set_volume(synthetic_volume((40, 36, 27), seed=2))
+    p.segment(20, points=[[5, 6], [30, 30]], point_labels=[1, 0], bounds=(0, 26))
+    p.edit(3, [[20, 16]], [1])
+    p.segment(13, box=[10, 10, 20, 20], bounds=(13, 13))
+    assert (propagate_volume._cache_size(), _encode_into._cache_size(), _logits_to_masks._cache_size()) == counts
+    # A slice count in the next bucket compiles the propagation once more (and only once).
+    p.set_volume(synthetic_volume((40, 36, 40), seed=3))
+    p.segment(20, box=[12, 9, 28, 23], bounds=(10, 30))
+    p.segment(25, box=[12, 9, 28, 23], bounds=(0, 39))
+    assert propagate_volume._cache_size() == counts[0] + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input through the Python API
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_prompts_raise_clear_errors(tiny_model):
+    p = VolumePredictor(tiny_model)
+    with pytest.raises(RuntimeError, match="set_volume"):
+        p.segment(3, box=[1, 1, 5, 5])
+    p.set_volume(synthetic_volume())
+    with pytest.raises(ValueError, match=r"point \(50, 3\) is outside the image"):
+        p.segment(10, points=[[50, 3]], point_labels=[1])
+    with pytest.raises(ValueError, match="slice 25 is outside the image"):
+        p.segment(25, box=[1, 1, 5, 5])
+    with pytest.raises(ValueError, match="slice 3 is outside the bounds 5..15"):
+        p.segment(3, box=[1, 1, 5, 5], bounds=(5, 15))
+    with pytest.raises(ValueError, match="lo=15 > hi=5"):
+        p.segment(10, box=[1, 1, 5, 5], bounds=(15, 5))
+    with pytest.raises(ValueError, match="needs a prompt"):
+        p.segment(10)
+    with pytest.raises(RuntimeError, match="call segment"):
+        p.edit(10, [[3, 3]], [1])
+    with pytest.raises(ValueError, match="3D"):
+        p.set_volume(Volume(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)))

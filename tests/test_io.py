@@ -1,0 +1,223 @@
+"""radsam_jax.io: NIfTI/DICOM reading, label alignment through world coordinates, atomic writing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radsam_jax import io
+
+SHARED = Path(__file__).parents[2] / "shared"
+DICOM_CASE = SHARED / "data" / "ct-thorax-abdomen-dicom"
+NIFTI_CASE = SHARED / "data" / "ct-abdomen-3mm"
+
+
+def _affine(spacing=(1.0, 2.0, 3.0), origin=(10.0, -20.0, 5.0)):
+    a = np.diag([*spacing, 1.0])
+    a[:3, 3] = origin
+    return a
+
+
+def _save(path, data, affine, slope=None, inter=None):
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def test_nifti_applies_scaling_and_keeps_voxel_order(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    path = _save(tmp_path / "ct.nii.gz", data, _affine(), slope=2.0, inter=-1024.0)
+    vol = io.load_volume(path)
+    assert vol.array.dtype == np.float32 and vol.array.shape == (4, 5, 6)
+    np.testing.assert_allclose(vol.array, data * 2.0 - 1024.0)
+    np.testing.assert_allclose(vol.affine, _affine())
+    assert vol.spacing == (1.0, 2.0, 3.0)
+    assert vol.path == str(path)
+
+
+def test_nifti_trailing_singleton_axis_is_squeezed(tmp_path):
+    path = _save(tmp_path / "ct.nii", np.zeros((3, 4, 5, 1), np.int16), _affine())
+    assert io.load_volume(path).array.shape == (3, 4, 5)
+
+
+def test_nifti_4d_and_2d_are_errors_naming_the_shape(tmp_path):
+    p4 = _save(tmp_path / "t.nii.gz", np.zeros((3, 4, 5, 2), np.int16), _affine())
+    with pytest.raises(ValueError, match=r"\(3, 4, 5, 2\)"):
+        io.load_volume(p4)
+    p2 = _save(tmp_path / "s.nii.gz", np.zeros((3, 4), np.int16), np.eye(4))
+    with pytest.raises(ValueError, match="2D"):
+        io.load_volume(p2)
+    with pytest.raises(ValueError, match=r"\(3, 4, 5, 2\)"):
+        io.load_label_map(p4, io.Volume(np.zeros((3, 4, 5), np.float32), _affine()))
+
+
+def test_missing_unknown_and_empty_paths(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        io.load_volume(tmp_path / "nope.nii.gz")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(ValueError, match="not a NIfTI"):
+        io.load_volume(txt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no dicom here")
+    with pytest.raises(ValueError, match="no DICOM"):
+        io.load_volume(empty)
+
+
+# --------------------------------------------------------------------------- label alignment
+
+
+def _world(affine, idx):
+    return (affine @ np.append(idx, 1.0))[:3]
+
+
+def test_label_identical_grid_is_returned_as_is(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 4, (6, 7, 8)).astype(np.uint8)
+    path = _save(tmp_path / "lab.nii.gz", labels, _affine())
+    like = io.Volume(np.zeros((6, 7, 8), np.float32), _affine())
+    out = io.load_label_map(path, like)
+    np.testing.assert_array_equal(out, labels)
+
+
+def test_label_stored_in_another_orientation_aligns_through_world(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, (6, 7, 8)).astype(np.uint8)
+    img_affine = _affine()
+    like = io.Volume(np.zeros((6, 7, 8), np.float32), img_affine)
+    # Store the labels flipped along x and with axes 0/1 swapped, with the matching affine.
+    flipped = labels[::-1]
+    flip_aff = img_affine @ np.array([[-1, 0, 0, 5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    swapped = flipped.transpose(1, 0, 2)
+    swap_aff = flip_aff[:, [1, 0, 2, 3]]
+    path = _save(tmp_path / "lab.nii.gz", swapped, swap_aff)
+    out = io.load_label_map(path, like)
+    np.testing.assert_array_equal(out, labels)
+    # The general (non-permutation) nearest-neighbour path agrees.
+    general, inside = io.resample_labels(swapped, swap_aff + np.diag([0, 0, 1e-7, 0]), (6, 7, 8), img_affine)
+    np.testing.assert_array_equal(general, labels)
+    assert inside == 1.0
+
+
+def test_label_on_coarser_grid_nearest_neighbour(tmp_path):
+    # A 2x coarser label grid covering the same space: each image voxel takes its label voxel.
+    coarse = np.arange(3 * 3 * 3, dtype=np.uint8).reshape(3, 3, 3) + 1
+    aff_img = np.eye(4)
+    aff_lab = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff_lab[:3, 3] = 0.4  # avoid exact half-voxel ties
+    path = _save(tmp_path / "lab.nii.gz", coarse, aff_lab)
+    like = io.Volume(np.zeros((6, 6, 6), np.float32), aff_img)
+    out = io.load_label_map(path, like)
+    for idx in [(0, 0, 0), (5, 5, 5), (2, 3, 4), (1, 4, 0)]:
+        src = np.rint(np.linalg.inv(aff_lab) @ np.append(idx, 1.0))[:3].astype(int)
+        assert out[idx] == coarse[tuple(np.clip(src, 0, 2))]
+
+
+def test_label_without_overlap_is_an_error_naming_both(tmp_path):
+    path = _save(tmp_path / "lab.nii.gz", np.ones((4, 4, 4), np.uint8), _affine(origin=(1000, 0, 0)))
+    like = io.Volume(np.zeros((5, 5, 5), np.float32), _affine(), path="img.nii.gz")
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*does not overlap.*img\.nii\.gz.*\(5, 5, 5\)"):
+        io.load_label_map(path, like)
+
+
+# --------------------------------------------------------------------------- reorientation and saving
+
+
+def test_to_canonical_preserves_world_coordinates():
+    rng = np.random.default_rng(2)
+    arr = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    aff = np.array([[0, -2, 0, 30], [1.5, 0, 0, -7], [0, 0, -3, 12], [0, 0, 0, 1]], float)  # axes P? L? I
+    vol = io.Volume(arr, aff, "x")
+    can = io.to_canonical(vol)
+    assert can.axcodes == ("R", "A", "S")
+    # The same world point holds the same value.
+    for idx in [(0, 0, 0), (3, 4, 5), (1, 2, 3)]:
+        w = _world(aff, idx)
+        j = np.rint(np.linalg.inv(can.affine) @ np.append(w, 1))[:3].astype(int)
+        assert can.array[tuple(j)] == arr[idx]
+    labels = (arr > 0).astype(np.uint8)
+    np.testing.assert_array_equal(io.reorient_labels_like(labels, vol), (can.array > 0).astype(np.uint8))
+
+
+def test_save_label_map_round_trip_and_atomic(tmp_path):
+    like = io.Volume(np.zeros((4, 5, 6), np.float32), _affine())
+    labels = np.zeros((4, 5, 6), np.int64)
+    labels[1, 2, 3] = 7
+    out = io.save_label_map(tmp_path / "sub" / "seg.nii.gz", labels, like)
+    img = nib.load(str(out))
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, like.affine)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), labels)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["seg.nii.gz"]  # no temp file left
+    labels[0, 0, 0] = 300
+    io.save_label_map(tmp_path / "big.nii", labels, like)
+    assert nib.load(str(tmp_path / "big.nii")).get_data_dtype() == np.uint16
+    with pytest.raises(ValueError, match=r"\.nii or \.nii\.gz"):
+        io.save_label_map(tmp_path / "seg.png", labels, like)
+    with pytest.raises(ValueError, match="shape"):
+        io.save_label_map(tmp_path / "seg.nii", labels[:2], like)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not DICOM_CASE.exists(), reason="shared/data not present")
+def test_real_dicom_series_aligns_with_its_labels():
+    vol = io.load_volume(DICOM_CASE / "dicom")
+    assert vol.array.shape == (512, 512, 20)
+    np.testing.assert_allclose(vol.spacing, (0.9765625, 0.9765625, 2.0))
+    assert vol.axcodes == ("L", "P", "S")  # DICOM pixel grid: columns go to patient left, rows posterior
+    labels = io.load_label_map(DICOM_CASE / "labels.nii.gz", vol)
+    names = {n: int(k) for k, n in json.loads((DICOM_CASE / "labels.json").read_text())["label_map"].items()}
+    liver = vol.array[labels == names["liver"]]
+    spleen = vol.array[labels == names["spleen"]]
+    t12 = vol.array[labels == names["vertebrae_T12"]]
+    assert abs(liver.mean() - 89) < 5 and abs(np.median(liver) - 93) < 5
+    assert abs(spleen.mean() - 80) < 5
+    assert abs(np.median(t12) - 206) < 10
+    # The check would catch a wrong alignment: reading the label pixels as stored gives ~-75.
+    raw, _ = io.read_label_array(DICOM_CASE / "labels.nii.gz")
+    assert vol.array[raw == names["liver"]].mean() < 0
+
+
+@pytest.mark.skipif(not DICOM_CASE.exists(), reason="shared/data not present")
+def test_dicom_mixed_orientation_is_an_error(tmp_path):
+    import pydicom
+
+    files = sorted((DICOM_CASE / "dicom").iterdir())[:3]
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(str(f))
+        if i == 1:
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.save_as(str(tmp_path / f"im{i}.dcm"))
+    with pytest.raises(ValueError, match="inconsistent ImageOrientationPatient"):
+        io.load_volume(tmp_path)
+    with pytest.raises(ValueError, match="single DICOM file"):
+        io.load_volume(tmp_path / "im0.dcm")
+
+
+@pytest.mark.skipif(not DICOM_CASE.exists(), reason="shared/data not present")
+def test_dicom_slices_sorted_by_position_not_name(tmp_path):
+    import pydicom
+
+    files = sorted((DICOM_CASE / "dicom").iterdir())[:4]
+    zs = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(str(f))
+        zs.append(float(ds.ImagePositionPatient[2]))
+        shutil.copy(f, tmp_path / f"{i:02d}.dcm")
+    vol = io.load_volume(tmp_path)
+    # Reading back the slice whose position is lowest must give slice 0.
+    lowest = int(np.argmin(zs))
+    ds = pydicom.dcmread(str(files[lowest]))
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(vol.array[:, :, 0], hu.T)
+    assert vol.affine[2, 2] > 0 and np.isclose(vol.affine[2, 3], min(zs))

@@ -1,0 +1,119 @@
+"""Model-level checks that need no PyTorch: sizes, attention paths, one compiled decoder for all prompts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from radsam_jax.model import ModelConfig, RadSam, abstract_variables, init_variables, load_model_config
+from radsam_jax.model.image_encoder import ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_with_rel_pos
+from radsam_jax.model.sam import _decode
+from radsam_jax.prompts import make_prompts
+
+TINY = ModelConfig(
+    name="tiny", image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
+    global_attn_indexes=(1,), prompt_embed_dim=32, decoder_mlp_dim=64, decoder_heads=2, iou_head_hidden_dim=32,
+)
+
+
+def n_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "name, encoder_params",
+    [("vit_b", 89_670_912), ("vit_l", 308_278_272), ("vit_h", 637_026_048)],
+)
+def test_preset_sizes_match_sam(name, encoder_params):
+    variables = abstract_variables(load_model_config(name))
+    assert n_params(variables["params"]["image_encoder"]) == encoder_params
+    decoder = n_params(variables["params"]["prompt_encoder"]) + n_params(variables["params"]["mask_decoder"])
+    assert 4.0e6 < decoder < 4.1e6  # sam-port-notes: about 4.06 M
+
+
+@pytest.mark.parametrize("grid, window_padding", [((14, 14), False), ((40, 40), False), ((64, 64), False)])
+def test_attention_implementations_agree(grid, window_padding):
+    h, w = grid
+    rng = np.random.default_rng(h)
+    b, n, hd = 1, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h * w, hd)), jnp.float32) for _ in range(3))
+    rel_h = jnp.asarray(rng.normal(size=(h, h, hd)) * 0.3, jnp.float32)
+    rel_w = jnp.asarray(rng.normal(size=(w, w, hd)) * 0.3, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        reference = attention_materialized(q, k, v, rel_h, rel_w, grid, hd**-0.5)
+        for implementation in ATTENTION_IMPLEMENTATIONS:
+            out = attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, hd**-0.5, implementation)
+            rel = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
+            print(f"attention {implementation} on {grid}: relative error {rel:.2e}")
+            assert rel < 1e-5
+
+
+def test_attention_rejects_unknown_implementation():
+    x = jnp.zeros((1, 1, 4, 2))
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        attention_with_rel_pos(x, x, x, jnp.zeros((2, 2, 2)), jnp.zeros((2, 2, 2)), (2, 2), 1.0, "flash")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return RadSam(TINY, jax.jit(lambda r: init_variables(TINY, r))(jax.random.key(0)))
+
+
+def test_one_compiled_decoder_serves_every_prompt_combination(tiny_model):
+    m = tiny_model
+    s = TINY.mask_size
+    embeddings = m.encode_image(np.random.default_rng(0).normal(size=(2, 64, 64, 3)))
+    pts = np.array([[[10, 12], [30, 40]], [[5, 6], [50, 20]]], np.float32)
+    labels = np.array([[1, 0], [1, -1]])
+    box = np.array([[4, 4, 40, 40], [10, 10, 60, 50]], np.float32)
+    mask = (np.random.default_rng(1).random((2, s, s)) > 0.5).astype(np.float32)
+    combos = {
+        "point": dict(points=pts, point_labels=labels),
+        "box": dict(box=box),
+        "box+points": dict(points=pts, point_labels=labels, box=box),
+        "mask": dict(mask=mask),
+        "mask+points": dict(points=pts, point_labels=labels, mask=mask),
+        "nothing": dict(),
+    }
+    before = _decode._cache_size()
+    outputs = {}
+    for name, kwargs in combos.items():
+        prompts = make_prompts(2, s, num_points=4, **kwargs)
+        logits, iou = m.decode(embeddings, prompts)
+        assert logits.shape == (2, 4, s, s) and iou.shape == (2, 4)
+        outputs[name] = np.asarray(logits)
+    assert _decode._cache_size() - before == 1
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not np.allclose(outputs[a], outputs[b]), f"{a} and {b} gave the same masks"
+
+
+def test_padding_points_switch_off_when_no_point_is_given(tiny_model):
+    """All labels -1 is SAM with points=None: the point slots must not change the output."""
+    m = tiny_model
+    embeddings = m.encode_image(np.zeros((1, 64, 64, 3)))
+    box = np.array([[4, 4, 40, 40]], np.float32)
+    a = m.decode(embeddings, make_prompts(1, TINY.mask_size, box=box, num_points=1))[0]
+    b = m.decode(embeddings, make_prompts(1, TINY.mask_size, box=box, num_points=7))[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(points=np.zeros((1, 2)), point_labels=np.ones((1, 2))), r"points must have shape \(B=1, N, 2\)"),
+        (dict(points=np.zeros((1, 2, 2)), point_labels=np.array([[1, 2]])), "point_labels must be 1, 0 or -1; got 2"),
+        (dict(points=np.zeros((1, 2, 2))), "points given without point_labels"),
+        (dict(box=np.zeros((1, 3))), r"box must have shape \(B=1, 4\)"),
+        (dict(mask=np.zeros((1, 8, 8))), r"mask must have shape \(B=1, 16, 16\)"),
+    ],
+)
+def test_bad_prompts_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_prompts(1, 16, **kwargs)
+
+
+def test_encode_image_checks_shape(tiny_model):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 64, 64, 3\), got \(1, 32, 32, 3\)"):
+        tiny_model.encode_image(np.zeros((1, 32, 32, 3)))

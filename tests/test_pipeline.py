@@ -1,0 +1,208 @@
+"""Grain pipeline: batch format, determinism, state save/restore, sharding, workers, validation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radsam_jax.data import pipeline
+from radsam_jax.model.config import ModelConfig
+from data_fixtures import write_amos, write_generic
+
+SHARED = Path(__file__).parents[2] / "shared"
+MODEL = ModelConfig(image_size=64)  # mask prompt 16 x 16
+S, M = 64, 16
+
+
+@pytest.fixture(scope="module")
+def amos_root(tmp_path_factory):
+    return write_amos(tmp_path_factory.mktemp("amos"))
+
+
+def _config(root, **overrides):
+    c = pipeline.default_data_config()
+    c.format = "amos"
+    c.root = str(root)
+    c.min_area = 4
+    c.read_threads = 1
+    c.prefetch_buffer_size = 1
+    c.include_sample_ids = True
+    c.prompts.num_points = 3
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_equal_batches(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_default_config_has_a_comment_per_field():
+    source = Path(pipeline.__file__).read_text()
+    body = source[source.index("def default_data_config"): source.index("return c\n")]
+    for line in body.splitlines():
+        if line.strip().startswith("c.") and "= ml_collections.ConfigDict()" not in line and "ConfigDict(" not in line:
+            assert "#" in line, f"config field without a comment: {line.strip()}"
+
+
+def test_batch_format_and_prompt_invariants(amos_root):
+    it = pipeline.make_data_iterator(_config(amos_root), MODEL, split="train", batch_size=4, seed=0,
+                                     shard_index=0, shard_count=1)
+    batches = _take(it, 4)
+    b = batches[0]
+    expected = {"image": ((4, S, S, 3), np.float32), "target": ((4, S, S), np.uint8),
+                "points": ((4, 3, 2), np.float32), "point_labels": ((4, 3), np.int32),
+                "box": ((4, 4), np.float32), "has_box": ((4,), np.bool_),
+                "mask": ((4, M, M), np.float32), "has_mask": ((4,), np.bool_), "sample_id": ((4,), np.int64)}
+    assert set(b) == set(expected)
+    for k, (shape, dtype) in expected.items():
+        assert b[k].shape == shape and b[k].dtype == dtype, k
+    for b in batches:
+        assert b["target"].reshape(4, -1).max(axis=1).min() == 1  # every sample holds its object
+        assert set(np.unique(b["mask"])) <= {0.0, 1.0}
+        assert set(np.unique(b["point_labels"])) <= {-1, 0, 1}
+        for i in range(4):
+            has_prompt = b["has_box"][i] or b["has_mask"][i] or (b["point_labels"][i] >= 0).any()
+            assert has_prompt
+            for (x, y), lab in zip(b["points"][i], b["point_labels"][i]):
+                if lab == 1 and not b["has_mask"][i]:  # a plain positive point lies on the object
+                    assert b["target"][i, int(y), int(x)] == 1
+            if b["has_box"][i]:
+                x0, y0, x1, y1 = b["box"][i]
+                assert 0 <= x0 <= x1 <= S - 1 and 0 <= y0 <= y1 <= S - 1
+            if not b["has_mask"][i]:
+                assert not b["mask"][i].any()
+
+
+def test_same_seed_same_batches_and_state_restore(amos_root):
+    cfg = _config(amos_root)
+    kwargs = dict(split="train", batch_size=2, shard_index=0, shard_count=1)
+    a = _take(pipeline.make_data_iterator(cfg, MODEL, seed=3, **kwargs), 3)
+    it = pipeline.make_data_iterator(cfg, MODEL, seed=3, **kwargs)
+    b = _take(it, 3)
+    for x, y in zip(a, b):
+        _assert_equal_batches(x, y)
+    c = next(pipeline.make_data_iterator(cfg, MODEL, seed=4, **kwargs))
+    assert not np.array_equal(a[0]["image"], c["image"]) or not np.array_equal(a[0]["sample_id"], c["sample_id"])
+    # Save the state after 3 batches; a fresh iterator restored from it continues identically.
+    state = it.get_state()
+    expected = _take(it, 2)
+    restored = pipeline.make_data_iterator(cfg, MODEL, seed=3, **kwargs)
+    restored.set_state(state)
+    for x, y in zip(expected, _take(restored, 2)):
+        _assert_equal_batches(x, y)
+
+
+def test_shards_are_disjoint_and_epochs_cover_the_shard(amos_root):
+    cfg = _config(amos_root, augment=dict(_config(amos_root).augment.to_dict(), enabled=False))
+    cfg.prompts.mixture = dict(point=0.0, box=1.0, mask=0.0, mask_points=0.0, box_mask=0.0)
+    _, index = pipeline.load_split(cfg, "train")
+    n = len(index)
+    seen = []
+    for shard in range(2):
+        it = pipeline.make_data_iterator(cfg, MODEL, split="train", batch_size=1, seed=0, shard_index=shard,
+                                         shard_count=2, num_epochs=1)
+        seen.append([int(b["sample_id"][0]) for b in it])
+    assert len(seen[0]) == len(seen[1]) == n // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0])) == n // 2  # one epoch visits each sample of the shard once
+    # Two epochs: the second is a different permutation of the same samples.
+    it = pipeline.make_data_iterator(cfg, MODEL, split="train", batch_size=1, seed=0, shard_index=0,
+                                     shard_count=2, num_epochs=2)
+    ids = [int(b["sample_id"][0]) for b in it]
+    assert sorted(ids[: n // 2]) == sorted(ids[n // 2:]) and ids[: n // 2] != ids[n // 2:]
+
+
+def test_block_shuffle_keeps_cases_together():
+    cases = np.repeat(np.arange(6), 10)
+    order = pipeline.EpochOrder(np.arange(60), cases, seed=0, num_epochs=1, shuffle=True, cases_per_block=2)
+    got = cases[order.epoch_order(0)]
+    for b in range(3):  # each block of 20 samples comes from 2 cases
+        assert len(set(got[b * 20: (b + 1) * 20])) == 2
+
+
+def test_two_workers_match_in_process(amos_root):
+    cfg = _config(amos_root)
+    kwargs = dict(split="train", batch_size=2, seed=1, shard_index=0, shard_count=1)
+    local = _take(pipeline.make_data_iterator(cfg, MODEL, **kwargs), 3)
+    cfg.num_workers = 2
+    it = pipeline.make_data_iterator(cfg, MODEL, **kwargs)
+    workers = _take(it, 3)
+    for x, y in zip(local, workers):
+        _assert_equal_batches(x, y)
+    # Restoring a saved state rewinds the worker pipeline (one iterator: spawning workers is slow).
+    state = it.get_state()
+    nxt = next(it)
+    next(it)
+    it.set_state(state)
+    _assert_equal_batches(nxt, next(it))
+
+
+def test_numpy_preprocessing_matches_jax():
+    from radsam_jax import preprocess
+
+    hu = np.random.default_rng(0).normal(0, 300, (50, 37)).astype(np.float32)
+    for config in (MODEL, ModelConfig(image_size=64, preprocessing="medsam")):
+        spec = pipeline.InputSpec.from_model_config(config)
+        expected = np.asarray(preprocess.preprocess_ct_slices(hu[None], config, (40.0, 400.0)))[0]
+        np.testing.assert_allclose(pipeline.preprocess_slice(hu, spec, 40.0, 400.0), expected, atol=1e-4)
+
+
+def test_validation_slices_are_deterministic_and_padded(tmp_path):
+    root = write_generic(tmp_path / "gen")
+    cfg = _config(root, format="generic", val_max_samples=5)
+    a = list(pipeline.iterate_slices(cfg, MODEL, split="val", batch_size=2))
+    b = list(pipeline.iterate_slices(cfg, MODEL, split="val", batch_size=2))
+    assert len(a) == 3 and a[-1]["valid"].tolist() == [True, False]
+    for x, y in zip(a, b):
+        _assert_equal_batches(x, y)
+    assert all(x["has_box"].all() and not x["has_mask"].any() for x in a)
+    # A tight box: exactly the target's bounding box.
+    t = a[0]["target"][0]
+    ys, xs = np.nonzero(t)
+    np.testing.assert_array_equal(a[0]["box"][0], [xs.min(), ys.min(), xs.max(), ys.max()])
+
+
+@pytest.mark.skipif(not (SHARED / "data").exists(), reason="shared/data not present")
+def test_real_data_train_on_nifti_validate_on_dicom():
+    cfg = pipeline.default_data_config()
+    cfg.format = "generic"
+    cfg.root = str(SHARED / "data" / "ct-abdomen-3mm")
+    cfg.val_root = str(SHARED / "data" / "ct-thorax-abdomen-dicom")
+    cfg.structures = ("liver", "spleen")
+    cfg.read_threads = 1
+    cfg.prefetch_buffer_size = 1
+    batch = next(pipeline.make_data_iterator(cfg, MODEL, split="train", batch_size=2, seed=0,
+                                             shard_index=0, shard_count=1))
+    assert batch["image"].shape == (2, S, S, 3) and batch["target"].any(axis=(1, 2)).all()
+    val = next(pipeline.iterate_slices(cfg, MODEL, split="val", batch_size=2, max_samples=4))
+    assert val["image"].shape == (2, S, S, 3) and val["valid"].all()
+
+
+def test_augment_keeps_image_and_label_aligned():
+    from radsam_jax.data import augment
+
+    yy, xx = np.mgrid[0:60, 0:80]
+    label = (((yy - 30) / 12.0) ** 2 + ((xx - 35) / 20.0) ** 2 <= 1).astype(np.uint8)
+    hu = np.where(label == 1, 500.0, -1000.0).astype(np.float32)
+    cfg = augment.AugmentConfig(probability=1.0, noise_std_hu=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out_hu, out_label, drawn = augment.augment_slice(hu, label, rng, cfg)
+        assert abs(drawn["rotation_deg"]) <= cfg.rotation_deg and abs(drawn["shear_deg"]) <= cfg.shear_deg
+        assert 1 - cfg.zoom <= drawn["zoom"] <= 1 + cfg.zoom
+        assert out_label.dtype == label.dtype and set(np.unique(out_label)) <= {0, 1}
+        inside = out_hu[out_label == 1]
+        assert inside.size and np.mean(inside > 0) > 0.95  # the label still covers the bright object
+    identity = augment.AugmentConfig(probability=1.0, rotation_deg=0, shear_deg=0, zoom=0, translation=0, noise_std_hu=0)
+    out_hu, out_label, _ = augment.augment_slice(hu, label, rng, identity)
+    np.testing.assert_allclose(out_hu, hu, atol=1e-3)
+    np.testing.assert_array_equal(out_label, label)
+    level, width = augment.jitter_window(40.0, 400.0, 20.0, 0.2, rng)
+    assert 20 <= level <= 60 and 320 <= width <= 480
