@@ -19,9 +19,11 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from radsam_jax.checkpoint import expected_shapes, load_checkpoint, save_model
+from radsam_jax.checkpoint import expected_shapes, save_model
 from radsam_jax.model.config import ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config
@@ -186,7 +188,7 @@ def _hf_decoder_heads(path: Path) -> Optional[int]:
 
 @dataclasses.dataclass
 class MappedWeights:
-    arrays: dict[str, np.ndarray]  # Flax path -> array in Flax layout
+    arrays: dict[str, jax.Array]  # Flax path -> float32 array in Flax layout
     sources: dict[str, list[str]]  # Flax path -> the PyTorch key(s) it came from
     unmatched: list[str]  # PyTorch keys no rule matched
     ignored: dict[str, list]  # ignored PyTorch key -> its values (e.g. pixel_mean)
@@ -213,7 +215,8 @@ def map_state_dict(state: StateDict, fmt: str) -> MappedWeights:
             continue
         target = rule.target_for(match)
         try:
-            value = np.ascontiguousarray(rule.transform(state.load(key)), dtype=np.float32)
+            # Straight into a JAX array: one copy per tensor, and Orbax then saves it without another.
+            value = jnp.asarray(rule.transform(state.load(key)), dtype=jnp.float32)
         except ValueError as e:
             problems.append(f"{key} {state.shape(key)}: {e}")
             continue
@@ -239,7 +242,7 @@ def map_state_dict(state: StateDict, fmt: str) -> MappedWeights:
         if len(shapes) > 1:
             problems.append(f"{base}: {', '.join(keys)} have different shapes {sorted(shapes)}")
             continue
-        arrays[base] = np.stack([slots[i][1] for i in range(len(slots))])
+        arrays[base] = jnp.stack([slots[i][1] for i in range(len(slots))])
         sources[base] = keys
 
     # Hugging Face MLPs name their last layer proj_out: it follows the numbered ones.
@@ -254,7 +257,7 @@ def map_state_dict(state: StateDict, fmt: str) -> MappedWeights:
     return MappedWeights(arrays, dict(sources), unmatched, ignored, problems)
 
 
-def _unflatten(arrays: dict[str, np.ndarray]) -> dict:
+def _unflatten(arrays: dict[str, jax.Array]) -> dict:
     tree: dict = {}
     for path, value in arrays.items():
         node = tree
@@ -339,9 +342,10 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto") -> R
         }
         if mapped.ignored:
             metadata["ignored_keys"] = mapped.ignored
-        save_model(dst, config, _unflatten(mapped.arrays), metadata)
-    del mapped
-    return load_checkpoint(dst)
+        variables = _unflatten(mapped.arrays)
+        del mapped
+        save_model(dst, config, variables, metadata)
+    return RadSam(config, variables, metadata=metadata)
 
 
 def _with_preprocessing_buffers(config: ModelConfig, ignored: dict[str, list]) -> ModelConfig:

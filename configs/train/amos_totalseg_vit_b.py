@@ -1,9 +1,8 @@
 """Joint RadSAM training on AMOS + TotalSegmentator, two datasets mixed in every epoch.
 
-The data pipeline reads one dataset per data config; the mixture is `data_mixture`: a list of
-(name, weight) pairs naming the `datasets` entries below. STATUS: the pipeline
-(radsam_jax.data.pipeline.make_data_iterator) does not yet mix datasets; until it does,
-`radsam train` reports that clearly instead of silently training on one of them.
+Each dataset has its own data-pipeline config under `datasets`; `data_mixture` gives (name, weight)
+pairs, and every training batch is drawn from one dataset with those probabilities
+(radsam_jax.train.mixture.MixedIterator, checkpointed with the model). Validation uses `data` (AMOS).
 """
 
 import ml_collections

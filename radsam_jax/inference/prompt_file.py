@@ -1,4 +1,4 @@
-"""Prompts for `radsam segment` / `segment-batch`: the `--prompts` JSON file and the command-line form.
+r"""Prompts for `radsam segment` / `segment-batch`: the `--prompts` JSON file and the command-line form.
 
 Schema of a prompts file (a bare list is taken as "objects"):
 

@@ -72,7 +72,14 @@ def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, 
         from radsam_jax.data.pipeline import make_data_iterator
 
         return make_data_iterator(config.data, model_config, **kwargs)
-    raise ValueError(f"data_source must be 'pipeline' or 'synthetic', got {config.data_source!r}")
+    if config.data_source == "mixture" and split == "train":
+        from radsam_jax.data.pipeline import make_data_iterator
+        from radsam_jax.train.mixture import MixedIterator
+
+        weights = dict(config.data_mixture)
+        iterators = {name: make_data_iterator(config.datasets[name], model_config, **kwargs) for name in weights}
+        return MixedIterator(iterators, weights, seed)
+    raise ValueError(f"data_source must be 'pipeline', 'mixture' or 'synthetic', got {config.data_source!r}")
 
 
 class MetricWriter:
@@ -110,7 +117,7 @@ class MetricWriter:
 def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
     """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (this process's
     share); weight 0 marks padding rows of the last batch. Same slices and prompts at every call."""
-    if config.data_source == "pipeline":
+    if config.data_source in ("pipeline", "mixture"):  # a mixture validates on `config.data`
         from radsam_jax.data.pipeline import iterate_slices
 
         max_samples = config.eval.max_batches * batch_size if config.eval.max_batches > 0 else None

@@ -1,0 +1,117 @@
+"""Training throughput: images/s of the `small` config on this machine's CPU, and the compiled
+ViT-B (1024 px, batch 2) train step's FLOPs from XLA's cost analysis (lowered with abstract
+ShapeDtypeStructs, never run).
+
+    python benchmarks/train_throughput.py [--steps 10] [--batch 4] [--out benchmarks/results/train_throughput.md]
+
+The small config runs `--steps` timed steps after one warm-up (compile) step on synthetic batches;
+ViT-B is only lowered and compiled. Prints a Markdown table and writes it to --out.
+"""
+
+import argparse
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import numpy as np
+import optax
+
+from radsam_jax.model import load_model_config, init_variables
+from radsam_jax.train import optimizer as optimizer_lib
+from radsam_jax.train.config_lib import base_config
+from radsam_jax.train.state import TrainState
+from radsam_jax.train.synthetic import make_synthetic_iterator
+from radsam_jax.train.train_step import BATCH_DTYPES, create_sharded_state, make_mesh, make_train_step, to_global_batch
+
+
+def small_images_per_s(steps: int, batch: int, precision: str) -> dict:
+    config = base_config()
+    config.model.name = "small"
+    config.precision = precision
+    config.batch_size = batch
+    mc = load_model_config("small")
+    mesh = make_mesh()
+    params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
+    tx = optimizer_lib.make_optimizer(config.optim, params, 1)
+    state = create_sharded_state(mc, config, tx, mesh)
+    step = make_train_step(mc, config, tx, mesh)
+    it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=4 * batch)
+    batches = [to_global_batch(next(it), mesh) for _ in range(2)]
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):
+        state, m = step(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(steps):
+            state, m = step(state, batches[i % 2])
+        jax.block_until_ready(m)
+    dt = time.perf_counter() - t
+    return {"images_per_s": steps * batch / dt, "step_s": dt / steps, "compile_s": compile_s}
+
+
+def vit_b_flops(batch: int = 2, precision: str = "bfloat16") -> dict:
+    config = base_config()
+    config.model.name = "vit_b"
+    config.precision = precision
+    config.batch_size = batch
+    mc = load_model_config("vit_b")
+    mesh = make_mesh(1)
+    params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
+    tx = optimizer_lib.make_optimizer(config.optim, params, 1)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.eval_shape(lambda: create_sharded_state(mc, config, tx, mesh))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
+    s, m, p = mc.image_size, mc.mask_size, 1
+    shapes = {"image": (batch, s, s, 3), "target": (batch, s, s), "points": (batch, p, 2), "point_labels": (batch, p),
+              "box": (batch, 4), "has_box": (batch,), "mask": (batch, m, m), "has_mask": (batch,)}
+    bs = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch_abs = {k: jax.ShapeDtypeStruct(shapes[k], np.dtype(BATCH_DTYPES[k]), sharding=bs) for k in shapes}
+    step = make_train_step(mc, config, tx, mesh)
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch_abs).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    out = {"flops": float(cost.get("flops", float("nan"))), "compile_s": time.perf_counter() - t}
+    if mem is not None:
+        out["temp_bytes"] = float(getattr(mem, "temp_size_in_bytes", float("nan")))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the small config")
+    parser.add_argument("--batch", type=int, default=4, help="batch of the small config")
+    parser.add_argument("--skip_vit_b", action="store_true", help="skip the ViT-B FLOPs (its CPU compile takes minutes)")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "train_throughput.md"))
+    args = parser.parse_args()
+
+    dev = jax.devices()[0]
+    rows = []
+    r = small_images_per_s(args.steps, args.batch, "float32")
+    rows.append(("small (256 px)", "float32", args.batch, f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}",
+                 "-", f"{r['compile_s']:.1f}"))
+    if not args.skip_vit_b:
+        f = vit_b_flops(2, "bfloat16")
+        rows.append(("vit_b (1024 px)", "bfloat16", 2, "not run", "-", f"{f['flops'] / 1e12:.2f}", f"{f['compile_s']:.1f}"))
+    header = ("model", "precision", "batch", "images/s", "s/step", "TFLOP/step (XLA)", "compile s")
+    lines = [f"Train step on {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores visible, "
+             f"{platform.processor() or platform.machine()}), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    lines += ["", "FLOPs: `jax.jit(train_step).lower(abstract state, abstract batch).compile().cost_analysis()['flops']`,"
+              " forward + backward + Adam update of one global batch (XLA's count: a multiply-add is 2 FLOPs)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""`radsam evaluate`: the paper's benchmark on a dataset (or one image) with a simulated user.
+
+    radsam evaluate --checkpoint CKPT --data PATH --protocol volume,slice --prompt box,point
+                    --edits 0,1,2,5,10,20 [--propagation mask,box] [--structures a,b] [--seed N]
+                    [--min-slices N] [--known-classes FILE|a,b] --out DIR
+    radsam evaluate --checkpoint CKPT --data IMAGE --labels LABELS.nii.gz --label-names NAMES.json ...
+
+PATH: a dataset in the AMOS layout (dataset.json), the TotalSegmentator layout (meta.csv or
+sXXXX/ct.nii.gz) or the generic layout (labels.json in it or in its sub-folders); or one image (a
+NIfTI file or a DICOM folder) with --labels and --label-names (JSON {"label_map": {"1": "spleen"}}).
+A label map on another voxel grid of the same world space is aligned through world coordinates.
+Comma lists of --protocol/--prompt/--propagation run every combination from the same cached
+embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with --propagation box
+(MedSAM's preprocessing comes from its checkpoint config). Exit status: 0 ok, 2 bad input, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "radsam evaluate"
+
+
+class InputError(ValueError):
+    pass
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `evaluate` subcommand; dispatch with `args.func(args)`."""
+    p = subparsers.add_parser(
+        "evaluate", help="run the RadSAM benchmark (3D Dice, CIs, tables, plots) with a simulated user",
+        description="Volume-level and slice-level prompting with simulated prompts and edits; writes scores.csv, "
+                    "summary.json, summary.md and PNG plots to --out.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model checkpoint directory (radsam train / radsam convert)")
+    p.add_argument("--data", required=True, metavar="PATH", help="AMOS, TotalSegmentator or generic dataset folder, or one image with --labels")
+    p.add_argument("--labels", metavar="LABELS.nii.gz", help="label map of the single image given as --data")
+    p.add_argument("--label-names", metavar="NAMES.json", help='{"label_map": {"1": "spleen", ...}} for --labels')
+    p.add_argument("--split", default="auto", help="dataset split (default: AMOS val, TotalSegmentator test if meta.csv else all, generic all)")
+    p.add_argument("--modality", default="CT", help="AMOS modality: CT, MRI or all (default CT)")
+    p.add_argument("--protocol", default="volume", help="volume, slice, or both comma-separated (default volume)")
+    p.add_argument("--prompt", default="box", help="box, point, or both comma-separated (default box)")
+    p.add_argument("--propagation", default="mask", help="volume-level: mask (RadSAM), box (SAM/MedSAM), or both (default mask)")
+    p.add_argument("--edits", type=_int_list, default=[0], metavar="0,1,2,5,10,20",
+                   help="edit counts to record in one cumulative run (slice-level: points per slice, at most 10; default 0)")
+    p.add_argument("--structures", metavar="a,b", help="only these structures (names from the label map)")
+    p.add_argument("--known-classes", metavar="FILE|a,b", help="classes the model was trained on: adds the known/unknown split (Table 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated user and the bootstrap (default 0)")
+    p.add_argument("--min-slices", type=int, default=1, metavar="N", help="skip objects spanning fewer than N slices (default 1)")
+    p.add_argument("--box-jitter", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="move each box side outwards by U(LO, HI) pixels (default: no jitter, the tight box)")
+    p.add_argument("--max-cases", type=int, metavar="N", help="evaluate only the first N cases")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle Dice (slice-level secondary masks)")
+    p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
+    p.add_argument("--worst", type=int, default=8, metavar="N", help="worst objects in worst_cases.png (default 8)")
+    p.add_argument("--name", help="model name in tables and plots (default: the checkpoint folder name)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    g = p.add_argument_group("inference")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
+    g.add_argument("--encoder-batch-size", type=int, default=8, metavar="N", help="slices per encoder call (default 8)")
+    g.add_argument("--bucket", type=int, default=32, metavar="N", help="pad slice counts to multiples of N (default 32)")
+    g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
+                   help="when a propagated mask becomes empty before a bound (default stop)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def detect_format(path: Path) -> str:
+    """'amos', 'totalsegmentator' or 'generic' from the files in a dataset folder."""
+    if not path.exists():
+        raise InputError(f"--data {path} does not exist")
+    if not path.is_dir():
+        raise InputError(f"--data {path} is a file: give --labels and --label-names to evaluate one image")
+    if (path / "dataset.json").is_file():
+        return "amos"
+    if (path / "meta.csv").is_file() or any(p.is_dir() and (p / "ct.nii.gz").is_file() and (p / "segmentations").is_dir()
+                                            for p in path.iterdir()):
+        return "totalsegmentator"
+    if (path / "labels.json").is_file() or any(p.is_dir() and (p / "labels.json").is_file() for p in path.iterdir()):
+        return "generic"
+    raise InputError(
+        f"no dataset found at {path}: expected dataset.json (AMOS), meta.csv or sXXXX/ct.nii.gz (TotalSegmentator), "
+        f"or labels.json in it or its sub-folders (generic); for one image pass --labels and --label-names")
+
+
+def _single_image_case(args):
+    import json
+
+    from radsam_jax.data.datasets import Case
+
+    if not args.labels or not args.label_names:
+        raise InputError("one image as --data needs both --labels LABELS.nii.gz and --label-names NAMES.json")
+    for what, f in (("--data", args.data), ("--labels", args.labels), ("--label-names", args.label_names)):
+        if not Path(f).exists():
+            raise InputError(f"{what} {f} does not exist")
+    try:
+        meta = json.loads(Path(args.label_names).read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"--label-names {args.label_names} is not JSON: {e}")
+    names = meta.get("label_map", meta.get("labels")) if isinstance(meta, dict) else None
+    if not isinstance(names, dict):
+        raise InputError(f'--label-names {args.label_names} needs {{"label_map": {{"1": "name", ...}}}}')
+    structures = {str(v): int(k) for k, v in names.items() if int(k) != 0}
+    if not structures:
+        raise InputError(f"--label-names {args.label_names} names no structure besides background")
+    image = Path(args.data)
+    case_id = image.name.split(".nii")[0] if image.is_file() else image.name
+    return Case(case_id, str(image), structures, label_path=str(args.labels))
+
+
+def read_dataset(args):
+    """The cases to evaluate (structures filtered), and a description of the source."""
+    from radsam_jax.data.datasets import read_cases, select_structures
+
+    data = Path(args.data)
+    structures = _csv(args.structures) if args.structures else None
+    if args.labels or args.label_names or data.is_file() or (data.is_dir() and _is_dicom_folder(data)):
+        cases = [_single_image_case(args)]
+        fmt = "image"
+        if structures:
+            cases = select_structures(cases, structures)
+    else:
+        fmt = detect_format(data)
+        split = args.split
+        if split == "auto":
+            split = {"amos": "val", "generic": "all"}.get(fmt) or ("test" if (data / "meta.csv").is_file() else "all")
+        kwargs = {"modality": args.modality} if fmt == "amos" else {}
+        cases = read_cases(fmt, data, split, structures=structures, **kwargs)
+    if args.max_cases is not None:
+        if args.max_cases < 1:
+            raise InputError(f"--max-cases must be >= 1, got {args.max_cases}")
+        cases = cases[: args.max_cases]
+    if not cases:
+        raise InputError(f"no case to evaluate in {data}" + (f" with structures {structures}" if structures else ""))
+    return cases, fmt, structures
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    if (path / "labels.json").exists() or (path / "dataset.json").exists():
+        return False
+    files = [p for p in path.iterdir() if p.is_file()]
+    return bool(files) and all(p.suffix.lower() in (".dcm", "") for p in files[:20]) and not any(p.is_dir() for p in path.iterdir())
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def run(args) -> int:
+    from radsam_jax.checkpoint import CheckpointError
+
+    try:
+        return _run(args)
+    except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from radsam_jax.evaluate.metrics import parse_known_classes
+    from radsam_jax.evaluate.report import write_report
+    from radsam_jax.evaluate.runner import SLICE_EDITS_MAX, EvalOptions, evaluate_cases, make_settings
+
+    settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
+    if not args.edits:
+        raise InputError("--edits needs at least one count, e.g. 0 or 0,1,2,5,10,20")
+    for name, v, lo in (("--encoder-batch-size", args.encoder_batch_size, 1), ("--bucket", args.bucket, 1),
+                        ("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
+        if v < lo:
+            raise InputError(f"{name} must be >= {lo}, got {v}")
+    if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
+        raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
+    if not Path(args.checkpoint).exists():
+        raise InputError(f"--checkpoint {args.checkpoint} does not exist")
+    known = parse_known_classes(args.known_classes)
+    cases, fmt, structures = read_dataset(args)
+
+    import jax.numpy as jnp
+
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.data.datasets import load_case
+    from radsam_jax.inference import VolumePredictor
+
+    model = load_checkpoint(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    volume_edits = max([e for e in args.edits] + [0]) if any(s.protocol == "volume" for s in settings) else 0
+    # Every click of a volume-level run may land on the same slice (plus the initial point).
+    max_points = max(16, 2 + volume_edits, 2 + SLICE_EDITS_MAX)
+    predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
+                                bucket=args.bucket, max_points=max_points)
+    options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
+                          box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
+                          oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures)
+    name = args.name or Path(args.checkpoint).resolve().name
+    print(f"{PROG}: {len(cases)} case(s) ({fmt}), settings {', '.join(s.key for s in settings)}, "
+          f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing})",
+          file=sys.stderr)
+    result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)
+    report_options = {"data": args.data, "cases": len(cases), "checkpoint": args.checkpoint, "seed": args.seed,
+                      "min_slices": args.min_slices, "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px"
+                      if args.box_jitter else None, "vanish_policy": args.vanish_policy,
+                      "slice_edits_max": SLICE_EDITS_MAX}
+    summary = write_report(args.out, result, model=name, options=report_options, seed=args.seed,
+                           num_resamples=args.bootstrap)
+    for s in summary["settings"]:
+        print(f"{s['protocol']:6s} {s['prompt']:5s} {s['propagation']:4s} edits={s['edits']:<3d} "
+              f"Dice {s['mean_dice'] * 100:6.2f} [{s['ci_low'] * 100:.2f}, {s['ci_high'] * 100:.2f}] n={s['n']}")
+    print(f"wrote {Path(args.out) / 'summary.md'}")
+    if result.missing_structures:
+        raise InputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case); "
+                         f"the other structures were evaluated and written to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="radsam")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

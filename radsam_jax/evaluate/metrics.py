@@ -1,0 +1,141 @@
+"""Scores of the benchmark: 3D Dice, the oracle Dice, bootstrap confidence intervals, per-structure
+and known/unknown breakdowns.
+
+Every Dice here is a fraction in [0, 1] (tables multiply by 100 for display, like the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_BOOTSTRAP = 10_000
+
+
+def dice(prediction: np.ndarray, target: np.ndarray) -> float:
+    """3D (or 2D) Dice of two binary masks: 2|P & G| / (|P| + |G|); 1.0 when both are empty."""
+    p = np.asarray(prediction).astype(bool, copy=False)
+    g = np.asarray(target).astype(bool, copy=False)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and target {g.shape} differ in shape")
+    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(g))
+    if denom == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(p & g)) / denom
+
+
+def oracle_mask(candidates: np.ndarray, target: np.ndarray, slice_axis: int = -1) -> np.ndarray:
+    """The oracle's 3D mask: on every slice, the candidate (e.g. one of the 3 secondary masks) whose
+    2D Dice with the target slice is highest, as a user who clicks the best proposal would pick.
+
+    candidates: (K, X, Y, Z) binary; target: (X, Y, Z) binary. Ties go to the lower index. Slices
+    where every candidate and the target are empty contribute nothing either way.
+    """
+    c = np.asarray(candidates).astype(bool, copy=False)
+    g = np.asarray(target).astype(bool, copy=False)
+    if c.ndim != g.ndim + 1 or c.shape[1:] != g.shape:
+        raise ValueError(f"candidates {c.shape} must be (K, *{g.shape})")
+    axis = slice_axis % g.ndim
+    other = tuple(i for i in range(g.ndim) if i != axis)
+    inter = np.count_nonzero(c & g[None], axis=tuple(i + 1 for i in other))  # (K, Z)
+    sizes = np.count_nonzero(c, axis=tuple(i + 1 for i in other))
+    g_sizes = np.count_nonzero(g, axis=other)[None]
+    denom = sizes + g_sizes
+    per_slice = np.where(denom > 0, 2.0 * inter / np.maximum(denom, 1), 1.0)
+    best = np.argmax(per_slice, axis=0)  # (Z,)
+    chosen = np.moveaxis(c, axis + 1, 1)[best, np.arange(best.size)]  # (Z, ...)
+    return np.moveaxis(chosen, 0, axis)
+
+
+def oracle_dice(candidates: np.ndarray, target: np.ndarray, slice_axis: int = -1) -> float:
+    """3D Dice of `oracle_mask` (best secondary mask on every slice) against the target."""
+    return dice(oracle_mask(candidates, target, slice_axis), target)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def bootstrap_ci(values: Sequence[float], *, num_resamples: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over objects and its percentile-bootstrap confidence interval.
+
+    Resamples the objects with replacement `num_resamples` times (seeded: the same values and seed
+    give the same interval). One value gives a zero-width interval; no values is an error.
+    """
+    x = np.asarray(list(values), np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci of no values")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("bootstrap_ci needs finite values")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples, np.float64)
+    chunk = max(1, 2_000_000 // x.size)  # bounds the (chunk, n) index array
+    for start in range(0, num_resamples, chunk):
+        n = min(chunk, num_resamples - start)
+        means[start: start + n] = x[rng.integers(0, x.size, size=(n, x.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(low), float(high)
+
+
+def normal_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) from the normal approximation mean +- z * sd / sqrt(n) (population sd, the
+    plug-in the bootstrap estimates); a closed form the bootstrap agrees with on large samples."""
+    from statistics import NormalDist
+
+    x = np.asarray(list(values), np.float64)
+    if x.size == 0:
+        raise ValueError("normal_ci of no values")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    half = z * float(x.std(ddof=0)) / math.sqrt(x.size)
+    m = float(x.mean())
+    return m, m - half, m + half
+
+
+# ----------------------------------------------------------------------------- breakdowns
+
+
+def parse_known_classes(spec: Optional[str]) -> Optional[set[str]]:
+    """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line)
+    or a comma-separated list. None/empty -> None (no known/unknown split)."""
+    import json
+    from pathlib import Path
+
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            names = [line.strip() for line in text.splitlines()]
+        else:
+            if isinstance(data, Mapping):
+                data = data.get("label_map", data.get("labels", data))
+                names = [str(v) for k, v in data.items() if str(k) != "0"] if isinstance(data, Mapping) else list(data)
+            else:
+                names = [str(v) for v in data]
+    else:
+        names = spec.split(",")
+    names = {n.strip() for n in names if n and n.strip() and n.strip() != "background"}
+    if not names:
+        raise ValueError(f"--known-classes {spec!r} names no class")
+    return names
+
+
+def grouped_ci(rows: Iterable[Mapping], key, value: str = "dice", *, seed: int = 0,
+               num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
+    """{key(row): (mean, low, high, n)} over the rows of each group (rows with value None skipped)."""
+    groups: dict = {}
+    for r in rows:
+        v = r.get(value)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        groups.setdefault(key(r), []).append(float(v))
+    return {k: (*bootstrap_ci(v, seed=seed, num_resamples=num_resamples), len(v)) for k, v in groups.items()}
