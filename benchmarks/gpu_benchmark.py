@@ -119,11 +119,99 @@ def torch_rows(args) -> list[dict]:
     return rows
 
 
+def propagation_rows(args) -> list[dict]:
+    """Volume inference with VolumePredictor: encoder over all slices, then one box propagated through them."""
+    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.io import Volume
+
+    rows = []
+    config = load_model_config("small" if args.small else "vit_b")
+    variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
+    z = 16 if args.small else 128
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 50, (512, 512, z)).astype(np.float32)
+    array[150:350, 180:380, :] += 200.0  # a bright block to segment
+    volume = Volume(array, np.eye(4))
+    for dtype_name, attention in (("float32", "chunked"), ("bfloat16", "fused")):
+        dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+        model = RadSam(config, variables, dtype, attention=attention)
+        predictor = VolumePredictor(model, encoder_batch_size=8 if args.small else 32)
+        row = {"model": config.name, "dtype": dtype_name, "attention": attention, "slices": z}
+        try:
+            predictor.set_volume(volume)
+            predictor.encode_slices(0, z - 1)  # compile
+            predictor.set_volume(volume)
+            t0 = time.perf_counter()
+            predictor.encode_slices(0, z - 1)
+            jax.block_until_ready(predictor.embeddings)
+            row["encode_slices_per_s"] = z / (time.perf_counter() - t0)
+            segment = lambda: predictor.segment(z // 2, box=(150, 180, 350, 380), bounds=(0, z - 1))
+            segment()  # compile
+            seconds = time_call(segment, repeats=args.repeats, warmup=0)
+            row["propagate_ms_per_slice"] = seconds / z * 1e3
+            row["total_s"] = z / row["encode_slices_per_s"] + seconds
+            row["end_to_end_slices_per_s"] = z / row["total_s"]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def train_rows(args) -> list[dict]:
+    """The sharded training step (forward + backward + Adam) on synthetic batches: images/s and FLOP rate."""
+    from radsam_jax.train import optimizer as optimizer_lib
+    from radsam_jax.train.config_lib import base_config
+    from radsam_jax.train.synthetic import make_synthetic_iterator
+    from radsam_jax.train.train_step import create_sharded_state, make_mesh, make_train_step, to_global_batch
+
+    rows = []
+    name = "small" if args.small else "vit_b"
+    for precision, batch, remat in (("float32", 8, False), ("bfloat16", 8, False), ("bfloat16", 32, True)):
+        row = {"model": name, "precision": precision, "batch": batch, "remat": remat}
+        try:
+            config = base_config()
+            config.model.name = name
+            config.precision = precision
+            config.batch_size = batch
+            config.remat = remat
+            mc = load_model_config(name)
+            mesh = make_mesh()
+            params = jax.eval_shape(lambda: init_variables(mc, jax.random.key(0))["params"])
+            tx = optimizer_lib.make_optimizer(config.optim, params, 1)
+            state = create_sharded_state(mc, config, tx, mesh)
+            step = make_train_step(mc, config, tx, mesh)
+            it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=2 * batch)
+            batches = [to_global_batch(next(it), mesh) for _ in range(2)]
+            with jax.set_mesh(mesh):
+                t0 = time.perf_counter()
+                compiled = step.lower(state, batches[0]).compile()
+                row["compile_s"] = time.perf_counter() - t0
+                flops = compiled_flops(compiled)
+                state, metrics = compiled(state, batches[0])
+                jax.block_until_ready(metrics)
+                steps = 3 if args.small else 10
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    state, metrics = compiled(state, batches[i % 2])
+                jax.block_until_ready(metrics)
+                seconds = (time.perf_counter() - t0) / steps
+            row["images_per_s"] = batch / seconds
+            row["xla_tflop_per_step"] = flops / 1e12 if flops else None
+            row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+            del state
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--small", action="store_true", help="shrink everything so it runs on a CPU")
-    parser.add_argument("--sections", default="matmul,encoder,parity,torch")
+    parser.add_argument("--sections", default="matmul,encoder,parity,propagation,train,torch")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -148,7 +236,13 @@ def main():
         peak_bf16 = matmul_rate(n, jnp.bfloat16)
         results["matmul"] = {"n": n, "bf16_tflops": peak_bf16 / 1e12, "f32_tflops": matmul_rate(n, jnp.float32) / 1e12}
         print(results["matmul"], flush=True)
-    runners = {"encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")), "parity": lambda: bf16_parity_rows(args), "torch": lambda: torch_rows(args)}
+    runners = {
+        "encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")),
+        "parity": lambda: bf16_parity_rows(args),
+        "propagation": lambda: propagation_rows(args),
+        "train": lambda: train_rows(args),
+        "torch": lambda: torch_rows(args),
+    }
     for section, runner in runners.items():
         if section not in sections:
             continue

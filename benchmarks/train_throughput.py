@@ -21,9 +21,8 @@ import optax
 from radsam_jax.model import load_model_config, init_variables
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.config_lib import base_config
-from radsam_jax.train.state import TrainState
 from radsam_jax.train.synthetic import make_synthetic_iterator
-from radsam_jax.train.train_step import BATCH_DTYPES, create_sharded_state, make_mesh, make_train_step, to_global_batch
+from radsam_jax.train.train_step import BATCH_DTYPES, abstract_train_state, create_sharded_state, make_mesh, make_train_step, to_global_batch
 
 
 def small_images_per_s(steps: int, batch: int, precision: str) -> dict:
@@ -61,9 +60,7 @@ def vit_b_flops(batch: int = 2, precision: str = "bfloat16") -> dict:
     mesh = make_mesh(1)
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
     tx = optimizer_lib.make_optimizer(config.optim, params, 1)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.eval_shape(lambda: create_sharded_state(mc, config, tx, mesh))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
+    state = abstract_train_state(mc, config, tx, mesh)
     s, m, p = mc.image_size, mc.mask_size, 1
     shapes = {"image": (batch, s, s, 3), "target": (batch, s, s), "points": (batch, p, 2), "point_labels": (batch, p),
               "box": (batch, 4), "has_box": (batch,), "mask": (batch, m, m), "has_mask": (batch,)}

@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="key naming of SRC (default: detect from the keys)")
     parser.add_argument("--model", choices=MODELS, default="auto", help="architecture (default: infer from the tensor shapes)")
+    parser.add_argument("--preprocessing", choices=("sam", "medsam"), default="sam",
+                        help="input pipeline the weights were trained with: medsam for MedSAM checkpoints (default: sam)")
     parser.set_defaults(func=run)
     return parser
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from radsam_jax.convert.convert import ConversionError, convert_checkpoint
 
     try:
-        model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model)
+        model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model, preprocessing=args.preprocessing)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -294,12 +294,14 @@ def _error_report(path: Path, fmt: str, config_name: str, problems: list[str]) -
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto") -> RadSam:
+def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", preprocessing: str = "sam") -> RadSam:
     """Converts the checkpoint `src` into a RadSAM model checkpoint directory `dst` and returns the model.
 
     src: a .pth/.pt/.bin (PyTorch), .safetensors file, or a Hugging Face model directory.
     format: "auto" (from the keys), "segment_anything" (SAM, MedSAM) or "hf" (transformers SamModel).
     model: "auto" (the architecture is inferred from the tensor shapes) or a preset name.
+    preprocessing: "sam" or "medsam"; the weights cannot tell, and MedSAM was trained on its own
+        input pipeline (square resize, min-max to [0, 1], sigmoid threshold), so say so here.
     Raises ConversionError naming the file and, for key problems, every offending key and shape;
     nothing is left at `dst` unless the conversion is complete.
     """
@@ -308,6 +310,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto") -> R
         raise ConversionError(f"destination {dst} already exists; refusing to overwrite it")
     if not dst.absolute().parent.is_dir():
         raise ConversionError(f"destination's parent directory {dst.absolute().parent} does not exist")
+    if preprocessing not in ("sam", "medsam"):
+        raise ConversionError(f"unknown preprocessing {preprocessing!r}; choose 'sam' or 'medsam'")
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     preset = None
@@ -331,7 +335,7 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto") -> R
         problems = check_against_model(mapped, state, config)
         if problems:
             raise ConversionError(_error_report(state.file, fmt, config.name, problems))
-        config = _with_preprocessing_buffers(config, mapped.ignored)
+        config = dataclasses.replace(_with_preprocessing_buffers(config, mapped.ignored), preprocessing=preprocessing)
         metadata = {
             "source_file": state.file.name,
             "source_sha256": sha256(state.file),

@@ -9,7 +9,6 @@ import argparse
 import importlib
 import sys
 
-# (module, subcommands it registers)
 SUBCOMMAND_MODULES = (
     "radsam_jax.convert.cli",
     "radsam_jax.train.cli",
@@ -25,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue  # that part of the package is not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(name).add_parser(subparsers)
     return parser
 
 
@@ -41,6 +34,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from radsam_jax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     return int(args.func(args) or 0)
 
 

@@ -190,6 +190,14 @@ def test_cli_converts_small_model_with_model_auto(tmp_path, small_pth):
     assert header["metadata"]["source_sha256"] == hashlib.sha256(small_pth.read_bytes()).hexdigest()
     assert header["metadata"]["source_format"] == "segment_anything"
     assert load_checkpoint(dst).config.global_attn_indexes == (1, 3)
+    assert header["model_config"]["preprocessing"] == "sam"
+
+
+def test_cli_medsam_preprocessing_is_recorded(tmp_path, small_pth):
+    dst = tmp_path / "medsam"
+    result = _run_cli(small_pth, dst, "--preprocessing", "medsam")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(dst).config.preprocessing == "medsam"
 
 
 def test_cli_truncated_checkpoint(tmp_path, small_pth):

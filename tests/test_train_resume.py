@@ -19,9 +19,9 @@ def losses(workdir):
 
 def final_params(workdir, step):
     ck = checkpointing.Checkpointer(workdir / "checkpoints", async_save=False)
-    restored = ck.manager.restore(step)  # raw restore: plain numpy trees
+    params = ck.restore_state_arrays(step)["params"]
     ck.close()
-    return restored["state"]["params"]
+    return params
 
 # Uninterrupted: 6 steps.
 a = root / "a"

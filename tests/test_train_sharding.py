@@ -36,7 +36,10 @@ for n in (1, 8):
         assert len(state.params["mask_decoder"]["iou_token"].sharding.device_set) == n
         out[n] = (float(m["loss"]), jax.device_get(state.params))
 l1, p1 = out[1]; l8, p8 = out[8]
-worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
+# Per parameter array, max|a - b| <= 1e-5 max|a| + 1e-7: the absolute floor is for the attention key biases, whose
+# gradient is exactly zero in exact arithmetic (softmax ignores a shift shared by all keys), so
+# they hold float noise of ~1e-10 that no relative tolerance can compare.
+worst = max(float(np.max(np.abs(a - b)) / (1e-5 * np.max(np.abs(a)) + 1e-7))
             for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
 print(json.dumps({"loss1": l1, "loss8": l8, "worst_rel_param_diff": worst}))
 """
@@ -46,4 +49,4 @@ def test_eight_devices_equal_one_device():
     out = check(run_python(WORKER, devices=8))
     r = json.loads(out.strip().splitlines()[-1])
     assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * abs(r["loss1"]), r
-    assert r["worst_rel_param_diff"] <= 1e-5, r
+    assert r["worst_rel_param_diff"] <= 1.0, r  # in units of the tolerance 1e-5 max|a| + 1e-7

@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label-id", type=int, metavar="N", help="reference id compared with the object (--prompts: objects without reference_label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(p)
-    p.set_defaults(radsam_command="segment")
+    p.set_defaults(radsam_command="segment", func=run)
 
     b = subparsers.add_parser(
         "segment-batch", help="segment every case of a manifest (CSV or JSON of image, prompts file)",
@@ -75,7 +75,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--previews", action="store_true", help="also write <id>.png montages")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
-    b.set_defaults(radsam_command="segment-batch")
+    b.set_defaults(radsam_command="segment-batch", func=run)
 
 
 def _error(command: str, message: str) -> None:

@@ -85,6 +85,12 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
 
+    def restore_state_arrays(self, step: Optional[int] = None) -> dict:
+        """The saved train state as a plain nested dict of host arrays (no target needed), e.g. to
+        export trained weights: `restore_state_arrays()["params"]`."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))[STATE]
+
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]

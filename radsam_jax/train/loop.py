@@ -23,6 +23,7 @@ from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import resolve_path
 from radsam_jax.train.train_step import (
+    abstract_train_state,
     create_sharded_state,
     make_eval_step,
     make_mesh,
@@ -198,9 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
     if ckpt.latest_step() is not None:
-        shapes = jax.eval_shape(lambda: create_sharded_state(model_config, config, tx, mesh, None))
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+        target = abstract_train_state(model_config, config, tx, mesh)
         state, train_iter = ckpt.restore(target, train_iter)
         writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
     else:

@@ -95,18 +95,8 @@ def initial_loss_scale(config: ml_collections.ConfigDict) -> DynamicLossScale:
     return DynamicLossScale.create(1.0)
 
 
-def create_sharded_state(
-    model_config: ModelConfig,
-    config: ml_collections.ConfigDict,
-    tx: optax.GradientTransformation,
-    mesh,
-    variables: Optional[dict] = None,
-) -> TrainState:
-    """A replicated `TrainState` created directly on the mesh (`jax.jit(init, out_shardings=...)`).
-
-    `variables` ({"params", "buffers"}, e.g. from a converted SAM checkpoint) start the run; None
-    initialises the model from `config.seed`.
-    """
+def _state_initializer(model_config: ModelConfig, config: ml_collections.ConfigDict,
+                       tx: optax.GradientTransformation) -> Callable[[Optional[dict]], TrainState]:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     loss_scale = initial_loss_scale(config)
@@ -124,14 +114,33 @@ def create_sharded_state(
             loss_scale=loss_scale,
         )
 
+    return init
+
+
+def create_sharded_state(
+    model_config: ModelConfig,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh,
+    variables: Optional[dict] = None,
+) -> TrainState:
+    """A replicated `TrainState` created directly on the mesh (`jax.jit(init, out_shardings=...)`).
+
+    `variables` ({"params", "buffers"}, e.g. from a converted SAM checkpoint) start the run; None
+    initialises the model from `config.seed`.
+    """
+    init = _state_initializer(model_config, config, tx)
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=replicated(mesh))(variables)
 
 
-def abstract_state(state_fn: Callable[[], TrainState], mesh) -> TrainState:
-    """ShapeDtypeStructs (with replicated shardings) of a state: the target for Orbax restore."""
-    shapes = jax.eval_shape(state_fn)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
+def abstract_train_state(model_config: ModelConfig, config: ml_collections.ConfigDict,
+                         tx: optax.GradientTransformation, mesh) -> TrainState:
+    """ShapeDtypeStructs (with their replicated shardings) of the state, allocating nothing: the
+    target of an Orbax restore and of `jit(...).lower(...)` for cost analysis."""
+    shapes = jax.eval_shape(_state_initializer(model_config, config, tx), None)
+    rep = replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""`radsam evaluate` end to end with a tiny random-weight model (plumbing, not accuracy): the encoder
+runs once per slice per volume, the command on shared/data writes every output with the documented
+schema, MedSAM preprocessing reaches the predictor, and bad input fails with a clear error (exit 2).
+
+Every test uses the same tiny config and --bucket 128, so the propagation compiles once per session.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radsam_jax.cli import main as radsam
+from radsam_jax.model import ModelConfig, RadSam, init_variables
+
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+BUCKET = 128
+
+
+def tiny_config(**kw) -> ModelConfig:
+    return ModelConfig(
+        name="tiny", image_size=64, patch_size=16, encoder_dim=32, encoder_depth=2, encoder_heads=2,
+        window_size=2, global_attn_indexes=(1,), prompt_embed_dim=32, mask_in_chans=8, decoder_depth=1,
+        decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from radsam_jax.checkpoint import save_model
+
+    config = tiny_config()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_radsam"
+    save_model(path, config, init_variables(config, jax.random.key(0)))
+    return path
+
+
+def _synthetic(tmp_path, label_affine=None, names=None):
+    """image.nii.gz + labels.nii.gz (+ names.json) of a small synthetic CT: organ 1, bone 2."""
+    from data_fixtures import synthetic_case
+
+    hu, labels = synthetic_case(3)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "image.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine if label_affine is None else label_affine), str(tmp_path / "labels.nii.gz"))
+    (tmp_path / "names.json").write_text(json.dumps({"label_map": names or {"1": "organ", "2": "bone"}}))
+    return tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz", tmp_path / "names.json"
+
+
+# ------------------------------------------------------------------------------ encoder calls
+
+
+def test_encoder_runs_once_per_slice_per_volume(monkeypatch, checkpoint):
+    from data_fixtures import synthetic_case
+
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.data.datasets import Case
+    from radsam_jax.evaluate.runner import EvalOptions, evaluate_cases, make_settings
+    from radsam_jax.inference import VolumePredictor, volume_predictor
+    from radsam_jax.io import Volume
+
+    encoded_per_call = []
+    original = volume_predictor._encode_into
+
+    def counting(variables, embeddings, hu, indices, **kw):
+        encoded_per_call.append(set(np.asarray(indices).tolist()))  # a short chunk repeats its last slice
+        return original(variables, embeddings, hu, indices, **kw)
+
+    monkeypatch.setattr(volume_predictor, "_encode_into", counting)
+    hu, labels = synthetic_case(7)
+    volume = Volume(hu.astype(np.float32), np.diag([1.5, 1.5, 3.0, 1.0]), "synthetic")
+    case = Case("synthetic", "-", {"organ": 1, "bone": 2}, label_path="-")
+    predictor = VolumePredictor(load_checkpoint(checkpoint), encoder_batch_size=4, bucket=BUCKET)
+    settings = make_settings(["volume", "slice"], ["box", "point"], ["mask"])
+    result = evaluate_cases([case], predictor, settings, EvalOptions(edits=(0, 2), seed=1), load_case=lambda c: (volume, labels),
+                            progress=False)
+    assert {r["structure"] for r in result.rows} == {"organ", "bone"}
+    assert len(result.rows) == 2 * 4 * 2
+    seen = [k for chunk in encoded_per_call for k in chunk]
+    assert len(seen) == len(set(seen)), f"a slice was encoded twice: {encoded_per_call}"
+    span = set(np.flatnonzero(labels.reshape(-1, labels.shape[2]).any(axis=0)).tolist())
+    assert set(seen) == span  # exactly the slices objects span, each once
+    assert result.timings[0]["encoded"] == len(span) <= labels.shape[2]
+    assert all(0.0 <= r["dice"] <= 1.0 for r in result.rows)
+    assert all(r["oracle_dice"] is not None for r in result.rows if r["protocol"] == "slice" and r["edits"] == 0)
+
+
+def test_medsam_preprocessing_reaches_the_predictor(checkpoint):
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.io import Volume
+
+    config = tiny_config(preprocessing="medsam")  # same parameters, MedSAM's input pipeline
+    p = VolumePredictor(RadSam(config, load_checkpoint(checkpoint).variables), bucket=BUCKET)
+    p.set_volume(Volume(np.zeros((40, 24, 5), np.float32), np.eye(4), "x"))
+    assert p.config.preprocessing == "medsam"
+    assert p.geo.resized == (64, 64)  # MedSAM resizes straight to a square (SAM keeps the aspect ratio)
+
+
+# ------------------------------------------------------------------------------ whole command
+
+
+def _check_outputs(out: Path, n_settings_min: int):
+    for f in ("scores.csv", "summary.json", "summary.md", "breakdown.json", "edits.png", "per_structure.png", "worst_cases.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["settings"] and len(summary["settings"]) >= n_settings_min
+    for s in summary["settings"]:
+        assert list(s) == ["protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n"]
+        assert 0.0 <= s["ci_low"] <= s["mean_dice"] <= s["ci_high"] <= 1.0 and s["n"] >= 1
+    import csv
+
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert rows and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    return summary, rows
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
+def test_command_on_shared_data(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = radsam(["evaluate", "--checkpoint", str(checkpoint), "--data", str(SHARED), "--protocol", "volume,slice",
+                 "--prompt", "box,point", "--propagation", "mask,box", "--edits", "0,1", "--structures", "spleen",
+                 "--known-classes", "liver,spleen", "--bucket", str(BUCKET), "--bootstrap", "500", "--seed", "3",
+                 "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    summary, rows = _check_outputs(out, 2 * 3 * 2)
+    assert {r["case"] for r in rows} == {"ct-abdomen-3mm", "ct-thorax-abdomen-dicom"}
+    assert {(s["protocol"], s["propagation"]) for s in summary["settings"]} == {("volume", "mask"), ("volume", "box"), ("slice", "none")}
+    assert all(s["n"] == 2 for s in summary["settings"])
+    md = (out / "summary.md").read_text()
+    assert "| Model | Volume-level" in md and "Known / unknown" in md and "Initial slice" in md
+    timings = json.loads((out / "breakdown.json").read_text())["timings"]
+    assert all(t["encoded"] <= t["slices"] for t in timings)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
+def test_command_on_one_dicom_image_with_a_label_map_on_another_grid(checkpoint, tmp_path, capsys):
+    case = SHARED / "ct-thorax-abdomen-dicom"
+    out = tmp_path / "eval"
+    rc = radsam(["evaluate", "--checkpoint", str(checkpoint), "--data", str(case / "dicom"), "--labels", str(case / "labels.nii.gz"),
+                 "--label-names", str(case / "labels.json"), "--structures", "spleen,liver", "--edits", "0",
+                 "--bucket", str(BUCKET), "--bootstrap", "200", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    _, rows = _check_outputs(out, 1)
+    # aligned through world coordinates: the liver spans the 20 slices' worth it has in labels.json
+    present = json.loads((case / "labels.json").read_text())["present"]
+    liver = next(v for v in present.values() if v["name"] == "liver")
+    row = next(r for r in rows if r["structure"] == "liver")
+    assert int(row["voxels"]) == liver["voxels"]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _run_bad(capsys, *argv):
+    rc = radsam(["evaluate", *argv, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "radsam evaluate: error:" in err
+    return err
+
+
+def test_unknown_structure_is_an_error(checkpoint, tmp_path, capsys):
+    image, labels, names = _synthetic(tmp_path)
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--structures", "organ,kidney", "--out", str(tmp_path / "o"))
+    assert "kidney" in err and "organ" in err
+
+
+def test_structure_absent_from_the_label_map_is_an_error(checkpoint, tmp_path, capsys):
+    image, labels, names = _synthetic(tmp_path, names={"1": "organ", "2": "bone", "3": "kidney"})
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--structures", "kidney", "--out", str(tmp_path / "o"))
+    assert "kidney" in err and "absent" in err
+
+
+def test_label_map_without_world_overlap_is_an_error(checkpoint, tmp_path, capsys):
+    far = np.diag([1.5, 1.5, 3.0, 1.0])
+    far[:3, 3] = [5000.0, 0.0, 0.0]
+    image, labels, names = _synthetic(tmp_path, label_affine=far)
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--out", str(tmp_path / "o"))
+    assert "does not overlap" in err
+
+
+def test_empty_dataset_is_an_error(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert "no dataset found" in err
+    amos = tmp_path / "amos"
+    (amos / "imagesVa").mkdir(parents=True)
+    (amos / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}}))
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(amos), "--out", str(tmp_path / "o"))
+    assert "no AMOS cases" in err
+
+
+def test_bad_options_are_errors(checkpoint, tmp_path, capsys):
+    image, labels, names = _synthetic(tmp_path)
+    common = ["--data", str(image), "--labels", str(labels), "--label-names", str(names), "--out", str(tmp_path / "o")]
+    assert "does not exist" in _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), *common)
+    assert "--protocol" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--protocol", "volumes", *common)
+    assert "--labels" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--out", str(tmp_path / "o"))

@@ -1,0 +1,245 @@
+"""Benchmark metrics and the simulated user, without a model: exact Dice on synthetic cases (also
+through the runner with a scripted predictor), bootstrap CI vs. the normal approximation, oracle,
+correction clicks only on error voxels with the right label, report schema."""
+
+import json
+
+import numpy as np
+import pytest
+
+from radsam_jax.evaluate import metrics, report, runner, simulated_user as su
+
+
+def cube(shape=(20, 18, 16), lo=(4, 5, 3), hi=(12, 13, 11)):
+    m = np.zeros(shape, bool)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return m
+
+
+# ------------------------------------------------------------------------------------------ Dice
+
+
+def test_dice_known_values():
+    gt = cube()  # 8 x 8 x 8 = 512 voxels
+    assert metrics.dice(gt, gt) == 1.0
+    assert metrics.dice(np.zeros_like(gt), gt) == 0.0
+    assert metrics.dice(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+    half = gt.copy()
+    half[:, :, 7:] = False  # slices 3..6 kept: 256 voxels
+    assert metrics.dice(half, gt) == pytest.approx(2 * 256 / (256 + 512))
+    shifted = np.roll(gt, 2, axis=0)  # overlap 6 x 8 x 8
+    assert metrics.dice(shifted, gt) == pytest.approx(2 * 384 / 1024)
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.dice(gt[:-1], gt)
+
+
+def test_oracle_picks_the_best_candidate_per_slice():
+    gt = cube()
+    wrong = np.roll(gt, 5, axis=1)
+    # candidate 0 right on slices < 7, candidate 1 right on slices >= 7, candidate 2 always wrong
+    c0, c1 = wrong.copy(), wrong.copy()
+    c0[:, :, :7], c1[:, :, 7:] = gt[:, :, :7], gt[:, :, 7:]
+    candidates = np.stack([c0, c1, wrong])
+    assert metrics.oracle_dice(candidates, gt) == 1.0
+    np.testing.assert_array_equal(metrics.oracle_mask(candidates, gt), gt)
+    assert metrics.oracle_dice(wrong[None], gt) == metrics.dice(wrong, gt)
+
+
+# ------------------------------------------------------------------------------------------ CI
+
+
+def test_bootstrap_matches_the_normal_approximation_on_a_large_sample():
+    rng = np.random.default_rng(1)
+    values = rng.beta(8, 2, size=4000)  # skewed, Dice-like
+    mean, lo, hi = metrics.bootstrap_ci(values, num_resamples=4000, seed=3)
+    m_n, lo_n, hi_n = metrics.normal_ci(values)
+    half = (hi_n - lo_n) / 2
+    assert mean == pytest.approx(m_n)
+    assert lo < mean < hi
+    assert lo == pytest.approx(lo_n, abs=0.1 * half)
+    assert hi == pytest.approx(hi_n, abs=0.1 * half)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+
+
+def test_bootstrap_is_seeded_and_handles_small_samples():
+    v = [0.2, 0.9, 0.5, 0.7]
+    assert metrics.bootstrap_ci(v, seed=5) == metrics.bootstrap_ci(v, seed=5)
+    assert metrics.bootstrap_ci([0.4]) == (0.4, 0.4, 0.4)
+    lo, hi = metrics.bootstrap_ci(v)[1:]
+    assert 0.2 <= lo <= hi <= 0.9
+    with pytest.raises(ValueError):
+        metrics.bootstrap_ci([])
+
+
+def test_parse_known_classes(tmp_path):
+    assert metrics.parse_known_classes(None) is None
+    assert metrics.parse_known_classes("liver, spleen") == {"liver", "spleen"}
+    f = tmp_path / "dataset.json"
+    f.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "2": "liver"}}))
+    assert metrics.parse_known_classes(str(f)) == {"spleen", "liver"}
+    t = tmp_path / "known.txt"
+    t.write_text("aorta\nliver\n")
+    assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}
+
+
+# ------------------------------------------------------------------------------------------ user
+
+
+def test_initial_slice_bounds_and_prompts():
+    gt = cube()
+    gt[6:10, 7:11, 9] = True  # no change in extent; same area on every slice -> middle of 3..10
+    assert su.object_bounds(gt) == (3, 10)
+    assert su.initial_slice(gt) == 6  # ties: nearest the middle 6.5, then the lower index
+    gt2 = gt.copy()
+    gt2[2:15, 2:15, 4] = True
+    assert su.initial_slice(gt2) == 4
+    rng = np.random.default_rng(0)
+    sl = su.slice_2d(gt2, 4)
+    # x = first array axis, y = second: the box spans the x and y extents
+    box = su.slice_prompt(sl, "box", rng)["box"]
+    np.testing.assert_array_equal(box, [2, 2, 14, 14])
+    narrow = np.zeros((20, 18, 4), bool)
+    narrow[3:5, 10:16, 1] = True
+    np.testing.assert_array_equal(su.slice_prompt(su.slice_2d(narrow, 1), "box", rng)["box"], [3, 10, 4, 15])
+    for _ in range(50):
+        p = su.slice_prompt(su.slice_2d(narrow, 1), "point", rng)
+        x, y = p["points"][0].astype(int)
+        assert narrow[x, y, 1] and p["point_labels"].tolist() == [1]
+    jb = su.slice_prompt(su.slice_2d(narrow, 1), "box", rng, box_jitter=(0, 3))["box"]
+    assert jb[0] <= 3 and jb[1] <= 10 and jb[2] >= 4 and jb[3] >= 15
+
+
+def test_correction_clicks_land_on_errors_with_the_right_label():
+    rng = np.random.default_rng(0)
+    gt = cube()
+    pred = np.roll(gt, 3, axis=0)
+    fn, fp = gt & ~pred, pred & ~gt
+    labels = set()
+    for _ in range(300):
+        c = su.correction_3d(pred, gt, rng)
+        x, y = int(c.point[0]), int(c.point[1])
+        assert (x, y) == c.point
+        if c.label == 1:
+            assert fn[x, y, c.slice]
+        else:
+            assert c.label == 0 and fp[x, y, c.slice]
+        labels.add(c.label)
+    assert labels == {0, 1}
+    assert su.correction_3d(gt, gt, rng) is None
+    for _ in range(100):
+        c = su.correction_2d(su.slice_2d(pred, 5), su.slice_2d(gt, 5), rng, 5)
+        x, y = int(c.point[0]), int(c.point[1])
+        assert c.slice == 5 and (fn if c.label == 1 else fp)[x, y, 5]
+
+
+# ------------------------------------------------------------------------ runner with a script
+
+
+class ScriptedPredictor:
+    """Stands in for VolumePredictor: segment returns the object on slices lo..k only; every edit
+    fixes the clicked slice completely; slice-level prompts give the object minus its first row."""
+
+    def __init__(self, gt):
+        self.gt = gt
+        self.calls = []
+
+    def set_volume(self, volume):
+        self.calls.append("set_volume")
+        self.num_slices = volume.array.shape[2]
+
+    def encode_slices(self, lo, hi):
+        return hi - lo + 1
+
+    @property
+    def embeddings(self):
+        return np.zeros(1)
+
+    def _res(self):
+        import types
+
+        return types.SimpleNamespace(mask=self.pred.astype(np.uint8).copy())
+
+    def segment(self, k, points=None, point_labels=None, box=None, bounds=None, propagation="mask"):
+        self.calls.append(("segment", k, bounds, box is not None))
+        self.pred = self.gt.copy()
+        self.pred[:, :, k + 1:] = False
+        return self._res()
+
+    def edit(self, k, points, point_labels):
+        x, y = points[0]
+        assert self.pred[int(x), int(y), k] != self.gt[int(x), int(y), k]
+        assert point_labels[0] == int(self.gt[int(x), int(y), k])
+        self.calls.append(("edit", k))
+        self.pred[:, :, k] = self.gt[:, :, k]
+        return self._res()
+
+    def segment_slices(self, prompts):
+        self.pred = np.zeros_like(self.gt)
+        for k in prompts:
+            self.pred[:, :, k] = self.gt[:, :, k]
+            first = np.flatnonzero(self.gt[:, :, k].any(axis=1))[0]
+            self.pred[first, :, k] = False
+        return self._res()
+
+
+def test_runner_scores_a_synthetic_case_exactly():
+    import types
+
+    from radsam_jax.data.datasets import Case
+
+    gt = cube()  # slices 3..10, 64 voxels each; largest-area tie -> initial slice 6
+    labels = gt.astype(np.uint8) * 3
+    volume = types.SimpleNamespace(array=np.zeros(gt.shape, np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
+    case = Case("c1", "img", {"organ": 3, "absent": 4}, label_path="lab")
+    pred = ScriptedPredictor(gt)
+    settings = runner.make_settings(["volume", "slice"], ["box", "point"], ["mask"])
+    opts = runner.EvalOptions(edits=(0, 1, 2, 5, 20), seed=0, oracle=False, worst_count=2)
+    res = runner.evaluate_cases([case], pred, settings, opts, load_case=lambda c: (volume, labels), progress=False)
+    assert pred.calls.count("set_volume") == 1
+    vol = {(r["prompt"], r["edits"]): r["dice"] for r in res.rows if r["protocol"] == "volume"}
+    # slices 3..6 right (4 x 64 voxels), 7..10 missing; each edit fixes one missing slice
+    for e, right in ((0, 4), (1, 5), (2, 6), (5, 8), (20, 8)):
+        assert vol[("box", e)] == pytest.approx(2 * right * 64 / (right * 64 + 512)), e
+        assert vol[("point", e)] == vol[("box", e)]
+    edits = [c for c in pred.calls if c[0] == "edit"]
+    # volume: 4 clicks per prompt, then perfect (no more clicks); slice: one round of 8 slices per prompt
+    assert len(edits) == 2 * 4 + 2 * 8
+    sl = {(r["prompt"], r["edits"]): r["dice"] for r in res.rows if r["protocol"] == "slice"}
+    assert sl[("box", 0)] == pytest.approx(2 * 56 * 8 / (56 * 8 + 512))  # one row of 8 missing per slice
+    assert sl[("box", 1)] == 1.0 and sl[("box", 5)] == 1.0
+    assert ("box", 20) not in sl  # slice-level: at most 10 points per slice
+    assert ("c1", "absent", "absent") in res.skipped
+    assert len(res.worst) == 2 and res.worst[0].dice <= res.worst[1].dice
+    # same seed, same numbers
+    res2 = runner.evaluate_cases([case], ScriptedPredictor(gt), settings, opts, load_case=lambda c: (volume, labels), progress=False)
+    assert [r["dice"] for r in res2.rows] == [r["dice"] for r in res.rows]
+
+
+def test_report_files_and_schema(tmp_path):
+    rows = []
+    rng = np.random.default_rng(0)
+    for case in range(5):
+        for s in ("liver", "spleen"):
+            for proto, prop in (("volume", "mask"), ("volume", "box"), ("slice", "none")):
+                for prompt in ("box", "point"):
+                    for e in (0, 1, 5):
+                        rows.append({"case": f"c{case}", "structure": s, "label": 1, "known": s == "liver", "protocol": proto,
+                                     "prompt": prompt, "propagation": prop, "edits": e, "dice": float(rng.uniform(0.5, 1)),
+                                     "oracle_dice": 0.9 if (proto == "slice" and e == 0) else None,
+                                     "initial_slice": 3, "lo": 1, "hi": 5, "voxels": 10})
+    gt = cube()[:, :, 5]
+    worst = [runner.WorstCase(0.1, "c0", "liver", "volume/box/mask", 0, 5, np.zeros(gt.shape, np.float32), gt, np.roll(gt, 2, 0), (1.0, 2.0))]
+    result = runner.EvalResult(rows, worst, [{"case": "c0", "slices": 9, "encoded": 5, "encode_s": 0.5, "total_s": 1.0, "objects": 2}],
+                               [("c0", "aorta", "absent")])
+    summary = report.write_report(tmp_path, result, model="m", options={"data": "d", "cases": 5}, num_resamples=500)
+    for f in ("scores.csv", "summary.json", "summary.md", "breakdown.json", "edits.png", "per_structure.png", "worst_cases.png"):
+        assert (tmp_path / f).is_file(), f
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data == summary and list(data) == ["settings"]
+    assert len(data["settings"]) == 3 * 2 * 3
+    for s in data["settings"]:
+        assert list(s) == list(report.SETTING_KEYS)
+        assert 0 <= s["ci_low"] <= s["mean_dice"] <= s["ci_high"] <= 1 and s["n"] == 10
+    md = (tmp_path / "summary.md").read_text()
+    assert "| Model | Volume-level" in md and "Known / unknown" in md and "Oracle" in md and "m (box propagation)" in md
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == len(rows) + 1
