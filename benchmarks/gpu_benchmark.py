@@ -127,10 +127,11 @@ def propagation_rows(args) -> list[dict]:
     rows = []
     config = load_model_config("small" if args.small else "vit_b")
     variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
-    z = 16 if args.small else 128
+    z, side = (16, 128) if args.small else (128, 512)
     rng = np.random.default_rng(0)
-    array = rng.normal(0, 50, (512, 512, z)).astype(np.float32)
-    array[150:350, 180:380, :] += 200.0  # a bright block to segment
+    array = rng.normal(0, 50, (side, side, z)).astype(np.float32)
+    lo, hi = side * 3 // 10, side * 7 // 10
+    array[lo:hi, lo:hi, :] += 200.0  # a bright block to segment
     volume = Volume(array, np.eye(4))
     for dtype_name, attention in (("float32", "chunked"), ("bfloat16", "fused")):
         dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
@@ -145,7 +146,7 @@ def propagation_rows(args) -> list[dict]:
             predictor.encode_slices(0, z - 1)
             jax.block_until_ready(predictor.embeddings)
             row["encode_slices_per_s"] = z / (time.perf_counter() - t0)
-            segment = lambda: predictor.segment(z // 2, box=(150, 180, 350, 380), bounds=(0, z - 1))
+            segment = lambda: predictor.segment(z // 2, box=(lo, lo, hi - 1, hi - 1), bounds=(0, z - 1))
             segment()  # compile
             seconds = time_call(segment, repeats=args.repeats, warmup=0)
             row["propagate_ms_per_slice"] = seconds / z * 1e3

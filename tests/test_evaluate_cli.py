@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 
     config = tiny_config()
     path = tmp_path_factory.mktemp("ckpt") / "tiny_radsam"
-    save_model(path, config, init_variables(config, jax.random.key(0)))
+    save_model(path, config, jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0)))
     return path
 
 
