@@ -63,6 +63,7 @@ print(json.dumps({"loss1": l1, "loss8": l8, "update_rel": update_rel, "params_re
 def test_eight_devices_equal_one_device():
     out = check(run_python(WORKER, devices=8))
     r = json.loads(out.strip().splitlines()[-1])
+    print(r)
     assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * abs(r["loss1"]), r
     assert r["params_rel"] <= 1e-5, r
     assert r["update_rel"] <= 1e-5, r
