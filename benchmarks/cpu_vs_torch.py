@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -70,7 +71,7 @@ def vit_b_flops(image_size: int = 1024, dim: int = 768, depth: int = 12, heads: 
     g = image_size // 16
     n = g * g
     hd = dim // heads
-    nwin = -(-g // window) ** 2
+    nwin = math.ceil(g / window) ** 2
     nw = nwin * window * window  # tokens after padding to whole windows
     mlp = 2 * n * dim * 4 * dim * 2
     linear = lambda t: 2 * t * dim * 3 * dim + 2 * t * dim * dim  # qkv + proj
@@ -375,7 +376,7 @@ def build_rows(t: dict, mem: dict) -> list[dict]:
                          "note": f"VmHWM of a child running only that side; after loading weights: JAX {j['after_load_gib']:.2f}, torch {p['after_load_gib']:.2f}"})
     f, mm = t["flops"], t["matmul"]
     enc_j, enc_t = t["encoder"]["jax"]["median_s"], t["encoder"]["torch"]["median_s"]
-    analytic = f["analytic"]
+    analytic = vit_b_flops()  # recomputed: the child's copy may come from an older version of this file
     rows.append({"measurement": "encoder GFLOP/s (analytic FLOPs)", "jax_s": analytic / enc_j / 1e9, "torch_s": analytic / enc_t / 1e9,
                  "jax/torch": enc_t / enc_j,
                  "note": f"of each library's own {mm['n']}^3 f32 matmul rate: JAX {analytic / enc_j / mm['jax']:.0%}, torch {analytic / enc_t / mm['torch']:.0%}"})

@@ -12,6 +12,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "radsam_jax.convert.cli",
     "radsam_jax.train.cli",
+    "radsam_jax.train.export",
     "radsam_jax.inference.cli",
     "radsam_jax.evaluate.cli",
 )

@@ -173,7 +173,14 @@ class ScriptedPredictor:
         self.pred[:, :, k] = self.gt[:, :, k]
         return self._res()
 
-    def segment_slices(self, prompts):
+    def edit_slices(self, edits):
+        self.calls.append(("edit_slices", sorted(edits)))
+        for k, (points, point_labels) in edits.items():
+            self.edit(k, points, point_labels)
+        return self._res()
+
+    def segment_slices(self, prompts, all_masks=False):
+        assert not all_masks  # these runs set oracle=False
         self.pred = np.zeros_like(self.gt)
         for k in prompts:
             self.pred[:, :, k] = self.gt[:, :, k]
@@ -204,6 +211,8 @@ def test_runner_scores_a_synthetic_case_exactly():
     edits = [c for c in pred.calls if c[0] == "edit"]
     # volume: 4 clicks per prompt, then perfect (no more clicks); slice: one round of 8 slices per prompt
     assert len(edits) == 2 * 4 + 2 * 8
+    # slice level: each round is one batched edit_slices call over the 8 slices with errors
+    assert [c for c in pred.calls if c[0] == "edit_slices"] == [("edit_slices", list(range(3, 11)))] * 2
     sl = {(r["prompt"], r["edits"]): r["dice"] for r in res.rows if r["protocol"] == "slice"}
     assert sl[("box", 0)] == pytest.approx(2 * 56 * 8 / (56 * 8 + 512))  # one row of 8 missing per slice
     assert sl[("box", 1)] == 1.0 and sl[("box", 5)] == 1.0

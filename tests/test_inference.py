@@ -1,6 +1,7 @@
 """Volume inference: propagation bookkeeping (stub decoder, known answer), the real decoder path end
 to end against the per-slice loop, orientation handling, bucketing (compilation counts), bad input."""
 
+import contextlib
 import itertools
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from radsam_jax.inference import SliceFrame, VolumePredictor, bucket_size
-from radsam_jax.inference.propagation import EMPTY_LOGIT, box_from_mask, propagate_volume, single_prompt
+from radsam_jax.inference.propagation import (
+    EMPTY_LOGIT, box_from_mask, decode_slices, propagate_volume, redecode_slices, single_prompt, start_prompt,
+)
 from radsam_jax.inference.reference import per_slice_loop
 from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks
 from radsam_jax.io import Volume
@@ -152,6 +155,47 @@ def test_stub_propagation_respects_bounds_and_corrections():
     np.testing.assert_array_equal(masks[11:21], obj[11:21])
 
 
+@pytest.mark.parametrize("mode", ["mask", "box"])
+def test_stub_propagation_re_sends_stored_boxes(mode):
+    emb = stub_embeddings()
+    obj = np.asarray(emb[..., 0] > 0)
+    zp = emb.shape[0]
+    tp, tl = np.zeros((zp, 4, 2), np.float32), -np.ones((zp, 4), np.int32)
+    boxes, has_box = np.zeros((zp, 4), np.float32), np.zeros((zp,), bool)
+    boxes[26], has_box[26] = (10 * 4, 2 * 4, 14 * 4 - 1, 5 * 4 - 1), True  # around object B on slice 26
+    args = (stub_decode, {}, emb, jnp.int32(14), jnp.int32(0), jnp.int32(31), point_prompt(30, 30), jnp.asarray(tp), jnp.asarray(tl))
+    kw = dict(image_size=IMAGE, mode=mode, vanish_policy="stop")
+    without = np.asarray(propagate_volume(*args, **kw)[0]) > 0
+    assert not without[21:].any()  # object A vanishes at 21: the scan stops
+    # A stored box on slice 26 is re-sent when the scan passes it and restarts the propagation there.
+    masks = np.asarray(propagate_volume(*args, jnp.asarray(boxes), jnp.asarray(has_box), **kw)[0]) > 0
+    np.testing.assert_array_equal(masks[:21], without[:21])
+    assert masks[26:29].sum() == obj[26:29].sum() and not masks[21:26].any() and not masks[29:].any()
+
+
+def test_start_prompt_for_segment_and_edit():
+    m = 16
+    logits = jnp.full((4, m, m), -5.0).at[2, 3:6, 7:9].set(5.0)
+    pts, lab = jnp.zeros((4, 2)), -jnp.ones((4,), jnp.int32)
+    box = jnp.asarray([1.0, 2.0, 30.0, 40.0])
+    # segment (no current mask): the user's prompt only
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), False, image_size=64, mode="mask")
+    assert bool(pr.has_box[0]) and not bool(pr.has_mask[0]) and not np.asarray(pr.mask).any()
+    # edit, mask propagation: stored box + current mask
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="mask")
+    assert bool(pr.has_box[0]) and bool(pr.has_mask[0])
+    np.testing.assert_array_equal(np.asarray(pr.mask[0]), np.asarray(logits[2] > 0))
+    # edit, box propagation: the stored box wins; without one, the box around the current mask
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="box")
+    np.testing.assert_allclose(np.asarray(pr.box[0]), np.asarray(box))
+    assert not bool(pr.has_mask[0])
+    pr = start_prompt(pts, lab, jnp.zeros(4), False, logits, jnp.int32(2), True, image_size=64, mode="box")
+    assert bool(pr.has_box[0])
+    np.testing.assert_allclose(np.asarray(pr.box[0]), [28, 12, 35, 23])
+    pr = start_prompt(pts, lab, jnp.zeros(4), False, logits, jnp.int32(1), True, image_size=64, mode="box")
+    assert not bool(pr.has_box[0])  # empty current mask: no box
+
+
 def test_box_from_mask():
     mask = jnp.zeros((16, 16)).at[3:6, 7:9].set(1)
     box, ok = box_from_mask(mask, 64)
@@ -214,6 +258,14 @@ def test_predictor_is_orientation_invariant(tiny_model):
     assert r1.mask.shape == vol.array.shape and r2.mask.shape == stored.shape
     np.testing.assert_array_equal(back, r1.mask)
     np.testing.assert_allclose(r1.iou, r2.iou, rtol=1e-5, equal_nan=True)
+    # All 4 slice-level masks come back through the same orientation code as the primary one.
+    s2 = p.segment_slices({10: {"points": [[sx, sy]], "point_labels": [1]}}, all_masks=True)
+    p.set_volume(vol)
+    s1 = p.segment_slices({10: {"points": [[20, 16]], "point_labels": [1]}}, all_masks=True)
+    assert s1.all_masks.shape == (4, *vol.array.shape) and s1.all_masks.dtype == np.uint8
+    assert s2.all_masks.shape == (4, *stored.shape)
+    np.testing.assert_array_equal(s1.all_masks[0], s1.mask)
+    np.testing.assert_array_equal(np.flip(np.flip(s2.all_masks, 1), 2).swapaxes(1, 2), s1.all_masks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +319,121 @@ def test_segment_slices_batched(tiny_model):
     np.testing.assert_array_equal(single.mask[:, :, 10], r.mask[:, :, 10])
 
 
+def _predict(model, p, k, points, labels, box=None, mask=None):
+    """Reference: one slice decoded on its own from the predictor's cached embedding."""
+    logits, iou = model.predict(p.embeddings[k][None], np.asarray(points)[None], np.asarray(labels)[None],
+                                None if box is None else np.asarray(box)[None],
+                                None if mask is None else np.asarray(mask, np.float32)[None])
+    return np.asarray(logits[0, 0]), float(iou[0, 0])
+
+
+def test_segment_slices_all_masks(tiny_model):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, bucket=32)
+    p.set_volume(vol)
+    prompts = {7: {"box": [12, 9, 28, 23]}, 10: {"points": [[20, 16]], "point_labels": [1]}}
+    plain = p.segment_slices(prompts)
+    r = p.segment_slices(prompts, all_masks=True)
+    assert plain.all_masks is None
+    assert r.all_masks.shape == (4, *vol.array.shape) and r.all_masks.dtype == np.uint8
+    np.testing.assert_array_equal(r.mask, plain.mask)
+    np.testing.assert_array_equal(r.all_masks[0], r.mask)
+    np.testing.assert_allclose(r.iou, plain.iou, equal_nan=True)
+    assert not np.delete(r.all_masks, [7, 10], axis=3).any()
+    # The secondary masks are the decoder's outputs 1..3 (here: mapped through the identity frame).
+    logits, _ = decode_slices(p.decode_fn, p.variables, p.embeddings, jnp.asarray([10], jnp.int32),
+                              single_prompt(*p._points_to_model([[20, 16]], [1]), np.zeros(4), False,
+                                            np.zeros((16, 16)), False), all_masks=True)
+    for i in range(1, 4):
+        expected = np.asarray(_logits_to_masks(logits[:, i], geo=p.geo, preprocessing=p.config.preprocessing))[10]
+        np.testing.assert_array_equal(r.all_masks[i][:, :, 10], expected.T)
+    assert r.all_masks[1:].any()
+
+
+def test_edit_slices_batched_without_propagation(tiny_model):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, bucket=32)
+    p.set_volume(vol)
+    box = [12, 9, 28, 23]
+    p.segment_slices({7: {"box": box}, 10: {"points": [[20, 16]], "point_labels": [1]}, 12: {"box": [14, 10, 26, 22]}})
+    before = p._state
+    r = p.edit_slices({7: ([[20, 16]], [0]), 10: ([[22, 17], [15, 12]], [1, 0])})
+    after = p._state
+    assert (after.table_labels[7] != -1).sum() == 1 and (after.table_labels[10] != -1).sum() == 3
+    # Each slice: its stored points + stored box + its current mask, decoded once; others unchanged.
+    for k, bx in ((7, p._box_to_model(box)), (10, None)):
+        ref, ref_iou = _predict(tiny_model, p, k, after.table_points[k], after.table_labels[k], bx,
+                                np.asarray(before.logits[k]) > 0)
+        np.testing.assert_allclose(np.asarray(r.logits[k]), ref, atol=2e-3, rtol=1e-3)
+        assert r.iou[k] == pytest.approx(ref_iou, abs=1e-4)
+    untouched = [k for k in range(p.padded_slices) if k not in (7, 10)]
+    np.testing.assert_array_equal(np.asarray(r.logits)[untouched], np.asarray(before.logits)[untouched])
+    assert r.bounds == (7, 12)
+    # Another round (different slices, different count) re-uses the compiled batch; `edit` is the
+    # same path for one slice.
+    n = redecode_slices._cache_size()
+    p.edit_slices({12: ([[20, 16]], [1])})
+    r2 = p.edit(7, [[18, 14]], [1])
+    assert redecode_slices._cache_size() == n and (p._state.table_labels[7] != -1).sum() == 2
+    assert not np.delete(r2.mask, [7, 10, 12], axis=2).any()
+    with pytest.raises(ValueError, match="at least one correction point"):
+        p.edit_slices({7: ([], [])})
+    with pytest.raises(ValueError, match="must be \\(points, point_labels\\)"):
+        p.edit_slices({7: [[1, 2]]})
+    p.segment(10, box=box, bounds=(8, 12))
+    with pytest.raises(RuntimeError, match="slice-level"):
+        p.edit_slices({10: ([[20, 16]], [1])})
+
+
+def test_box_is_stored_and_re_sent_on_edits(tiny_model):
+    vol = synthetic_volume()
+    p = VolumePredictor(tiny_model, bucket=32, vanish_policy="continue")
+    p.set_volume(vol)
+    box = [12, 9, 28, 23]
+    bx = p._box_to_model(box)
+    p.segment(10, box=box, bounds=(4, 15))
+    state = p._state
+    assert state.table_has_box[10] and state.table_has_box.sum() == 1
+    np.testing.assert_allclose(state.table_boxes[10], bx)
+    # An edit on the box's slice: box + points + current mask.
+    r1 = p.edit(10, [[20, 16]], [0])
+    ref, _ = _predict(tiny_model, p, 10, p._state.table_points[10], p._state.table_labels[10], bx,
+                      np.asarray(state.logits[10]) > 0)
+    np.testing.assert_allclose(np.asarray(r1.logits[10]), ref, atol=2e-3, rtol=1e-3)
+    # A re-propagation passing slice 10 (edit on 6, going up) re-sends the box there, with slice 9's mask.
+    r2 = p.edit(6, [[21, 15]], [1])
+    prev = np.asarray(r2.logits[9]) > 0
+    pts, labels = p._state.table_points[10], p._state.table_labels[10]
+    ref, _ = _predict(tiny_model, p, 10, pts, labels, bx, prev)
+    np.testing.assert_allclose(np.asarray(r2.logits[10]), ref, atol=2e-3, rtol=1e-3)
+    without_box, _ = _predict(tiny_model, p, 10, pts, labels, None, prev)
+    assert not np.allclose(ref, without_box, atol=2e-3)  # the box does matter here
+    assert p._state.table_has_box.sum() == 1  # edits do not add boxes
+
+
+def test_encoder_uses_the_models_attention(tiny_model, monkeypatch):
+    from radsam_jax.inference import volume_predictor
+
+    seen = []
+    original = volume_predictor._encode_into
+
+    def spy(*args, **kw):
+        seen.append(kw["attention"])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(volume_predictor, "_encode_into", spy)
+    vol = synthetic_volume()
+    fused = VolumePredictor(RadSam(tiny_model.config, tiny_model.variables, attention="fused"), bucket=32, encoder_batch_size=4)
+    fused.set_volume(vol)
+    fused.encode_slices(8, 11)
+    assert seen == ["fused"]
+    chunked = VolumePredictor(tiny_model, bucket=32, encoder_batch_size=4)
+    chunked.set_volume(vol)
+    chunked.encode_slices(8, 11)
+    assert seen == ["fused", "chunked"]
+    np.testing.assert_allclose(np.asarray(fused.embeddings[8:12]), np.asarray(chunked.embeddings[8:12]), atol=1e-4, rtol=1e-4)
+
+
 def test_bfloat16_runs(tiny_model):
     p = VolumePredictor(tiny_model, dtype=jnp.bfloat16, bucket=32, encoder_batch_size=3)
     p.set_volume(synthetic_volume())
@@ -285,18 +452,43 @@ def test_bucket_size():
     assert bucket_size(20, (16, 64, 128)) == 64 and bucket_size(200, (16, 64, 128)) == 256
 
 
+@contextlib.contextmanager
+def backend_compiles():
+    """Collects every XLA compilation (jitted functions and eager ops alike) inside the block."""
+    events = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(kw.get("fun_name", event))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_new_volume_in_same_bucket_does_not_recompile(tiny_model):
     p = VolumePredictor(tiny_model, bucket=32, encoder_batch_size=4)
     p.set_volume(synthetic_volume((40, 36, 20), seed=1))
     p.segment(10, box=[12, 9, 28, 23], bounds=(3, 17))
-    p.edit(12, [[20, 16]], [0])
-    counts = (propagate_volume._cache_size(), _encode_into._cache_size(), _logits_to_masks._cache_size())
+    caches = lambda: (propagate_volume._cache_size(), start_prompt._cache_size(), _encode_into._cache_size(),
+                      _logits_to_masks._cache_size())
+    counts = caches()
+    # segment -> edit -> edit: the edits go through the segment's path and compile nothing at all.
+    with backend_compiles() as compiled:
+        p.edit(12, [[20, 16]], [0])
+        p.edit(5, [[21, 15]], [1])
+    assert compiled == [] and caches() == counts
     # Another volume: different slice count (27), same bucket (32); other prompts, bounds, propagation.
     p.set_volume(synthetic_volume((40, 36, 27), seed=2))
-    p.segment(20, points=[[5, 6], [30, 30]], point_labels=[1, 0], bounds=(0, 26))
-    p.edit(3, [[20, 16]], [1])
-    p.segment(13, box=[10, 10, 20, 20], bounds=(13, 13))
-    assert (propagate_volume._cache_size(), _encode_into._cache_size(), _logits_to_masks._cache_size()) == counts
+    with backend_compiles() as compiled:
+        p.segment(20, points=[[5, 6], [30, 30]], point_labels=[1, 0], bounds=(0, 26))
+        p.edit(3, [[20, 16]], [1])
+        p.edit(22, [[20, 16]], [0])
+        p.segment(13, box=[10, 10, 20, 20], bounds=(13, 13))
+    assert caches() == counts
+    assert not [name for name in compiled if "propagate" in str(name) or "prompt" in str(name)], compiled
     # A slice count in the next bucket compiles the propagation once more (and only once).
     p.set_volume(synthetic_volume((40, 36, 40), seed=3))
     p.segment(20, box=[12, 9, 28, 23], bounds=(10, 30))

@@ -142,14 +142,14 @@ def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Se
     lo, hi = object_bounds(gt)
     present = [k for k in range(lo, hi + 1) if gt[:, :, k].any()]
     prompts = {k: slice_prompt(slice_2d(gt, k), setting.prompt, rng, box_jitter) for k in present}
-    pred = predictor.segment_slices(prompts).mask
     info = {"initial_slice": -1, "lo": lo, "hi": hi}
-    if oracle:
-        from radsam_jax.evaluate.secondary import slice_level_all_masks
-
-        candidates = slice_level_all_masks(predictor, prompts)
-        if candidates.shape[0] > 1:
-            info["oracle_dice"] = oracle_dice(candidates[1:], gt)
+    if oracle:  # all 4 decoder masks (primary + 3 secondary) from the same batched decode
+        result = predictor.segment_slices(prompts, all_masks=True)
+        if result.all_masks.shape[0] > 1:
+            info["oracle_dice"] = oracle_dice(result.all_masks[1:], gt)
+    else:
+        result = predictor.segment_slices(prompts)
+    pred = result.mask
     scores, first = {}, None
     n, last = 0, dice(pred, gt)
     targets = list(checkpoints)
@@ -163,9 +163,8 @@ def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Se
         clicks = [c for c in (correction_2d(slice_2d(pred, k), slice_2d(gt, k), rng, k) for k in present) if c is not None]
         if not clicks:
             break
-        for c in clicks:
-            result = predictor.edit(c.slice, [c.point], [c.label])
-        pred = result.mask
+        # One round = one batched decode of the clicked slices (no propagation at slice level).
+        pred = predictor.edit_slices({c.slice: ([c.point], [c.label]) for c in clicks}).mask
         n += 1
         last = dice(pred, gt)
     for t in targets:

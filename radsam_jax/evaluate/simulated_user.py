@@ -18,7 +18,10 @@ Project choices (the paper is silent on them; they are repeated in every summary
   Edits are cumulative; a perfect prediction gets no further edit (its Dice is carried forward).
 - Slice-level: one prompt (same rules as above) on every slice where the object is present; edits
   are rounds: in round r every prompted slice that still has errors gets one correction point drawn
-  uniformly among its 2D error pixels. `edits = r` means r points per slice (paper: up to 10).
+  uniformly among its 2D error pixels, and the round is one `predictor.edit_slices({slice: click})`
+  call (each slice decoded once with its prompt, all its corrections and its current mask; no
+  propagation). `edits = r` means r points per slice (paper: up to 10). The oracle Dice uses the 3
+  secondary masks of `segment_slices(prompts, all_masks=True)`.
 """
 
 from __future__ import annotations

@@ -20,10 +20,15 @@ Corrections: a static table `points (Zp, P, 2)`, `labels (Zp, P)` (label -1 = em
 correction points stored per slice. Whenever a scan passes a slice, that slice's points are added
 to the propagated prompt, so earlier edits are re-applied by later re-propagations.
 
+Stored boxes: likewise an optional table `boxes (Zp, 4)`, `has_box (Zp,)` holds the user's box
+prompt per slice (the initial box of a segmentation, on its slice). A scan passing such a slice
+re-sends the box with the propagated prompt: propagation="mask": box + previous mask (+ points);
+propagation="box": the stored box replaces the box derived from the previous mask.
+
 Vanished masks (the previous slice's mask is empty before the bound is reached):
 - "stop" (default): the object is taken to have ended; every later slice in that direction stays
-  empty and the decoder is not run, except on slices holding a stored *positive* correction point,
-  which restart the propagation from there (the user said the object is present).
+  empty and the decoder is not run, except on slices holding a stored *positive* correction point
+  or a stored box, which restart the propagation from there (the user said the object is present).
 - "continue": the decoder keeps running with the empty mask as the mask prompt (propagation="box":
   with no box), plus any stored corrections, so the object may reappear. An untrained prompt-free
   decode may also hallucinate; "stop" is the safer default.
@@ -94,8 +99,18 @@ def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(nonempty, box, 0.0), nonempty
 
 
-def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, step, table_points, table_labels, *,
-                    image_size: int, mode: str, vanish_policy: str):
+def _prompt_from_mask(points, labels, box, has_box, prev_mask, *, image_size: int, mode: str) -> Prompts:
+    """The propagated prompt of one slice: stored points (+ stored box where has_box) + the previous
+    mask (mode="mask") or the box around it (mode="box"; a stored box takes its place)."""
+    if mode == "mask":
+        return single_prompt(points, labels, box, has_box, prev_mask, True)
+    derived, nonempty = box_from_mask(prev_mask, image_size)
+    bx = jnp.where(has_box, box, derived)
+    return single_prompt(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_mask), False)
+
+
+def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, step, table_points, table_labels,
+                    table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str):
     """One direction of propagation: slices start+step, start+2*step, ... up to `stop` (inclusive).
 
     Returns per scan step i (slice start + step * (i + 1)): primary logits (Zp, m, m), IoU (Zp,),
@@ -104,16 +119,12 @@ def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, st
     num_slices = embeddings.shape[0]
     m = init_mask.shape[-1]
 
-    def decode_slice(emb, prev_mask, points, labels):
-        if mode == "mask":
-            prompt = single_prompt(points, labels, jnp.zeros(4), False, prev_mask, True)
-        else:
-            box, nonempty = box_from_mask(prev_mask, image_size)
-            prompt = single_prompt(points, labels, box, nonempty, jnp.zeros_like(prev_mask), False)
+    def decode_slice(emb, prev_mask, points, labels, box, has_box):
+        prompt = _prompt_from_mask(points, labels, box, has_box, prev_mask, image_size=image_size, mode=mode)
         logits, iou = decode_fn(variables, emb[None], prompt)
         return logits[0, 0].astype(jnp.float32), iou[0, 0].astype(jnp.float32)
 
-    def skip_slice(emb, prev_mask, points, labels):
+    def skip_slice(emb, prev_mask, points, labels, box, has_box):
         return jnp.full((m, m), EMPTY_LOGIT, jnp.float32), jnp.full((), jnp.nan, jnp.float32)
 
     def body(prev_mask, i):
@@ -121,11 +132,12 @@ def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, st
         in_range = jnp.where(step > 0, k <= stop, k >= stop) & (k >= 0) & (k < num_slices)
         kc = jnp.clip(k, 0, num_slices - 1)
         points, labels = table_points[kc], table_labels[kc]
+        box, has_box = table_boxes[kc], table_has_box[kc]
         if vanish_policy == "stop":
-            run = in_range & (jnp.any(prev_mask > 0) | jnp.any(labels == 1))
+            run = in_range & (jnp.any(prev_mask > 0) | jnp.any(labels == 1) | has_box)
         else:
             run = in_range
-        logits, iou = jax.lax.cond(run, decode_slice, skip_slice, embeddings[kc], prev_mask, points, labels)
+        logits, iou = jax.lax.cond(run, decode_slice, skip_slice, embeddings[kc], prev_mask, points, labels, box, has_box)
         next_mask = jnp.where(in_range, (logits > 0).astype(jnp.float32), prev_mask)
         return next_mask, (logits, iou, in_range)
 
@@ -135,11 +147,14 @@ def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, st
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy"))
 def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, start_prompt: Prompts,
-                     table_points, table_labels, *, image_size: int, mode: str = "mask", vanish_policy: str = "stop"):
+                     table_points, table_labels, table_boxes=None, table_has_box=None, *, image_size: int,
+                     mode: str = "mask", vanish_policy: str = "stop"):
     """Segments slice `start` with `start_prompt` (batch of one) and propagates to `lo` and `hi`.
 
     embeddings (Zp, e, e, C); start, lo, hi int scalars (traced: no recompilation per bound);
-    table_points (Zp, P, 2), table_labels (Zp, P) stored corrections in model-input pixels.
+    table_points (Zp, P, 2), table_labels (Zp, P) stored corrections in model-input pixels;
+    table_boxes (Zp, 4), table_has_box (Zp,) stored box prompts (None: none), re-sent when a scan
+    passes their slice (the start slice's box, if any, belongs in `start_prompt`).
     Returns (logits (Zp, m, m) float32, primary-mask logits per slice, EMPTY_LOGIT outside [lo, hi]
     and on stopped slices; iou (Zp,) primary IoU prediction, NaN outside [lo, hi]).
     """
@@ -148,6 +163,10 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     if vanish_policy not in VANISH_POLICIES:
         raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
     num_slices = embeddings.shape[0]
+    if table_boxes is None:
+        table_boxes = jnp.zeros((num_slices, 4), jnp.float32)
+    if table_has_box is None:
+        table_has_box = jnp.zeros((num_slices,), bool)
     emb0 = jax.lax.dynamic_index_in_dim(embeddings, start, keepdims=True)
     logits0, iou0 = decode_fn(variables, emb0, start_prompt)
     logits0, iou0 = logits0[0, 0].astype(jnp.float32), iou0[0, 0].astype(jnp.float32)
@@ -156,8 +175,9 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
 
     scan = functools.partial(_scan_direction, decode_fn, variables, embeddings, mask0,
                              image_size=image_size, mode=mode, vanish_policy=vanish_policy)
-    up_logits, up_iou, up_written = scan(start, hi, 1, table_points, table_labels)
-    down_logits, down_iou, down_written = scan(start, lo, -1, table_points, table_labels)
+    tables = (table_points, table_labels, table_boxes, table_has_box)
+    up_logits, up_iou, up_written = scan(start, hi, 1, *tables)
+    down_logits, down_iou, down_written = scan(start, lo, -1, *tables)
 
     logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32)
     iou = jnp.full((num_slices,), jnp.nan, jnp.float32)
@@ -172,19 +192,63 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     return logits, iou
 
 
-@functools.partial(jax.jit, static_argnames=("decode_fn",))
-def decode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, prompts: Prompts):
+@functools.partial(jax.jit, static_argnames=("image_size", "mode"))
+def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, image_size: int, mode: str) -> Prompts:
+    """The prompt (batch of one) of the slice a segmentation or an edit starts from.
+
+    points (P, 2), point_labels (P,), box (4,), has_box (): the user's prompt on slice `start`;
+    logits (Zp, m, m) the object's current primary logits. Where `use_current` (an edit), the current
+    mask of slice `start` joins the prompt: as the mask prompt (mode="mask"), or as the box around it
+    (mode="box"), unless a box is given (has_box), which then takes its place."""
+    current = (jax.lax.dynamic_index_in_dim(logits, start, keepdims=False) > 0).astype(jnp.float32)
+    use_current = jnp.asarray(use_current, bool)
+    current = jnp.where(use_current, current, 0.0)
+    has_box = jnp.asarray(has_box, bool)
+    if mode == "mask":
+        return single_prompt(points, point_labels, box, has_box, current, use_current)
+    derived, nonempty = box_from_mask(current, image_size)
+    use_derived = use_current & ~has_box
+    bx = jnp.where(has_box, jnp.asarray(box, jnp.float32), jnp.where(use_derived & nonempty, derived, 0.0))
+    return single_prompt(points, point_labels, bx, has_box | (use_derived & nonempty), jnp.zeros_like(current), False)
+
+
+@functools.partial(jax.jit, static_argnames=("decode_fn", "all_masks"))
+def decode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, prompts: Prompts, all_masks: bool = False):
     """Slice-level prompting: one prompt per slice in one batched decoder call.
 
     slice_indices (B,) into embeddings (Zp, ...), index Zp for padding rows (dropped); prompts with
-    batch B. Returns (logits (Zp, m, m), EMPTY_LOGIT on unprompted slices; iou (Zp,), NaN there).
+    batch B. Returns (logits (Zp, m, m), EMPTY_LOGIT on unprompted slices; iou (Zp,), NaN there);
+    all_masks=True: every output mask, logits (Zp, M, m, m) and iou (Zp, M), index 0 the primary.
     """
     num_slices = embeddings.shape[0]
     emb = embeddings[jnp.clip(slice_indices, 0, num_slices - 1)]
     logits, iou = decode_fn(variables, emb, prompts)
-    m = logits.shape[-1]
-    out_logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32)
-    out_iou = jnp.full((num_slices,), jnp.nan, jnp.float32)
-    out_logits = out_logits.at[slice_indices].set(logits[:, 0].astype(jnp.float32), mode="drop")
-    out_iou = out_iou.at[slice_indices].set(iou[:, 0].astype(jnp.float32), mode="drop")
+    if not all_masks:
+        logits, iou = logits[:, 0], iou[:, 0]
+    out_logits = jnp.full((num_slices, *logits.shape[1:]), EMPTY_LOGIT, jnp.float32)
+    out_iou = jnp.full((num_slices, *iou.shape[1:]), jnp.nan, jnp.float32)
+    out_logits = out_logits.at[slice_indices].set(logits.astype(jnp.float32), mode="drop")
+    out_iou = out_iou.at[slice_indices].set(iou.astype(jnp.float32), mode="drop")
     return out_logits, out_iou
+
+
+@functools.partial(jax.jit, static_argnames=("decode_fn",))
+def redecode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, points, point_labels, boxes, has_box,
+                    logits, iou):
+    """Slice-level edits: decodes slices again, each with its points (+ box) and its current mask as
+    the mask prompt, in one batched decoder call; no propagation.
+
+    slice_indices (B,), index Zp for padding rows (dropped); points (B, P, 2), point_labels (B, P),
+    boxes (B, 4), has_box (B,); logits (Zp, m, m), iou (Zp,) the current primary outputs. Returns
+    them with the decoded slices replaced.
+    """
+    num_slices = embeddings.shape[0]
+    rows = jnp.clip(slice_indices, 0, num_slices - 1)
+    current = (logits[rows] > 0).astype(jnp.float32)
+    b = slice_indices.shape[0]
+    prompts = Prompts(points.astype(jnp.float32), point_labels.astype(jnp.int32), boxes.astype(jnp.float32),
+                      has_box.astype(bool), current, jnp.ones((b,), bool))
+    new_logits, new_iou = decode_fn(variables, embeddings[rows], prompts)
+    logits = logits.at[slice_indices].set(new_logits[:, 0].astype(jnp.float32), mode="drop")
+    iou = iou.at[slice_indices].set(new_iou[:, 0].astype(jnp.float32), mode="drop")
+    return logits, iou

@@ -6,6 +6,9 @@
     result = predictor.edit(52, points=[(50, 61)], point_labels=[0])        # correction + re-propagation
     save_label_map("mask.nii.gz", result.mask, like=volume)
 
+    result = predictor.segment_slices({40: {"box": (30, 40, 70, 80)}, 41: {...}}, all_masks=True)
+    result = predictor.edit_slices({40: ([(50, 61)], [0]), 41: ([(52, 60)], [1])})  # one batched decode
+
 Coordinates are the file's voxel indices: x = first array axis, y = second, slice = third (the
 slice shown is `array[:, :, k].T`). Internally the volume is reoriented in-plane to canonical R, A
 (see `orientation.SliceFrame`), which is how the model was trained; results come back on the file's
@@ -14,7 +17,17 @@ function (encoder chunk, propagation, upscaling) is reused by the next volume of
 size; the propagation itself depends only on the bucket.
 
 The encoder runs once per slice, lazily: `segment` encodes the slices inside its bounds that are not
-yet cached, in chunks of `encoder_batch_size`; `edit` never re-runs it.
+yet cached, in chunks of `encoder_batch_size`; `edit` never re-runs it. The encoder uses the model's
+global-attention implementation (`RadSam(..., attention=...)`).
+
+Prompts remembered per object (re-sent whenever their slice is decoded again):
+- correction points of every `edit` / `edit_slices`, on their slice;
+- the box prompt of `segment` (on its slice) and of `segment_slices` (on each slice given one).
+  Volume-level: an edit on the box's slice decodes it with the box + stored points + current mask
+  (propagation="box": the stored box instead of the box around the current mask), and a
+  re-propagation from another slice that passes the box's slice adds the box to the propagated
+  prompt there (with vanish_policy="stop", a stored box also restarts a vanished propagation, as a
+  positive point does). Slice-level: `edit_slices` sends each slice's box with its points and mask.
 """
 
 from __future__ import annotations
@@ -30,7 +43,8 @@ import numpy as np
 
 from radsam_jax.inference.orientation import SliceFrame
 from radsam_jax.inference.propagation import (
-    EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, sam_decoder, single_prompt,
+    EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
+    start_prompt,
 )
 from radsam_jax.model.config import ModelConfig
 from radsam_jax.model.sam import RadSam, Sam
@@ -58,11 +72,13 @@ def bucket_size(n: int, bucket: Bucket) -> int:
     return int(math.ceil(n / sizes[-1]) * sizes[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "window"), donate_argnums=(1,))
-def _encode_into(variables, embeddings, hu_slices, indices, *, config: ModelConfig, dtype, window):
-    """Preprocesses and encodes hu_slices[indices] (B,) and writes them into embeddings (donated)."""
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "window", "attention"), donate_argnums=(1,))
+def _encode_into(variables, embeddings, hu_slices, indices, *, config: ModelConfig, dtype, window,
+                 attention: str = "chunked"):
+    """Preprocesses and encodes hu_slices[indices] (B,) and writes them into embeddings (donated);
+    `attention` is the encoder's global-attention implementation (`RadSam.attention`)."""
     images = preprocess_ct_slices(hu_slices[indices], config, window)
-    emb = Sam(config, dtype).apply(variables, images, method=Sam.encode)
+    emb = Sam(config, dtype, attention=attention).apply(variables, images, method=Sam.encode)
     return embeddings.at[indices].set(emb.astype(embeddings.dtype))
 
 
@@ -77,23 +93,28 @@ class VolumeResult:
     """mask: uint8 (X, Y, Z) on the volume's grid (1 = object); iou: float32 (Z,) the model's IoU
     prediction for each segmented slice, NaN elsewhere; bounds: (lo, hi) segmented slices;
     logits: (Zp, m, m) primary low-res logits in the model frame (device array; EMPTY_LOGIT where
-    not segmented)."""
+    not segmented); all_masks: uint8 (M, X, Y, Z) every output mask of the decoder on the volume's
+    grid, index 0 the primary (= mask), 1.. the secondary ones (oracle), or None (only
+    `segment_slices(..., all_masks=True)` fills it)."""
 
     mask: np.ndarray
     iou: np.ndarray
     bounds: tuple[int, int]
     logits: Any = None
+    all_masks: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass
 class _ObjectState:
-    """What `edit` needs from the last `segment`: bounds, mode, corrections, current logits."""
+    """What `edit` needs from the last `segment`: bounds, mode, corrections, boxes, current logits."""
 
     lo: int
     hi: int
     propagation: str
     table_points: np.ndarray  # (Zp, P, 2) model-input pixels
     table_labels: np.ndarray  # (Zp, P) int32, -1 = empty slot
+    table_boxes: np.ndarray  # (Zp, 4) model-input pixels: the box prompt given on each slice
+    table_has_box: np.ndarray  # (Zp,) bool
     logits: Any  # (Zp, m, m) device
     iou: Any  # (Zp,) device
     slice_level: bool = False
@@ -117,6 +138,7 @@ class VolumePredictor:
             raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
         bucket_size(1, bucket)  # validates
         self.model = model
+        self.attention = getattr(model, "attention", "chunked")
         self.config = model.config
         self.variables = model.variables
         self.dtype = jnp.dtype(dtype if dtype is not None else model.dtype)
@@ -160,10 +182,12 @@ class VolumePredictor:
         self._hu = jnp.asarray(slices)
         e, c = self.config.embedding_size, self.config.prompt_embed_dim
         emb_dtype = jax.eval_shape(
-            lambda v, x: Sam(self.config, self.dtype).apply(v, x, method=Sam.encode),
+            lambda v, x: Sam(self.config, self.dtype, attention=self.attention).apply(v, x, method=Sam.encode),
             self.variables, jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3), jnp.float32),
         ).dtype
         self._embeddings = jnp.zeros((zp, e, e, c), emb_dtype)
+        m = self.config.mask_size
+        self._empty_logits = jnp.full((zp, m, m), EMPTY_LOGIT, jnp.float32)  # "no current mask" for segment
         self._encoded = np.zeros((z,), bool)
         self._state = None
         if encode == "all":
@@ -188,7 +212,8 @@ class VolumePredictor:
             # A short last chunk repeats its last slice: same shape, same compiled function.
             idx = np.concatenate([chunk, np.full(b - len(chunk), chunk[-1])]).astype(np.int32)
             self._embeddings = _encode_into(self.variables, self._embeddings, self._hu, jnp.asarray(idx),
-                                            config=self.config, dtype=self.dtype, window=self.window)
+                                            config=self.config, dtype=self.dtype, window=self.window,
+                                            attention=self.attention)
             self._encoded[chunk] = True
             if progress is not None:
                 jax.block_until_ready(self._embeddings)
@@ -279,7 +304,9 @@ class VolumePredictor:
 
         points (N, 2) / box (x0, y0, x1, y1) in file voxel coordinates; point_labels 1/0; bounds
         (lo, hi) inclusive, default the whole volume. propagation: "mask" (RadSAM) or "box"
-        (SAM/MedSAM). Starts a new object: corrections of the previous one are forgotten.
+        (SAM/MedSAM). Starts a new object: corrections of the previous one are forgotten. The points
+        and the box are stored with the object and re-sent whenever `slice_index` is decoded again
+        (an edit there, or a re-propagation from another slice passing it).
         """
         self._require_volume()
         if propagation not in PROPAGATION_MODES:
@@ -293,76 +320,93 @@ class VolumePredictor:
             bx, has_box = self._box_to_model(box), True
         else:
             bx, has_box = np.zeros(4, np.float32), False
-        m = self.config.mask_size
-        zp = self.padded_slices
-        table_points = np.zeros((zp, self.max_points, 2), np.float32)
-        table_labels = -np.ones((zp, self.max_points), np.int32)
-        # The user's points count as corrections on their slice, re-applied when an edit elsewhere
-        # re-propagates through it (a box is not stored).
-        table_points[k], table_labels[k] = pts, labels
+        tables = self._empty_tables()
+        # The user's points count as corrections on their slice and the box is stored there too:
+        # both are re-sent when an edit there or elsewhere decodes that slice again.
+        tables["table_points"][k], tables["table_labels"][k] = pts, labels
+        tables["table_boxes"][k], tables["table_has_box"][k] = bx, has_box
         self.encode_slices(lo, hi, progress=progress)
-        prompt = single_prompt(pts, labels, bx, has_box, jnp.zeros((m, m), jnp.float32), False)
-        logits, iou = self._propagate(k, lo, hi, prompt, table_points, table_labels, propagation)
-        self._state = _ObjectState(lo, hi, propagation, table_points, table_labels, logits, iou)
+        state = _ObjectState(lo, hi, propagation, **tables, logits=self._empty_logits, iou=None)
+        logits, iou = self._propagate(state, k, lo, hi, use_current=False)
+        self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (lo, hi))
+
+    def _empty_tables(self) -> dict:
+        zp = self.padded_slices
+        return {
+            "table_points": np.zeros((zp, self.max_points, 2), np.float32),
+            "table_labels": -np.ones((zp, self.max_points), np.int32),
+            "table_boxes": np.zeros((zp, 4), np.float32),
+            "table_has_box": np.zeros((zp,), bool),
+        }
+
+    def _add_points(self, k: int, points, point_labels, table_points, table_labels) -> None:
+        """Appends correction points on slice k to the (copied) tables; checks them first."""
+        if points is None or np.size(points) == 0:
+            raise ValueError(f"an edit needs at least one correction point (slice {k})")
+        new_pts, new_labels = self._points_to_model(points, point_labels)
+        n_new = int((new_labels != -1).sum())
+        used = int((table_labels[k] != -1).sum())
+        if used + n_new > self.max_points:
+            raise ValueError(f"slice {k} would hold {used + n_new} correction points, more than max_points={self.max_points}")
+        table_points[k, used: used + n_new] = new_pts[:n_new]
+        table_labels[k, used: used + n_new] = new_labels[:n_new]
 
     def edit(self, slice_index: int, points, point_labels) -> VolumeResult:
         """Correction points on `slice_index` (1 = add, 0 = remove): decodes that slice with all its
-        stored corrections and the current mask as the mask prompt (propagation="box": the box
-        around it), then re-propagates in both directions to the object's bounds. The corrections
-        are remembered and re-applied whenever a later re-propagation passes this slice."""
+        stored corrections, its stored box (if the object's box prompt was given on this slice) and
+        the current mask as the mask prompt (propagation="box": the stored box, else the box around
+        the current mask), then re-propagates in both directions to the object's bounds. The
+        corrections are remembered and re-applied whenever a later re-propagation passes this slice.
+
+        After `segment_slices` (slice-level), this is `edit_slices({slice_index: (points,
+        point_labels)})`: that slice only, no propagation."""
         self._require_volume()
         state = self._state
         if state is None:
             raise RuntimeError("edit needs an object: call segment (or segment_slices) first")
-        k = self._check_slice(slice_index)
-        if not state.slice_level and not state.lo <= k <= state.hi:
-            raise ValueError(f"slice {k} is outside the bounds {state.lo}..{state.hi} of the object being edited")
-        if points is None or np.size(points) == 0:
-            raise ValueError("edit needs at least one correction point")
-        new_pts, new_labels = self._points_to_model(points, point_labels)
-        n_new = int((new_labels != -1).sum())
-        used = int((state.table_labels[k] != -1).sum())
-        if used + n_new > self.max_points:
-            raise ValueError(f"slice {k} would hold {used + n_new} correction points, more than max_points={self.max_points}")
-        table_points, table_labels = state.table_points.copy(), state.table_labels.copy()
-        table_points[k, used: used + n_new] = new_pts[:n_new]
-        table_labels[k, used: used + n_new] = new_labels[:n_new]
-        self.encode_slices(k, k)
-        current = (state.logits[k] > 0).astype(jnp.float32)  # on device
-        if state.propagation == "box":
-            from radsam_jax.inference.propagation import box_from_mask
-
-            bx, has_box = box_from_mask(current, self.config.image_size)
-            prompt = single_prompt(table_points[k], table_labels[k], bx, has_box, jnp.zeros_like(current), False)
-        else:
-            prompt = single_prompt(table_points[k], table_labels[k], jnp.zeros(4), False, current, True)
         if state.slice_level:
-            logits, iou = self._propagate(k, k, k, prompt, table_points, table_labels, state.propagation)
-            logits = state.logits.at[k].set(logits[k])
-            iou = state.iou.at[k].set(iou[k])
-        else:
-            logits, iou = self._propagate(k, state.lo, state.hi, prompt, table_points, table_labels, state.propagation)
-        self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
+            return self.edit_slices({slice_index: (points, point_labels)})
+        k = self._check_slice(slice_index)
+        if not state.lo <= k <= state.hi:
+            raise ValueError(f"slice {k} is outside the bounds {state.lo}..{state.hi} of the object being edited")
+        table_points, table_labels = state.table_points.copy(), state.table_labels.copy()
+        self._add_points(k, points, point_labels, table_points, table_labels)
+        self.encode_slices(k, k)
+        state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels)
+        logits, iou = self._propagate(state, k, state.lo, state.hi, use_current=True)
+        self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (state.lo, state.hi))
 
-    def _propagate(self, k, lo, hi, prompt: Prompts, table_points, table_labels, propagation):
+    def _propagate(self, state: _ObjectState, k: int, lo: int, hi: int, *, use_current: bool):
+        """The one path of `segment` and `edit`: every argument is built the same way (host NumPy ->
+        device, the start prompt by the jitted `start_prompt`), so an edit after a segment re-uses
+        the compiled propagation."""
+        prompt = start_prompt(
+            jnp.asarray(state.table_points[k]), jnp.asarray(state.table_labels[k]), jnp.asarray(state.table_boxes[k]),
+            jnp.asarray(state.table_has_box[k]), state.logits, jnp.int32(k), jnp.asarray(use_current, bool),
+            image_size=self.config.image_size, mode=state.propagation,
+        )
         return propagate_volume(
             self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
-            jnp.asarray(table_points), jnp.asarray(table_labels),
-            image_size=self.config.image_size, mode=propagation, vanish_policy=self.vanish_policy,
+            jnp.asarray(state.table_points), jnp.asarray(state.table_labels),
+            jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box),
+            image_size=self.config.image_size, mode=state.propagation, vanish_policy=self.vanish_policy,
         )
 
     # ------------------------------------------------------------------------------------------
     # Slice-level prompting
     # ------------------------------------------------------------------------------------------
 
-    def segment_slices(self, prompts: Union[Mapping[int, Mapping[str, Any]], Sequence[Mapping[str, Any]]]) -> VolumeResult:
+    def segment_slices(self, prompts: Union[Mapping[int, Mapping[str, Any]], Sequence[Mapping[str, Any]]],
+                       all_masks: bool = False) -> VolumeResult:
         """Slice-level prompting: one prompt per slice, all slices decoded in one batched call.
 
         prompts: {slice_index: {"points": ..., "point_labels": ..., "box": ...}} or a list of dicts
-        with a "slice" key. Slices without a prompt stay empty. `edit` afterwards corrects one slice
-        (no propagation).
+        with a "slice" key. Slices without a prompt stay empty. all_masks=True also returns every
+        output mask of the decoder (`VolumeResult.all_masks`, (M, X, Y, Z) uint8, index 0 the
+        primary; 1.. the secondary masks for the oracle Dice). `edit_slices` (or `edit`) afterwards
+        corrects slices (no propagation); the points and boxes given here are stored and re-sent.
         """
         self._require_volume()
         items = list(prompts.items()) if isinstance(prompts, Mapping) else [(p["slice"], p) for p in prompts]
@@ -391,24 +435,76 @@ class VolumePredictor:
         self._encode_indices(np.array(sorted(k for k in seen if not self._encoded[k]), np.int64))
         batch = Prompts(jnp.asarray(pts), jnp.asarray(labels), jnp.asarray(boxes), jnp.asarray(has_box),
                         jnp.zeros((nb, m, m), jnp.float32), jnp.zeros((nb,), bool))
-        logits, iou = decode_slices(self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), batch)
-        zp = self.padded_slices
-        table_points = np.zeros((zp, self.max_points, 2), np.float32)
-        table_labels = -np.ones((zp, self.max_points), np.int32)
+        logits, iou = decode_slices(self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), batch,
+                                    all_masks=bool(all_masks))
+        every = None
+        if all_masks:
+            every, logits, iou = logits, logits[:, 0], iou[:, 0]
+        tables = self._empty_tables()
         for i, (k, _) in enumerate(items):
-            table_points[int(k)], table_labels[int(k)] = pts[i], labels[i]
+            k = int(k)
+            tables["table_points"][k], tables["table_labels"][k] = pts[i], labels[i]
+            tables["table_boxes"][k], tables["table_has_box"][k] = boxes[i], has_box[i]
         lo, hi = min(seen), max(seen)
-        self._state = _ObjectState(lo, hi, "mask", table_points, table_labels, logits, iou, slice_level=True)
-        return self._result(logits, iou, (lo, hi))
+        self._state = _ObjectState(lo, hi, "mask", **tables, logits=logits, iou=iou, slice_level=True)
+        return self._result(logits, iou, (lo, hi), all_logits=every)
+
+    def edit_slices(self, edits: Mapping[int, tuple[Any, Any]]) -> VolumeResult:
+        """Slice-level edits, batched: {slice_index: (points, point_labels)} correction points on
+        several slices (1 = add, 0 = remove). Each slice is decoded once, in one batched decoder call,
+        with all its stored points (its prompt from `segment_slices` + every correction so far), its
+        stored box, and its current mask as the mask prompt; no propagation, other slices unchanged.
+        The same as one `edit` per slice (a slice's edit never affects another slice here).
+
+        Needs an object from `segment_slices`."""
+        self._require_volume()
+        state = self._state
+        if state is None:
+            raise RuntimeError("edit_slices needs an object: call segment_slices first")
+        if not state.slice_level:
+            raise RuntimeError("edit_slices is for slice-level objects (segment_slices); after segment, use edit")
+        if not isinstance(edits, Mapping) or not edits:
+            raise ValueError("edit_slices needs a non-empty {slice: (points, point_labels)} mapping")
+        table_points, table_labels = state.table_points.copy(), state.table_labels.copy()
+        ks = []
+        for k, pair in edits.items():
+            k = self._check_slice(k)
+            if k in ks:
+                raise ValueError(f"slice {k} is edited more than once")
+            try:
+                points, point_labels = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"the edit of slice {k} must be (points, point_labels), got {pair!r}") from None
+            self._add_points(k, points, point_labels, table_points, table_labels)
+            ks.append(k)
+        self._encode_indices(np.array(sorted(k for k in ks if not self._encoded[k]), np.int64))
+        nb = bucket_size(len(ks), self.bucket)
+        idx = np.full((nb,), self.padded_slices, np.int32)  # padding rows are dropped
+        idx[: len(ks)] = ks
+        rows = np.clip(idx, 0, self.padded_slices - 1)
+        logits, iou = redecode_slices(
+            self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), jnp.asarray(table_points[rows]),
+            jnp.asarray(table_labels[rows]), jnp.asarray(state.table_boxes[rows]), jnp.asarray(state.table_has_box[rows]),
+            state.logits, state.iou,
+        )
+        self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
+        return self._result(logits, iou, (state.lo, state.hi))
 
     # ------------------------------------------------------------------------------------------
     # Results
     # ------------------------------------------------------------------------------------------
 
-    def _result(self, logits, iou, bounds) -> VolumeResult:
+    def _to_volume_grid(self, logits) -> np.ndarray:
+        """(Zp, m, m) model-frame logits -> uint8 (X, Y, Z) mask on the volume's grid."""
         masks = _logits_to_masks(logits, geo=self.geo, preprocessing=self.config.preprocessing)
         masks = np.asarray(masks)[: self.num_slices]  # the single transfer to the host: (Z, H, W)
         canon = np.transpose(masks, (2, 1, 0))  # (N0, N1, Z)
-        mask = np.ascontiguousarray(self.frame.from_canonical(canon), dtype=np.uint8)
+        return np.ascontiguousarray(self.frame.from_canonical(canon), dtype=np.uint8)
+
+    def _result(self, logits, iou, bounds, all_logits=None) -> VolumeResult:
+        mask = self._to_volume_grid(logits)
         iou_host = np.asarray(iou, np.float32)[: self.num_slices]
-        return VolumeResult(mask, iou_host, (int(bounds[0]), int(bounds[1])), logits)
+        every = None
+        if all_logits is not None:  # (Zp, M, m, m): one mask index at a time, through the same path
+            every = np.stack([mask] + [self._to_volume_grid(all_logits[:, i]) for i in range(1, all_logits.shape[1])])
+        return VolumeResult(mask, iou_host, (int(bounds[0]), int(bounds[1])), logits, every)

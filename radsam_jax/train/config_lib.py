@@ -175,6 +175,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_train_steps = -1  # stop after this many steps (-1 = when the epochs are done)
     c.num_devices = -1  # devices in the mesh (-1 = all of them)
     c.distributed = False  # call jax.distributed.initialize() first (multi-host); env RADSAM_DISTRIBUTED=1 too
+    # Explicit multi-host topology (docs/multihost.md); unset = env RADSAM_COORDINATOR_ADDRESS /
+    # RADSAM_NUM_PROCESSES / RADSAM_PROCESS_ID, else JAX auto-detects (Slurm, TPU pod, K8s, Open MPI).
+    c.distributed_coordinator_address = ""  # "host:port" of process 0; setting it implies distributed
+    c.distributed_num_processes = -1  # processes in the job (-1 = env or auto-detect)
+    c.distributed_process_id = -1  # this process's id in 0..num_processes-1 (-1 = env or auto-detect)
     # ---- optimiser
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5  # peak learning rate (paper: constant 1e-5)

@@ -35,14 +35,49 @@ from radsam_jax.train.train_step import (
 # --------------------------------------------------------------------------------------------------
 # Helpers: distributed hook, model, data, metric writer
 # --------------------------------------------------------------------------------------------------
+# The explicit topology: config field -> environment variable. jax.distributed.initialize() itself
+# reads only JAX_COORDINATOR_ADDRESS from the environment (jax 0.10), not the process count or id.
+DISTRIBUTED_FIELDS = {
+    "coordinator_address": ("distributed_coordinator_address", "RADSAM_COORDINATOR_ADDRESS"),
+    "num_processes": ("distributed_num_processes", "RADSAM_NUM_PROCESSES"),
+    "process_id": ("distributed_process_id", "RADSAM_PROCESS_ID"),
+}
+
+
+def distributed_arguments(config: ml_collections.ConfigDict) -> dict:
+    """The explicitly given `jax.distributed.initialize` arguments: config fields
+    (`distributed_coordinator_address`, `distributed_num_processes`, `distributed_process_id`)
+    first, then RADSAM_COORDINATOR_ADDRESS / RADSAM_NUM_PROCESSES / RADSAM_PROCESS_ID. Unset ones
+    are left out, so JAX auto-detects them (Slurm, TPU pod, K8s, Open MPI)."""
+    args = {}
+    for arg, (field, env) in DISTRIBUTED_FIELDS.items():
+        value = config.get(field, None)
+        if value in (None, "", -1):
+            value = os.environ.get(env, "") or None
+        if value is None:
+            continue
+        if arg != "coordinator_address":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{field} / {env} must be an integer, got {value!r}") from None
+        args[arg] = value
+    if "num_processes" in args and "process_id" in args and not 0 <= args["process_id"] < args["num_processes"]:
+        raise ValueError(f"process_id {args['process_id']} is not in 0..{args['num_processes'] - 1}")
+    return args
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """The multi-host hook: `jax.distributed.initialize()` only when the config or the environment
-    (RADSAM_DISTRIBUTED=1) asks for it. It must run before anything touches a JAX backend; on a
-    cluster JAX reads the coordinator / process id from the environment (Slurm, TPU, K8s, or
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    wanted = config.get("distributed", False) or os.environ.get("RADSAM_DISTRIBUTED", "") in ("1", "true")
+    """The multi-host hook: `jax.distributed.initialize()` when the config or the environment
+    (RADSAM_DISTRIBUTED=1, or any explicit topology value, see `distributed_arguments`) asks for it.
+    It must run before anything touches a JAX backend. Explicit values are passed through; the
+    rest is auto-detected by JAX (Slurm: one process per task, GPU = SLURM_LOCALID; TPU VM pods;
+    K8s; Open MPI; or JAX_COORDINATOR_ADDRESS)."""
+    args = distributed_arguments(config)
+    wanted = (config.get("distributed", False) or bool(args)
+              or os.environ.get("RADSAM_DISTRIBUTED", "").lower() in ("1", "true"))
     if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**args)
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
@@ -116,8 +151,9 @@ class MetricWriter:
 
 
 def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
-    """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (this process's
-    share); weight 0 marks padding rows of the last batch. Same slices and prompts at every call."""
+    """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (the *global*
+    eval batch, the same on every process); weight 0 marks padding rows of the last batch. Same
+    slices and prompts at every call, and whatever the number of processes."""
     if config.data_source in ("pipeline", "mixture"):  # a mixture validates on `config.data`
         from radsam_jax.data.pipeline import iterate_slices
 
@@ -126,8 +162,13 @@ def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[
                                     max_samples=max_samples, seed=config.seed):
             yield batch, np.asarray(batch.pop("valid"), np.float32)
         return
-    it = make_iterator(config, model_config, split=config.eval.split, batch_size=batch_size,
-                       seed=config.seed, num_epochs=1)
+    if config.data_source != "synthetic":
+        raise ValueError(f"data_source must be 'pipeline', 'mixture' or 'synthetic', got {config.data_source!r}")
+    from radsam_jax.train.synthetic import make_synthetic_iterator
+
+    # Unsharded: every process walks the whole held-out set, so all take the same number of batches.
+    it = make_synthetic_iterator(model_config, split=config.eval.split, batch_size=batch_size, seed=config.seed,
+                                 num_examples=config.synthetic.num_validation, num_epochs=1)
     for i, batch in enumerate(it):
         if 0 < config.eval.max_batches <= i:
             break
@@ -140,13 +181,18 @@ def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[
 
 
 def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) -> dict:
-    """Mean validation loss terms and Dice (primary mask, hard, at S x S) over the held-out slices."""
+    """Mean validation loss terms and Dice (primary mask, hard, at S x S) over the held-out slices.
+
+    Every process reads the same global batches (validation sets are small) and feeds its own rows,
+    so each takes part in every collective step, and the result does not depend on the process count.
+    """
     local = batch_size // jax.process_count()
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     sums = None
-    for batch, weight in validation_batches(config, model_config, local):
-        global_batch = to_global_batch(batch, mesh)
+    for batch, weight in validation_batches(config, model_config, batch_size):
+        global_batch = to_global_batch({k: v[rows] for k, v in batch.items()}, mesh)
         global_batch["weight"] = jax.make_array_from_process_local_data(
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), weight)
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), weight[rows])
         out = jax.device_get(eval_step(variables, global_batch))
         sums = out if sums is None else {k: sums[k] + out[k] for k in out}
     if not sums or sums["count"] == 0:
