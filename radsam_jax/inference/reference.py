@@ -35,7 +35,7 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
     """
     model, config = predictor.model, predictor.config
     if predictor.dtype != model.dtype:
-        model = model.with_dtype(predictor.dtype)
+        model = model.with_options(dtype=predictor.dtype)
     lo, hi = predictor._check_bounds(bounds, slice_index)
     pts, labels = predictor._points_to_model(points, point_labels)
     bx = predictor._box_to_model(box) if box is not None else None
