@@ -38,8 +38,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+CPU_COLLECTIVE_TIMEOUTS = ("xla_cpu_collective_timeout_seconds", "xla_cpu_collective_call_terminate_timeout_seconds")
+
+
 def process_env(base: dict, *, process_id: int, num_processes: int, devices_per_process: int,
-                coordinator: str, platform: str) -> dict:
+                coordinator: str, platform: str, collective_timeout: int = 600) -> dict:
     """The environment of process `process_id` (see the module docstring)."""
     env = dict(base)
     env["RADSAM_COORDINATOR_ADDRESS"] = coordinator
@@ -50,6 +53,11 @@ def process_env(base: dict, *, process_id: int, num_processes: int, devices_per_
         env["JAX_PLATFORMS"] = "cpu"
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
         flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
+        # Gloo waits 30 s by default for the other processes to reach a collective: too short when
+        # N processes compile at once on a few shared cores (one arrives minutes after the other).
+        for flag in CPU_COLLECTIVE_TIMEOUTS:
+            if flag not in env.get("XLA_FLAGS", ""):
+                flags.append(f"--{flag}={collective_timeout}")
         env["XLA_FLAGS"] = " ".join(flags)
     elif platform == "gpu":
         first = process_id * devices_per_process
@@ -153,6 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds between SIGTERM and SIGKILL when stopping (default 30: time to checkpoint)")
+    parser.add_argument("--collective_timeout", type=int, default=600,
+                        help="cpu: seconds a process waits for the others in a collective (XLA default 30)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command every process runs, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -165,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = [[a.replace("{process_id}", str(i)) for a in command] for i in range(args.num_processes)]
     envs = [process_env(os.environ, process_id=i, num_processes=args.num_processes,
                         devices_per_process=args.devices_per_process, coordinator=coordinator,
-                        platform=args.platform) for i in range(args.num_processes)]
+                        platform=args.platform, collective_timeout=args.collective_timeout)
+            for i in range(args.num_processes)]
     print(f"[launcher] {args.num_processes} processes x {args.devices_per_process} {args.platform} devices, "
           f"coordinator {coordinator}", flush=True)
 

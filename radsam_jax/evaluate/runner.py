@@ -108,13 +108,12 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(zlib.crc32(p.encode()) for p in parts)]))
 
 
-def run_volume_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Sequence[int], rng,
-                     box_jitter=None) -> tuple[dict, dict, np.ndarray]:
-    """Dice at each edit checkpoint, info (initial slice, bounds), the mask at the first checkpoint."""
-    lo, hi = object_bounds(gt)
-    k = initial_slice(gt)
-    prompt = slice_prompt(slice_2d(gt, k), setting.prompt, rng, box_jitter)
-    pred = predictor.segment(k, bounds=(lo, hi), propagation=setting.propagation, **prompt).mask
+def _scores_over_edits(pred: np.ndarray, gt: np.ndarray, checkpoints: Sequence[int], correct) -> tuple[dict, np.ndarray]:
+    """Dice after 0, 1, 2, ... correction rounds, kept at each checkpoint count; the mask at the first.
+
+    correct(pred) runs one round and returns the new mask, or None when nothing is left to correct
+    (a perfect mask: its Dice carries forward to the later checkpoints).
+    """
     scores, first = {}, None
     n, last = 0, dice(pred, gt)
     targets = list(checkpoints)
@@ -125,15 +124,30 @@ def run_volume_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: S
                 first = pred
         if n >= targets[-1]:
             break
-        click = correction_3d(pred, gt, rng)
-        if click is None:  # perfect: nothing left to correct, the Dice stays
+        corrected = correct(pred)
+        if corrected is None:
             break
-        pred = predictor.edit(click.slice, [click.point], [click.label]).mask
-        n += 1
+        pred, n = corrected, n + 1
         last = dice(pred, gt)
     for t in targets:
         scores.setdefault(t, last)
-    return scores, {"initial_slice": k, "lo": lo, "hi": hi}, first if first is not None else pred
+    return scores, first if first is not None else pred
+
+
+def run_volume_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Sequence[int], rng,
+                     box_jitter=None) -> tuple[dict, dict, np.ndarray]:
+    """Dice at each edit checkpoint, info (initial slice, bounds), the mask at the first checkpoint."""
+    lo, hi = object_bounds(gt)
+    k = initial_slice(gt)
+    prompt = slice_prompt(slice_2d(gt, k), setting.prompt, rng, box_jitter)
+    pred = predictor.segment(k, bounds=(lo, hi), propagation=setting.propagation, **prompt).mask
+
+    def correct(pred):
+        click = correction_3d(pred, gt, rng)
+        return None if click is None else predictor.edit(click.slice, [click.point], [click.label]).mask
+
+    scores, first = _scores_over_edits(pred, gt, checkpoints, correct)
+    return scores, {"initial_slice": k, "lo": lo, "hi": hi}, first
 
 
 def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Sequence[int], rng,
@@ -149,27 +163,16 @@ def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Se
             info["oracle_dice"] = oracle_dice(result.all_masks[1:], gt)
     else:
         result = predictor.segment_slices(prompts)
-    pred = result.mask
-    scores, first = {}, None
-    n, last = 0, dice(pred, gt)
-    targets = list(checkpoints)
-    while True:
-        if n in targets:
-            scores[n] = last
-            if first is None:
-                first = pred
-        if n >= targets[-1]:
-            break
+
+    def correct(pred):
         clicks = [c for c in (correction_2d(slice_2d(pred, k), slice_2d(gt, k), rng, k) for k in present) if c is not None]
         if not clicks:
-            break
+            return None
         # One round = one batched decode of the clicked slices (no propagation at slice level).
-        pred = predictor.edit_slices({c.slice: ([c.point], [c.label]) for c in clicks}).mask
-        n += 1
-        last = dice(pred, gt)
-    for t in targets:
-        scores.setdefault(t, last)
-    return scores, info, first if first is not None else pred
+        return predictor.edit_slices({c.slice: ([c.point], [c.label]) for c in clicks}).mask
+
+    scores, first = _scores_over_edits(result.mask, gt, checkpoints, correct)
+    return scores, info, first
 
 
 def _worst_slice(pred: np.ndarray, gt: np.ndarray, lo: int, hi: int) -> int:
