@@ -37,7 +37,8 @@ class Checkpointer:
 
     def __init__(self, directory, *, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
                  async_save: bool = True):
-        self.directory = epath.Path(directory)
+        # Orbax requires absolute paths; a relative --workdir is taken from the current directory.
+        self.directory = epath.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
