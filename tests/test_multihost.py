@@ -161,7 +161,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3], rows  # once each: process 0 only
     assert (workdir / "tensorboard").is_dir()
-    data_iter = sorted(os.listdir(workdir / "checkpoints" / "3" / "data_iter"))
+    data_iter = sorted(f for f in os.listdir(workdir / "checkpoints" / "3" / "data_iter") if f.startswith("process_"))
     assert data_iter == ["process_0-of-2.json", "process_1-of-2.json"], data_iter
 
     code = REFERENCE.replace("ARGS", repr((str(config_path), str(workdir), (2, 3))))
@@ -172,4 +172,4 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     assert ref["checkpoints"][-2:] == [2, 3], ref
     for step in ("2", "3"):
         assert ref[step]["params_rel"] <= 1e-5, ref
-        assert ref[step]["update_rel"] <= 1e-4, ref
+        assert ref[step]["update_rel"] <= 1e-5, ref

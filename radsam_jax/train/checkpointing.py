@@ -90,7 +90,13 @@ class Checkpointer:
         """The saved train state as a plain nested dict of host arrays (no target needed), e.g. to
         export trained weights: `restore_state_arrays()["params"]`."""
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))[STATE]
+        # Onto one local device, whatever the saving topology (a multi-host run's checkpoint names
+        # devices this process may not have, and Orbax would refuse to reuse its shardings).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              self.manager.item_metadata(step)[STATE].tree)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
+        return jax.device_get(restored[STATE])
 
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step

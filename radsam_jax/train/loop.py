@@ -80,6 +80,34 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize(**args)
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """A barrier of the coordination service (no device collective, long timeout); `name` must be
+    used once. No-op with one process."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"radsam_{name}", timeout_in_ms=timeout_s * 1000)
+
+
+class CompiledInStep:
+    """A jitted function compiled at its first call, after which every process waits for the others
+    before running it. The first run of an executable with collectives sets up their communicators,
+    and Gloo (CPU) gives up when a peer is over 30 s late, as it is when the processes compile at
+    different speeds on a loaded machine. One process: the jitted function itself."""
+
+    def __init__(self, name: str, jitted):
+        self.name, self.jitted, self.compiled = name, jitted, None
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            wait_for_all_processes(f"compiled_{self.name}")
+        return self.compiled(*args)
+
+
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
     """(model config, initial variables or None): a converted checkpoint, or a named preset from scratch."""
     if config.init_checkpoint:
@@ -256,8 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}")
 
     # ---------------------------------------------------------------- Update step
-    train_step = make_train_step(model_config, config, tx, mesh, schedule)
-    eval_step = make_eval_step(model_config, config, mesh)
+    train_step = CompiledInStep("train_step", make_train_step(model_config, config, tx, mesh, schedule))
+    eval_step = CompiledInStep("eval_step", make_eval_step(model_config, config, mesh))
     config_json = json.loads(config.to_json())
 
     saved_step = ckpt.latest_step()
