@@ -161,29 +161,14 @@ def propagation_rows(args) -> list[dict]:
 
 def train_rows(args) -> list[dict]:
     """The sharded training step (forward + backward + Adam) on synthetic batches: images/s and FLOP rate."""
-    from radsam_jax.train import optimizer as optimizer_lib
-    from radsam_jax.train.config_lib import base_config
-    from radsam_jax.train.synthetic import make_synthetic_iterator
-    from radsam_jax.train.train_step import create_sharded_state, make_mesh, make_train_step, to_global_batch
+    from benchmarks.train_throughput import synthetic_training_setup
 
     rows = []
     name = "small" if args.small else "vit_b"
     for precision, batch, remat in (("float32", 8, False), ("bfloat16", 8, False), ("bfloat16", 32, True)):
         row = {"model": name, "precision": precision, "batch": batch, "remat": remat}
         try:
-            config = base_config()
-            config.model.name = name
-            config.precision = precision
-            config.batch_size = batch
-            config.remat = remat
-            mc = load_model_config(name)
-            mesh = make_mesh()
-            params = jax.eval_shape(lambda: init_variables(mc, jax.random.key(0))["params"])
-            tx = optimizer_lib.make_optimizer(config.optim, params, 1)
-            state = create_sharded_state(mc, config, tx, mesh)
-            step = make_train_step(mc, config, tx, mesh)
-            it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=2 * batch)
-            batches = [to_global_batch(next(it), mesh) for _ in range(2)]
+            state, step, batches, mesh = synthetic_training_setup(name, precision, batch, remat)
             with jax.set_mesh(mesh):
                 t0 = time.perf_counter()
                 compiled = step.lower(state, batches[0]).compile()

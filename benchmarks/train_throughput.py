@@ -25,11 +25,13 @@ from radsam_jax.train.synthetic import make_synthetic_iterator
 from radsam_jax.train.train_step import BATCH_DTYPES, abstract_train_state, create_sharded_state, make_mesh, make_train_step, to_global_batch
 
 
-def images_per_s(steps: int, batch: int, precision: str, name: str = "small") -> dict:
+def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False):
+    """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
     config = base_config()
     config.model.name = name
     config.precision = precision
     config.batch_size = batch
+    config.remat = remat
     mc = load_model_config(name)
     mesh = make_mesh()
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
@@ -38,6 +40,11 @@ def images_per_s(steps: int, batch: int, precision: str, name: str = "small") ->
     step = make_train_step(mc, config, tx, mesh)
     it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=4 * batch)
     batches = [to_global_batch(next(it), mesh) for _ in range(2)]
+    return state, step, batches, mesh
+
+
+def images_per_s(steps: int, batch: int, precision: str, name: str = "small") -> dict:
+    state, step, batches, mesh = synthetic_training_setup(name, precision, batch)
     t = time.perf_counter()
     with jax.set_mesh(mesh):
         state, m = step(state, batches[0])
