@@ -84,18 +84,11 @@ def bf16_parity_rows(args) -> list[dict]:
 
 def torch_rows(args) -> list[dict]:
     """segment_anything's encoder on the same device, float32 and bfloat16 autocast."""
-    import sys
-    import types
-
     import torch
 
-    # segment_anything/__init__ imports torchvision for its resize helper; the model code does not.
-    import importlib.util
-    spec = importlib.util.find_spec("segment_anything")
-    package = types.ModuleType("segment_anything")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["segment_anything"] = package
-    from segment_anything.build_sam import sam_model_registry
+    from radsam_jax.convert.reference import import_segment_anything
+
+    sam_model_registry, _ = import_segment_anything()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

@@ -1,30 +1,14 @@
 """The PyTorch references for parity tests: segment_anything and transformers' SamModel, random weights.
 
-segment_anything/__init__.py imports torchvision (for a resize helper the model does not use), and
-PyPI's torchvision does not import beside the CPU torch installed here. So `import_segment_anything`
-registers an empty package module `segment_anything` carrying the real `__path__` and imports
-`segment_anything.build_sam` / `segment_anything.modeling` directly, skipping that __init__.
+segment_anything is imported without its torchvision-dependent __init__ through
+`radsam_jax.convert.reference.import_segment_anything` (see that module).
 """
 
-import importlib.util
-import sys
-import types
 from functools import partial
 
 import numpy as np
 
-
-def import_segment_anything():
-    """(sam_model_registry, modeling) without running segment_anything/__init__.py (see module doc)."""
-    if "segment_anything" not in sys.modules:
-        spec = importlib.util.find_spec("segment_anything")
-        package = types.ModuleType("segment_anything")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["segment_anything"] = package
-    from segment_anything import modeling
-    from segment_anything.build_sam import sam_model_registry
-
-    return sam_model_registry, modeling
+from radsam_jax.convert.reference import import_segment_anything
 
 
 def randomize_(module, seed: int = 0):
