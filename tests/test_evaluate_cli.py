@@ -277,3 +277,20 @@ def test_bad_options_are_errors(checkpoint, tmp_path, capsys):
     assert "does not exist" in _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), *common)
     assert "--protocol" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--protocol", "volumes", *common)
     assert "--labels" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--out", str(tmp_path / "o"))
+
+
+def test_table1_puts_slice_level_on_the_mask_propagation_row():
+    from radsam_jax.evaluate.report import table1
+
+    def s(protocol, prompt, propagation, edits, dice):
+        return dict(protocol=protocol, prompt=prompt, propagation=propagation, edits=edits, mean_dice=dice,
+                    ci_low=dice, ci_high=dice, n=1)
+
+    summary = {"settings": [s("volume", "box", "mask", 0, 0.8), s("volume", "box", "box", 0, 0.6),
+                            s("slice", "box", "none", 0, 0.7)]}
+    lines = table1(summary, "m")[2:]
+    assert lines[0].startswith("| m |")  # the model's own (mask propagation) row comes first
+    rows = {line.split(" | ")[0]: line for line in lines}
+    assert set(rows) == {"| m (box propagation)", "| m"}
+    assert "70.00" in rows["| m"] and "80.00" in rows["| m"]
+    assert "70.00" not in rows["| m (box propagation)"] and "60.00" in rows["| m (box propagation)"]

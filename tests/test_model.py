@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables, init_variables, load_model_config
-from radsam_jax.model.image_encoder import ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_with_rel_pos
+from radsam_jax.model.image_encoder import (ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_with_rel_pos,
+                                            resolve_attention)
 from radsam_jax.model.sam import _decode
 from radsam_jax.prompts import make_prompts
 
@@ -52,6 +53,24 @@ def test_attention_rejects_unknown_implementation():
     x = jnp.zeros((1, 1, 4, 2))
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention_with_rel_pos(x, x, x, jnp.zeros((2, 2, 2)), jnp.zeros((2, 2, 2)), (2, 2), 1.0, "flash")
+
+
+def test_auto_attention_picks_cudnn_only_for_gpu_half_precision():
+    assert resolve_attention("auto", jnp.bfloat16, backend="gpu") == "fused"
+    assert resolve_attention("auto", jnp.float16, backend="gpu") == "fused"
+    assert resolve_attention("auto", jnp.float32, backend="gpu") == "chunked"  # cuDNN has no float32 kernel
+    assert resolve_attention("auto", jnp.bfloat16, backend="cpu") == "chunked"
+    assert resolve_attention("materialized", jnp.bfloat16, backend="gpu") == "materialized"  # explicit wins
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        resolve_attention("flash", jnp.float32)
+
+
+def test_with_options_re_resolves_auto():
+    variables = jax.eval_shape(lambda r: init_variables(TINY, r), jax.random.key(0))
+    model = RadSam(TINY, variables)
+    assert (model.requested_attention, model.attention) == ("auto", "chunked")  # this CPU
+    assert model.with_options(dtype=jnp.bfloat16).requested_attention == "auto"  # resolved again for bf16
+    assert RadSam(TINY, variables, attention="fused").with_options(dtype=jnp.float32).attention == "fused"
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--modality", default="CT", help="AMOS modality: CT, MRI or all (default CT)")
     p.add_argument("--protocol", default="volume", help="volume, slice, or both comma-separated (default volume)")
     p.add_argument("--prompt", default="box", help="box, point, or both comma-separated (default box)")
-    p.add_argument("--propagation", default="mask", help="volume-level: mask (RadSAM), box (SAM/MedSAM), or both (default mask)")
+    p.add_argument("--propagation", default="mask", help="volume-level: mask (RadSAM), box (SAM/MedSAM), or both comma-separated (default mask)")
     p.add_argument("--edits", type=_int_list, default=[0], metavar="0,1,2,5,10,20",
                    help="edit counts to record in one cumulative run (slice-level: points per slice, at most 10; default 0)")
     p.add_argument("--structures", metavar="a,b", help="only these structures (names from the label map)")

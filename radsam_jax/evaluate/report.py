@@ -98,18 +98,21 @@ def _ci(s: dict) -> str:
 def table1(summary: dict, model: str) -> list[str]:
     """Markdown lines shaped like the paper's Table 1 (volume-level and slice-level columns)."""
     by = {(s["protocol"], s["prompt"], s["propagation"], s["edits"]): s for s in summary["settings"]}
-    props = sorted({s["propagation"] for s in summary["settings"] if s["protocol"] == "volume"}, key=lambda p: _ORDER[p])
+    props = sorted({s["propagation"] for s in summary["settings"] if s["protocol"] == "volume"},
+                   key=("mask", "box").index)  # the model's own (RadSAM) row first
     vol_edits = sorted({s["edits"] for s in summary["settings"] if s["protocol"] == "volume"})
     sl_edits = sorted({s["edits"] for s in summary["settings"] if s["protocol"] == "slice"})
     lines = ["| Model | Volume-level \\|P\\| | \\|E\\| | Bbox | Point | Slice-level \\|P\\| | \\|E\\| | Bbox | Point |",
              "|---|---|---|---|---|---|---|---|---|"]
     groups = props or ["none"]
+    # Slice-level runs have no propagation: their columns go on the model's own (mask propagation) row.
+    slice_group = "mask" if "mask" in groups else groups[0]
     for prop in groups:
         label = model if prop in ("mask", "none") else f"{model} ({prop} propagation)"
-        edits = sorted(set(vol_edits if props else []) | set(sl_edits if prop == groups[0] else []))
+        edits = sorted(set(vol_edits if props else []) | set(sl_edits if prop == slice_group else []))
         for e in edits:
             v = e in vol_edits and bool(props)
-            sl = e in sl_edits and prop == groups[0]
+            sl = e in sl_edits and prop == slice_group
             cells = [label,
                      "3" if v else "", ("-" if e == 0 else str(e)) if v else "",
                      _pm(by.get(("volume", "box", prop, e))) if v else "", _pm(by.get(("volume", "point", prop, e))) if v else "",

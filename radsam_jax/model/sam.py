@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.model.config import ModelConfig
-from radsam_jax.model.image_encoder import ImageEncoderViT
+from radsam_jax.model.image_encoder import ImageEncoderViT, resolve_attention
 from radsam_jax.model.mask_decoder import MaskDecoder
 from radsam_jax.model.prompt_encoder import PromptEncoder
 from radsam_jax.prompts import Prompts, make_prompts
@@ -91,16 +91,17 @@ class RadSam:
     """A model ready to run: architecture config, variables and jitted encode/decode.
 
     `dtype` is the compute dtype (float32 or bfloat16); parameters stay float32. `attention` picks the
-    global-attention implementation of the encoder ("chunked" by default; "fused" for cuDNN on GPUs).
+    encoder's attention implementation; "auto" resolves to cuDNN "fused" on GPUs in bf16, else "chunked".
     """
 
     def __init__(self, config: ModelConfig, variables: dict, dtype: Dtype = jnp.float32, metadata: Optional[dict] = None,
-                 attention: str = "chunked"):
+                 attention: str = "auto"):
         self.config = config
         self.variables = variables
         self.dtype = jnp.dtype(dtype)
         self.metadata = dict(metadata or {})
-        self.attention = attention
+        self.requested_attention = attention  # kept so with_options re-resolves "auto" for a new dtype
+        self.attention = resolve_attention(attention, self.dtype)
 
     @property
     def params(self) -> dict:
@@ -108,7 +109,8 @@ class RadSam:
 
     def with_options(self, dtype: Optional[Dtype] = None, attention: Optional[str] = None) -> "RadSam":
         """The same weights with another compute dtype or attention implementation."""
-        return RadSam(self.config, self.variables, dtype or self.dtype, self.metadata, attention or self.attention)
+        return RadSam(self.config, self.variables, dtype or self.dtype, self.metadata,
+                      attention or self.requested_attention)
 
     def encode_image(self, images) -> jax.Array:
         """images float32 (B, S, S, 3), already preprocessed -> embeddings (B, S/16, S/16, C)."""
