@@ -2,8 +2,9 @@
 
     python -m benchmarks.cpu_vs_torch            # full: 40-slice volume, 3 repeats
     python -m benchmarks.cpu_vs_torch --quick    # fewer slices/repeats, a few minutes on a free machine
+    python -m benchmarks.cpu_vs_torch --sections encoder --repeats 7   # one section again
 
-Sections (each a row of benchmarks/results/cpu_vs_torch.md, + .json):
+Sections (--sections, default all; each a row of benchmarks/results/cpu_vs_torch.md, + _raw.json):
   encoder  ViT-B image encoder, 1024x1024, batch 1;
   decoder  prompt encoder + mask decoder for one box prompt;
   volume   a volume end to end: JAX `VolumePredictor` (set_volume, segment with lax.scan propagation)
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu_vs_torch.md"
-CT_PATH = Path("/work/shared/data/ct-abdomen-3mm/ct.nii.gz")
 WINDOW = (40.0, 400.0)  # radsam_jax.preprocess.DEFAULT_WINDOW
 
 
@@ -90,19 +90,19 @@ def vit_b_flops(image_size: int = 1024, dim: int = 768, depth: int = 12, heads: 
 
 
 def load_volume_crop(num_slices: int):
-    """A `num_slices` crop around the middle of the shared CT, or a synthetic volume if absent."""
+    """A `num_slices` crop around the middle of the bundled sample CT (512 x 512 x 112)."""
     import numpy as np
 
+    from radsam_jax.inference.cli import SAMPLE_DIR
     from radsam_jax.io import Volume, load_volume
 
-    if CT_PATH.exists():
-        vol = load_volume(CT_PATH)
-        z0 = max(0, vol.array.shape[2] // 2 - num_slices // 2)
-        array = np.ascontiguousarray(vol.array[:, :, z0: z0 + num_slices], np.float32)
-        return Volume(array, vol.affine, str(CT_PATH)), f"{CT_PATH.name} z{z0}..{z0 + array.shape[2] - 1}"
-    rng = np.random.default_rng(0)
-    array = (rng.normal(0, 200, size=(512, 512, num_slices)) - 200).astype(np.float32)
-    return Volume(array, np.eye(4)), "synthetic"
+    path = SAMPLE_DIR / "ct.nii.gz"
+    vol = load_volume(path)
+    if num_slices > vol.array.shape[2]:
+        raise ValueError(f"--slices {num_slices}: the sample {path} has {vol.array.shape[2]} slices")
+    z0 = vol.array.shape[2] // 2 - num_slices // 2
+    array = np.ascontiguousarray(vol.array[:, :, z0: z0 + num_slices], np.float32)
+    return Volume(array, vol.affine, str(path)), f"sample ct.nii.gz z{z0}..{z0 + num_slices - 1}"
 
 
 def box_for(shape_xy) -> tuple:
@@ -283,34 +283,36 @@ def child_timing(args) -> dict:
     th = TorchSide(work / "sam_vit_b.pth", threads)
     out = {"threads": threads, "jax": jax.__version__, "attention": jx.model.attention, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     image = np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
+    parts = args.sections.split(",")
 
     # Encoder (+ its parity: same weights, so the embeddings must agree to float32 rounding).
     enc_j, enc_t = jx.encoder(image), th.encoder(image)
     emb_j, emb_t = np.asarray(enc_j()), enc_t().numpy().transpose(0, 2, 3, 1)
     out["encoder_rel_err"] = float(np.linalg.norm(emb_j - emb_t) / np.linalg.norm(emb_t))
-    out["encoder"] = interleaved({"jax": enc_j, "torch": enc_t}, args.repeats)
-    print("encoder", out["encoder"], flush=True)
+    if "encoder" in parts:
+        out["encoder"] = interleaved({"jax": enc_j, "torch": enc_t}, args.repeats)
+        print("encoder", out["encoder"], flush=True)
 
-    # Decoder, one box prompt, on the same embedding.
-    box = (300.0, 300.0, 700.0, 700.0)
-    out["decoder"] = interleaved({"jax": jx.decoder(emb_j, box), "torch": th.decoder(emb_j, box)}, max(args.repeats, 10), warmup=3)
-    print("decoder", out["decoder"], flush=True)
+    if "decoder" in parts:  # one box prompt, on the same embedding
+        box = (300.0, 300.0, 700.0, 700.0)
+        out["decoder"] = interleaved({"jax": jx.decoder(emb_j, box), "torch": th.decoder(emb_j, box)}, max(args.repeats, 10), warmup=3)
+        print("decoder", out["decoder"], flush=True)
 
-    # FLOPs and the matrix-product peak, measured now (same load as the encoder timings).
-    out["flops"] = jx.encoder_flops(image)
-    out["flops"]["analytic"] = vit_b_flops()
-    out["matmul"] = {"n": args.matmul_n, **matmul_rates(args.matmul_n, args.repeats, threads)}
-    print("flops", out["flops"], out["matmul"], flush=True)
+    if "flops" in parts:  # FLOPs and the matrix-product peak, measured now (same load as the encoder timings)
+        out["flops"] = jx.encoder_flops(image)
+        out["flops"]["analytic"] = vit_b_flops()
+        out["matmul"] = {"n": args.matmul_n, **matmul_rates(args.matmul_n, args.repeats, threads)}
+        print("flops", out["flops"], out["matmul"], flush=True)
 
-    # Volume end to end.
-    volume, source = load_volume_crop(args.slices)
-    box = box_for(volume.array.shape[:2])
-    warm_j, run_j = jx.volume(volume, box, args.encoder_batch_size)
-    warm_t, run_t = th.volume(volume, box)
-    warm_j(), warm_t()
-    out["volume"] = interleaved({"jax": run_j, "torch": run_t}, args.volume_repeats, warmup=0)
-    out["volume_source"], out["volume_slices"] = source, int(volume.array.shape[2])
-    print("volume", out["volume"], flush=True)
+    if "volume" in parts:
+        volume, source = load_volume_crop(args.slices)
+        box = box_for(volume.array.shape[:2])
+        warm_j, run_j = jx.volume(volume, box, args.encoder_batch_size)
+        warm_t, run_t = th.volume(volume, box)
+        warm_j(), warm_t()
+        out["volume"] = interleaved({"jax": run_j, "torch": run_t}, args.volume_repeats, warmup=0)
+        out["volume_source"], out["volume_slices"] = source, int(volume.array.shape[2])
+        print("volume", out["volume"], flush=True)
     return out
 
 
@@ -356,30 +358,38 @@ def run_child(args, name: str) -> dict:
 
 
 def build_rows(t: dict, mem: dict) -> list[dict]:
+    """The table's rows for the sections that ran (`t`: the timing child's output, `mem`: the memory children's)."""
     rows = []
 
-    def timed(section, what, unit_div=1.0):
+    def timed(section, what):
         j, p = t[section]["jax"]["median_s"], t[section]["torch"]["median_s"]
-        return {"measurement": what, "jax_s": j / unit_div, "torch_s": p / unit_div, "jax/torch": j / p}
+        return {"measurement": what, "jax_s": j, "torch_s": p, "jax/torch": j / p}
 
-    rows.append({**timed("encoder", "ViT-B encoder 1024, batch 1 (s)"),
-                 "note": f"rel. err. JAX vs torch embeddings {t['encoder_rel_err']:.1e}"})
-    rows.append({**timed("decoder", "decoder, 1 box prompt (s)"), "note": "prompt encoder + mask decoder"})
-    n = t["volume_slices"]
-    rows.append({**timed("volume", f"volume {n} slices end to end (s)"),
-                 "note": f"{t['volume_source']}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
+    if "encoder" in t:
+        runs = lambda side: "/".join(f"{x:.1f}" for x in t["encoder"][side]["all_s"])  # noqa: E731
+        rows.append({**timed("encoder", "ViT-B encoder 1024, batch 1 (s)"),
+                     "note": f"rel. err. JAX vs torch embeddings {t['encoder_rel_err']:.1e}; runs JAX {runs('jax')}, torch {runs('torch')}"})
+    if "decoder" in t:
+        rows.append({**timed("decoder", "decoder, 1 box prompt (s)"), "note": "prompt encoder + mask decoder"})
+    if "volume" in t:
+        n = t["volume_slices"]
+        rows.append({**timed("volume", f"volume {n} slices end to end (s)"),
+                     "note": f"{t['volume_source']}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
     for what in ("encoder", "volume"):
         j, p = mem.get(f"mem:jax:{what}", {}), mem.get(f"mem:torch:{what}", {})
         if "peak_gib" in j and "peak_gib" in p:
             rows.append({"measurement": f"peak RSS, {what} (GiB)", "jax_s": j["peak_gib"], "torch_s": p["peak_gib"],
                          "jax/torch": j["peak_gib"] / p["peak_gib"],
                          "note": f"VmHWM of a child running only that side; after loading weights: JAX {j['after_load_gib']:.2f}, torch {p['after_load_gib']:.2f}"})
+    if "flops" not in t:
+        return rows
     f, mm = t["flops"], t["matmul"]
-    enc_j, enc_t = t["encoder"]["jax"]["median_s"], t["encoder"]["torch"]["median_s"]
     analytic = vit_b_flops()  # recomputed: the child's copy may come from an older version of this file
-    rows.append({"measurement": "encoder GFLOP/s (analytic FLOPs)", "jax_s": analytic / enc_j / 1e9, "torch_s": analytic / enc_t / 1e9,
-                 "jax/torch": enc_t / enc_j,
-                 "note": f"of each library's own {mm['n']}^3 f32 matmul rate: JAX {analytic / enc_j / mm['jax']:.0%}, torch {analytic / enc_t / mm['torch']:.0%}"})
+    if "encoder" in t:
+        enc_j, enc_t = t["encoder"]["jax"]["median_s"], t["encoder"]["torch"]["median_s"]
+        rows.append({"measurement": "encoder GFLOP/s (analytic FLOPs)", "jax_s": analytic / enc_j / 1e9, "torch_s": analytic / enc_t / 1e9,
+                     "jax/torch": enc_t / enc_j,
+                     "note": f"of each library's own {mm['n']}^3 f32 matmul rate: JAX {analytic / enc_j / mm['jax']:.0%}, torch {analytic / enc_t / mm['torch']:.0%}"})
     rows.append({"measurement": f"f32 matmul {mm['n']}^3 GFLOP/s", "jax_s": mm["jax"] / 1e9, "torch_s": mm["torch"] / 1e9,
                  "jax/torch": mm["torch"] / mm["jax"], "note": "the practical peak of this CPU under the current load"})
     ca = f.get("cost_analysis_default")
@@ -389,6 +399,9 @@ def build_rows(t: dict, mem: dict) -> list[dict]:
                  "note": f"jax_s column = XLA cost_analysis ({t['attention']}), torch_s column = analytic count; "
                          f"cost_analysis with 'materialized' attention: {(cm or float('nan')) / 1e12:.3f}"})
     return rows
+
+
+SECTIONS = ("encoder", "decoder", "flops", "volume", "memory")
 
 
 def main():
@@ -402,7 +415,7 @@ def main():
     parser.add_argument("--matmul-n", type=int, default=2048)
     parser.add_argument("--memory-slices", type=int, default=8,
                         help="slices for the memory children (peak memory depends on the encoder batch, not the slice count)")
-    parser.add_argument("--sections", default="timing,memory")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -411,6 +424,10 @@ def main():
     args.slices = args.slices or (8 if args.quick else 40)
     args.repeats = args.repeats or 3 if args.quick else args.repeats or 5
     args.volume_repeats = args.volume_repeats or (1 if args.quick else 3)
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
 
     if args.child:
         fn = {"prepare": child_prepare, "timing": child_timing}.get(args.child, child_memory)
@@ -423,19 +440,19 @@ def main():
         args.workdir = own_tmp.name
     args.passthrough = ["--workdir", args.workdir, "--slices", str(args.slices), "--repeats", str(args.repeats),
                         "--volume-repeats", str(args.volume_repeats), "--encoder-batch-size", str(args.encoder_batch_size),
-                        "--matmul-n", str(args.matmul_n), "--memory-slices", str(args.memory_slices)]
+                        "--matmul-n", str(args.matmul_n), "--memory-slices", str(args.memory_slices),
+                        "--sections", args.sections]
     if args.attention:
         args.passthrough += ["--attention", args.attention]
     prep = run_child(args, "prepare")
     if "error" in prep:
         sys.exit(prep["error"])
-    sections = args.sections.split(",")
     mem = {}
     if "memory" in sections:
         for name in ("mem:jax:encoder", "mem:torch:encoder", "mem:jax:volume", "mem:torch:volume"):
             mem[name] = run_child(args, name)
             print(name, mem[name], flush=True)
-    timing = run_child(args, "timing") if "timing" in sections else None
+    timing = run_child(args, "timing") if set(sections) - {"memory"} else None
     raw = {"timing": timing, "memory": mem, "args": {k: v for k, v in vars(args).items() if k != "passthrough"}}
     out = Path(args.out)
     if timing and "error" not in timing:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SAMPLE = Path("/work/shared/data/ct-abdomen-3mm")
+from radsam_jax.inference.cli import SAMPLE_DIR
 LIVER_V1 = 5  # TotalSegmentator v1 id of the liver
 
 
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small")
     ap.add_argument("--checkpoint")
-    ap.add_argument("--image", default=str(SAMPLE / "ct.nii.gz"))
-    ap.add_argument("--labels", default=str(SAMPLE / "labels.nii.gz"))
+    ap.add_argument("--image", default=str(SAMPLE_DIR / "ct.nii.gz"))
+    ap.add_argument("--labels", default=str(SAMPLE_DIR / "labels.nii.gz"))
     ap.add_argument("--label-id", type=int, default=LIVER_V1)
     ap.add_argument("--encoder-batch-size", type=int, default=8)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

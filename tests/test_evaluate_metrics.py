@@ -208,6 +208,10 @@ def test_runner_scores_a_synthetic_case_exactly():
     for e, right in ((0, 4), (1, 5), (2, 6), (5, 8), (20, 8)):
         assert vol[("box", e)] == pytest.approx(2 * right * 64 / (right * 64 + 512)), e
         assert vol[("point", e)] == vol[("box", e)]
+    # the scripted edits fix the clicked slice: every click is honoured; clicks stop once the mask is perfect
+    clicks = {(r["protocol"], r["prompt"], r["edits"]): (r["clicks"], r["clicks_honoured"]) for r in res.rows}
+    assert [clicks[("volume", "box", e)] for e in (0, 1, 2, 5, 20)] == [(0, 0), (1, 1), (2, 2), (4, 4), (4, 4)]
+    assert [clicks[("slice", "point", e)] for e in (0, 1, 2)] == [(0, 0), (8, 8), (8, 8)]
     edits = [c for c in pred.calls if c[0] == "edit"]
     # volume: 4 clicks per prompt, then perfect (no more clicks); slice: one round of 8 slices per prompt
     assert len(edits) == 2 * 4 + 2 * 8
@@ -222,6 +226,31 @@ def test_runner_scores_a_synthetic_case_exactly():
     # same seed, same numbers
     res2 = runner.evaluate_cases([case], ScriptedPredictor(gt), settings, opts, load_case=lambda c: (volume, labels), progress=False)
     assert [r["dice"] for r in res2.rows] == [r["dice"] for r in res.rows]
+
+
+class IgnoringPredictor(ScriptedPredictor):
+    """Answers every edit with the mask it had: no click is honoured and the Dice stays put."""
+
+    def edit(self, k, points, point_labels):
+        self.calls.append(("edit", k))
+        return self._res()
+
+
+def test_runner_counts_ignored_clicks():
+    import types
+
+    from radsam_jax.data.datasets import Case
+
+    gt = cube()
+    volume = types.SimpleNamespace(array=np.zeros(gt.shape, np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
+    opts = runner.EvalOptions(edits=(0, 2, 3), seed=0, oracle=False, worst_count=0)
+    res = runner.evaluate_cases([Case("c1", "img", {"organ": 3}, label_path="lab")], IgnoringPredictor(gt),
+                                runner.make_settings(["volume"], ["box"], ["mask"]), opts,
+                                load_case=lambda c: (volume, gt.astype(np.uint8) * 3), progress=False)
+    assert [(r["edits"], r["clicks"], r["clicks_honoured"]) for r in res.rows] == [(0, 0, 0), (2, 2, 0), (3, 3, 0)]
+    assert len({r["dice"] for r in res.rows}) == 1
+    summary = report.summarize(res.rows, num_resamples=100)
+    assert [(s["clicks"], s["clicks_honoured"]) for s in summary["settings"]] == [(0, None), (2, 0.0), (3, 0.0)]
 
 
 def test_report_files_and_schema(tmp_path):
@@ -250,5 +279,6 @@ def test_report_files_and_schema(tmp_path):
         assert list(s) == list(report.SETTING_KEYS)
         assert 0 <= s["ci_low"] <= s["mean_dice"] <= s["ci_high"] <= 1 and s["n"] == 10
     md = (tmp_path / "summary.md").read_text()
+    assert "| clicks honoured |" in md and "Clicks honoured: of the correction clicks" in md
     assert "| Model | Volume-level" in md and "Known / unknown" in md and "Oracle" in md and "m (box propagation)" in md
     assert len((tmp_path / "scores.csv").read_text().splitlines()) == len(rows) + 1

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables, init_variables, load_model_config
-from radsam_jax.model.image_encoder import (ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_with_rel_pos,
-                                            resolve_attention)
+from radsam_jax.model.image_encoder import (ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_query_chunked,
+                                            attention_with_rel_pos, chunk_plan, resolve_attention)
 from radsam_jax.model.sam import _decode
 from radsam_jax.prompts import make_prompts
 
@@ -32,21 +32,52 @@ def test_preset_sizes_match_sam(name, encoder_params):
     assert 4.0e6 < decoder < 4.1e6  # sam-port-notes: about 4.06 M
 
 
-@pytest.mark.parametrize("grid, window_padding", [((14, 14), False), ((40, 40), False), ((64, 64), False)])
-def test_attention_implementations_agree(grid, window_padding):
+def _attention_inputs(b, n, grid, hd, seed):
     h, w = grid
-    rng = np.random.default_rng(h)
-    b, n, hd = 1, 2, 8
+    rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.normal(size=(b, n, h * w, hd)), jnp.float32) for _ in range(3))
     rel_h = jnp.asarray(rng.normal(size=(h, h, hd)) * 0.3, jnp.float32)
     rel_w = jnp.asarray(rng.normal(size=(w, w, hd)) * 0.3, jnp.float32)
+    return q, k, v, rel_h, rel_w
+
+
+def _rel_err(a, b) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("b, n, grid", [(1, 2, (14, 14)), (6, 2, (14, 14)), (1, 2, (40, 40)), (1, 2, (64, 64)), (2, 3, (64, 64))])
+def test_attention_implementations_agree(b, n, grid):
+    hd = 8
+    q, k, v, rel_h, rel_w = _attention_inputs(b, n, grid, hd, grid[0] + b)
     with jax.default_matmul_precision("highest"):
         reference = attention_materialized(q, k, v, rel_h, rel_w, grid, hd**-0.5)
         for implementation in ATTENTION_IMPLEMENTATIONS:
-            out = attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, hd**-0.5, implementation)
-            rel = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
-            print(f"attention {implementation} on {grid}: relative error {rel:.2e}")
+            rel = _rel_err(attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, hd**-0.5, implementation), reference)
+            print(f"attention {implementation} on {b}x{n}x{grid}: relative error {rel:.2e}")
             assert rel < 1e-5
+
+
+@pytest.mark.parametrize("plan", [(1, 1, 4), (3, 2, 8), (6, 1, 16), (2, 4, 2), (6, 4, 16)])
+def test_chunked_attention_any_plan_matches_materialized(plan):
+    """Every way of stepping through images x heads x query rows (CPU and accelerator plans alike)."""
+    grid, hd = (16, 12), 8
+    q, k, v, rel_h, rel_w = _attention_inputs(6, 4, grid, hd, 0)
+    with jax.default_matmul_precision("highest"):
+        reference = attention_materialized(q, k, v, rel_h, rel_w, grid, hd**-0.5)
+        assert _rel_err(attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, plan), reference) < 1e-5
+    with pytest.raises(ValueError, match=r"chunk plan \(4, 1, 16\) does not divide batch 6"):
+        attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, (4, 1, 16))
+
+
+def test_chunk_plans():
+    # ViT-B at 1024 on a CPU: global blocks one head x 16 rows (1024 queries) per step; windowed
+    # blocks (batch 8 -> 200 windows of 14x14) 5 windows of one head; small problems at once.
+    assert chunk_plan(1, 12, (64, 64), "cpu") == (1, 1, 16)
+    assert chunk_plan(200, 12, (14, 14), "cpu") == (5, 1, 14)
+    assert chunk_plan(16, 3, (16, 16), "cpu") == (16, 3, 16)
+    # Accelerators: all images and heads, 16-row blocks only above 32x32.
+    assert chunk_plan(8, 12, (64, 64), "gpu") == (8, 12, 16)
+    assert chunk_plan(200, 12, (14, 14), "gpu") == (200, 12, 14)
 
 
 def test_attention_rejects_unknown_implementation():

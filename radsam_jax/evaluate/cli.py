@@ -222,7 +222,8 @@ def _run(args) -> int:
                            num_resamples=args.bootstrap)
     for s in summary["settings"]:
         print(f"{s['protocol']:6s} {s['prompt']:5s} {s['propagation']:4s} edits={s['edits']:<3d} "
-              f"Dice {s['mean_dice'] * 100:6.2f} [{s['ci_low'] * 100:.2f}, {s['ci_high'] * 100:.2f}] n={s['n']}")
+              f"Dice {s['mean_dice'] * 100:6.2f} [{s['ci_low'] * 100:.2f}, {s['ci_high'] * 100:.2f}] n={s['n']}"
+              + ("" if s["clicks_honoured"] is None else f" clicks honoured {s['clicks_honoured']:.0%} of {s['clicks']}"))
     print(f"wrote {Path(args.out) / 'summary.md'}")
     if result.missing_structures:
         raise InputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case); "

@@ -25,8 +25,9 @@ import numpy as np
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_ci, grouped_ci
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
-                 "oracle_dice", "initial_slice", "lo", "hi", "voxels")
-SETTING_KEYS = ("protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n")
+                 "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
+SETTING_KEYS = ("protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n", "clicks",
+                "clicks_honoured")
 _ORDER = {"volume": 0, "slice": 1, "box": 0, "point": 1, "mask": 0, "none": 2}
 
 
@@ -46,13 +47,19 @@ def write_scores_csv(path, rows: Sequence[dict]) -> Path:
 
 
 def summarize(rows: Sequence[dict], *, seed: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
-    """{"settings": [...]} with the mean Dice and its bootstrap CI per (protocol, prompt, propagation, edits)."""
-    groups = grouped_ci(rows, lambda r: (r["protocol"], r["prompt"], r["propagation"], int(r["edits"])),
-                        seed=seed, num_resamples=num_resamples)
+    """{"settings": [...]} per (protocol, prompt, propagation, edits): the mean Dice and its bootstrap
+    CI; the correction clicks made up to that checkpoint, and the share of them honoured (None: none made)."""
+    key = lambda r: (r["protocol"], r["prompt"], r["propagation"], int(r["edits"]))  # noqa: E731
+    groups = grouped_ci(rows, key, seed=seed, num_resamples=num_resamples)
+    made, honoured = {}, {}
+    for r in rows:
+        made[key(r)] = made.get(key(r), 0) + int(r.get("clicks") or 0)
+        honoured[key(r)] = honoured.get(key(r), 0) + int(r.get("clicks_honoured") or 0)
     settings = []
-    for key in sorted(groups, key=_setting_sort):
-        mean, lo, hi, n = groups[key]
-        settings.append(dict(zip(SETTING_KEYS, (*key, _clip(mean), _clip(lo), _clip(hi), int(n)))))
+    for k in sorted(groups, key=_setting_sort):
+        mean, lo, hi, n = groups[k]
+        share = honoured[k] / made[k] if made[k] else None
+        settings.append(dict(zip(SETTING_KEYS, (*k, _clip(mean), _clip(lo), _clip(hi), int(n), made[k], share))))
     return {"settings": settings}
 
 
@@ -139,6 +146,9 @@ PROTOCOL_NOTES = """\
 - Volume-level edits: cumulative; each click uniform among all 3D error voxels (missed -> positive,
   wrong -> negative), then re-propagation from that slice re-using earlier clicks; Dice recorded at
   each checkpoint of --edits. A perfect mask gets no more clicks (its Dice is carried forward).
+- Clicks honoured: of the correction clicks made up to a checkpoint, the share whose voxel has the
+  clicked label (inside the mask for a positive click, outside for a negative one) right after the
+  edit that placed it. A model that ignores clicks scores near 0 % however its Dice moves.
 - Slice-level: one prompt per slice holding the object; edits are rounds of one click per slice with
   errors, uniform among that slice's 2D errors; edits = r means r points per slice (at most {smax}).
   A box-prompted slice's box is not re-sent with its clicks (the predictor keeps points, not boxes).
@@ -154,9 +164,10 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
              f"seed {options.get('seed')}.", "", "## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
     lines += table1(summary, model)
     lines += ["", "## Every setting (Dice x100, mean [95% CI], n objects)", "",
-              "| protocol | prompt | propagation | edits | Dice | n |", "|---|---|---|---|---|---|"]
+              "| protocol | prompt | propagation | edits | Dice | n | clicks honoured |", "|---|---|---|---|---|---|---|"]
     for s in summary["settings"]:
-        lines.append(f"| {s['protocol']} | {s['prompt']} | {s['propagation']} | {s['edits']} | {_ci(s)} | {s['n']} |")
+        honoured = "-" if s["clicks_honoured"] is None else f"{s['clicks_honoured']:.0%} of {s['clicks']}"
+        lines.append(f"| {s['protocol']} | {s['prompt']} | {s['propagation']} | {s['edits']} | {_ci(s)} | {s['n']} | {honoured} |")
     if extra.get("known_unknown"):
         lines += ["", "## Known / unknown classes (Table 2; Dice x100 ± CI half-width)", "",
                   "| protocol | prompt | propagation | edits | known | unknown |", "|---|---|---|---|---|---|"]

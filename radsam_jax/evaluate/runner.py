@@ -108,18 +108,24 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(zlib.crc32(p.encode()) for p in parts)]))
 
 
-def _scores_over_edits(pred: np.ndarray, gt: np.ndarray, checkpoints: Sequence[int], correct) -> tuple[dict, np.ndarray]:
-    """Dice after 0, 1, 2, ... correction rounds, kept at each checkpoint count; the mask at the first.
+def _honoured(mask: np.ndarray, clicks) -> int:
+    """How many clicks have their voxel at the clicked label in `mask` (the edit did what was asked there)."""
+    return sum(int(bool(mask[int(c.point[0]), int(c.point[1]), c.slice]) == bool(c.label)) for c in clicks)
 
-    correct(pred) runs one round and returns the new mask, or None when nothing is left to correct
-    (a perfect mask: its Dice carries forward to the later checkpoints).
+
+def _scores_over_edits(pred: np.ndarray, gt: np.ndarray, checkpoints: Sequence[int], correct) -> tuple[dict, dict, np.ndarray]:
+    """Dice after 0, 1, 2, ... correction rounds, kept at each checkpoint count; the clicks so far and
+    how many were honoured (`_honoured` right after their round), per checkpoint; the mask at the first.
+
+    correct(pred) runs one round and returns (the new mask, the round's clicks), or None when nothing
+    is left to correct (a perfect mask: its Dice carries forward to the later checkpoints).
     """
-    scores, first = {}, None
-    n, last = 0, dice(pred, gt)
+    scores, clicks, first = {}, {}, None
+    n, last, made, honoured = 0, dice(pred, gt), 0, 0
     targets = list(checkpoints)
     while True:
         if n in targets:
-            scores[n] = last
+            scores[n], clicks[n] = last, (made, honoured)
             if first is None:
                 first = pred
         if n >= targets[-1]:
@@ -127,11 +133,12 @@ def _scores_over_edits(pred: np.ndarray, gt: np.ndarray, checkpoints: Sequence[i
         corrected = correct(pred)
         if corrected is None:
             break
-        pred, n = corrected, n + 1
-        last = dice(pred, gt)
+        (pred, round_clicks), n = corrected, n + 1
+        last, made, honoured = dice(pred, gt), made + len(round_clicks), honoured + _honoured(pred, round_clicks)
     for t in targets:
         scores.setdefault(t, last)
-    return scores, first if first is not None else pred
+        clicks.setdefault(t, (made, honoured))
+    return scores, clicks, first if first is not None else pred
 
 
 def run_volume_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Sequence[int], rng,
@@ -144,10 +151,10 @@ def run_volume_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: S
 
     def correct(pred):
         click = correction_3d(pred, gt, rng)
-        return None if click is None else predictor.edit(click.slice, [click.point], [click.label]).mask
+        return None if click is None else (predictor.edit(click.slice, [click.point], [click.label]).mask, [click])
 
-    scores, first = _scores_over_edits(pred, gt, checkpoints, correct)
-    return scores, {"initial_slice": k, "lo": lo, "hi": hi}, first
+    scores, clicks, first = _scores_over_edits(pred, gt, checkpoints, correct)
+    return scores, {"initial_slice": k, "lo": lo, "hi": hi, "clicks": clicks}, first
 
 
 def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Sequence[int], rng,
@@ -169,9 +176,9 @@ def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Se
         if not clicks:
             return None
         # One round = one batched decode of the clicked slices (no propagation at slice level).
-        return predictor.edit_slices({c.slice: ([c.point], [c.label]) for c in clicks}).mask
+        return predictor.edit_slices({c.slice: ([c.point], [c.label]) for c in clicks}).mask, clicks
 
-    scores, first = _scores_over_edits(result.mask, gt, checkpoints, correct)
+    scores, info["clicks"], first = _scores_over_edits(result.mask, gt, checkpoints, correct)
     return scores, info, first
 
 
@@ -252,6 +259,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
                             "case": case.case_id, "structure": name, "label": int(label_id), "known": known,
                             "protocol": setting.protocol, "prompt": setting.prompt, "propagation": setting.propagation,
                             "edits": e, "dice": float(scores[e]),
+                            "clicks": info["clicks"][e][0], "clicks_honoured": info["clicks"][e][1],
                             "oracle_dice": info.get("oracle_dice") if e == 0 else None,
                             "initial_slice": info["initial_slice"], "lo": info["lo"], "hi": info["hi"],
                             "voxels": int(np.count_nonzero(gt)),

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default_checkpoint"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "default_checkpoint"
+SAMPLE_DIR = ASSETS / "sample"  # the bundled CT (ct-abdomen-3mm of ../shared/data) and its labels
 
 
 class InputError(ValueError):
