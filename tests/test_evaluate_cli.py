@@ -182,8 +182,13 @@ def _check_outputs(out: Path, n_settings_min: int):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["settings"] and len(summary["settings"]) >= n_settings_min
     for s in summary["settings"]:
-        assert list(s) == ["protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n"]
+        assert list(s) == ["protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n", "clicks",
+                           "clicks_honoured"]
         assert 0.0 <= s["ci_low"] <= s["mean_dice"] <= s["ci_high"] <= 1.0 and s["n"] >= 1
+        if s["edits"] == 0:
+            assert s["clicks"] == 0 and s["clicks_honoured"] is None
+        elif s["clicks"]:
+            assert 0.0 <= s["clicks_honoured"] <= 1.0
     import csv
 
     rows = list(csv.DictReader((out / "scores.csv").open()))
