@@ -7,10 +7,9 @@ from pathlib import Path
 
 from radsam_jax import cli
 from radsam_jax.checkpoint import load_checkpoint
-from radsam_jax.inference.cli import DEFAULT_CHECKPOINT
+from radsam_jax.inference.cli import DEFAULT_CHECKPOINT, SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "radsam_jax" / "assets" / "sample"
 # MODEL_CARD.md: the README command gave liver Dice 0.598 with this checkpoint. Float32 summation
 # order across CPUs moves a few boundary pixels (well under 0.01 Dice); the floor catches a broken
 # loader, preprocessing or propagation, each of which drops the Dice far below it.
@@ -32,8 +31,8 @@ def test_readme_command_segments_the_sample_liver(tmp_path, capsys):
     first_lines = (REPO / "README.md").read_text().splitlines()[:6]
     assert any("radsam segment radsam_jax/assets/sample/ct.nii.gz " + " ".join(prompt) in line for line in first_lines)
     out, preview = tmp_path / "liver.nii.gz", tmp_path / "liver.png"
-    argv = ["segment", str(SAMPLE / "ct.nii.gz"), *prompt, "--out", str(out), "--preview", str(preview),
-            "--labels", str(SAMPLE / "labels.nii.gz"), "--label-id", "5"]
+    argv = ["segment", str(SAMPLE_DIR / "ct.nii.gz"), *prompt, "--out", str(out), "--preview", str(preview),
+            "--labels", str(SAMPLE_DIR / "labels.nii.gz"), "--label-id", "5"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     match = re.search(r"dice .* vs reference label 5: ([0-9.]+)", printed)

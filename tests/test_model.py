@@ -10,6 +10,7 @@ from radsam_jax.model.image_encoder import (ATTENTION_IMPLEMENTATIONS, attention
                                             attention_with_rel_pos, chunk_plan, resolve_attention)
 from radsam_jax.model.sam import _decode
 from radsam_jax.prompts import make_prompts
+from sam_reference import relative_error
 
 TINY = ModelConfig(
     name="tiny", image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
@@ -41,10 +42,6 @@ def _attention_inputs(b, n, grid, hd, seed):
     return q, k, v, rel_h, rel_w
 
 
-def _rel_err(a, b) -> float:
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
 @pytest.mark.parametrize("b, n, grid", [(1, 2, (14, 14)), (6, 2, (14, 14)), (1, 2, (40, 40)), (1, 2, (64, 64)), (2, 3, (64, 64))])
 def test_attention_implementations_agree(b, n, grid):
     hd = 8
@@ -52,7 +49,7 @@ def test_attention_implementations_agree(b, n, grid):
     with jax.default_matmul_precision("highest"):
         reference = attention_materialized(q, k, v, rel_h, rel_w, grid, hd**-0.5)
         for implementation in ATTENTION_IMPLEMENTATIONS:
-            rel = _rel_err(attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, hd**-0.5, implementation), reference)
+            rel = relative_error(attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, hd**-0.5, implementation), reference)
             print(f"attention {implementation} on {b}x{n}x{grid}: relative error {rel:.2e}")
             assert rel < 1e-5
 
@@ -64,7 +61,7 @@ def test_chunked_attention_any_plan_matches_materialized(plan):
     q, k, v, rel_h, rel_w = _attention_inputs(6, 4, grid, hd, 0)
     with jax.default_matmul_precision("highest"):
         reference = attention_materialized(q, k, v, rel_h, rel_w, grid, hd**-0.5)
-        assert _rel_err(attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, plan), reference) < 1e-5
+        assert relative_error(attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, plan), reference) < 1e-5
     with pytest.raises(ValueError, match=r"chunk plan \(4, 1, 16\) does not divide batch 6"):
         attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, (4, 1, 16))
 

@@ -53,8 +53,9 @@ def summarize(rows: Sequence[dict], *, seed: int = 0, num_resamples: int = DEFAU
     groups = grouped_ci(rows, key, seed=seed, num_resamples=num_resamples)
     made, honoured = {}, {}
     for r in rows:
-        made[key(r)] = made.get(key(r), 0) + int(r.get("clicks") or 0)
-        honoured[key(r)] = honoured.get(key(r), 0) + int(r.get("clicks_honoured") or 0)
+        k = key(r)
+        made[k] = made.get(k, 0) + int(r.get("clicks") or 0)
+        honoured[k] = honoured.get(k, 0) + int(r.get("clicks_honoured") or 0)
     settings = []
     for k in sorted(groups, key=_setting_sort):
         mean, lo, hi, n = groups[k]

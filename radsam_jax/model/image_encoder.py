@@ -212,9 +212,9 @@ class Attention(nn.Module):
         qkv_dense = nn.Dense(3 * c, dtype=self.dtype, name="qkv")
         qkv = qkv_dense(x)
         if self.window > 0:
-            zero_token = qkv_dense(jnp.zeros((1, c), x.dtype))[0]  # the bias, in the compute dtype
             pad_h, pad_w = window_padding(h, w, self.window)
             if pad_h or pad_w:
+                zero_token = qkv_dense(jnp.zeros((1, c), x.dtype))[0]  # the bias, in the compute dtype
                 filled = jnp.broadcast_to(zero_token, (b, h + pad_h, w + pad_w, 3 * c))
                 qkv = jax.lax.dynamic_update_slice(filled, qkv, (0, 0, 0, 0))
             qkv = window_partition(qkv, self.window)
