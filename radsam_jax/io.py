@@ -439,6 +439,9 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     os.close(fd)
     try:
         nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the mask gets the permissions of a plain open()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -157,6 +157,8 @@ def test_save_label_map_round_trip_and_atomic(tmp_path):
     np.testing.assert_allclose(img.affine, like.affine)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), labels)
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["seg.nii.gz"]  # no temp file left
+    (tmp_path / "plain").write_bytes(b"")  # the output gets a plain file's permissions, not mkstemp's 0600
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     labels[0, 0, 0] = 300
     io.save_label_map(tmp_path / "big.nii", labels, like)
     assert nib.load(str(tmp_path / "big.nii")).get_data_dtype() == np.uint16
