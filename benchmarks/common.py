@@ -1,8 +1,11 @@
 """Timing helpers shared by the benchmark scripts: warm-up, median of repeats, table output."""
 
+import collections
 import json
 import os
+import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,16 +47,83 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
 
 
-def write_table(rows: list[dict], path: str | os.PathLike, title: str) -> str:
-    """Prints `rows` as a Markdown table and writes it, plus a JSON copy, next to `path`."""
+def format_table(rows: list[dict], title: str) -> str:
+    """`rows` as a Markdown table under a `## title` heading."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
     lines = [f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path: str | os.PathLike, title: str) -> str:
+    """Prints `rows` as a Markdown table and writes it, plus a JSON copy, next to `path`."""
+    text = format_table(rows, title)
     print(text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return text
+
+
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_FUSION_KIND = re.compile(r"kind=(k\w+)")
+
+
+def hlo_instructions(compiled) -> dict[str, tuple[str, str]]:
+    """{instruction name: (opcode or fusion kind, the JAX op it came from)} of a compiled executable."""
+    out = {}
+    for line in compiled.as_text().splitlines():
+        m = _HLO_LINE.match(line)
+        if not m:
+            continue
+        kind, op = m.group(2), _OP_NAME.search(line)
+        if kind == "fusion" and (k := _FUSION_KIND.search(line)):
+            kind = f"fusion:{k.group(1)[1:].lower()}"
+        out[m.group(1)] = (kind, op.group(1) if op else "")
+    return out
+
+
+def op_time_breakdown(compiled, run, calls: int = 3, top: int = 12) -> list[dict]:
+    """Where one call of `compiled` spends its time: a jax.profiler trace of `calls` runs of `run`
+    (which must call `compiled` and block), its events matched to the executable's HLO instructions.
+
+    GPUs/TPUs: the device planes' "XLA Ops" line (kernel time). CPUs: the host threads' thunk events
+    (two threads may run thunks at once, so the shares are of the summed thunk time). Rows: the `top`
+    instructions by time per call, then one row for the rest.
+    """
+    instructions = hlo_instructions(compiled)
+    run()  # warm
+    with tempfile.TemporaryDirectory(prefix="op_profile_") as logdir:
+        with jax.profiler.trace(logdir):
+            for _ in range(calls):
+                run()
+        xspace = next(Path(logdir).rglob("*.xplane.pb"))
+        data = jax.profiler.ProfileData.from_file(str(xspace))
+    planes = list(data.planes)
+    device = [p for p in planes if p.name.startswith("/device:")]
+    if device:
+        lines = [line for p in device for line in p.lines if line.name == "XLA Ops"] or [line for p in device for line in p.lines]
+    else:
+        lines = [line for p in planes if p.name.startswith("/host:CPU") for line in p.lines]
+    totals = collections.Counter()
+    for line in lines:
+        for event in line.events:
+            name = event.name.split(" ")[0].lstrip("%")  # some traces name an op by its HLO text
+            if name in instructions:
+                totals[name] += event.duration_ns
+    if not totals:
+        raise RuntimeError(f"no profiler event matched an HLO instruction (planes: {[p.name for p in planes]})")
+    whole = sum(totals.values())
+    rows = []
+    for name, ns in totals.most_common(top):
+        kind, op = instructions[name]
+        rows.append({"instruction": name, "kind": kind, "jax_op": "/".join(op.split("/")[-3:]),
+                     "ms_per_call": ns / calls / 1e6, "share": ns / whole})
+    rest = whole - sum(totals[r["instruction"]] for r in rows)
+    if rest:
+        rows.append({"instruction": f"({len(totals) - len(rows)} others)", "kind": "", "jax_op": "",
+                     "ms_per_call": rest / calls / 1e6, "share": rest / whole})
+    return rows

@@ -1,6 +1,7 @@
 """GPU benchmark in one script: encoder slices/s (ViT-B/L, float32/bfloat16, batch 1/8/32, attention
-implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice
-and the training step's images/s with utilisation from `cost_analysis`.
+implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice,
+the training step's images/s with utilisation from `cost_analysis`, and a per-kernel profile of one
+global and one windowed block (`--sections profile`: which fusions take the time).
 
     python -m benchmarks.gpu_benchmark --out benchmarks/results/gpu     # on a GPU
     python -m benchmarks.gpu_benchmark --small --out /tmp/bench         # shrunk, runs on a CPU
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import blocking, compiled_flops, device_name, peak_device_bytes, time_call, write_table
+from benchmarks.common import (blocking, compiled_flops, device_name, op_time_breakdown, peak_device_bytes, time_call,
+                               write_table)
 from radsam_jax.model import RadSam, Sam, init_variables, load_model_config
 
 
@@ -90,6 +92,29 @@ def block_rows(args) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             print(row, flush=True)
             rows.append(row)
+    return rows
+
+
+def profile_rows(args) -> list[dict]:
+    """The kernels of one global and one windowed block in the encoder's default setting (bfloat16 with
+    "auto" attention on accelerators, float32 on CPUs), batch 8 (small: 2), from a profiler trace."""
+    from radsam_jax.model.image_encoder import Block, resolve_attention
+
+    config = load_model_config("small" if args.small else "vit_b")
+    grid = config.image_size // config.patch_size
+    batch = 2 if args.small else 8
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    attention = resolve_attention("auto", dtype)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, grid, grid, config.encoder_dim)), dtype)
+    rows = []
+    for kind, window in (("global", 0), ("window", config.window_size)):
+        block = Block(config.encoder_heads, config.encoder_mlp_ratio, window, (grid, grid), attention, dtype)
+        params = jax.jit(block.init)(jax.random.key(0), x)
+        compiled = jax.jit(block.apply).lower(params, x).compile()
+        head = {"model": config.name, "block": kind, "attention": attention, "dtype": jnp.dtype(dtype).name, "batch": batch}
+        for row in op_time_breakdown(compiled, blocking(lambda: compiled(params, x)), calls=args.repeats):
+            rows.append({**head, **row, "ms_per_slice": row["ms_per_call"] / batch})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -228,7 +253,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--small", action="store_true", help="shrink everything so it runs on a CPU")
-    parser.add_argument("--sections", default="matmul,blocks,encoder,parity,propagation,train,torch")
+    parser.add_argument("--sections", default="matmul,blocks,profile,encoder,parity,propagation,train,torch")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -254,6 +279,7 @@ def main():
         print(results["matmul"], flush=True)
     runners = {
         "blocks": lambda: block_rows(args),
+        "profile": lambda: profile_rows(args),
         "encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")),
         "parity": lambda: bf16_parity_rows(args),
         "propagation": lambda: propagation_rows(args),

@@ -43,6 +43,16 @@ def _softmax_attend(scores, v):
     return jnp.einsum("bnqk,bnkc->bnqc", probs, v)
 
 
+def _softmax_attend_deferred(scores, v):
+    """`_softmax_attend` with the division moved after the product with v: the (q, hd) output is
+    divided by the row sums instead of the (q, k) scores, one pass less over the largest buffer
+    (a ViT-B global attention on the 2-core CPU: 0.91 s -> 0.79 s)."""
+    scores = scores.astype(jnp.float32)
+    unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("gqk,gkc->gqc", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(v.dtype)
+
+
 def attention_materialized(q, k, v, rel_h, rel_w, grid, scale):
     """The reference computation: all (H*W)^2 scores at once."""
     b, n, hw, hd = q.shape
@@ -103,7 +113,7 @@ def attention_query_chunked(q, k, v, rel_h, rel_w, grid, scale, plan):
         bias_h, bias_w = _rel_pos_bias(q_chunk[None], rel_h_chunk, rel_w)
         scores = jnp.einsum("grwc,gkc->grwk", q_chunk * scale, k_group).reshape(g, rows, w, h, w)
         scores = scores + bias_h[0, ..., :, None] + bias_w[0, ..., None, :]
-        return _softmax_attend(scores.reshape(1, g, rows * w, hw), v_group[None])[0]
+        return _softmax_attend_deferred(scores.reshape(g, rows * w, hw), v_group)
 
     def one_group(args):
         q_group, k_group, v_group = args
@@ -187,15 +197,31 @@ def attention_with_rel_pos(q, k, v, rel_h, rel_w, grid, scale, implementation="c
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}")
 
 
+class DenseParts(nn.Module):
+    """`nn.Dense` (same parameters, initialisers and dtype promotion) returning x @ kernel and the bias
+    apart, so the bias can be added after a zero padding."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
+
+
 class Attention(nn.Module):
     """Multi-head attention over a (B, H, W, C) grid with fused qkv (`qkv`, `proj`); window > 0:
     within non-overlapping window x window tiles, the grid zero-padded at the bottom and right.
 
     The reference pads the block's input and projects every padded token. Projections are per token
-    and a zero token projects to the qkv bias, so here qkv runs on the H x W tokens and the padding
-    is filled with the bias (padded keys and values enter the edge windows exactly as in the
-    reference); `proj` runs after the padding is cropped. For ViT-B at 1024 that skips the 20 % of
-    padded tokens (64 -> 70 per side) in both projections.
+    and a zero token projects to the qkv bias, so here the qkv product runs on the H x W tokens, is
+    padded with zeros and gets its bias after the window partition (padded keys and values enter the
+    edge windows exactly as in the reference); `proj` runs after the padding is cropped. For ViT-B at
+    1024 that skips the 20 % of padded tokens (64 -> 70 per side) in both projections, and the zero
+    padding and the bias fuse into the partition's copy.
     """
 
     num_heads: int
@@ -209,15 +235,11 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         hd = c // self.num_heads
-        qkv_dense = nn.Dense(3 * c, dtype=self.dtype, name="qkv")
-        qkv = qkv_dense(x)
+        qkv, bias = DenseParts(3 * c, dtype=self.dtype, name="qkv")(x)
         if self.window > 0:
             pad_h, pad_w = window_padding(h, w, self.window)
-            if pad_h or pad_w:
-                zero_token = qkv_dense(jnp.zeros((1, c), x.dtype))[0]  # the bias, in the compute dtype
-                filled = jnp.broadcast_to(zero_token, (b, h + pad_h, w + pad_w, 3 * c))
-                qkv = jax.lax.dynamic_update_slice(filled, qkv, (0, 0, 0, 0))
-            qkv = window_partition(qkv, self.window)
+            qkv = window_partition(jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))), self.window)
+        qkv = qkv + bias
         n, gh, gw = qkv.shape[:3]
         qkv = qkv.reshape(n, gh * gw, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
