@@ -1,7 +1,8 @@
 """GPU benchmark in one script: encoder slices/s (ViT-B/L, float32/bfloat16, batch 1/8/32, attention
 implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice,
-the training step's images/s with utilisation from `cost_analysis`, and a per-kernel profile of one
-global and one windowed block (`--sections profile`: which fusions take the time).
+the training step's images/s with utilisation from `cost_analysis`, a per-kernel profile of one
+global and one windowed block (`--sections profile`: which fusions take the time), and the encoder
+under alternative XLA options (`--sections variants`).
 
     python -m benchmarks.gpu_benchmark --out benchmarks/results/gpu     # on a GPU
     python -m benchmarks.gpu_benchmark --small --out /tmp/bench         # shrunk, runs on a CPU
@@ -116,6 +117,58 @@ def profile_rows(args) -> list[dict]:
             rows.append({**head, **row, "ms_per_slice": row["ms_per_call"] / batch})
             print(rows[-1], flush=True)
     return rows
+
+
+# XLA options tried against the default in `--sections variants` (one executable each, same process).
+# An option this jaxlib does not know fails its row only.
+GPU_VARIANTS = {
+    "default": {},
+    "cuBLAS for every GEMM (no Triton GEMM)": {"xla_gpu_enable_triton_gemm": False},
+    "cuDNN LayerNorm": {"xla_gpu_enable_cudnn_layer_norm": True},
+}
+CPU_VARIANTS = {"default": {}, "no YNNPACK (Eigen dots)": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def variant_rows(args) -> list[dict]:
+    """The encoder in its default setting (bfloat16 "auto" on accelerators, float32 on CPUs) compiled
+    with each set of XLA options above, timed interleaved: which compiler settings are worth making
+    the default, measured on the device itself."""
+    from radsam_jax.model.image_encoder import resolve_attention
+
+    config = load_model_config("small" if args.small else "vit_b")
+    batch = 2 if args.small else 8
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
+    attention = resolve_attention("auto", dtype)
+    encode = jax.jit(lambda v, x: Sam(config, dtype, attention=attention).apply(v, x, method=Sam.encode))
+    runs, rows, reference = {}, {}, None
+    for name, options in (CPU_VARIANTS if on_cpu else GPU_VARIANTS).items():
+        rows[name] = {"model": config.name, "dtype": jnp.dtype(dtype).name, "attention": attention, "batch": batch,
+                      "variant": name, "options": str(options)}
+        try:
+            t0 = time.perf_counter()
+            compiled = encode.lower(variables, images).compile(compiler_options=options)
+            rows[name]["compile_s"] = time.perf_counter() - t0
+            out = np.asarray(compiled(variables, images), np.float32)
+            reference = out if reference is None else reference
+            rows[name]["rel_err_vs_default"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+            runs[name] = blocking(lambda c=compiled: c(variables, images))
+        except Exception as e:
+            rows[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    times = {name: [] for name in runs}
+    for _ in range(max(args.repeats, 3)):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        rows[name]["ms_per_batch"] = 1e3 * float(np.median(t))
+        rows[name]["slices_per_s"] = batch / float(np.median(t))
+    for row in rows.values():
+        print(row, flush=True)
+    return list(rows.values())
 
 
 def bf16_parity_rows(args) -> list[dict]:
@@ -249,14 +302,21 @@ def train_rows(args) -> list[dict]:
     return rows
 
 
+SECTIONS = ("matmul", "blocks", "profile", "variants", "encoder", "parity", "propagation", "train", "torch")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--small", action="store_true", help="shrink everything so it runs on a CPU")
-    parser.add_argument("--sections", default="matmul,blocks,profile,encoder,parity,propagation,train,torch")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--encoder-rows", default=None,
+                        help="only these encoder rows, comma-separated model:dtype (e.g. vit_l:float32)")
     args = parser.parse_args()
     sections = args.sections.split(",")
+    if unknown := sorted(set(sections) - set(SECTIONS)):
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.small:
@@ -269,6 +329,11 @@ def main():
             ("vit_l", "bfloat16", "fused", (1, 8, 32)),
             ("vit_l", "float32", "chunked", (1, 8, 32)),
         ]
+    if args.encoder_rows:
+        keep = set(args.encoder_rows.split(","))
+        args.encoder_plan = [row for row in args.encoder_plan if f"{row[0]}:{row[1]}" in keep]
+        if not args.encoder_plan:
+            parser.error(f"--encoder-rows {args.encoder_rows}: no row of the plan matches (model:dtype)")
     print("device:", device_name(), "jax", jax.__version__, flush=True)
     results = {"device": device_name(), "jax": jax.__version__}
     peak_bf16 = None
@@ -280,6 +345,7 @@ def main():
     runners = {
         "blocks": lambda: block_rows(args),
         "profile": lambda: profile_rows(args),
+        "variants": lambda: variant_rows(args),
         "encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")),
         "parity": lambda: bf16_parity_rows(args),
         "propagation": lambda: propagation_rows(args),
