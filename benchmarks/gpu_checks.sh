@@ -12,6 +12,7 @@
 # at most: run it with the device tool's timeout_s=600. A step stopped by its limit keeps the rows it
 # finished in its .log (one dict per row), not in its table.
 set -u
+export PYTHONUNBUFFERED=1  # a step killed at its limit keeps every row it printed
 out="${1:-${OUT:-benchmarks/results/gpu_checks}}"
 small=()
 [ -n "${SMALL:-}" ] && small=(--small)
@@ -21,7 +22,7 @@ step() {  # step NAME SECONDS ARGS...
   shift 2
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" python -m benchmarks.gpu_benchmark "${small[@]}" --out "$out/$name" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" python3 -m benchmarks.gpu_benchmark "${small[@]}" --out "$out/$name" "$@" > "$out/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - t0)) s; tail:"
   grep -v Warning "$out/$name.log" | tail -n 4 | sed 's/^/   /'
 }
