@@ -157,6 +157,7 @@ def variant_rows(args) -> list[dict]:
             runs[name] = blocking(lambda c=compiled: c(variables, images))
         except Exception as e:
             rows[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print("compiled:", rows[name], flush=True)  # a run stopped by a time limit still shows these
     times = {name: [] for name in runs}
     for _ in range(max(args.repeats, 3)):
         for name, run in runs.items():
