@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> float:
@@ -22,6 +24,34 @@ def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """{name: {"median_s", "min_s", "all_s"}} of each fn (which must block), timed round-robin so
+    machine load hits every side alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "all_s": t} for name, t in times.items()}
+
+
+def encoder_block(config, window: int, attention: str = "chunked", dtype=jnp.float32, batch: int = 1):
+    """(compiled apply, params, input) of one image-encoder block of `config` (window 0: global
+    attention) on random tokens; `compile(**options)` gives an executable with other XLA options."""
+    from radsam_jax.model.image_encoder import Block
+
+    grid = config.image_size // config.patch_size
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, grid, grid, config.encoder_dim)), dtype)
+    block = Block(config.encoder_heads, config.encoder_mlp_ratio, window, (grid, grid), attention, dtype)
+    params = jax.jit(block.init)(jax.random.key(0), x)
+    compile = lambda **options: jax.jit(block.apply).lower(params, x).compile(compiler_options=options or None)  # noqa: E731
+    return compile, params, x
 
 
 def blocking(fn):

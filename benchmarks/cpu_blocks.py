@@ -13,16 +13,13 @@ Two tables in benchmarks/results/cpu_blocks.md (rows also in cpu_blocks.json):
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import format_table, op_time_breakdown
+from benchmarks.common import encoder_block, format_table, interleaved, op_time_breakdown
 from radsam_jax.model import load_model_config
-from radsam_jax.model.image_encoder import Block
 
 RESULTS = Path(__file__).parent / "results" / "cpu_blocks.md"
 LIBRARIES = {"default (YNNPACK)": {}, "no YNNPACK (Eigen)": {"xla_cpu_experimental_ynn_fusion_type": ""}}
@@ -36,33 +33,25 @@ def main():
     args = parser.parse_args()
 
     config = load_model_config("small" if args.small else "vit_b")
-    grid = config.image_size // config.patch_size
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, grid, grid, config.encoder_dim)), jnp.float32)
     kernels, runs, outputs = [], {}, {}
     for kind, window in (("global", 0), ("window", config.window_size)):
-        block = Block(config.encoder_heads, config.encoder_mlp_ratio, window, (grid, grid))
-        params = jax.jit(block.init)(jax.random.key(0), x)
+        compile, params, x = encoder_block(config, window)
         for library, options in LIBRARIES.items():
-            compiled = jax.jit(block.apply).lower(params, x).compile(compiler_options=options)
-            run = lambda c=compiled, p=params: jax.block_until_ready(c(p, x))
+            compiled = compile(**options)
+            run = lambda c=compiled, p=params, x=x: jax.block_until_ready(c(p, x))
             runs[(kind, library)] = run
             outputs[(kind, library)] = np.asarray(run())
             if not options:
                 for row in op_time_breakdown(compiled, run, calls=3, top=10):
                     kernels.append({"block": kind, **row})
                     print(kernels[-1], flush=True)
-    times = {key: [] for key in runs}
-    for _ in range(args.repeats):
-        for key, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - t0)
+    times = interleaved(runs, args.repeats, warmup=0)  # each ran once above
     library_rows = []
     for (kind, library), t in times.items():
         ref = outputs[(kind, next(iter(LIBRARIES)))]
         rel = float(np.linalg.norm(outputs[(kind, library)] - ref) / np.linalg.norm(ref))
-        library_rows.append({"block": kind, "library": library, "median_ms": 1e3 * float(np.median(t)),
-                             "min_ms": 1e3 * float(np.min(t)), "rel_err_vs_default": rel})
+        library_rows.append({"block": kind, "library": library, "median_ms": 1e3 * t["median_s"],
+                             "min_ms": 1e3 * t["min_s"], "rel_err_vs_default": rel})
     title = f"{config.name} blocks, batch 1, {jax.devices()[0].platform} ({len(jax.devices())} device), jax {jax.__version__}"
     text = format_table(kernels, f"kernels: {title}") + "\n"
     text += format_table(library_rows, f"library: {title}, {args.repeats} interleaved repeats")

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,20 +47,6 @@ def peak_rss_gib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each fn, timed round-robin so machine load hits every side alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: {"median_s": statistics.median(t), "all_s": t} for name, t in times.items()}
 
 
 def vit_b_flops(image_size: int = 1024, dim: int = 768, depth: int = 12, heads: int = 12, window: int = 14,
@@ -252,6 +237,8 @@ def matmul_rates(n: int, repeats: int, threads: int) -> dict:
     import numpy as np
     import torch
 
+    from benchmarks.common import interleaved
+
     torch.set_num_threads(threads)
     a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
     aj, at = jnp.asarray(a), torch.from_numpy(a)
@@ -276,6 +263,8 @@ def child_timing(args) -> dict:
     """Everything timed, JAX and PyTorch interleaved in this one process."""
     import jax
     import numpy as np
+
+    from benchmarks.common import interleaved
 
     threads = num_threads()
     work = Path(args.workdir)

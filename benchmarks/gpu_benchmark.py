@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (blocking, compiled_flops, device_name, op_time_breakdown, peak_device_bytes, time_call,
-                               write_table)
+from benchmarks.common import (blocking, compiled_flops, device_name, encoder_block, interleaved, op_time_breakdown,
+                               peak_device_bytes, time_call, write_table)
 from radsam_jax.model import RadSam, Sam, init_variables, load_model_config
 
 
@@ -71,12 +71,8 @@ def block_rows(args) -> list[dict]:
     The encoder is 2 (small) or 4 (ViT-B) global blocks plus the windowed rest, patch embedding and neck;
     these rows say which attention path wins for each block type on this device.
     """
-    from radsam_jax.model.image_encoder import Block
-
     config = load_model_config("small" if args.small else "vit_b")
-    grid = config.image_size // config.patch_size
     batch = 2 if args.small else 8
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, grid, grid, config.encoder_dim)), jnp.bfloat16)
     rows = []
     for kind, window in (("global", 0), ("window", config.window_size)):
         for attention in ("materialized", "chunked", "fused"):
@@ -84,9 +80,8 @@ def block_rows(args) -> list[dict]:
                 continue  # accelerators compute windows whole (chunk_plan): the materialized row
             row = {"model": config.name, "block": kind, "attention": attention, "dtype": "bfloat16", "batch": batch}
             try:
-                block = Block(config.encoder_heads, config.encoder_mlp_ratio, window, (grid, grid), attention, jnp.bfloat16)
-                params = jax.jit(block.init)(jax.random.key(0), x)
-                fn = jax.jit(block.apply).lower(params, x).compile()
+                compile, params, x = encoder_block(config, window, attention, jnp.bfloat16, batch)
+                fn = compile()
                 seconds = time_call(blocking(lambda: fn(params, x)), repeats=args.repeats)
                 row["ms_per_slice"] = seconds / batch * 1e3
             except Exception as e:
@@ -99,19 +94,16 @@ def block_rows(args) -> list[dict]:
 def profile_rows(args) -> list[dict]:
     """The kernels of one global and one windowed block in the encoder's default setting (bfloat16 with
     "auto" attention on accelerators, float32 on CPUs), batch 8 (small: 2), from a profiler trace."""
-    from radsam_jax.model.image_encoder import Block, resolve_attention
+    from radsam_jax.model.image_encoder import resolve_attention
 
     config = load_model_config("small" if args.small else "vit_b")
-    grid = config.image_size // config.patch_size
     batch = 2 if args.small else 8
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     attention = resolve_attention("auto", dtype)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, grid, grid, config.encoder_dim)), dtype)
     rows = []
     for kind, window in (("global", 0), ("window", config.window_size)):
-        block = Block(config.encoder_heads, config.encoder_mlp_ratio, window, (grid, grid), attention, dtype)
-        params = jax.jit(block.init)(jax.random.key(0), x)
-        compiled = jax.jit(block.apply).lower(params, x).compile()
+        compile, params, x = encoder_block(config, window, attention, dtype, batch)
+        compiled = compile()
         head = {"model": config.name, "block": kind, "attention": attention, "dtype": jnp.dtype(dtype).name, "batch": batch}
         for row in op_time_breakdown(compiled, blocking(lambda: compiled(params, x)), calls=args.repeats):
             rows.append({**head, **row, "ms_per_slice": row["ms_per_call"] / batch})
@@ -158,15 +150,9 @@ def variant_rows(args) -> list[dict]:
         except Exception as e:
             rows[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print("compiled:", rows[name], flush=True)  # a run stopped by a time limit still shows these
-    times = {name: [] for name in runs}
-    for _ in range(max(args.repeats, 3)):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    for name, t in times.items():
-        rows[name]["ms_per_batch"] = 1e3 * float(np.median(t))
-        rows[name]["slices_per_s"] = batch / float(np.median(t))
+    for name, t in interleaved(runs, max(args.repeats, 3), warmup=0).items():  # each ran once above
+        rows[name]["ms_per_batch"] = 1e3 * t["median_s"]
+        rows[name]["slices_per_s"] = batch / t["median_s"]
     for row in rows.values():
         print(row, flush=True)
     return list(rows.values())

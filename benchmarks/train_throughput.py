@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from radsam_jax.model import load_model_config, init_variables
 from radsam_jax.train import optimizer as optimizer_lib
