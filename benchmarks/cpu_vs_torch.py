@@ -17,6 +17,9 @@ Sections (--sections, default all; each a row of benchmarks/results/cpu_vs_torch
 Timing discipline: JAX and PyTorch are timed interleaved in ONE child process (the machine is shared
 and noisy), after warm-up, median of >= 3, PyTorch pinned to the thread count XLA's CPU client uses
 (all cores in this process's affinity). Ratios are JAX time / PyTorch time (< 1: JAX is faster).
+Both sides share the process's malloc: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m
+benchmarks.cpu_vs_torch ...` backs both with transparent huge pages (fewer page faults on the large
+buffers each call allocates afresh); the table's title says when it was set.
 The weights: segment_anything's `sam_model_registry["vit_b"](checkpoint=None)` saved to a .pth and
 converted with `convert_checkpoint` (convert/reference.py), so both sides compute the same function.
 """
@@ -270,7 +273,8 @@ def child_timing(args) -> dict:
     work = Path(args.workdir)
     jx = JaxSide(work / "radsam_vit_b", args.attention)
     th = TorchSide(work / "sam_vit_b.pth", threads)
-    out = {"threads": threads, "jax": jax.__version__, "attention": jx.model.attention, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    out = {"threads": threads, "jax": jax.__version__, "attention": jx.model.attention, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     image = np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
     parts = args.sections.split(",")
 
@@ -449,7 +453,8 @@ def main():
         from benchmarks.common import write_table
 
         title = (f"JAX vs PyTorch on CPU ({timing['threads']} threads, jax {timing['jax']}, attention "
-                 f"'{timing['attention']}'{', ' + timing['xla_flags'] if timing['xla_flags'] else ''}; medians, "
+                 f"'{timing['attention']}'{', ' + timing['xla_flags'] if timing['xla_flags'] else ''}"
+                 f"{', GLIBC_TUNABLES=' + timing['glibc_tunables'] if timing.get('glibc_tunables') else ''}; medians, "
                  f"ratio < 1 = JAX faster/smaller)")
         write_table(build_rows(timing, mem), out, title)
         out.with_name(out.stem + "_raw.json").write_text(json.dumps(raw, indent=1))
