@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# XLA CPU option: no YNNPACK fusions (Eigen dots, XLA's own loops), the alternative the CPU
+# benchmarks time against the default.
+CPU_NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time in seconds of `fn()` after warm-up; `fn` must block until its result is ready."""

@@ -18,11 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import encoder_block, format_table, interleaved, op_time_breakdown
+from benchmarks.common import CPU_NO_YNNPACK, encoder_block, format_table, interleaved, op_time_breakdown
 from radsam_jax.model import load_model_config
 
 RESULTS = Path(__file__).parent / "results" / "cpu_blocks.md"
-LIBRARIES = {"default (YNNPACK)": {}, "no YNNPACK (Eigen)": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+LIBRARIES = {"default (YNNPACK)": {}, "no YNNPACK (Eigen)": CPU_NO_YNNPACK}
 
 
 def main():

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (blocking, compiled_flops, device_name, encoder_block, interleaved, op_time_breakdown,
-                               peak_device_bytes, time_call, write_table)
-from radsam_jax.model import RadSam, Sam, init_variables, load_model_config
+from benchmarks.common import (CPU_NO_YNNPACK, blocking, compiled_flops, device_name, encoder_block, interleaved,
+                               op_time_breakdown, peak_device_bytes, time_call, write_table)
+from radsam_jax.model import RadSam, init_variables, load_model_config
+from radsam_jax.model.sam import _encode
 
 
 def matmul_rate(n: int, dtype) -> float:
@@ -46,10 +47,9 @@ def encoder_rows(args, peak_bf16: float) -> list[dict]:
             row = {"model": config.name, "dtype": dtype_name, "attention": attention, "batch": batch}
             try:
                 dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-                fn = jax.jit(lambda v, x: Sam(config, dtype, attention=attention).apply(v, x, method=Sam.encode))
                 images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
                 t0 = time.perf_counter()
-                compiled = fn.lower(variables, images).compile()
+                compiled = _encode.lower(variables, images, config=config, dtype=dtype, attention=attention).compile()
                 row["compile_s"] = time.perf_counter() - t0
                 seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
                 flops = compiled_flops(compiled)
@@ -118,7 +118,7 @@ GPU_VARIANTS = {
     "cuBLAS for every GEMM (no Triton GEMM)": {"xla_gpu_enable_triton_gemm": False},
     "cuDNN LayerNorm": {"xla_gpu_enable_cudnn_layer_norm": True},
 }
-CPU_VARIANTS = {"default": {}, "no YNNPACK (Eigen dots)": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+CPU_VARIANTS = {"default": {}, "no YNNPACK (Eigen dots)": CPU_NO_YNNPACK}
 
 
 def variant_rows(args) -> list[dict]:
@@ -134,14 +134,14 @@ def variant_rows(args) -> list[dict]:
     variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
     attention = resolve_attention("auto", dtype)
-    encode = jax.jit(lambda v, x: Sam(config, dtype, attention=attention).apply(v, x, method=Sam.encode))
     runs, rows, reference = {}, {}, None
     for name, options in (CPU_VARIANTS if on_cpu else GPU_VARIANTS).items():
         rows[name] = {"model": config.name, "dtype": jnp.dtype(dtype).name, "attention": attention, "batch": batch,
                       "variant": name, "options": str(options)}
         try:
             t0 = time.perf_counter()
-            compiled = encode.lower(variables, images).compile(compiler_options=options)
+            lowered = _encode.lower(variables, images, config=config, dtype=dtype, attention=attention)
+            compiled = lowered.compile(compiler_options=options)
             rows[name]["compile_s"] = time.perf_counter() - t0
             out = np.asarray(compiled(variables, images), np.float32)
             reference = out if reference is None else reference
