@@ -306,6 +306,7 @@ def child_timing(args) -> dict:
         warm_j(), warm_t()
         out["volume"] = interleaved({"jax": run_j, "torch": run_t}, args.volume_repeats, warmup=0)
         out["volume_source"], out["volume_slices"] = source, int(volume.array.shape[2])
+        out["volume_encoder_batch"] = args.encoder_batch_size
         print("volume", out["volume"], flush=True)
     return out
 
@@ -368,7 +369,7 @@ def build_rows(t: dict, mem: dict) -> list[dict]:
     if "volume" in t:
         n = t["volume_slices"]
         rows.append({**timed("volume", f"volume {n} slices end to end (s)"),
-                     "note": f"{t['volume_source']}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
+                     "note": f"{t['volume_source']}; JAX encoder batch {t.get('volume_encoder_batch', 8)}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
     for what in ("encoder", "volume"):
         j, p = mem.get(f"mem:jax:{what}", {}), mem.get(f"mem:torch:{what}", {})
         if "peak_gib" in j and "peak_gib" in p:
@@ -404,7 +405,8 @@ def main():
     parser.add_argument("--slices", type=int, default=None, help="volume slices (default 40, quick 8)")
     parser.add_argument("--repeats", type=int, default=None, help="encoder repeats (default 5, quick 3)")
     parser.add_argument("--volume-repeats", type=int, default=None, help="volume repeats (default 3, quick 1)")
-    parser.add_argument("--encoder-batch-size", type=int, default=8)
+    parser.add_argument("--encoder-batch-size", type=int, default=1,
+                        help="JAX volume run's slices per encoder call (default 1, VolumePredictor's default on a CPU)")
     parser.add_argument("--attention", default=None, help="JAX attention implementation (default: the model's)")
     parser.add_argument("--matmul-n", type=int, default=2048)
     parser.add_argument("--memory-slices", type=int, default=8,

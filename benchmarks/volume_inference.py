@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image", default=str(SAMPLE_DIR / "ct.nii.gz"))
     ap.add_argument("--labels", default=str(SAMPLE_DIR / "labels.nii.gz"))
     ap.add_argument("--label-id", type=int, default=LIVER_V1)
-    ap.add_argument("--encoder-batch-size", type=int, default=8)
+    ap.add_argument("--encoder-batch-size", type=int, default=None, help="default: VolumePredictor's (1 on a CPU, 8 on a GPU/TPU)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--whole-volume", action="store_true", help="bounds = every slice (default: the object's extent)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -44,7 +44,11 @@ def main(argv=None) -> int:
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.inference.reference import per_slice_loop
     from radsam_jax.io import load_label_map, load_volume
+    from radsam_jax.inference.volume_predictor import default_encoder_batch_size
     from radsam_jax.model import RadSam, abstract_variables, load_model_config
+
+    if args.encoder_batch_size is None:
+        args.encoder_batch_size = default_encoder_batch_size()
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.checkpoint:

@@ -15,7 +15,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, box_from_mask, decode_slices, propagate_volume, redecode_slices, single_prompt, start_prompt,
 )
 from radsam_jax.inference.reference import per_slice_loop
-from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks
+from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks, default_encoder_batch_size
 from radsam_jax.io import Volume
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables
 
@@ -499,6 +499,13 @@ def test_new_volume_in_same_bucket_does_not_recompile(tiny_model):
 # ------------------------------------------------------------------------------------------------
 # Bad input through the Python API
 # ------------------------------------------------------------------------------------------------
+
+
+def test_encoder_batch_size_default_and_check(tiny_model):
+    assert (default_encoder_batch_size("cpu"), default_encoder_batch_size("gpu")) == (1, 8)
+    assert VolumePredictor(tiny_model).encoder_batch_size == default_encoder_batch_size(jax.default_backend())
+    with pytest.raises(ValueError, match="encoder_batch_size must be >= 1, got 0"):
+        VolumePredictor(tiny_model, encoder_batch_size=0)
 
 
 def test_bad_prompts_raise_clear_errors(tiny_model):

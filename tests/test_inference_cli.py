@@ -114,6 +114,8 @@ def test_bad_input(image, checkpoint, tmp_path, capsys):
     _bad(capsys, out, "segment", four_d, *ck, "--slice", 1, "--point", 5, 5, match="4D")
     _bad(capsys, out, "segment", image, "--checkpoint", tmp_path / "nope", "--slice", 10, "--point", 5, 5, match="no model checkpoint")
     _bad(capsys, out, "segment", image, *ck, "--slice", 10, match="a prompt is required")
+    _bad(capsys, out, "segment", image, *ck, "--slice", 10, "--point", 5, 5, "--encoder-batch-size", 0,
+         match="--encoder-batch-size must be >= 1, got 0")
     sagittal = tmp_path / "sagittal.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])), sagittal)
     _bad(capsys, out, "segment", sagittal, *ck, "--slice", 1, "--point", 5, 5, match="third array axis")

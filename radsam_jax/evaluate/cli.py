@@ -70,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     g = p.add_argument_group("inference")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
-    g.add_argument("--encoder-batch-size", type=int, default=8, metavar="N", help="slices per encoder call (default 8)")
+    g.add_argument("--encoder-batch-size", type=int, default=None, metavar="N",
+                   help="slices per encoder call (default: 1 on a CPU, 8 on a GPU/TPU)")
     g.add_argument("--bucket", type=int, default=32, metavar="N", help="pad slice counts to multiples of N (default 32)")
     g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
                    help="when a propagated mask becomes empty before a bound (default stop)")
@@ -185,7 +186,7 @@ def _run(args) -> int:
         raise InputError("--edits needs at least one count, e.g. 0 or 0,1,2,5,10,20")
     for name, v, lo in (("--encoder-batch-size", args.encoder_batch_size, 1), ("--bucket", args.bucket, 1),
                         ("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
-        if v < lo:
+        if v is not None and v < lo:  # None: the option's default applies
             raise InputError(f"{name} must be >= {lo}, got {v}")
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")

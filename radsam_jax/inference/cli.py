@@ -34,7 +34,8 @@ class InputError(ValueError):
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and inference")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
-    g.add_argument("--encoder-batch-size", type=int, default=8, metavar="N", help="slices per encoder call (default 8)")
+    g.add_argument("--encoder-batch-size", type=int, default=None, metavar="N",
+                   help="slices per encoder call (default: 1 on a CPU, 8 on a GPU/TPU)")
     g.add_argument("--bucket", type=int, default=32, metavar="N",
                    help="pad slice counts to multiples of N so new volumes reuse compiled functions (default 32)")
     g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
@@ -99,7 +100,7 @@ def _load_model(checkpoint, dtype: str):
 def _predictor(model, args):
     from radsam_jax.inference.volume_predictor import VolumePredictor
 
-    if args.encoder_batch_size < 1:
+    if args.encoder_batch_size is not None and args.encoder_batch_size < 1:
         raise InputError(f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}")
     if args.bucket < 1:
         raise InputError(f"--bucket must be >= 1, got {args.bucket}")
