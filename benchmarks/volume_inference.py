@@ -43,8 +43,8 @@ def main(argv=None) -> int:
 
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.inference.reference import per_slice_loop
-    from radsam_jax.io import load_label_map, load_volume
     from radsam_jax.inference.volume_predictor import default_encoder_batch_size
+    from radsam_jax.io import load_label_map, load_volume
     from radsam_jax.model import RadSam, abstract_variables, load_model_config
 
     if args.encoder_batch_size is None:

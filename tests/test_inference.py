@@ -18,6 +18,7 @@ from radsam_jax.inference.reference import per_slice_loop
 from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks, default_encoder_batch_size
 from radsam_jax.io import Volume
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables
+from radsam_jax.model.sam import Sam
 
 
 def tiny_config() -> ModelConfig:
@@ -468,7 +469,7 @@ def backend_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_new_volume_in_same_bucket_does_not_recompile(tiny_model):
+def test_new_volume_in_same_bucket_does_not_recompile(tiny_model, monkeypatch):
     p = VolumePredictor(tiny_model, bucket=32, encoder_batch_size=4)
     p.set_volume(synthetic_volume((40, 36, 20), seed=1))
     p.segment(10, box=[12, 9, 28, 23], bounds=(3, 17))
@@ -481,13 +482,16 @@ def test_new_volume_in_same_bucket_does_not_recompile(tiny_model):
         p.edit(5, [[21, 15]], [1])
     assert compiled == [] and caches() == counts
     # Another volume: different slice count (27), same bucket (32); other prompts, bounds, propagation.
+    # Not even traced again: tracing the encoder costs more than encoding a small volume.
+    traces, encode = [], Sam.encode
+    monkeypatch.setattr(Sam, "encode", lambda module, images: traces.append(images.shape) or encode(module, images))
     p.set_volume(synthetic_volume((40, 36, 27), seed=2))
     with backend_compiles() as compiled:
         p.segment(20, points=[[5, 6], [30, 30]], point_labels=[1, 0], bounds=(0, 26))
         p.edit(3, [[20, 16]], [1])
         p.edit(22, [[20, 16]], [0])
         p.segment(13, box=[10, 10, 20, 20], bounds=(13, 13))
-    assert caches() == counts
+    assert caches() == counts and traces == []
     assert not [name for name in compiled if "propagate" in str(name) or "prompt" in str(name)], compiled
     # A slice count in the next bucket compiles the propagation once more (and only once).
     p.set_volume(synthetic_volume((40, 36, 40), seed=3))

@@ -195,11 +195,7 @@ class VolumePredictor:
         self.geo = geometry(self.config, slices.shape[1], slices.shape[2])
         self._hu = jnp.asarray(slices)
         e, c = self.config.embedding_size, self.config.prompt_embed_dim
-        emb_dtype = jax.eval_shape(
-            lambda v, x: Sam(self.config, self.dtype, attention=self.attention).apply(v, x, method=Sam.encode),
-            self.variables, jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3), jnp.float32),
-        ).dtype
-        self._embeddings = jnp.zeros((zp, e, e, c), emb_dtype)
+        self._embeddings = jnp.zeros((zp, e, e, c), self._embedding_dtype)
         m = self.config.mask_size
         self._empty_logits = jnp.full((zp, m, m), EMPTY_LOGIT, jnp.float32)  # "no current mask" for segment
         self._encoded = np.zeros((z,), bool)
@@ -208,6 +204,15 @@ class VolumePredictor:
             self.encode_slices(0, z - 1, progress=progress)
         elif encode != "lazy":
             raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
+
+    @functools.cached_property
+    def _embedding_dtype(self):
+        """The encoder's output dtype, from tracing it once per predictor: tracing takes longer than
+        encoding a small volume (0.8 s per `set_volume` for the bundled model on the CPU)."""
+        return jax.eval_shape(
+            lambda v, x: Sam(self.config, self.dtype, attention=self.attention).apply(v, x, method=Sam.encode),
+            self.variables, jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3), jnp.float32),
+        ).dtype
 
     def _require_volume(self):
         if self.volume is None:
