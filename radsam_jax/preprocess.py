@@ -11,6 +11,7 @@ Two input conventions:
   a sigmoid at 0.5 instead of logits at 0.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -91,17 +92,31 @@ def box_to_input(box, geo: Geometry):
     return jnp.asarray(box, jnp.float32) * jnp.tile(geo.scale_xy, 2)
 
 
+@functools.lru_cache(maxsize=32)
+def _upscale_matrices(geo: Geometry, low_res: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's postprocessing along each axis as one (original, low-res) matrix: the row (column) map of
+    bilinear to S, crop to the resized extent, bilinear to the original size, found by running those
+    three steps on an identity matrix."""
+    def axis(n_low: int, n_resized: int, n_original: int) -> np.ndarray:
+        with jax.ensure_compile_time_eval():  # constants even when called inside a jit
+            up = jax.image.resize(jnp.eye(n_low, dtype=jnp.float32), (geo.image_size, n_low), "linear", antialias=False)
+            return np.asarray(jax.image.resize(up[:n_resized], (n_original, n_low), "linear", antialias=False))
+
+    return axis(low_res[0], geo.resized[0], geo.original[0]), axis(low_res[1], geo.resized[1], geo.original[1])
+
+
 def upscale_logits(logits, geo: Geometry):
     """(..., S/4, S/4) low-resolution logits -> (..., H, W) logits on the original image.
 
-    SAM's postprocess_masks: bilinear to S x S, crop the padding, bilinear to the original size.
+    SAM's postprocess_masks: bilinear to S x S, crop the padding, bilinear to the original size. Each
+    step is linear along each axis, so the three collapse into one matrix per axis: for ViT-B and a
+    512 x 512 slice 0.2 GFLOP instead of 2.3 through the S x S intermediate.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    lead = logits.shape[:-2]
-    s = geo.image_size
-    x = jax.image.resize(logits, (*lead, s, s), "linear", antialias=False)
-    x = x[..., : geo.resized[0], : geo.resized[1]]
-    return jax.image.resize(x, (*lead, *geo.original), "linear", antialias=False)
+    rows, cols = _upscale_matrices(geo, tuple(logits.shape[-2:]))
+    exact = jax.lax.Precision.HIGHEST  # float32 products on GPUs too (not TF32): masks threshold these logits
+    x = jnp.einsum("...yx,wx->...yw", logits, cols, precision=exact)
+    return jnp.einsum("hy,...yw->...hw", rows, x, precision=exact)
 
 
 def logits_to_mask(logits, geo: Geometry, preprocessing: str = "sam"):

@@ -28,6 +28,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from radsam_jax.convert.convert import convert_checkpoint  # noqa: E402
 from radsam_jax.model.image_encoder import get_rel_pos  # noqa: E402
+from radsam_jax.preprocess import geometry, logits_to_mask, upscale_logits  # noqa: E402
 
 TOLERANCE = 1e-4
 IMAGE_SIZE = 256
@@ -97,6 +98,22 @@ def test_small_sam_masks_and_iou(small_sam, case):
     for i in range(4):
         _check(f"{case} mask {i}", masks[:, i], ref_masks[:, i])
     _check(f"{case} iou (4 values)", iou, ref_iou)
+
+
+@pytest.mark.parametrize("original", [(101, 122), (512, 400), (300, 300), (64, 200)])
+def test_upscale_logits_matches_sam_postprocess_masks(small_sam, original):
+    """Low-res logits -> the original image: ours (one matrix per axis) against SAM's postprocess_masks
+    (bilinear to S, crop the padding, bilinear to the original), and the masks thresholded from them."""
+    sam, model, *_ = small_sam
+    geo = geometry(model.config, *original)
+    logits = np.random.default_rng(1).normal(0, 4, size=(2, 4, MASK_SIZE, MASK_SIZE)).astype(np.float32)
+    with torch.no_grad():
+        expected = sam.postprocess_masks(torch.from_numpy(logits), geo.resized, original).numpy()
+    actual = np.asarray(upscale_logits(logits, geo))
+    assert actual.shape == expected.shape == (2, 4, *original)
+    print()
+    _check(f"logits upscaled to {original}", actual, expected)
+    np.testing.assert_array_equal(np.asarray(logits_to_mask(logits, geo)), expected > 0)
 
 
 @pytest.mark.parametrize("q_size,k_size,table_len", [(8, 8, 15), (6, 6, 15), (16, 16, 15), (4, 8, 15), (8, 4, 9)])
