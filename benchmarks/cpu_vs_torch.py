@@ -369,7 +369,7 @@ def build_rows(t: dict, mem: dict) -> list[dict]:
     if "volume" in t:
         n = t["volume_slices"]
         rows.append({**timed("volume", f"volume {n} slices end to end (s)"),
-                     "note": f"{t['volume_source']}; JAX encoder batch {t.get('volume_encoder_batch', 8)}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
+                     "note": f"{t['volume_source']}; JAX encoder batch {t['volume_encoder_batch']}; per slice: JAX {t['volume']['jax']['median_s'] / n:.2f} s, torch {t['volume']['torch']['median_s'] / n:.2f} s"})
     for what in ("encoder", "volume"):
         j, p = mem.get(f"mem:jax:{what}", {}), mem.get(f"mem:torch:{what}", {})
         if "peak_gib" in j and "peak_gib" in p:
