@@ -5,7 +5,7 @@
 Both run volume-level prompting on the same volume, prompt and bounds (default: the shared
 ct-abdomen-3mm sample, the liver box of its reference labels, the liver's slice extent):
 - predictor: encoder over the slices in the bounds in chunks of --encoder-batch-size, then one
-  jitted call (two lax.scans of prompt encoder + decoder);
+  jitted call (one lax.scan of prompt encoder + decoder, up and down in lockstep);
 - loop: for each slice encode (batch of one), decode, copy the logits to the host, build the next
   mask prompt in NumPy (radsam_jax.inference.reference.per_slice_loop).
 Each is run once to compile (warm-up), then timed --repeats times (best is reported). Without

@@ -71,23 +71,28 @@ def _dilate(mask):
 
 def stub_decode(variables, embeddings, prompts):
     """Answer = the object on this slice (embedding channel 0 at mask resolution) restricted to what
-    the prompt touches: the dilated mask prompt, the box, positive points (minus negative points)."""
-    obj = embeddings[0, :, :, 0] > 0  # (M, M): the stub's "embeddings" are already at mask size
+    the prompt touches: the dilated mask prompt, the box, positive points (minus negative points).
+    Batched like the real decoder: (B, M, M, 1) embeddings -> (B, 4, M, M) logits, (B, 4) IoU."""
+    return jax.vmap(_stub_decode_one)(embeddings, prompts)
+
+
+def _stub_decode_one(embedding, prompt):
+    obj = embedding[:, :, 0] > 0  # (M, M): the stub's "embeddings" are already at mask size
     yy, xx = jnp.mgrid[0:M, 0:M]
     cx, cy = (xx + 0.5) * IMAGE / M, (yy + 0.5) * IMAGE / M
-    region = jnp.where(prompts.has_mask[0], _dilate(prompts.mask[0]) > 0, False)
-    b = prompts.box[0]
+    region = jnp.where(prompt.has_mask, _dilate(prompt.mask) > 0, False)
+    b = prompt.box
     pad = IMAGE / M  # the stub tolerates one mask pixel of drift, like the dilated mask prompt
-    region |= prompts.has_box[0] & (cx >= b[0] - pad) & (cx <= b[2] + 1 + pad) & (cy >= b[1] - pad) & (cy <= b[3] + 1 + pad)
-    near = jnp.hypot(cx[None] - prompts.points[0, :, 0, None, None], cy[None] - prompts.points[0, :, 1, None, None]) < 6
-    lab = prompts.point_labels[0][:, None, None]
+    region |= prompt.has_box & (cx >= b[0] - pad) & (cx <= b[2] + 1 + pad) & (cy >= b[1] - pad) & (cy <= b[3] + 1 + pad)
+    near = jnp.hypot(cx[None] - prompt.points[:, 0, None, None], cy[None] - prompt.points[:, 1, None, None]) < 6
+    lab = prompt.point_labels[:, None, None]
     region |= jnp.any(near & (lab == 1), axis=0)
     # A positive point grows the region to its whole connected blob on this slice (good enough: one blob per slice).
     region = jnp.where(jnp.any(near & (lab == 1) & obj[None]), obj | region, region)
     region &= ~jnp.any(near & (lab == 0), axis=0)
     logits = jnp.where(obj & region, 5.0, -5.0)
     iou = jnp.where(jnp.any(obj & region), 0.9, 0.1)
-    return jnp.broadcast_to(logits, (1, 4, M, M)), jnp.broadcast_to(iou, (1, 4))
+    return jnp.broadcast_to(logits, (4, M, M)), jnp.broadcast_to(iou, (4,))
 
 
 def stub_embeddings(num_slices=32):
@@ -119,13 +124,14 @@ def point_prompt(x_px, y_px, label=1):
 
 @pytest.mark.parametrize("mode", ["mask", "box"])
 @pytest.mark.parametrize("vanish_policy", ["stop", "continue"])
-def test_stub_propagation_known_answer(mode, vanish_policy):
+@pytest.mark.parametrize("start", [10, 14, 18])  # object A spans 8..20: down, both or up ends first
+def test_stub_propagation_known_answer(mode, vanish_policy, start):
     emb = stub_embeddings()
     obj = np.asarray(emb[..., 0] > 0)
     answer = obj.copy()
     answer[21:] = False  # object B is not connected to A through the slices
-    # A positive point on slice 14 inside object A (mask pixel (7, 7) -> input pixels ~ (30, 30)).
-    masks, iou = run_stub(emb, 14, 2, 30, point_prompt(7.5 * 4, 7.5 * 4), mode=mode, vanish_policy=vanish_policy)
+    # A positive point inside object A on every slice 8..20 (mask pixel (7, 7) -> input pixels ~ (30, 30)).
+    masks, iou = run_stub(emb, start, 2, 30, point_prompt(7.5 * 4, 7.5 * 4), mode=mode, vanish_policy=vanish_policy)
     np.testing.assert_array_equal(masks, answer)
     assert np.isnan(iou[:2]).all() and np.isnan(iou[31:]).all()  # outside the bounds
     assert np.isfinite(iou[8:21]).all()

@@ -5,23 +5,25 @@ prompts in model-input pixels, masks as (m, m) low-resolution logits (m = S/4).
 
 `propagate_volume` is the whole of a volume-level segmentation or edit:
 
-    start slice j:   decode(embeddings[j], user prompt (+ stored corrections on j) (+ current mask))
-    up   (lax.scan): for k = j+1 .. hi   decode(embeddings[k], previous mask (+ corrections on k))
-    down (lax.scan): for k = j-1 .. lo   decode(embeddings[k], previous mask (+ corrections on k))
+    start slice j:  decode(embeddings[j], user prompt (+ stored corrections on j) (+ current mask))
+    lax.scan, step i = 0, 1, ...: both directions in lockstep, one decoder call for both
+        up    k = j+1+i while k <= hi:  decode(embeddings[k], previous mask (+ corrections on k))
+        down  k = j-1-i while k >= lo:  decode(embeddings[k], previous mask (+ corrections on k))
 
-Each scan step carries the previous slice's binary mask (primary low-resolution logits > 0) and
-builds the next prompt from it on device: the mask itself (propagation="mask", RadSAM) or the box
-around it (propagation="box", for SAM/MedSAM, which never saw mask prompts). Nothing returns to the
-host between slices. Both scans have the static length Zp (the bucketed slice count); steps beyond
-the bounds are skipped with `lax.cond`, so they cost nothing and one compiled function serves every
-bound, prompted slice and volume whose slice count falls into the same bucket.
+Each scan step carries each direction's previous binary mask (primary low-resolution logits > 0)
+and builds the next prompts from them on device: the mask itself (propagation="mask", RadSAM) or
+the box around it (propagation="box", for SAM/MedSAM, which never saw mask prompts). Nothing
+returns to the host between slices. The scan has the static length Zp (the bucketed slice count);
+a direction past its bound is left out of the step's decoder call (`lax.switch`: batch 2, 1 or
+none), so one compiled function serves every bound, prompted slice and volume whose slice count
+falls into the same bucket, and a volume takes max(up, down) sequential decoder calls, not the sum.
 
 Corrections: a static table `points (Zp, P, 2)`, `labels (Zp, P)` (label -1 = empty slot) holds the
-correction points stored per slice. Whenever a scan passes a slice, that slice's points are added
+correction points stored per slice. Whenever the scan passes a slice, that slice's points are added
 to the propagated prompt, so earlier edits are re-applied by later re-propagations.
 
 Stored boxes: likewise an optional table `boxes (Zp, 4)`, `has_box (Zp,)` holds the user's box
-prompt per slice (the initial box of a segmentation, on its slice). A scan passing such a slice
+prompt per slice (the initial box of a segmentation, on its slice). The scan passing such a slice
 re-sends the box with the propagated prompt: propagation="mask": box + previous mask (+ points);
 propagation="box": the stored box replaces the box derived from the previous mask.
 
@@ -99,49 +101,67 @@ def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(nonempty, box, 0.0), nonempty
 
 
-def _prompt_from_mask(points, labels, box, has_box, prev_mask, *, image_size: int, mode: str) -> Prompts:
-    """The propagated prompt of one slice: stored points (+ stored box where has_box) + the previous
-    mask (mode="mask") or the box around it (mode="box"; a stored box takes its place)."""
+def _propagated_prompts(points, labels, box, has_box, prev_mask, *, image_size: int, mode: str) -> Prompts:
+    """The propagated prompts of B slices (every argument B-leading): stored points (+ stored box
+    where has_box) + the previous mask (mode="mask") or the box around it (mode="box"; a stored box
+    takes its place)."""
     if mode == "mask":
-        return single_prompt(points, labels, box, has_box, prev_mask, True)
-    derived, nonempty = box_from_mask(prev_mask, image_size)
-    bx = jnp.where(has_box, box, derived)
-    return single_prompt(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_mask), False)
+        return Prompts(points, labels, box, has_box, prev_mask, jnp.ones(has_box.shape, bool))
+    derived, nonempty = jax.vmap(box_from_mask, in_axes=(0, None))(prev_mask, image_size)
+    bx = jnp.where(has_box[:, None], box, derived)
+    return Prompts(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_mask), jnp.zeros(has_box.shape, bool))
 
 
-def _scan_direction(decode_fn, variables, embeddings, init_mask, start, stop, step, table_points, table_labels,
-                    table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str):
-    """One direction of propagation: slices start+step, start+2*step, ... up to `stop` (inclusive).
+def _scan_both_directions(decode_fn, variables, embeddings, init_mask, start, lo, hi, table_points, table_labels,
+                          table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str):
+    """Both directions in lockstep: step i decodes slice start + 1 + i (up, towards `hi`) and slice
+    start - 1 - i (down, towards `lo`), bounds inclusive.
 
-    Returns per scan step i (slice start + step * (i + 1)): primary logits (Zp, m, m), IoU (Zp,),
-    written (Zp,) bool = the slice lies within the bound (its logits are the answer for that slice).
+    One decoder call per step serves both directions: batch 2 while both run, batch 1 once one has
+    ended (its bound reached, or its mask vanished under "stop"), none when neither runs. A volume is
+    then max(up, down) sequential decoder calls instead of up + down; on a GPU, where a batch-1
+    decoder call is bound by kernel launches, a batch of 2 costs about as much as a batch of 1.
+
+    Returns per scan step i, direction d (0 up, 1 down): primary logits (Zp, 2, m, m), IoU (Zp, 2),
+    written (Zp, 2) bool = the slice lies within the bound (its logits are the answer for that slice).
     """
     num_slices = embeddings.shape[0]
     m = init_mask.shape[-1]
+    step = jnp.array([1, -1])
 
-    def decode_slice(emb, prev_mask, points, labels, box, has_box):
-        prompt = _prompt_from_mask(points, labels, box, has_box, prev_mask, image_size=image_size, mode=mode)
-        logits, iou = decode_fn(variables, emb[None], prompt)
-        return logits[0, 0].astype(jnp.float32), iou[0, 0].astype(jnp.float32)
+    def decode(emb, prompts):
+        logits, iou = decode_fn(variables, emb, prompts)
+        return logits[:, 0].astype(jnp.float32), iou[:, 0].astype(jnp.float32)
 
-    def skip_slice(emb, prev_mask, points, labels, box, has_box):
-        return jnp.full((m, m), EMPTY_LOGIT, jnp.float32), jnp.full((), jnp.nan, jnp.float32)
+    def decode_none(kc, prompts, run):
+        return jnp.full((2, m, m), EMPTY_LOGIT, jnp.float32), jnp.full((2,), jnp.nan, jnp.float32)
 
-    def body(prev_mask, i):
+    def decode_one(kc, prompts, run):  # the direction that runs, alone, as a batch of one
+        d = jnp.argmax(run)
+        pick = lambda x: jax.lax.dynamic_index_in_dim(x, d, keepdims=True)
+        logits, iou = decode(pick(embeddings[kc]), jax.tree.map(pick, prompts))
+        mine = jnp.arange(2) == d
+        return jnp.where(mine[:, None, None], logits, EMPTY_LOGIT), jnp.where(mine, iou, jnp.nan)
+
+    def decode_both(kc, prompts, run):
+        return decode(embeddings[kc], prompts)
+
+    def body(prev_mask, i):  # prev_mask (2, m, m)
         k = start + step * (i + 1)
-        in_range = jnp.where(step > 0, k <= stop, k >= stop) & (k >= 0) & (k < num_slices)
+        in_range = jnp.where(step > 0, k <= hi, k >= lo) & (k >= 0) & (k < num_slices)
         kc = jnp.clip(k, 0, num_slices - 1)
-        points, labels = table_points[kc], table_labels[kc]
-        box, has_box = table_boxes[kc], table_has_box[kc]
+        points, labels, box, has_box = table_points[kc], table_labels[kc], table_boxes[kc], table_has_box[kc]
         if vanish_policy == "stop":
-            run = in_range & (jnp.any(prev_mask > 0) | jnp.any(labels == 1) | has_box)
+            run = in_range & (jnp.any(prev_mask > 0, axis=(1, 2)) | jnp.any(labels == 1, axis=1) | has_box)
         else:
             run = in_range
-        logits, iou = jax.lax.cond(run, decode_slice, skip_slice, embeddings[kc], prev_mask, points, labels, box, has_box)
-        next_mask = jnp.where(in_range, (logits > 0).astype(jnp.float32), prev_mask)
+        prompts = _propagated_prompts(points, labels, box, has_box, prev_mask, image_size=image_size, mode=mode)
+        logits, iou = jax.lax.switch(jnp.sum(run), (decode_none, decode_one, decode_both), kc, prompts, run)
+        next_mask = jnp.where(in_range[:, None, None], (logits > 0).astype(jnp.float32), prev_mask)
         return next_mask, (logits, iou, in_range)
 
-    _, (logits, iou, written) = jax.lax.scan(body, init_mask, jnp.arange(num_slices))
+    init = jnp.broadcast_to(init_mask, (2, m, m))
+    _, (logits, iou, written) = jax.lax.scan(body, init, jnp.arange(num_slices))
     return logits, iou, written
 
 
@@ -173,20 +193,15 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     m = logits0.shape[-1]
     mask0 = (logits0 > 0).astype(jnp.float32)
 
-    scan = functools.partial(_scan_direction, decode_fn, variables, embeddings, mask0,
-                             image_size=image_size, mode=mode, vanish_policy=vanish_policy)
-    tables = (table_points, table_labels, table_boxes, table_has_box)
-    up_logits, up_iou, up_written = scan(start, hi, 1, *tables)
-    down_logits, down_iou, down_written = scan(start, lo, -1, *tables)
-
-    logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32)
-    iou = jnp.full((num_slices,), jnp.nan, jnp.float32)
-    steps = jnp.arange(num_slices)
-    # Unwritten steps get index num_slices, which mode="drop" discards.
-    up_idx = jnp.where(up_written, start + 1 + steps, num_slices)
-    down_idx = jnp.where(down_written, start - 1 - steps, num_slices)
-    logits = logits.at[up_idx].set(up_logits, mode="drop").at[down_idx].set(down_logits, mode="drop")
-    iou = iou.at[up_idx].set(up_iou, mode="drop").at[down_idx].set(down_iou, mode="drop")
+    step_logits, step_iou, written = _scan_both_directions(
+        decode_fn, variables, embeddings, mask0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
+        image_size=image_size, mode=mode, vanish_policy=vanish_policy)
+    # Step i, direction d wrote slice start + (1, -1)[d] * (i + 1); unwritten ones get index num_slices,
+    # which mode="drop" discards.
+    slices = start + jnp.arange(1, num_slices + 1)[:, None] * jnp.array([1, -1])
+    idx = jnp.where(written, slices, num_slices)
+    logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32).at[idx].set(step_logits, mode="drop")
+    iou = jnp.full((num_slices,), jnp.nan, jnp.float32).at[idx].set(step_iou, mode="drop")
     logits = logits.at[start].set(logits0)
     iou = iou.at[start].set(iou0)
     return logits, iou
