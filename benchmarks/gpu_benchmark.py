@@ -1,8 +1,9 @@
 """GPU benchmark in one script: encoder slices/s (ViT-B/L, float32/bfloat16, batch 1/8/32, attention
 implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice,
 the training step's images/s with utilisation from `cost_analysis`, a per-kernel profile of one
-global and one windowed block (`--sections profile`: which fusions take the time), and the encoder
-under alternative XLA options (`--sections variants`).
+global and one windowed block (`--sections profile`: which fusions take the time), the attention op
+alone per implementation (`--sections attention`), and the encoder under alternative XLA options
+(`--sections variants`).
 
     python -m benchmarks.gpu_benchmark --out benchmarks/results/gpu     # on a GPU
     python -m benchmarks.gpu_benchmark --small --out /tmp/bench         # shrunk, runs on a CPU
@@ -108,6 +109,57 @@ def profile_rows(args) -> list[dict]:
         for row in op_time_breakdown(compiled, blocking(lambda: compiled(params, x)), calls=args.repeats):
             rows.append({**head, **row, "ms_per_slice": row["ms_per_call"] / batch})
             print(rows[-1], flush=True)
+    return rows
+
+
+def _cudnn_attention_unpadded_v(q, k, v, rel_h, rel_w, grid, scale):
+    """`attention_fused` without padding V to the folded head dim, in the (B, N, T, H) layout the
+    encoder has (no transposes): cuDNN >= 9.10 on Hopper takes V with its own head dim. Only jax's
+    private cuDNN wrapper exposes that (jax.nn.dot_product_attention needs equal head dims), so it
+    is measured here before the encoder uses it: ViT-B's global blocks would multiply the
+    probabilities by 64 value channels instead of 192."""
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    from radsam_jax.model.image_encoder import fold_rel_pos_into_qk
+
+    q_aug, k_aug = fold_rel_pos_into_qk(q, k, rel_h, rel_w, grid, scale)
+    return cudnn_attention(q_aug, k_aug, v, scale=1.0, qkv_layout="BNTH")
+
+
+def attention_rows(args) -> list[dict]:
+    """The attention op alone, bfloat16, in a ViT-B global block (64 x 64 tokens) and a windowed one
+    (25 windows of 14 x 14 per image), batch 8: each implementation's ms per slice and its relative
+    error against the float32 materialised reference."""
+    from radsam_jax.model.image_encoder import attention_fused, attention_materialized
+
+    config = load_model_config("small" if args.small else "vit_b")
+    batch, grid = (2, config.image_size // config.patch_size) if args.small else (8, 64)
+    heads, hd = config.encoder_heads, config.encoder_dim // config.encoder_heads
+    implementations = {
+        "materialized": attention_materialized,
+        "fused (jax.nn, V padded)": attention_fused,
+        "fused (cuDNN, V unpadded, BNTH)": _cudnn_attention_unpadded_v,
+    }
+    rows = []
+    for kind, side in (("global", grid), ("window", config.window_size)):
+        images = batch * (-(-grid // side)) ** 2  # windows of the zero-padded grid count as images
+        keys = jax.random.split(jax.random.key(0), 5)
+        q, k, v = (jax.random.normal(key, (images, heads, side * side, hd)) for key in keys[:3])
+        rel_h, rel_w = (0.1 * jax.random.normal(key, (side, side, hd)) for key in keys[3:])
+        args_f32 = (q, k, v, rel_h, rel_w, (side, side), hd**-0.5)
+        reference = jax.jit(attention_materialized, static_argnums=(5, 6))(*args_f32)
+        args_bf16 = tuple(x.astype(jnp.bfloat16) for x in args_f32[:5]) + args_f32[5:]
+        for name, fn in implementations.items():
+            row = {"model": config.name, "block": kind, "attention": name, "dtype": "bfloat16", "batch": batch}
+            try:
+                f = jax.jit(fn, static_argnums=(5, 6))
+                out = f(*args_bf16).astype(jnp.float32)
+                row["rel_err_vs_f32"] = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
+                row["ms_per_slice"] = time_call(blocking(lambda: f(*args_bf16)), repeats=args.repeats) / batch * 1e3
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 
@@ -289,7 +341,7 @@ def train_rows(args) -> list[dict]:
     return rows
 
 
-SECTIONS = ("matmul", "blocks", "profile", "variants", "encoder", "parity", "propagation", "train", "torch")
+SECTIONS = ("matmul", "blocks", "attention", "profile", "variants", "encoder", "parity", "propagation", "train", "torch")
 
 
 def main():
@@ -331,6 +383,7 @@ def main():
         print(results["matmul"], flush=True)
     runners = {
         "blocks": lambda: block_rows(args),
+        "attention": lambda: attention_rows(args),
         "profile": lambda: profile_rows(args),
         "variants": lambda: variant_rows(args),
         "encoder": lambda: encoder_rows(args, peak_bf16 or float("nan")),

@@ -137,14 +137,11 @@ def attention_query_chunked(q, k, v, rel_h, rel_w, grid, scale, plan):
     return out.reshape(b, n, hw, hd)
 
 
-def attention_fused(q, k, v, rel_h, rel_w, grid, scale):
-    """Relative positions folded into the dot product, then one fused attention call.
+def fold_rel_pos_into_qk(q, k, rel_h, rel_w, grid, scale):
+    """(q', k') with q'.k' = scale * q.k + bias_h[q, row(k)] + bias_w[q, col(k)].
 
-    scale * q.k + bias_h[q, row(k)] + bias_w[q, col(k)] equals q'.k' with q' = [scale * q, bias_h(q),
-    bias_w(q)] and k' = [k, onehot(row(k)), onehot(col(k))], so a flash-attention kernel never
-    materialises the scores. The head dim grows from hd to hd + H + W (192 for ViT-B's global blocks,
-    within cuDNN's 256 on Hopper), padded to a multiple of 8. cuDNN runs it on GPUs in bfloat16/float16;
-    elsewhere XLA computes the same function.
+    q' = [scale * q, bias_h(q), bias_w(q)] and k' = [k, onehot(row(k)), onehot(col(k))]: the head
+    dim grows from hd to hd + H + W (192 for ViT-B's global blocks), zero-padded to a multiple of 8.
     """
     b, n, hw, hd = q.shape
     h, w = grid
@@ -157,7 +154,16 @@ def attention_fused(q, k, v, rel_h, rel_w, grid, scale):
     if pad:
         q_aug.append(jnp.zeros((b, n, hw, pad), q.dtype))
         k_aug.append(jnp.zeros((b, n, hw, pad), k.dtype))
-    q_aug, k_aug = jnp.concatenate(q_aug, axis=-1), jnp.concatenate(k_aug, axis=-1)
+    return jnp.concatenate(q_aug, axis=-1), jnp.concatenate(k_aug, axis=-1)
+
+
+def attention_fused(q, k, v, rel_h, rel_w, grid, scale):
+    """Relative positions folded into the dot product (`fold_rel_pos_into_qk`), then one fused
+    attention call, so a flash-attention kernel never materialises the scores. cuDNN runs it on GPUs
+    in bfloat16/float16 (head dim <= 256 on Hopper); elsewhere XLA computes the same function.
+    """
+    hd = q.shape[-1]
+    q_aug, k_aug = fold_rel_pos_into_qk(q, k, rel_h, rel_w, grid, scale)
     dim = q_aug.shape[-1]
     v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dim - hd)))  # equal head dims for every kernel
     on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
