@@ -18,7 +18,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -69,15 +69,28 @@ def _squeeze_to_3d(shape: Sequence[int], path, what: str) -> tuple[int, ...]:
     return shape[:3]
 
 
-def _load_nifti(path: Path) -> Volume:
+def _read_nifti(path: Path, what: str, read) -> tuple[np.ndarray, np.ndarray]:
+    """(`read(img)` as a 3D array, affine) of a NIfTI file; `what` ("image", "label map") names it.
+
+    nib.load reads only the header, so a truncated or corrupt file fails in `read` (EOFError,
+    OSError, zlib errors naming no file): both steps turn any error into a ValueError naming it.
+    """
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for corrupt files
-        raise ValueError(f"cannot read NIfTI file {path}: {e}") from e
-    shape = _squeeze_to_3d(img.shape, path, "image")
+        raise ValueError(f"cannot read NIfTI file {path} ({what}): {e}") from e
+    shape = _squeeze_to_3d(img.shape, path, what)
+    try:
+        data = read(img)
+    except Exception as e:
+        raise ValueError(f"cannot read NIfTI file {path} ({what}): {e}") from e
+    return np.asarray(data).reshape(shape), np.asarray(img.affine, np.float64)
+
+
+def _load_nifti(path: Path) -> Volume:
     # get_fdata applies the header's scl_slope/scl_inter, so stored integers become Hounsfield units.
-    array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    return Volume(np.ascontiguousarray(array, dtype=np.float32), np.asarray(img.affine, np.float64), str(path))
+    array, affine = _read_nifti(path, "image", lambda img: img.get_fdata(dtype=np.float32))
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, str(path))
 
 
 def _import_pydicom():
@@ -255,10 +268,8 @@ def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"label map not found: {path}")
     if not is_nifti_path(path):
         raise ValueError(f"label map {path} is not a NIfTI file (.nii, .nii.gz)")
-    img = nib.load(str(path))
-    shape = _squeeze_to_3d(img.shape, path, "label map")
-    data = np.asanyarray(img.dataobj).reshape(shape)  # applies scl_slope/inter if set
-    return _as_integer_labels(data, path), np.asarray(img.affine, np.float64)
+    data, affine = _read_nifti(path, "label map", lambda img: np.asanyarray(img.dataobj))  # applies scl_slope/inter
+    return _as_integer_labels(data, path), affine
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = AFFINE_ATOL_MM) -> bool:
@@ -433,18 +444,77 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     img.set_qform(like.affine, code=1)
     img.set_sform(like.affine, code=1)
     img.header.set_data_dtype(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    return write_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
+
+
+def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> Path:
+    """Calls `write(tmp)` for a temporary file beside `path` (name ending in `suffix`, which writers
+    such as nib.save read the format from), then renames it to `path`: a reader never sees a
+    half-written file, and a failure leaves no temporary file and the old `path`, if any, untouched.
+
+    The file keeps the permissions of the file it replaces, else gets those of a plain open().
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the mask gets the permissions of a plain open()
+        write(tmp)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes 0600
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def check_output_path(path, what: str, *, folder: bool = False) -> Path:
+    """Raises ValueError unless `path` can be written as a file (folder=True: used as a folder):
+    nothing of the other kind is there and its nearest existing parent is a folder. Called before
+    the model runs, so a bad destination fails at once rather than after the whole computation."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a file, not a folder" if folder else "a folder, not a file"
+        raise ValueError(f"{what} {path} is {kind}")
+    parent = path.parent
+    while not parent.exists():  # "." and "/" exist
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+    return path
+
+
+def _file_keys(path) -> list:
+    """What identifies the file at `path`: its resolved path (symbolic links and "..", also through
+    folders not yet created) and, when it exists, its (device, inode) (hard links)."""
+    path = Path(path)
+    keys = [path.resolve()]
+    try:
+        st = path.stat()
+        keys.append((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def check_outputs_spare_inputs(outputs: Sequence[tuple[str, object]], inputs: Sequence[tuple[str, object]]) -> None:
+    """Raises ValueError when an output (what, path) would replace an input (what, path) or another
+    output: the same file by path, symbolic link or hard link."""
+    written = {}
+    for what, path in outputs:
+        for key in _file_keys(path):
+            if key in written:
+                raise ValueError(f"{what} {path} and {written[key][0]} {written[key][1]} are the same file")
+            written[key] = (what, path)
+    for what, path in inputs:
+        for key in _file_keys(path):
+            if key in written:
+                raise ValueError(f"{written[key][0]} {written[key][1]} is the {what} {path}; writing it would destroy the input")

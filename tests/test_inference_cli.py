@@ -153,3 +153,174 @@ def test_segment_batch(image, checkpoint, tmp_path, capsys):
     rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
     assert rc == 1
     assert "0 done, 2 skipped" in capsys.readouterr().out
+
+
+def _truncated_copy(src: Path, dst: Path) -> Path:
+    raw = src.read_bytes()
+    dst.write_bytes(raw[: len(raw) // 2])
+    return dst
+
+
+def test_bad_files_and_destinations(image, checkpoint, tmp_path, capsys):
+    """Checked before the model runs: corrupt inputs name their file, and a destination that cannot
+    be written (or would replace an input) is refused."""
+    out = tmp_path / "sub" / "mask.nii.gz"
+    ck = ("--checkpoint", checkpoint)
+    prompt = ("--slice", 10, "--point", 20, 16)
+    cut = _truncated_copy(image, tmp_path / "cut.nii.gz")
+    _bad(capsys, out, "segment", cut, *ck, *prompt, match=f"cannot read NIfTI file {cut} (image)")
+    cut_labels = _truncated_copy(image.parent / "labels.nii.gz", tmp_path / "cut_labels.nii.gz")
+    _bad(capsys, out, "segment", image, *ck, *prompt, "--labels", cut_labels, "--label-id", 7,
+         match=f"cannot read NIfTI file {cut_labels} (label map)")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _bad(capsys, afile / "m.nii.gz", "segment", image, *ck, *prompt, match=f"cannot be created: {afile} is a file")
+    (tmp_path / "adir.nii.gz").mkdir()
+    assert run_cli("segment", image, *ck, *prompt, "--out", tmp_path / "adir.nii.gz", "--no-progress") == 2
+    assert f"--out {tmp_path}/adir.nii.gz is a folder, not a file" in capsys.readouterr().err
+    _bad(capsys, out, "segment", image, *ck, *prompt, "--preview", afile / "p.png", match=f"--preview {afile}/p.png cannot be created")
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps([{"slice": 10, "points": [[20, 16]]}]))
+    for option in (("--propagation", "box"), ("--label-value", 2)):
+        _bad(capsys, out, "segment", image, *ck, "--prompts", pfile, *option, match=f"--prompts replaces {option[0]}")
+    # --out naming the input itself (by path, or through a hard link) never replaces it.
+    copy = tmp_path / "ct.nii.gz"
+    copy.write_bytes(image.read_bytes())
+    (tmp_path / "hard.nii.gz").hardlink_to(copy)
+    for target in (copy, tmp_path / "sub" / ".." / "ct.nii.gz", tmp_path / "hard.nii.gz"):
+        assert run_cli("segment", copy, *ck, *prompt, "--out", target, "--no-progress") == 2
+        assert "writing it would destroy the input" in capsys.readouterr().err
+    assert copy.read_bytes() == image.read_bytes()
+
+
+def _prompt_error(data, match, world=False, shape=(40, 36, 20)):
+    from radsam_jax.inference.prompt_file import PromptError, parse_prompts
+
+    affine = np.array([[-1.5, 0, 0, 30.0], [0, -1.5, 0, 20.0], [0, 0, 3.0, -40.0], [0, 0, 0, 1]])
+    with pytest.raises(PromptError, match=match):
+        parse_prompts(data, shape, affine, world=world)
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({"slice": 0, "box": [0, 0, 5, 5], "edits": 5}, r"object 1: edits must be a list .*got 5"),
+    ({"slice": None, "box": [0, 0, 5, 5]}, "object 1: slice must be a number, got None"),
+    ({"slice": [0], "box": [0, 0, 5, 5]}, r"object 1: slice must be a number, got \[0\]"),
+    ({"slice": "abc", "box": [0, 0, 5, 5]}, "object 1: slice must be a number, got 'abc'"),
+    ({"slice": 0, "box": [0, 0, 5, 5], "bounds": [-30, None]}, "object 1: bounds hi must be a number, got None"),
+    ({"slice": 0, "box": [0, None, 5, 5]}, r"object 1: box must be \[x0, y0, x1, y1\] \(numbers\)"),
+    ({"slice": 0, "points": [[0, None]]}, "object 1: points must be a list of"),
+    ({"slice": 0, "points": [[0, 0]], "edits": [{"slice": None, "points": [[0, 0]]}]}, "object 1, edit 1: slice must be a number"),
+    # Millimetres as given, and the image's extent in millimetres (voxel slices span -40 +- 1.5 .. 17 + 1.5 mm).
+    ({"slice": 400, "points": [[0, 0]]}, r"slice z = 400 mm is outside the image, which spans z -41.5..18.5 mm"),
+    ({"slice": 0, "points": [[100, 0]]}, r"point \(100, 0\) mm is outside the image, whose slice 13 spans x -29.2..30.8 mm"),
+    ({"slice": 0, "points": [[0, 0]], "bounds": [-30, -20]}, r"prompted slice z = 0 mm \(slice 13\) is outside the bounds -30..-20 mm"),
+    ({"slice": 0, "points": [[0, 0]], "edits": [{"slice": 300, "points": [[0, 0]]}]}, "edit 1: slice z = 300 mm is outside"),
+])
+def test_world_prompts_errors_name_key_and_millimetres(obj, match):
+    _prompt_error({"coordinates": "world", "objects": [obj]}, match)
+
+
+def test_prompts_errors_per_key_and_point_limit():
+    from radsam_jax.inference.prompt_file import parse_prompts
+    from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS, VolumePredictor
+
+    _prompt_error([{"slice": 5, "label": 1.5, "points": [[1, 1]]}], "object 1: label must be an integer, got 1.5")
+    _prompt_error([{"slice": 5.5, "points": [[1, 1]]}], r"slice must be an integer slice index \(voxel coordinates\)")
+    _prompt_error([{"slice": 5, "points": [[1, 1]], "edits": 0}], "edits must be a list")
+    # The predictor's own limit on points per slice (prompt + edits there), checked while parsing.
+    assert VolumePredictor.__init__.__kwdefaults__["max_points"] == DEFAULT_MAX_POINTS
+    n = DEFAULT_MAX_POINTS
+    _prompt_error([{"slice": 5, "points": [[1, 1]] * (n + 1)}], f"object 1: {n + 1} points, more than the {n}")
+    many = {"slice": 5, "points": [[1, 1]] * (n - 1), "edits": [{"slice": 6, "points": [[1, 1]] * n},
+                                                               {"slice": 5, "points": [[2, 2]] * 2}]}
+    _prompt_error([many], f"object 1, edit 2: slice 5 would hold {n + 1} points")
+    many["edits"][1]["points"] = [[2, 2]]
+    parse_prompts([many], (40, 36, 20), np.eye(4))
+
+
+def test_set_volume_bad_encode_keeps_the_predictor(checkpoint):
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.io import Volume
+
+    predictor = VolumePredictor(load_checkpoint(checkpoint))
+    volume = Volume(np.zeros((8, 8, 4), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="encode must be 'lazy' or 'all', got 'foo'"):
+        predictor.set_volume(volume, encode="foo")
+    assert predictor.volume is None
+
+
+def test_preview_failure_leaves_no_temporary_file(tmp_path):
+    from radsam_jax.inference.preview import save_preview
+    from radsam_jax.inference.prompt_file import parse_prompts
+
+    objects = parse_prompts([{"slice": 2, "points": [[3, 3]]}], (8, 8, 4), np.eye(4))
+    (tmp_path / "p.png").mkdir()  # the rename onto it fails after the PNG is written
+    with pytest.raises(OSError):
+        save_preview(tmp_path / "p.png", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), objects)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_manifest_errors(tmp_path):
+    from radsam_jax.inference.batch import read_manifest
+
+    def bad(name, text, match):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=match):
+            read_manifest(path)
+
+    bad("short.csv", "image,prompts,id\nct.nii.gz,p.json,a\nct.nii.gz\n", r"short.csv, line 3: empty or missing \"prompts\"")
+    bad("empty.csv", "image,prompts\n,p.json\n", r"empty.csv, line 2: empty or missing \"image\"")
+    bad("long.csv", "image,prompts\nct.nii.gz,p.json,x\n", "long.csv, line 2: more cells than the header's 2")
+    bad("null.json", json.dumps([{"image": None, "prompts": "p.json"}]), r"null.json, case 1: empty or missing \"image\"")
+    bad("up.json", json.dumps([{"image": "ct.nii.gz", "prompts": "p.json", "id": "../escaped"}]),
+        r"up.json, case 1: id '../escaped' must be a plain file name")
+    bad("sub.csv", "image,prompts,id\nct.nii.gz,p.json,sub/x\n", "sub.csv, line 2: id 'sub/x' must be a plain file name")
+    bad("dup.csv", "image,prompts,id\nct.nii.gz,p.json,a\nother.nii.gz,p.json,a\n",
+        r"dup.csv: line 2 and line 3 both have id 'a' \(output a.nii.gz\); give each case a distinct \"id\"")
+    bom = tmp_path / "bom.csv"
+    bom.write_text("image,prompts\nct.nii.gz,p.json\n", encoding="utf-8-sig")
+    assert [(c.id, c.image) for c in read_manifest(bom)] == [("ct", tmp_path / "ct.nii.gz")]
+
+
+def test_segment_batch_refuses_bad_out_dir(image, checkpoint, tmp_path, capsys):
+    """An image in --out-dir named <id>.nii.gz is never taken for a finished output, nor replaced."""
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "ct.nii.gz").write_bytes(image.read_bytes())
+    (folder / "p.json").write_text(json.dumps([{"slice": 10, "points": [[20, 16]]}]))
+    manifest = folder / "cases.csv"
+    manifest.write_text("image,prompts\nct.nii.gz,p.json\n")
+    ck = ("--checkpoint", checkpoint, "--no-progress")
+    assert run_cli("segment-batch", manifest, *ck, "--out-dir", folder) == 2
+    err = capsys.readouterr().err
+    assert f"the output of case 'ct' {folder}/ct.nii.gz is the image of case 'ct'" in err, err
+    assert (folder / "ct.nii.gz").read_bytes() == image.read_bytes()
+    assert run_cli("segment-batch", manifest, *ck, "--out-dir", folder / "p.json") == 2
+    assert f"--out-dir {folder}/p.json is a file, not a folder" in capsys.readouterr().err
+
+
+def test_segment_batch_mask_only_after_its_preview(image, checkpoint, tmp_path, capsys, monkeypatch):
+    """A case whose preview fails has no mask (so a re-run does it again) and no temporary file."""
+    from PIL import Image
+
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps([{"slice": 10, "box": [12, 9, 28, 23], "bounds": [9, 11]}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,image,prompts\na,{image},p.json\n")
+    out_dir = tmp_path / "out"
+    argv = ("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--previews", "--no-progress")
+
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half a png")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", full_disk)
+        assert run_cli(*argv) == 1
+    assert "failed a: OSError: No space left on device" in capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["segment-batch-summary.json"]
+    assert run_cli(*argv) == 0
+    assert "1 done, 0 skipped" in capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "a.png", "segment-batch-summary.json"]

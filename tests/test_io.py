@@ -73,6 +73,29 @@ def test_missing_unknown_and_empty_paths(tmp_path):
         io.load_volume(empty)
 
 
+def _truncated(path, data):
+    """A NIfTI whose header reads but whose voxel data stops half-way (a copy cut short)."""
+    _save(path, data, _affine())
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_nifti_is_an_error_naming_the_file(tmp_path, name):
+    rng = np.random.default_rng(0)
+    path = _truncated(tmp_path / name, rng.integers(-1000, 1000, (16, 16, 16)).astype(np.int16))
+    with pytest.raises(ValueError, match=rf"cannot read NIfTI file {path} \(image\)"):
+        io.load_volume(path)
+    labels = _truncated(tmp_path / f"labels_{name}", rng.integers(0, 5, (16, 16, 16)).astype(np.uint8))
+    with pytest.raises(ValueError, match=rf"cannot read NIfTI file {labels} \(label map\)"):
+        io.read_label_array(labels)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=rf"cannot read NIfTI file {garbage} \(label map\)"):
+        io.read_label_array(garbage)
+
+
 # --------------------------------------------------------------------------- label alignment
 
 
@@ -166,6 +189,47 @@ def test_save_label_map_round_trip_and_atomic(tmp_path):
         io.save_label_map(tmp_path / "seg.png", labels, like)
     with pytest.raises(ValueError, match="shape"):
         io.save_label_map(tmp_path / "seg.nii", labels[:2], like)
+
+
+def test_replacing_a_file_keeps_its_mode_and_a_failed_write_leaves_it(tmp_path):
+    like = io.Volume(np.zeros((4, 5, 6), np.float32), _affine())
+    out = io.save_label_map(tmp_path / "seg.nii.gz", np.zeros((4, 5, 6), np.uint8), like)
+    out.chmod(0o640)
+    io.save_label_map(out, np.ones((4, 5, 6), np.uint8), like)
+    assert out.stat().st_mode & 0o777 == 0o640
+
+    def fail(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.write_atomically(out, fail, ".nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
+    assert np.asanyarray(nib.load(str(out)).dataobj).all()  # the previous file, untouched
+
+
+def test_output_checks(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    io.check_output_path(tmp_path / "new" / "deeper" / "m.nii.gz", "--out")  # folders are created later
+    with pytest.raises(ValueError, match=r"--out .*afile/sub/m.nii.gz cannot be created: .*afile is a file"):
+        io.check_output_path(afile / "sub" / "m.nii.gz", "--out")
+    with pytest.raises(ValueError, match="adir is a folder, not a file"):
+        io.check_output_path(tmp_path / "adir", "--out")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        io.check_output_path(afile, "--out-dir", folder=True)
+    image = tmp_path / "ct.nii.gz"
+    image.write_bytes(b"ct")
+    (tmp_path / "link.nii.gz").symlink_to(image)
+    (tmp_path / "hard.nii.gz").hardlink_to(image)
+    for out in (image, tmp_path / "adir" / ".." / "ct.nii.gz", tmp_path / "nosuch" / ".." / "ct.nii.gz",
+                tmp_path / "link.nii.gz", tmp_path / "hard.nii.gz"):
+        with pytest.raises(ValueError, match="is the image .*ct.nii.gz; writing it would destroy the input"):
+            io.check_outputs_spare_inputs([("--out", out)], [("image", image)])
+    with pytest.raises(ValueError, match="--preview .* and --out .* are the same file"):
+        io.check_outputs_spare_inputs([("--out", tmp_path / "m.nii"), ("--preview", tmp_path / "m.nii")], [])
+    io.check_outputs_spare_inputs([("--out", tmp_path / "m.nii.gz")], [("image", image), ("labels", tmp_path / "missing")])
 
 
 # --------------------------------------------------------------------------- real data

@@ -9,7 +9,9 @@ defaults to the image's file name without .nii/.nii.gz (a DICOM folder: its name
 One `VolumePredictor` serves every case, so its compiled functions (bucketed shapes) are reused; the
 next case is read and its prompts validated in a background thread while the current one runs. A
 failing case is reported and skipped; a re-run skips cases whose output already exists (outputs are
-written atomically, so an existing file is complete). A summary is printed and written to
+written atomically, and a case's mask last, so an existing mask is a finished case). Ids must be plain
+file names; an output that would replace an input (an image in OUT_DIR named <id>.nii.gz, the
+manifest, ...) is refused before anything runs. A summary is printed and written to
 OUT_DIR/segment-batch-summary.json; the exit status is 1 if any case failed.
 """
 
@@ -70,64 +72,117 @@ def _case_id(image: Path) -> str:
     return name
 
 
+def _case_cell(value, path, where: str, key: str) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"manifest {path}, {where}: empty or missing \"{key}\"")
+    if not isinstance(value, str):
+        raise ValueError(f"manifest {path}, {where}: \"{key}\" must be a path (a string), got {value!r}")
+    return value.strip()
+
+
 def read_manifest(path) -> list[Case]:
-    """Manifest (CSV or JSON, see module docstring) -> cases; raises ValueError naming the problem."""
+    """Manifest (CSV or JSON, see module docstring) -> cases; raises ValueError naming the problem
+    (and the row: "line N" of a CSV, "case N" of a JSON list)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.parent
-    rows = []
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"manifest {path} is not valid JSON: {e}") from e
-        if not isinstance(data, list):
-            raise ValueError(f"manifest {path} must be a JSON list of cases")
-        for i, item in enumerate(data):
-            if isinstance(item, dict) and "image" in item and "prompts" in item:
-                rows.append((item.get("id"), item["image"], item["prompts"]))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                rows.append((None, item[0], item[1]))
-            else:
-                raise ValueError(f"manifest {path}, case {i + 1}: expected {{\"image\", \"prompts\"}} or [image, prompts], got {item!r}")
-    else:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = set(reader.fieldnames or [])
-            if not {"image", "prompts"} <= fields:
-                raise ValueError(f"manifest {path} needs a header row with columns image,prompts[,id]; got {sorted(fields)}")
-            for row in reader:
-                rows.append((row.get("id") or None, row["image"], row["prompts"]))
+    rows = []  # (where, id or None, image, prompts)
+    try:
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: editors that write a BOM
+            except json.JSONDecodeError as e:
+                raise ValueError(f"manifest {path} is not valid JSON: {e}") from e
+            if not isinstance(data, list):
+                raise ValueError(f"manifest {path} must be a JSON list of cases")
+            for i, item in enumerate(data):
+                if isinstance(item, dict) and "image" in item and "prompts" in item:
+                    rows.append((f"case {i + 1}", item.get("id"), item["image"], item["prompts"]))
+                elif isinstance(item, (list, tuple)) and len(item) == 2:
+                    rows.append((f"case {i + 1}", None, item[0], item[1]))
+                else:
+                    raise ValueError(f"manifest {path}, case {i + 1}: expected {{\"image\", \"prompts\"}} or [image, prompts], got {item!r}")
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                fields = set(reader.fieldnames or [])
+                if not {"image", "prompts"} <= fields:
+                    raise ValueError(f"manifest {path} needs a header row with columns image,prompts[,id]; got {sorted(fields)}")
+                for row in reader:
+                    where = f"line {reader.line_num}"
+                    if None in row:  # DictReader's key for cells beyond the header
+                        raise ValueError(f"manifest {path}, {where}: more cells than the header's {len(reader.fieldnames)}")
+                    rows.append((where, row.get("id"), row["image"], row["prompts"]))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read manifest {path}: {e}") from e
     if not rows:
         raise ValueError(f"manifest {path} lists no cases")
-    cases = []
-    for cid, image, prompts in rows:
-        image, prompts = Path(str(image).strip()), Path(str(prompts).strip())
+    cases, first_seen = [], {}
+    for where, cid, image, prompts in rows:
+        image = Path(_case_cell(image, path, where, "image"))
+        prompts = Path(_case_cell(prompts, path, where, "prompts"))
         image = image if image.is_absolute() else base / image
         prompts = prompts if prompts.is_absolute() else base / prompts
-        cases.append(Case(str(cid) if cid else _case_id(image), image, prompts))
-    ids = [c.id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise ValueError(f"manifest {path}: several cases would write the same output {dup}; add an \"id\" column")
+        if isinstance(cid, str):
+            cid = cid.strip() or None
+        elif cid is not None and (isinstance(cid, bool) or not isinstance(cid, int)):
+            raise ValueError(f"manifest {path}, {where}: \"id\" must be a string, got {cid!r}")
+        cid = _case_id(image) if cid is None else str(cid)
+        # The id names the output file in --out-dir: no folder part may take it elsewhere.
+        if cid in ("", ".", "..") or any(sep in cid for sep in ("/", "\\", "\0")):
+            raise ValueError(f"manifest {path}, {where}: id {cid!r} must be a plain file name (no /, \\ or ..)")
+        if cid in first_seen:
+            raise ValueError(
+                f"manifest {path}: {first_seen[cid]} and {where} both have id {cid!r} (output {cid}.nii.gz); "
+                f"give each case a distinct \"id\""
+            )
+        first_seen[cid] = where
+        cases.append(Case(cid, image, prompts))
     return cases
 
 
-def _load_case(case: Case, world: bool):
+SUMMARY_NAME = "segment-batch-summary.json"
+
+
+def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, manifest=None) -> None:
+    """Raises ValueError unless every output can be written without destroying anything: --out-dir
+    is (or can be made) a folder, no output is a folder, and no output is an input of any case (e.g.
+    an image in --out-dir whose id is its own name) or the manifest. Run before the model loads."""
+    from radsam_jax.io import check_output_path, check_outputs_spare_inputs
+
+    out_dir = check_output_path(out_dir, "--out-dir", folder=True)
+    outputs = [("segment-batch summary", out_dir / SUMMARY_NAME)]
+    for c in cases:
+        outputs.append((f"the output of case {c.id!r}", out_dir / f"{c.id}.nii.gz"))
+        if previews:
+            outputs.append((f"the preview of case {c.id!r}", out_dir / f"{c.id}.png"))
+    for what, out in outputs:
+        check_output_path(out, what)
+    inputs = [(f"image of case {c.id!r}", c.image) for c in cases] + [(f"prompts file of case {c.id!r}", c.prompts) for c in cases]
+    if manifest is not None:
+        inputs.append(("manifest", manifest))
+    check_outputs_spare_inputs(outputs, inputs)
+
+
+def _load_case(case: Case, world: bool, max_points: int):
     from radsam_jax.io import load_volume
 
     volume = load_volume(case.image)
-    objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world)
+    objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world, max_points=max_points)
     return volume, objects
 
 
 def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False, previews: bool = False,
               log=print, progress: bool = True) -> dict:
-    """Segments every case not yet done; returns the summary dict (also written to out_dir)."""
-    from radsam_jax.io import save_label_map
+    """Segments every case not yet done; returns the summary dict (also written to out_dir).
+
+    A case's mask is written last, once everything else for it (its preview) succeeded: an existing
+    mask marks the case done on a re-run. Raises ValueError (nothing run) where `check_out_dir` does."""
+    from radsam_jax.io import save_label_map, write_atomically
 
     out_dir = Path(out_dir)
+    check_out_dir(cases, out_dir, previews=previews)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], []
     for case in cases:
@@ -141,7 +196,7 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
 
         bar = tqdm(total=len(todo), unit="case", file=sys.stderr, desc="segment-batch")
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="radsam-reader") as reader:
-        future = reader.submit(_load_case, todo[0], world) if todo else None
+        future = reader.submit(_load_case, todo[0], world, predictor.max_points) if todo else None
         for i, case in enumerate(todo):
             start = time.perf_counter()
             try:
@@ -150,17 +205,17 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 volume = None
                 error = e
             # Read the next case while this one runs on the device.
-            future = reader.submit(_load_case, todo[i + 1], world) if i + 1 < len(todo) else None
+            future = reader.submit(_load_case, todo[i + 1], world, predictor.max_points) if i + 1 < len(todo) else None
             try:
                 if volume is None:
                     raise error
                 labels, _ = segment_objects(predictor, volume, objects)
-                out = out_dir / f"{case.id}.nii.gz"
-                save_label_map(out, labels, like=volume)
                 if previews:
                     from radsam_jax.inference.preview import save_preview
 
                     save_preview(out_dir / f"{case.id}.png", volume.array, labels, objects)
+                out = out_dir / f"{case.id}.nii.gz"
+                save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
                              "objects": len(objects), "slices": int(volume.array.shape[2])})
@@ -179,7 +234,5 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     log(f"segment-batch: {len(done)} done, {len(skipped)} skipped (output exists), {len(failed)} failed")
     for f in failed:
         log(f"  failed {f['id']}: {f['error']}")
-    tmp = out_dir / ".segment-batch-summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out_dir / "segment-batch-summary.json")
+    write_atomically(out_dir / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     return summary

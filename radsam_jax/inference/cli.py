@@ -8,9 +8,10 @@ executes one and returns the exit status (0 ok, 1 a case failed or an unexpected
 
 Coordinates are voxel indices of IMAGE (x = first array axis, y = second, K = third; the slice is
 shown as `array[:, :, K].T`); with --world, X Y are RAS millimetres and K, LO, HI the z coordinate in
-millimetres. The --prompts schema is in `radsam_jax.inference.prompt_file`. Every input is checked
-before the model runs, and the label map is written atomically at the very end, so a failed run
-leaves nothing at --out.
+millimetres. The --prompts schema is in `radsam_jax.inference.prompt_file`. Every input, and every
+destination (--out, --preview, --out-dir: the right kind of path, never an input file), is checked
+before the model runs; the label map is written atomically at the very end (after the preview), so a
+failed run leaves nothing at --out.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point (repeatable)")
     p.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point (repeatable)")
     p.add_argument("--bounds", type=float, nargs=2, metavar=("LO", "HI"), help="bottom and top slices of the object (default: whole volume)")
-    p.add_argument("--propagation", choices=("mask", "box"), default="mask",
+    p.add_argument("--propagation", choices=("mask", "box"),
                    help="prompt each slice with the previous mask (RadSAM, default) or the box around it (SAM/MedSAM)")
     p.add_argument("--prompts", metavar="FILE.json", help="several objects and edits in one JSON file (instead of --slice/--box/--point)")
     p.add_argument("--out", required=True, metavar="MASK.nii.gz", help="output label map (input grid and affine)")
-    p.add_argument("--label-value", type=int, default=1, metavar="V", help="value of the object in the output (default 1; --prompts: per object)")
+    p.add_argument("--label-value", type=int, metavar="V", help="value of the object in the output (default 1; with --prompts, each object's \"label\")")
     p.add_argument("--preview", metavar="PNG", help="write a PNG montage of the prompted slice and its neighbours")
     p.add_argument("--labels", metavar="LABELS.nii.gz", help="reference label map: print the Dice of each object")
     p.add_argument("--label-id", type=int, metavar="N", help="reference id compared with the object (--prompts: objects without reference_label)")
@@ -112,10 +113,12 @@ def _objects_from_args(args, volume):
     from radsam_jax.inference.prompt_file import parse_prompts
 
     if args.prompts:
+        # No defaults for these options: a given one would be silently ignored (the file sets them per object).
         given = [n for n, v in (("--slice", args.slice), ("--box", args.box), ("--point", args.point),
-                                ("--negative", args.negative), ("--bounds", args.bounds)) if v is not None]
+                                ("--negative", args.negative), ("--bounds", args.bounds),
+                                ("--propagation", args.propagation), ("--label-value", args.label_value)) if v is not None]
         if given:
-            raise InputError(f"--prompts replaces {', '.join(given)}: put the prompt in the JSON file or drop --prompts")
+            raise InputError(f"--prompts replaces {', '.join(given)}: set them in the JSON file (per object) or drop --prompts")
         from radsam_jax.inference.prompt_file import load_prompts_file
 
         return load_prompts_file(args.prompts, volume.array.shape, volume.affine, world=args.world)
@@ -125,7 +128,8 @@ def _objects_from_args(args, volume):
         raise InputError("a prompt is required: --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and args.box is None:
         raise InputError("--negative needs a --point or --box")
-    obj = {"slice": args.slice, "label": args.label_value, "propagation": args.propagation}
+    obj = {"slice": args.slice, "label": 1 if args.label_value is None else args.label_value,
+           "propagation": args.propagation or "mask"}
     if args.box is not None:
         obj["box"] = list(args.box)
     pts = [list(p) for p in (args.point or [])] + [list(p) for p in (args.negative or [])]
@@ -139,13 +143,25 @@ def _objects_from_args(args, volume):
     return parse_prompts({"objects": [obj]}, volume.array.shape, volume.affine, world=args.world)
 
 
+def _check_destinations(args) -> None:
+    """--out and --preview: writable files that are neither an input nor each other (before any work)."""
+    from radsam_jax.io import check_output_path, check_outputs_spare_inputs, is_nifti_path
+
+    if not is_nifti_path(args.out):
+        raise InputError(f"--out {args.out} must end with .nii or .nii.gz")
+    outputs = [("--out", args.out)] + ([("--preview", args.preview)] if args.preview else [])
+    for what, path in outputs:
+        check_output_path(path, what)
+    inputs = [("image", args.image), ("--labels file", args.labels), ("--prompts file", args.prompts)]
+    check_outputs_spare_inputs(outputs, [(what, path) for what, path in inputs if path is not None])
+
+
 def run_segment(args) -> int:
-    from radsam_jax.io import is_nifti_path, load_label_map, load_volume, save_label_map
-    from radsam_jax.inference.batch import dice, segment_objects
+    from radsam_jax.io import load_label_map, load_volume, save_label_map
+    from radsam_jax.inference.batch import dice
 
     out = Path(args.out)
-    if not is_nifti_path(out):
-        raise InputError(f"--out {out} must end with .nii or .nii.gz")
+    _check_destinations(args)
     if args.labels is None and args.label_id is not None:
         raise InputError("--label-id needs --labels LABELS.nii.gz")
     t0 = time.perf_counter()
@@ -164,18 +180,20 @@ def run_segment(args) -> int:
     predictor = _predictor(model, args)
 
     bar = None
-    progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
         total = sum(o.bounds[1] - o.bounds[0] + 1 for o in objects)
         bar = tqdm(total=total, unit="slice", file=sys.stderr, desc="segment")
-        progress = bar.update
     try:
         labels, results = _segment_with_bar(predictor, volume, objects, bar)
     finally:
         if bar is not None:
             bar.close()
+    if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
+        from radsam_jax.inference.preview import save_preview
+
+        save_preview(args.preview, volume.array, labels, objects)
     save_label_map(out, labels, like=volume)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):
@@ -189,9 +207,6 @@ def run_segment(args) -> int:
             print(f"dice {o.title} vs reference label {o.reference_label}: {dice(labels == o.label, ref):.4f}")
     print(f"wrote {out} ({seconds:.1f} s)")
     if args.preview:
-        from radsam_jax.inference.preview import save_preview
-
-        save_preview(args.preview, volume.array, labels, objects)
         print(f"wrote preview {args.preview}")
     return 0
 
@@ -214,9 +229,10 @@ def _segment_with_bar(predictor, volume, objects, bar):
 
 
 def run_batch_command(args) -> int:
-    from radsam_jax.inference.batch import read_manifest, run_batch
+    from radsam_jax.inference.batch import check_out_dir, read_manifest, run_batch
 
     cases = read_manifest(args.manifest)
+    check_out_dir(cases, args.out_dir, previews=args.previews, manifest=args.manifest)
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
     summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews, progress=not args.no_progress)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from radsam_jax.io import write_atomically
+
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (200, 64, 255), (0, 220, 160), (255, 128, 0), (160, 255, 64)]
 
 
@@ -39,7 +41,6 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
     """Writes the montage PNG atomically; `objects` are prompt_file.ObjectPrompt (label, slice, prompts)."""
     from PIL import Image, ImageDraw
 
-    path = Path(path)
     first = objects[0]
     if slices is None:
         slices = preview_slices(first.slice, first.bounds)
@@ -83,8 +84,4 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
     for p in panels:
         montage.paste(p, (x, 0))
         x += p.width + gap
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    montage.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda tmp: montage.save(tmp, format="PNG"), ".png")

@@ -27,7 +27,8 @@ Voxel coordinates: x = first array axis index, y = second, slice = third (the sl
 `array[:, :, k].T`). World coordinates: x, y are RAS millimetres and slice / bounds are the z (S)
 coordinate in millimetres; each is converted with the inverse affine (points at their slice's
 height; slice heights at the prompt's x, y) and slices are rounded to the nearest index.
-Objects are written in order; where two overlap, the later one wins.
+Objects are written in order; where two overlap, the later one wins. A slice holds at most
+`DEFAULT_MAX_POINTS` (16) points, the prompt's plus every edit's on it, as `VolumePredictor` does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 
 OBJECT_KEYS = {"label", "name", "slice", "bounds", "box", "points", "point_labels", "propagation", "reference_label", "edits"}
 EDIT_KEYS = {"slice", "points", "point_labels"}
@@ -80,23 +83,53 @@ def _world_to_voxel(affine: np.ndarray, xyz) -> np.ndarray:
     return (np.linalg.inv(affine) @ np.append(xyz, 1.0))[:3]
 
 
-def _slice_from_world(affine, z_mm: float, xy_mm, what: str) -> int:
-    k = _world_to_voxel(affine, [xy_mm[0], xy_mm[1], float(z_mm)])[2]
-    return int(np.floor(k + 0.5))
+def _slice_from_world(affine, z_mm: float, xy_mm, nz: int, where: str, what: str = "slice") -> int:
+    """The slice index at height z_mm (at x, y = xy_mm); an error quotes the millimetres given."""
+    i, j, k = _world_to_voxel(affine, [xy_mm[0], xy_mm[1], z_mm])
+    k = int(np.floor(k + 0.5))
+    if not 0 <= k < nz:
+        z = sorted((affine @ [i, j, e, 1.0])[2] for e in (-0.5, nz - 0.5))
+        raise PromptError(
+            f"{where}: {what} z = {z_mm:g} mm is outside the image, which spans z {z[0]:.1f}..{z[1]:.1f} mm "
+            f"at that x, y (voxel slice {k}; the image has slices 0..{nz - 1})"
+        )
+    return k
 
 
-def _xy_from_world(affine, xy_mm: np.ndarray, z_mm: float) -> np.ndarray:
-    out = [_world_to_voxel(affine, [x, y, z_mm])[:2] for x, y in np.asarray(xy_mm, np.float64).reshape(-1, 2)]
-    return np.asarray(out, np.float64).reshape(-1, 2)
+def _xy_from_world(affine, xy_mm: np.ndarray, z_mm: float, shape, k: int, where: str, what: str) -> np.ndarray:
+    """(N, 2) RAS mm at height z_mm -> voxel (x, y); an error quotes the millimetres given and the
+    slice's extent in millimetres."""
+    xy_mm = np.asarray(xy_mm, np.float64).reshape(-1, 2)
+    out = np.asarray([_world_to_voxel(affine, [x, y, z_mm])[:2] for x, y in xy_mm], np.float64).reshape(-1, 2)
+    for (x, y), (i, j) in zip(xy_mm, out):
+        if not _inside(i, j, shape):
+            corners = np.asarray([affine @ [a, b, k, 1.0] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)])
+            (x0, y0), (x1, y1) = corners[:, :2].min(axis=0), corners[:, :2].max(axis=0)
+            raise PromptError(
+                f"{where}: {what} ({x:g}, {y:g}) mm is outside the image, whose slice {k} spans x {x0:.1f}..{x1:.1f} mm "
+                f"and y {y0:.1f}..{y1:.1f} mm (voxel ({i:.1f}, {j:.1f}) of {shape[0]} x {shape[1]})"
+            )
+    return out
 
 
-def _int(value, what: str) -> int:
+def _number(value, what: str) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
         raise PromptError(f"{what} must be a number, got {value!r}") from None
+    if not np.isfinite(f):
+        raise PromptError(f"{what} must be a finite number, got {value!r}")
+    return f
+
+
+SLICE_INDEX = " slice index (voxel coordinates)"
+
+
+def _int(value, what: str, kind: str = "") -> int:
+    """`value` as an int; `kind` completes "must be an integer..." (e.g. SLICE_INDEX)."""
+    f = _number(value, what)
     if not f.is_integer():
-        raise PromptError(f"{what} must be an integer slice index (voxel coordinates), got {value!r}")
+        raise PromptError(f"{what} must be an integer{kind}, got {value!r}")
     return int(f)
 
 
@@ -108,7 +141,9 @@ def _points(points, labels, where: str):
     try:
         p = np.asarray(points, np.float64).reshape(-1, 2)
     except (TypeError, ValueError):
-        raise PromptError(f"{where}: points must be a list of [x, y] pairs, got {points!r}") from None
+        p = None
+    if p is None or not np.isfinite(p).all():  # NumPy turns a null into NaN
+        raise PromptError(f"{where}: points must be a list of [x, y] number pairs, got {points!r}")
     if p.shape[0] == 0:
         raise PromptError(f"{where}: points is empty")
     lab = np.ones(p.shape[0], np.int64) if labels is None else np.asarray(labels).reshape(-1)
@@ -119,10 +154,14 @@ def _points(points, labels, where: str):
     return p, lab.astype(np.int64)
 
 
+def _inside(x: float, y: float, shape) -> bool:
+    return bool(np.isfinite(x) and np.isfinite(y) and -0.5 <= x <= shape[0] - 0.5 and -0.5 <= y <= shape[1] - 0.5)
+
+
 def _check_xy(xy: np.ndarray, shape, where: str, what: str) -> None:
     n0, n1 = shape[0], shape[1]
     for x, y in np.asarray(xy).reshape(-1, 2):
-        if not (np.isfinite(x) and np.isfinite(y) and -0.5 <= x <= n0 - 0.5 and -0.5 <= y <= n1 - 0.5):
+        if not _inside(x, y, shape):
             raise PromptError(
                 f"{where}: {what} ({x:g}, {y:g}) is outside the image, whose slices are {n0} x {n1} voxels "
                 f"(x in 0..{n0 - 1}, y in 0..{n1 - 1})"
@@ -134,8 +173,13 @@ def _check_slice(k: int, nz: int, where: str, what: str = "slice") -> None:
         raise PromptError(f"{where}: {what} {k} is outside the image, which has slices 0..{nz - 1}")
 
 
-def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: bool, default_propagation: str = "mask") -> ObjectPrompt:
-    """A raw object dict (schema above) -> validated `ObjectPrompt` in voxel coordinates."""
+def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: bool, default_propagation: str = "mask",
+                 max_points: int = DEFAULT_MAX_POINTS) -> ObjectPrompt:
+    """A raw object dict (schema above) -> validated `ObjectPrompt` in voxel coordinates.
+
+    max_points: the most points a slice may hold, the prompt's plus its edits' (`VolumePredictor`'s
+    `max_points`), checked here so that a file over the limit fails before anything is computed.
+    """
     where = f"object {index + 1}" + (f" ({raw.get('name')})" if isinstance(raw, dict) and raw.get("name") else "")
     if not isinstance(raw, dict):
         raise PromptError(f"{where}: must be a JSON object, got {type(raw).__name__}")
@@ -153,44 +197,52 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
         try:
             box = np.asarray(raw["box"], np.float64).reshape(4)
         except (TypeError, ValueError):
-            raise PromptError(f"{where}: box must be [x0, y0, x1, y1], got {raw['box']!r}") from None
+            box = None
+        if box is None or not np.isfinite(box).all():
+            raise PromptError(f"{where}: box must be [x0, y0, x1, y1] (numbers), got {raw['box']!r}")
     ref_mm = None
     if world:
         ref_mm = points[0] if points is not None else (box[:2] + box[2:]) / 2
-        z_mm = float(raw["slice"])
-        k = _slice_from_world(affine, z_mm, ref_mm, where)
+        z_mm = _number(raw["slice"], f"{where}: slice")
+        k = _slice_from_world(affine, z_mm, ref_mm, nz, where)
         if points is not None:
-            points = _xy_from_world(affine, points, z_mm)
+            points = _xy_from_world(affine, points, z_mm, shape, k, where, "point")
         if box is not None:
-            c = _xy_from_world(affine, box.reshape(2, 2), z_mm)
+            c = _xy_from_world(affine, box.reshape(2, 2), z_mm, shape, k, where, "box corner")
             box = np.concatenate([c.min(axis=0), c.max(axis=0)])
+        prompted = f"z = {z_mm:g} mm (slice {k})"
     else:
-        k = _int(raw["slice"], f"{where}: slice")
-    _check_slice(k, nz, where)
-    if points is not None:
-        _check_xy(points, shape, where, "point")
-    if box is not None:
-        _check_xy(box.reshape(2, 2), shape, where, "box corner")
-        if box[0] > box[2] or box[1] > box[3]:
-            raise PromptError(f"{where}: box {box.tolist()} must have x0 <= x1 and y0 <= y1")
+        k = _int(raw["slice"], f"{where}: slice", SLICE_INDEX)
+        _check_slice(k, nz, where)
+        if points is not None:
+            _check_xy(points, shape, where, "point")
+        if box is not None:
+            _check_xy(box.reshape(2, 2), shape, where, "box corner")
+        prompted = f"{k}"
+    if box is not None and (box[0] > box[2] or box[1] > box[3]):
+        raise PromptError(f"{where}: box {box.tolist()} must have x0 <= x1 and y0 <= y1")
     if raw.get("bounds") is None:
         lo, hi = 0, nz - 1
+        span = f"{lo}..{hi}"
     else:
         b = raw["bounds"]
         if not isinstance(b, (list, tuple)) or len(b) != 2:
             raise PromptError(f"{where}: bounds must be [lo, hi], got {b!r}")
         if world:
-            if float(b[0]) > float(b[1]):
-                raise PromptError(f"{where}: bounds LO={b[0]} mm > HI={b[1]} mm; give the bottom (inferior) z first")
-            lo, hi = sorted(_slice_from_world(affine, float(v), ref_mm, where) for v in b)
+            b = [_number(v, f"{where}: bounds {n}") for v, n in zip(b, ("lo", "hi"))]
+            if b[0] > b[1]:
+                raise PromptError(f"{where}: bounds LO={b[0]:g} mm > HI={b[1]:g} mm; give the bottom (inferior) z first")
+            lo, hi = sorted(_slice_from_world(affine, v, ref_mm, nz, where, f"bound {n}") for v, n in zip(b, ("lo", "hi")))
+            span = f"{b[0]:g}..{b[1]:g} mm (slices {lo}..{hi})"
         else:
-            lo, hi = _int(b[0], f"{where}: bounds lo"), _int(b[1], f"{where}: bounds hi")
-        _check_slice(lo, nz, where, "bound lo")
-        _check_slice(hi, nz, where, "bound hi")
-        if lo > hi:
-            raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the bottom slice first")
+            lo, hi = _int(b[0], f"{where}: bounds lo", SLICE_INDEX), _int(b[1], f"{where}: bounds hi", SLICE_INDEX)
+            _check_slice(lo, nz, where, "bound lo")
+            _check_slice(hi, nz, where, "bound hi")
+            if lo > hi:
+                raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the bottom slice first")
+            span = f"{lo}..{hi}"
     if not lo <= k <= hi:
-        raise PromptError(f"{where}: the prompted slice {k} is outside the bounds {lo}..{hi}")
+        raise PromptError(f"{where}: the prompted slice {prompted} is outside the bounds {span}")
     propagation = raw.get("propagation", default_propagation)
     if propagation not in ("mask", "box"):
         raise PromptError(f"{where}: propagation must be \"mask\" or \"box\", got {propagation!r}")
@@ -200,8 +252,15 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
         raise PromptError(f"{where}: label must lie in 1..65535, got {label}")
     ref = raw.get("reference_label")
     ref = None if ref is None else _int(ref, f"{where}: reference_label")
+    # Points per slice as the predictor stores them: the prompt's, then every edit's on that slice.
+    stored = {k: 0 if points is None else len(points)}
+    if stored[k] > max_points:
+        raise PromptError(f"{where}: {stored[k]} points, more than the {max_points} a slice can hold")
+    raw_edits = raw.get("edits")
+    if raw_edits is not None and not isinstance(raw_edits, list):
+        raise PromptError(f"{where}: edits must be a list of {{\"slice\", \"points\"}} objects, got {raw_edits!r}")
     edits = []
-    for j, e in enumerate(raw.get("edits") or []):
+    for j, e in enumerate(raw_edits or []):
         ew = f"{where}, edit {j + 1}"
         if not isinstance(e, dict):
             raise PromptError(f"{ew}: must be a JSON object")
@@ -212,21 +271,31 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
             raise PromptError(f"{ew}: needs \"slice\" and \"points\"")
         ep, el = _points(e["points"], e.get("point_labels"), ew)
         if world:
-            z_mm = float(e["slice"])
-            ek = _slice_from_world(affine, z_mm, ep[0], ew)
-            ep = _xy_from_world(affine, ep, z_mm)
+            z_mm = _number(e["slice"], f"{ew}: slice")
+            ek = _slice_from_world(affine, z_mm, ep[0], nz, ew)
+            ep = _xy_from_world(affine, ep, z_mm, shape, ek, ew, "point")
+            edited = f"z = {z_mm:g} mm (slice {ek})"
         else:
-            ek = _int(e["slice"], f"{ew}: slice")
-        _check_slice(ek, nz, ew)
+            ek = _int(e["slice"], f"{ew}: slice", SLICE_INDEX)
+            _check_slice(ek, nz, ew)
+            _check_xy(ep, shape, ew, "point")
+            edited = f"{ek}"
         if not lo <= ek <= hi:
-            raise PromptError(f"{ew}: slice {ek} is outside the object's bounds {lo}..{hi}")
-        _check_xy(ep, shape, ew, "point")
+            raise PromptError(f"{ew}: slice {edited} is outside the object's bounds {span}")
+        stored[ek] = stored.get(ek, 0) + len(ep)
+        if stored[ek] > max_points:
+            raise PromptError(
+                f"{ew}: slice {edited} would hold {stored[ek]} points (the prompt's and the edits' so far), "
+                f"more than the {max_points} a slice can hold"
+            )
         edits.append(Edit(ek, ep, el))
     return ObjectPrompt(label, k, (lo, hi), points, labels, box, propagation, str(raw.get("name", "") or ""), ref, edits)
 
 
-def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = False) -> list[ObjectPrompt]:
-    """Parsed JSON (schema above) -> validated objects. `world=True` forces world coordinates."""
+def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = False,
+                  max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
+    """Parsed JSON (schema above) -> validated objects. `world=True` forces world coordinates;
+    `max_points`: see `parse_object`."""
     if isinstance(data, list):
         data = {"objects": data}
     if not isinstance(data, dict):
@@ -241,7 +310,8 @@ def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = Fals
     if not isinstance(objects, list) or not objects:
         raise PromptError("the prompts file has no objects (\"objects\": [...] must be a non-empty list)")
     parsed = [parse_object(o, i, shape, affine, world=world or coords == "world",
-                           default_propagation=data.get("propagation", "mask")) for i, o in enumerate(objects)]
+                           default_propagation=data.get("propagation", "mask"), max_points=max_points)
+              for i, o in enumerate(objects)]
     labels = [o.label for o in parsed]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -249,15 +319,15 @@ def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = Fals
     return parsed
 
 
-def load_prompts_file(path, shape, affine, *, world: bool = False) -> list[ObjectPrompt]:
+def load_prompts_file(path, shape, affine, *, world: bool = False, max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: editors that write a BOM
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PromptError(f"prompts file {path} is not valid JSON: {e}") from e
     try:
-        return parse_prompts(data, shape, affine, world=world)
+        return parse_prompts(data, shape, affine, world=world, max_points=max_points)
     except PromptError as e:
         raise PromptError(f"{path}: {e}") from None

@@ -52,6 +52,9 @@ from radsam_jax.preprocess import DEFAULT_WINDOW, Geometry, geometry, logits_to_
 from radsam_jax.prompts import Prompts
 
 Bucket = Union[int, Sequence[int]]
+# Point slots per prompt and stored points per slice (the prompt's plus every edit's) by default;
+# `prompt_file` checks a prompts file against it before anything runs.
+DEFAULT_MAX_POINTS = 16
 
 
 def default_encoder_batch_size(backend: Optional[str] = None) -> int:
@@ -143,7 +146,7 @@ class VolumePredictor:
     """
 
     def __init__(self, model: RadSam, *, encoder_batch_size: Optional[int] = None, dtype=None, vanish_policy: str = "stop",
-                 bucket: Bucket = 32, max_points: int = 16, window: tuple[float, float] = DEFAULT_WINDOW):
+                 bucket: Bucket = 32, max_points: int = DEFAULT_MAX_POINTS, window: tuple[float, float] = DEFAULT_WINDOW):
         if vanish_policy not in VANISH_POLICIES:
             raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
         if encoder_batch_size is None:
@@ -175,6 +178,8 @@ class VolumePredictor:
         Uploads the reoriented HU slices to the device once; encode="all" encodes every slice now,
         "lazy" (default) only when a call needs them. Forgets the previous volume and object.
         """
+        if encode not in ("lazy", "all"):  # before anything changes: a bad call keeps the current volume
+            raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
         array = np.asarray(volume.array)
         if array.ndim != 3:
             raise ValueError(f"the volume must be 3D (X, Y, Z), got shape {array.shape}")
@@ -202,8 +207,6 @@ class VolumePredictor:
         self._state = None
         if encode == "all":
             self.encode_slices(0, z - 1, progress=progress)
-        elif encode != "lazy":
-            raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
 
     @functools.cached_property
     def _embedding_dtype(self):
