@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -355,17 +356,20 @@ def resample_labels(
 def align_labels(labels: np.ndarray, labels_affine: np.ndarray, like: Volume, *, label_path="<array>") -> np.ndarray:
     """An integer label array with its own affine -> labels on `like`'s grid (see `resample_labels`).
 
-    Raises ValueError naming both shapes and files when the label grid does not overlap the image.
+    Raises ValueError naming both shapes and files when the label grid does not overlap the image,
+    and warns when it covers only part of it: the voxels outside become background, right for a label
+    map cropped around its structures, wrong for a truncated one or a wrong pairing.
     """
     if same_grid(labels.shape, labels_affine, like.array.shape, like.affine):
         return labels
     out, inside = resample_labels(labels, labels_affine, like.array.shape, like.affine)
+    label = f"label map {label_path} (shape {tuple(labels.shape)}, {''.join(nib.aff2axcodes(labels_affine))})"
+    image = f"image {like.path or '<array>'} (shape {tuple(like.array.shape)}, {''.join(nib.aff2axcodes(like.affine))})"
     if inside == 0.0:
-        raise ValueError(
-            f"label map {label_path} (shape {tuple(labels.shape)}, {''.join(nib.aff2axcodes(labels_affine))}) "
-            f"does not overlap image {like.path or '<array>'} (shape {tuple(like.array.shape)}, "
-            f"{''.join(nib.aff2axcodes(like.affine))}) in world space; wrong pairing or a broken affine"
-        )
+        raise ValueError(f"{label} does not overlap {image} in world space; wrong pairing or a broken affine")
+    if inside < 1.0:
+        warnings.warn(f"{label} covers {inside:.1%} of the voxels of {image}; the rest are taken as background",
+                      stacklevel=2)
     return out
 
 

@@ -151,6 +151,16 @@ def test_label_without_overlap_is_an_error_naming_both(tmp_path):
         io.load_label_map(path, like)
 
 
+def test_label_covering_part_of_the_image_warns_with_the_fraction(tmp_path):
+    # Truncated in z with the image's affine: slices 3..4 of the image lie outside the label map.
+    labels = np.ones((5, 5, 5), np.uint8)
+    path = _save(tmp_path / "lab.nii.gz", labels[:, :, :3], _affine())
+    like = io.Volume(np.zeros((5, 5, 5), np.float32), _affine(), path="img.nii.gz")
+    with pytest.warns(UserWarning, match=r"lab\.nii\.gz.*\(5, 5, 3\).*covers 60\.0% .*img\.nii\.gz.*background"):
+        out = io.load_label_map(path, like)
+    assert out[:, :, :3].all() and not out[:, :, 3:].any()
+
+
 # --------------------------------------------------------------------------- reorientation and saving
 
 
