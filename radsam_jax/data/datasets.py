@@ -253,8 +253,9 @@ def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndar
     """(volume, integer label map on the volume's grid), both in RAS voxel order when canonical.
 
     Labels on a different grid are aligned through world coordinates (io.load_label_map); one that
-    does not overlap the image is an error, one that covers only part of it a warning. TotalSegmentator masks are combined into one map with
-    the ids of `case.structures` (where masks overlap, the later name in sorted order wins).
+    does not overlap the image is an error, one that covers only part of it a warning.
+    TotalSegmentator masks are combined into one map with the ids of `case.structures` (where masks
+    overlap, the later name in sorted order wins).
     """
     volume = io.load_volume(case.image_path)
     if case.label_path is not None:
