@@ -21,7 +21,7 @@ Both sides share the process's malloc: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 py
 benchmarks.cpu_vs_torch ...` backs both with transparent huge pages (fewer page faults on the large
 buffers each call allocates afresh); the table's title says when it was set.
 The weights: segment_anything's `sam_model_registry["vit_b"](checkpoint=None)` saved to a .pth and
-converted with `convert_checkpoint` (convert/reference.py), so both sides compute the same function.
+converted with `convert_checkpoint` (radsam_jax.convert.reference), so both sides compute the same function.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class TorchSide:
         import torch
         import torch.nn.functional as F
 
-        from convert.reference import build_torch_sam
+        from radsam_jax.convert.reference import build_torch_sam
 
         torch.set_num_threads(threads)
         self.torch, self.F, self.np = torch, F, np
@@ -256,7 +256,7 @@ def matmul_rates(n: int, repeats: int, threads: int) -> dict:
 
 
 def child_prepare(args) -> dict:
-    from convert.reference import random_reference_checkpoint
+    from radsam_jax.convert.reference import random_reference_checkpoint
 
     pth, dst = random_reference_checkpoint(args.workdir, "vit_b")
     return {"pth": str(pth), "converted": str(dst)}

@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -26,7 +28,7 @@ import numpy as np
 from radsam_jax.checkpoint import expected_shapes, save_model
 from radsam_jax.model.config import ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
-from radsam_jax.convert.infer_arch import ArchitectureError, infer_config
+from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
 from radsam_jax.convert.key_maps import IGNORED_KEYS, KEY_MAPS
 
 FORMATS = ("auto", "segment_anything", "hf")
@@ -162,14 +164,24 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def detect_format(keys: list[str], path: Path) -> str:
-    if any(k.startswith("vision_encoder.") for k in keys):
-        return "hf"
-    if any(k.startswith("image_encoder.") for k in keys):
-        return "segment_anything"
-    raise ConversionError(
-        f"{path}: not a SAM-family state dict (no image_encoder.* or vision_encoder.* keys; first keys: {', '.join(keys[:5])})"
-    )
+# The image encoder's key prefix tells the formats apart.
+_FORMAT_PREFIXES = {"hf": "vision_encoder.", "segment_anything": "image_encoder."}
+
+
+def detect_format(keys: list[str], path: Path, requested: str = "auto") -> str:
+    """The key format of `keys`; `requested` ("auto" or a format) must not contradict them."""
+    found = next((fmt for fmt, prefix in _FORMAT_PREFIXES.items() if any(k.startswith(prefix) for k in keys)), None)
+    if requested != "auto":
+        if found not in (None, requested):
+            raise ConversionError(
+                f"{path} has {found} keys ({_FORMAT_PREFIXES[found]}*), not {requested} ones "
+                f"({_FORMAT_PREFIXES[requested]}*): convert it with format {found!r} (--format {found}) or 'auto'")
+        return requested
+    if found is None:
+        raise ConversionError(
+            f"{path}: not a SAM-family state dict (no image_encoder.* or vision_encoder.* keys; first keys: {', '.join(keys[:5])})"
+        )
+    return found
 
 
 def _hf_decoder_heads(path: Path) -> Optional[int]:
@@ -303,7 +315,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
     preprocessing: "sam" or "medsam"; the weights cannot tell, and MedSAM was trained on its own
         input pipeline (square resize, min-max to [0, 1], sigmoid threshold), so say so here.
     Raises ConversionError naming the file and, for key problems, every offending key and shape;
-    nothing is left at `dst` unless the conversion is complete.
+    nothing is left at `dst` unless the conversion is complete (a Ctrl-C or SIGTERM while the
+    checkpoint is being written takes effect once it is complete).
     """
     dst = Path(dst)
     if dst.exists():
@@ -322,17 +335,20 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
             raise ConversionError(str(e)) from e
 
     with open_state_dict(src) as state:
-        fmt = detect_format(state.keys, state.file) if format == "auto" else format
+        fmt = detect_format(state.keys, state.file, format)
         mapped = map_state_dict(state, fmt)
+        conflicts = []
         if preset is not None:
             config = preset
         else:
             heads = (_hf_decoder_heads(state.file) if fmt == "hf" else None) or 8
+            names = {t: ", ".join(f"{k} {state.shape(k)}" for k in mapped.sources[t]) for t in mapped.arrays}
             try:
-                config = infer_config({k: v.shape for k, v in mapped.arrays.items()}, decoder_heads=heads)
+                config, conflicts = infer_config_by_majority({k: v.shape for k, v in mapped.arrays.items()},
+                                                             decoder_heads=heads, names=names)
             except ArchitectureError as e:
                 raise ConversionError(f"{state.file} ({fmt} format): {e}") from e
-        problems = check_against_model(mapped, state, config)
+        problems = [f"conflicting: {c}" for c in conflicts] + check_against_model(mapped, state, config)
         if problems:
             raise ConversionError(_error_report(state.file, fmt, config.name, problems))
         config = dataclasses.replace(_with_preprocessing_buffers(config, mapped.ignored), preprocessing=preprocessing)
@@ -348,8 +364,35 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
             metadata["ignored_keys"] = mapped.ignored
         variables = _unflatten(mapped.arrays)
         del mapped
-        save_model(dst, config, variables, metadata)
+        with _signals_held(signal.SIGINT, signal.SIGTERM):
+            save_model(dst, config, variables, metadata)
     return RadSam(config, variables, metadata=metadata)
+
+
+@contextlib.contextmanager
+def _signals_held(*signums: int) -> Iterator[None]:
+    """Holds these signals while the block runs, then delivers them to the handlers in place before.
+
+    For the checkpoint writer: Orbax writes from background threads, so a Ctrl-C raised in the middle
+    of it leaves part of the hidden temporary folder beside the destination (the threads write on after
+    the cleanup removed it), and a SIGTERM all of it; held, they take effect once the checkpoint is
+    complete at its destination. Only the main thread handles signals: elsewhere nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    # None: a handler not installed from Python, which could not be put back.
+    previous = {s: h for s in signums if (h := signal.getsignal(s)) is not None}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
 
 
 def _with_preprocessing_buffers(config: ModelConfig, ignored: dict[str, list]) -> ModelConfig:

@@ -9,13 +9,19 @@ so the same code serves segment_anything and Hugging Face checkpoints. What the 
 - prompt width C: the neck's output; mask_in_chans: mask_conv2's output; decoder depth: its layers;
   decoder MLP width: their lin1; IoU head depth and width; number of masks: mask_tokens.
 
+Every size is read from all the tensors that carry it (the encoder width from every block's norms,
+projections and MLP, ...) and the majority wins, so one corrupted tensor is named as the odd one
+instead of skewing the architecture and making its healthy neighbours look mis-shaped. Numbered
+modules (blocks, layers) must be numbered 0..n-1.
+
 The decoder's head count changes no shape (its attention has no per-head parameters), so it is an
 argument: 8 in every released SAM; a Hugging Face config.json states it.
 """
 
+import collections
 import dataclasses
 import re
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from radsam_jax.model.config import ModelConfig, load_model_config
 
@@ -28,64 +34,169 @@ class ArchitectureError(ValueError):
     """The shapes do not describe a SAM architecture that radsam-jax can build."""
 
 
-def _count(shapes: Mapping[str, tuple], pattern: str) -> int:
-    """Number of distinct indices i for which some path matches `pattern` (with one (\\d+) group)."""
-    rx = re.compile(pattern)
-    return len({m[1] for k in shapes if (m := rx.match(k))})
+class _Shapes:
+    """The shapes, with what was found while reading them: conflicts (a size that a few tensors
+    contradict, decided by the majority) and problems (no architecture can be read)."""
 
+    def __init__(self, shapes: Mapping[str, tuple], names: Optional[Mapping[str, str]]):
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.names = names or {}
+        self.conflicts: list[str] = []
+        self.problems: list[str] = []
 
-def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Optional[str] = None) -> ModelConfig:
-    """The ModelConfig whose abstract variables have these shapes (named after a matching preset)."""
+    def label(self, path: str) -> str:
+        """The tensor as the user knows it (its source key and shape when given), else its Flax path."""
+        return self.names.get(path) or (f"{path} {self.shapes[path]}" if path in self.shapes else path)
 
-    def shape(path: str) -> tuple:
-        if path not in shapes:
+    def shape(self, path: str) -> tuple:
+        if path not in self.shapes:
             raise ArchitectureError(f"cannot infer the architecture: no tensor for {path}")
-        return tuple(shapes[path])
+        return self.shapes[path]
 
-    enc, dec = "params/image_encoder", "params/mask_decoder"
-    kh, kw, in_chans, dim = shape(f"{enc}/patch_embed/kernel")
+    def dims(self, carriers: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """(path, size) of each (path, axis) whose tensor exists with that axis."""
+        return [(p, self.shapes[p][a]) for p, a in carriers if p in self.shapes and len(self.shapes[p]) > a]
+
+    def size(self, what: str, votes: list[tuple[str, int]]) -> int:
+        """The size most tensors give for `what` (a conflict names those that give another one); a
+        problem without a majority."""
+        if not votes:
+            raise ArchitectureError(f"cannot infer the {what}: no tensor carries it")
+        counts = collections.Counter(v for _, v in votes).most_common()
+        best, n = counts[0]
+        if len(counts) > 1:
+            by_value = {v: [self.label(p) for p, x in votes if x == v] for v, _ in counts}
+            if counts[1][1] == n:
+                self.problems.append(f"{what}: no majority, " + "; ".join(
+                    f"{v} from {_some(ls)}" for v, ls in by_value.items()))
+            else:
+                odd = "; ".join(f"{_some(ls)} give{'s' if len(ls) == 1 else ''} {v}" for v, ls in by_value.items() if v != best)
+                self.conflicts.append(f"{what} {best} (from {n} tensors: {_some(by_value[best], 2)}), but {odd}")
+        return best
+
+    def count(self, what: str, pattern: str) -> int:
+        """n, for modules numbered 0..n-1 by the (\\d+) group of `pattern`; other numbers are a problem."""
+        rx = re.compile(pattern)
+        first: dict[int, str] = {}
+        for k in sorted(self.shapes):
+            if m := rx.match(k):
+                first.setdefault(int(m[1]), k)
+        n = 0
+        while n in first:
+            n += 1
+        odd = sorted(i for i in first if i >= n)
+        if odd:
+            self.problems.append(f"{what} numbers {sorted(first)} are not 0..{len(first) - 1}: unexpected "
+                                 f"{_some([self.label(first[i]) for i in odd])}")
+        return n
+
+
+def _some(labels: list[str], shown: int = 3) -> str:
+    return ", ".join(labels[:shown]) + (f" and {len(labels) - shown} more" if len(labels) > shown else "")
+
+
+def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Optional[str] = None,
+                 names: Optional[Mapping[str, str]] = None) -> ModelConfig:
+    """The ModelConfig whose abstract variables have these shapes (named after a matching preset).
+
+    names: Flax path -> how to call that tensor in errors (e.g. its PyTorch key and shape).
+    Shapes that disagree about a size are an ArchitectureError naming the odd tensors.
+    """
+    config, conflicts = infer_config_by_majority(shapes, decoder_heads, name, names)
+    if conflicts:
+        raise ArchitectureError("the shapes disagree: " + "; ".join(conflicts))
+    return config
+
+
+def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Optional[str] = None,
+                             names: Optional[Mapping[str, str]] = None) -> tuple[ModelConfig, list[str]]:
+    """`infer_config`, where a size that a minority of its tensors contradicts is the majority's:
+    (the config, one line per such size naming the tensors it came from and those that disagree).
+    The converter reports these with the model check, which names the same odd tensors mis-shaped
+    and every other problem of the checkpoint at once."""
+    s = _Shapes(shapes, names)
+    enc, pe, dec = "params/image_encoder", "params/prompt_encoder", "params/mask_decoder"
+    kh, kw, in_chans, _ = s.shape(f"{enc}/patch_embed/kernel")
     if kh != kw or in_chans != 3:
         raise ArchitectureError(f"patch embedding kernel {kh}x{kw} over {in_chans} channels: expected square patches of RGB")
-    _, grid_h, grid_w, pos_dim = shape(f"{enc}/pos_embed")
-    if grid_h != grid_w or pos_dim != dim:
-        raise ArchitectureError(f"pos_embed shape {shape(f'{enc}/pos_embed')} does not fit a square grid of width {dim}")
-    grid = grid_h
+    pos = s.shape(f"{enc}/pos_embed")
+    if len(pos) != 4 or pos[0] != 1 or pos[1] != pos[2]:
+        raise ArchitectureError(f"{s.label(f'{enc}/pos_embed')} is not (1, g, g, width): a square grid of patches")
+    grid = pos[1]
 
-    depth = _count(shapes, rf"{enc}/blocks_(\d+)/")
+    depth = s.count("encoder block", rf"{enc}/blocks_(\d+)/")
     if depth == 0:
         raise ArchitectureError("cannot infer the architecture: no encoder blocks")
+    blocks = [f"{enc}/blocks_{i}" for i in range(depth)]
+    dim = s.size("encoder width", s.dims(
+        [(f"{enc}/patch_embed/kernel", 3), (f"{enc}/patch_embed/bias", 0), (f"{enc}/pos_embed", 3),
+         (f"{enc}/neck_conv1/kernel", 2)]
+        + [(f"{b}/{leaf}", 0) for b in blocks for leaf in ("norm1/scale", "norm1/bias", "norm2/scale", "norm2/bias",
+                                                            "attn/qkv/kernel", "attn/proj/kernel", "attn/proj/bias",
+                                                            "mlp/lin1/kernel", "mlp/lin2/bias")]
+        + [(f"{b}/{leaf}", 1) for b in blocks for leaf in ("attn/proj/kernel", "mlp/lin2/kernel")]))
+    mlp_hidden = s.size("encoder MLP width", s.dims(
+        [(f"{b}/{leaf}", axis) for b in blocks for leaf, axis in (("mlp/lin1/kernel", 1), ("mlp/lin1/bias", 0), ("mlp/lin2/kernel", 0))]))
+    tables = {b: [f"{b}/attn/rel_pos_{a}" for a in "hw" if f"{b}/attn/rel_pos_{a}" in s.shapes] for b in blocks}
+    head_dim = s.size("rel-pos table width (head dim)", s.dims((t, 1) for ts in tables.values() for t in ts))
+
+    # A block's two tables are both 2g - 1 long (global attention) or both 2w - 1 (windowed).
     global_len = 2 * grid - 1
-    global_blocks, window_lengths, head_dims = [], set(), set()
-    for i in range(depth):
-        length, head_dim = shape(f"{enc}/blocks_{i}/attn/rel_pos_h")
-        head_dims.add(head_dim)
-        if length == global_len:
-            global_blocks.append(i)
-        else:
-            window_lengths.add(length)
-    if len(head_dims) != 1:
-        raise ArchitectureError(f"rel-pos tables of different widths {sorted(head_dims)} across blocks")
-    head_dim = head_dims.pop()
-    if dim % head_dim:
-        raise ArchitectureError(f"encoder width {dim} is not a multiple of the rel-pos table width {head_dim}")
-    if len(window_lengths) > 1:
-        raise ArchitectureError(f"windowed blocks with different rel-pos table lengths {sorted(window_lengths)}")
-    if window_lengths:
-        length = window_lengths.pop()
+    lengths = {}  # block -> its tables' length
+    for i, b in enumerate(blocks):
+        if not tables[b]:
+            raise ArchitectureError(f"cannot infer the architecture: no rel-pos table for encoder block {i} ({b}/attn/rel_pos_h)")
+        block_lengths = {s.shapes[t][0] for t in tables[b]}
+        if len(block_lengths) > 1:
+            s.problems.append(f"encoder block {i}: its rel-pos tables {_some([s.label(t) for t in tables[b]])} differ in length")
+        lengths[b] = global_len if global_len in block_lengths else max(block_lengths)
+    global_blocks = [i for i, b in enumerate(blocks) if lengths[b] == global_len]
+    distinct = sorted(set(lengths.values()))
+    windowed = [(t, s.shapes[t][0]) for b in blocks if lengths[b] != global_len for t in tables[b]]
+    if not global_blocks and len(distinct) == 2:  # global and windowed blocks, but pos_embed fits neither
+        long = [b for b in blocks if lengths[b] == distinct[1]]
+        g = (distinct[1] + 1) // 2
+        s.problems.append(
+            f"image grid {grid}x{grid} from {s.label(f'{enc}/pos_embed')} (global rel-pos tables of length {global_len}), "
+            f"but the encoder's rel-pos tables have lengths {distinct[0]} and {distinct[1]}, and those of length "
+            f"{distinct[1]} ({_some([s.label(t) for b in long for t in tables[b]], 2)}) fit a {g}x{g} grid")
+        window = grid  # unknown until the grid is; the problem is reported below
+    elif windowed:
+        length = s.size("windowed rel-pos table length", windowed)
         if length % 2 == 0:
             raise ArchitectureError(f"rel-pos table length {length} is not 2 * window - 1")
         window = (length + 1) // 2
     else:
         window = grid  # every block global; a window covering the grid would be the same computation
-    mlp_hidden = shape(f"{enc}/blocks_0/mlp/lin1/kernel")[1]
-    prompt_dim = shape(f"{enc}/neck_conv1/kernel")[3]
 
-    decoder_depth = _count(shapes, rf"{dec}/transformer/layers_(\d+)/")
-    decoder_mlp = shape(f"{dec}/transformer/layers_0/mlp/lin1/kernel")[1] if decoder_depth else 2048
-    iou_depth = _count(shapes, rf"{dec}/iou_prediction_head/layers_(\d+)/")
-    iou_hidden = shape(f"{dec}/iou_prediction_head/layers_0/kernel")[1]
-    num_masks = shape(f"{dec}/mask_tokens")[0]
+    neck = [(f"{enc}/neck_conv1/kernel", 3), (f"{enc}/neck_conv2/kernel", 2), (f"{enc}/neck_conv2/kernel", 3)]
+    neck += [(f"{enc}/{n}/{leaf}", 0) for n in ("neck_norm1", "neck_norm2") for leaf in ("scale", "bias")]
+    prompt = [(f"{pe}/point_embeddings", 1), (f"{pe}/not_a_point_embed", 0), (f"{pe}/no_mask_embed", 0),
+              (f"{pe}/mask_conv3/kernel", 3), (f"{pe}/mask_conv3/bias", 0), (f"{dec}/iou_token", 1), (f"{dec}/mask_tokens", 1),
+              (f"{dec}/upscale_conv1/kernel", 3), (f"{dec}/transformer/norm_final_attn/scale", 0)]
+    prompt_dim = s.size("prompt width", s.dims(neck + prompt))
+    mask_in_chans = s.size("mask_in_chans", s.dims(
+        [(f"{pe}/mask_conv2/kernel", 3), (f"{pe}/mask_conv2/bias", 0), (f"{pe}/mask_norm2/scale", 0),
+         (f"{pe}/mask_norm2/bias", 0), (f"{pe}/mask_conv3/kernel", 2)]))
 
+    decoder_depth = s.count("mask decoder layer", rf"{dec}/transformer/layers_(\d+)/")
+    layers = [f"{dec}/transformer/layers_{i}/mlp" for i in range(decoder_depth)]
+    decoder_mlp = s.size("mask decoder MLP width", s.dims(
+        [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))])
+    ) if decoder_depth else 2048
+    iou_depth = s.count("IoU head layer", rf"{dec}/iou_prediction_head/layers_(\d+)/")
+    iou = [f"{dec}/iou_prediction_head/layers_{i}" for i in range(iou_depth)]
+    iou_hidden = s.size("IoU head width", s.dims(
+        [(f"{m}/kernel", 1) for m in iou[:-1]] + [(f"{m}/bias", 0) for m in iou[:-1]] + [(f"{m}/kernel", 0) for m in iou[1:]]))
+    hypernetworks = s.count("output hypernetwork MLP", rf"{dec}/output_hypernetworks_mlps_(\d+)/")
+    num_masks = s.size("number of masks", s.dims(
+        [(f"{dec}/mask_tokens", 0)] + ([(f"{iou[-1]}/kernel", 1), (f"{iou[-1]}/bias", 0)] if iou else []))
+        + ([(f"{dec}/output_hypernetworks_mlps_0..{hypernetworks - 1} ({hypernetworks} MLPs)", hypernetworks)] if hypernetworks else []))
+
+    if s.problems:
+        raise ArchitectureError("cannot infer the architecture, the shapes disagree:\n    " + "\n    ".join(s.problems + s.conflicts))
+    if dim % head_dim:
+        raise ArchitectureError(f"encoder width {dim} is not a multiple of the rel-pos table width {head_dim}")
     config = ModelConfig(
         name=name or "custom",
         image_size=grid * kh,
@@ -97,7 +208,7 @@ def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Opti
         window_size=window,
         global_attn_indexes=tuple(global_blocks),
         prompt_embed_dim=prompt_dim,
-        mask_in_chans=shape("params/prompt_encoder/mask_conv2/kernel")[3],
+        mask_in_chans=mask_in_chans,
         decoder_depth=decoder_depth,
         decoder_heads=decoder_heads,
         decoder_mlp_dim=decoder_mlp,
@@ -113,7 +224,7 @@ def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Opti
         preset = match_preset(config)
         if preset is not None:
             config = dataclasses.replace(config, name=preset)
-    return config
+    return config, s.conflicts
 
 
 def architecture_fields(config: ModelConfig) -> dict:

@@ -45,7 +45,7 @@ def random_reference_checkpoint(workdir, name: str = "vit_b", seed: int = 0) -> 
     """
     import torch
 
-    from convert.convert import convert_checkpoint
+    from radsam_jax.convert.convert import convert_checkpoint
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,6 +154,93 @@ def test_every_missing_and_unused_key_is_reported_together(tmp_path, small_pth):
         assert needle in message
     assert "broken.pth" in message
     assert not (tmp_path / "out").exists()
+
+
+# Architecture inference read each size from one tensor: corrupting it blamed its healthy
+# neighbours (mis-shaped against the wrong architecture), or gave a message that named it nowhere.
+CORRUPTIONS = {
+    "mlp_width": ({"image_encoder.blocks.0.mlp.lin1.weight": (300, 96), "image_encoder.blocks.0.mlp.lin1.bias": (300,)},
+                  ["conflicting: encoder MLP width 384 (from 10 tensors: ",
+                   "but image_encoder.blocks.0.mlp.lin1.weight (300, 96), image_encoder.blocks.0.mlp.lin1.bias (300,) give 300"]),
+    "mask_tokens": ({"mask_decoder.mask_tokens.weight": (5, 128)},
+                    ["conflicting: number of masks 4 (from 3 tensors: ", "but mask_decoder.mask_tokens.weight (5, 128) gives 5"]),
+    "pos_embed": ({"image_encoder.pos_embed": (1, 17, 17, 96)},
+                  ["image grid 17x17 from image_encoder.pos_embed (1, 17, 17, 96)", "fit a 16x16 grid"]),
+    "extra_block": ({"image_encoder.blocks.9.norm1.weight": (96,)},
+                    ["encoder block numbers [0, 1, 2, 3, 9] are not 0..4: unexpected image_encoder.blocks.9.norm1.weight (96,)"]),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_model_auto_names_the_tensor_that_disagrees(tmp_path, corruption):
+    changed, needles = CORRUPTIONS[corruption]
+    state = build_small_sam().state_dict()
+    state.update({k: torch.zeros(shape) for k, shape in changed.items()})
+    src = tmp_path / "corrupt.pth"
+    torch.save(state, src)
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(src, tmp_path / "out")
+    message = str(info.value)
+    assert "corrupt.pth" in message
+    for needle in needles:
+        assert needle in message, message
+    blamed = {line.split("mis-shaped: ", 1)[1].split(" (")[0] for line in message.splitlines()[1:] if "mis-shaped: " in line}
+    assert blamed <= set(changed), message  # no healthy tensor is blamed
+
+
+def test_wrong_format_says_which_format_the_keys_have(tmp_path, small_pth):
+    with pytest.raises(ConversionError, match=r"has segment_anything keys \(image_encoder\.\*\), not hf ones.*'segment_anything'"):
+        convert_checkpoint(small_pth, tmp_path / "out", format="hf")
+    src = tmp_path / "hf.pth"
+    torch.save(build_small_hf_sam().state_dict(), src)
+    with pytest.raises(ConversionError, match=r"has hf keys \(vision_encoder\.\*\), not segment_anything ones.*'hf'"):
+        convert_checkpoint(src, tmp_path / "out", format="segment_anything")
+    assert convert_checkpoint(src, tmp_path / "out", format="hf").metadata["source_format"] == "hf"
+
+
+def test_sigterm_while_writing_takes_effect_once_the_checkpoint_is_complete(tmp_path, small_pth, monkeypatch):
+    """A SIGTERM (or Ctrl-C) in the middle of the Orbax writer left its hidden temporary folder beside
+    the destination; held while it writes, it takes effect on a complete checkpoint."""
+    import signal
+
+    from radsam_jax.convert import convert as convert_module
+
+    class Terminated(Exception):
+        pass
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    def save_while_terminated(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)  # arrives while the checkpoint is being written
+        return real_save(*args, **kw)
+
+    real_save = convert_module.save_model
+    monkeypatch.setattr(convert_module, "save_model", save_while_terminated)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with pytest.raises(Terminated):
+            convert_checkpoint(small_pth, tmp_path / "out")
+        assert signal.getsignal(signal.SIGTERM) is on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert load_checkpoint(tmp_path / "out").config.encoder_depth == 4
+
+
+def test_random_reference_checkpoint_outside_the_repository(tmp_path, monkeypatch):
+    """It imported the converter as `convert.convert`, a module only the repository root provides."""
+    from radsam_jax.convert import convert as convert_module
+    from radsam_jax.convert import reference
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".").resolve() / "convert" / "convert.py").is_file()])
+    for name in ("convert", "convert.convert"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(reference, "build_torch_sam", lambda name: build_small_sam())  # not ViT-B: fast
+    real_convert = convert_module.convert_checkpoint
+    monkeypatch.setattr(convert_module, "convert_checkpoint", lambda src, dst, model: real_convert(src, dst))
+    pth, dst = reference.random_reference_checkpoint(tmp_path, "vit_b")
+    assert pth.is_file() and load_checkpoint(dst).config.encoder_depth == 4
 
 
 # --------------------------------------------------------------------------- bad inputs and the CLI

@@ -284,6 +284,80 @@ def test_bad_options_are_errors(checkpoint, tmp_path, capsys):
     assert "--labels" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--out", str(tmp_path / "o"))
 
 
+def _no_model(monkeypatch):
+    """Errors expected before any work: loading the model fails the test."""
+    import radsam_jax.checkpoint
+
+    def fail(*args, **kw):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(radsam_jax.checkpoint, "load_checkpoint", fail)
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    image, labels, names = _synthetic(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _no_model(monkeypatch)
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--out", str(afile))
+    assert f"--out {afile} is a file" in err and "Traceback" not in err
+    assert afile.read_text() == "mine"
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--out", str(afile / "sub"))
+    assert f"--out {afile / 'sub'}: cannot create the folder" in err
+
+
+def test_known_classes_mistyped_file_or_name_is_an_error(checkpoint, tmp_path, capsys, monkeypatch):
+    image, labels, names = _synthetic(tmp_path)
+    common = ["--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels), "--label-names", str(names),
+              "--out", str(tmp_path / "o")]
+    _no_model(monkeypatch)
+    assert "no such file" in _run_bad(capsys, *common, "--known-classes", str(tmp_path / "knwon.json"))
+    err = _run_bad(capsys, *common, "--known-classes", "organ,bnoe")
+    assert "bnoe is not a structure" in err and "valid names: bone, organ" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_label_names_with_a_non_integer_id_is_an_error(checkpoint, tmp_path, capsys):
+    image, labels, names = _synthetic(tmp_path, names={"1": "organ", "two": "bone"})
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--out", str(tmp_path / "o"))
+    assert f"--label-names {names}: label id 'two' (for 'bone') is not an integer" in err
+
+
+def test_ctrl_c_writes_the_finished_objects_and_keeps_the_earlier_report(checkpoint, tmp_path, capsys, monkeypatch):
+    import csv
+
+    from radsam_jax.evaluate import runner
+
+    image, labels, names = _synthetic(tmp_path)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text("an earlier run's")
+    calls = []
+
+    def run_then_interrupt(predictor, gt, setting, checkpoints, rng, box_jitter=None):
+        calls.append(setting)
+        if len(calls) == 2:  # the second object
+            raise KeyboardInterrupt
+        return {0: 0.5}, {"initial_slice": 1, "lo": 0, "hi": 2, "clicks": {0: (0, 0)}}, gt
+
+    monkeypatch.setattr(runner, "run_volume_level", run_then_interrupt)
+    try:
+        rc = radsam(["evaluate", "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                     "--label-names", str(names), "--bucket", str(BUCKET), "--no-progress", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped with every finished object's scores")
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "interrupted; wrote the scores of the 1 finished object(s)" in err
+    rows = list(csv.DictReader((out / "scores.partial.csv").open()))
+    assert [(r["structure"], r["dice"]) for r in rows] == [("organ", "0.500000")]
+    assert (out / "summary.json").read_text() == "an earlier run's"
+    assert sorted(p.name for p in out.iterdir()) == ["scores.partial.csv", "summary.json"]
+
+
 def test_table1_puts_slice_level_on_the_mask_propagation_row():
     from radsam_jax.evaluate.report import table1
 

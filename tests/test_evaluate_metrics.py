@@ -80,6 +80,19 @@ def test_parse_known_classes(tmp_path):
     t = tmp_path / "known.txt"
     t.write_text("aorta\nliver\n")
     assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}
+    assert metrics.parse_known_classes("liver,spleen", valid=["aorta", "liver", "spleen"]) == {"liver", "spleen"}
+
+
+def test_known_classes_mistyped_path_or_name_is_an_error(tmp_path):
+    # A path that does not exist was read as one class name, making every structure "unknown".
+    for spec in (str(tmp_path / "knwon.txt"), "known_classes.json"):
+        with pytest.raises(ValueError, match="no such file"):
+            metrics.parse_known_classes(spec)
+    with pytest.raises(ValueError, match="a folder, not a file"):
+        metrics.parse_known_classes(str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        metrics.parse_known_classes("liver,spleeen", valid=["aorta", "liver", "spleen"])
+    assert "spleeen is not a structure" in str(info.value) and "valid names: aorta, liver, spleen" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------ user
@@ -253,6 +266,56 @@ def test_runner_counts_ignored_clicks():
     assert [(s["clicks"], s["clicks_honoured"]) for s in summary["settings"]] == [(0, None), (2, 0.0), (3, 0.0)]
 
 
+class InterruptedPredictor(ScriptedPredictor):
+    """Ctrl-C during the 4th segment: the second object's second setting."""
+
+    def segment(self, *args, **kw):
+        if sum(c[0] == "segment" for c in self.calls) == 3:
+            raise KeyboardInterrupt
+        return super().segment(*args, **kw)
+
+
+def test_runner_interrupted_keeps_the_rows_of_finished_objects():
+    import types
+
+    from radsam_jax.data.datasets import Case
+
+    gt = cube()
+    labels = gt.astype(np.uint8) * 3
+    labels[14:18, 2:6, 4:9] = 5
+    volume = types.SimpleNamespace(array=np.zeros(gt.shape, np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
+    settings = runner.make_settings(["volume"], ["box", "point"], ["mask"])
+    with pytest.raises(runner.EvaluationInterrupted) as info:
+        runner.evaluate_cases([Case("c1", "img", {"organ": 3, "other": 5}, label_path="lab")], InterruptedPredictor(gt),
+                              settings, runner.EvalOptions(edits=(0,), oracle=False),
+                              load_case=lambda c: (volume, labels), progress=False)
+    # organ, both settings; none of the half-done "other"
+    assert [(r["structure"], r["prompt"]) for r in info.value.rows] == [("organ", "box"), ("organ", "point")]
+
+
+def _report_result(rows, worst):
+    return runner.EvalResult(rows, worst, [{"case": "c0", "slices": 9, "encoded": 5, "encode_s": 0.5, "total_s": 1.0, "objects": 2}],
+                             [("c0", "aorta", "absent")])
+
+
+def test_report_removes_its_own_stale_outputs_only(tmp_path):
+    """--worst 0 into a folder of an earlier run: no worst_cases.png of that run is left to mislead;
+    an interrupted run's scores.partial.csv goes once a run completes; the user's files stay."""
+    rows = [{"case": "c0", "structure": "liver", "label": 1, "known": None, "protocol": "volume", "prompt": "box",
+             "propagation": "mask", "edits": 0, "dice": 0.5}]
+    gt = cube()[:, :, 5]
+    worst = [runner.WorstCase(0.5, "c0", "liver", "volume/box/mask", 0, 5, np.zeros(gt.shape, np.float32), gt, gt, (1.0, 1.0))]
+    report.write_report(tmp_path, _report_result(rows, worst), model="m", options={}, num_resamples=10)
+    assert (tmp_path / "worst_cases.png").is_file()
+    (tmp_path / "notes.txt").write_text("mine")
+    expected = ["breakdown.json", "edits.png", "notes.txt", "per_structure.png", "scores.csv", "summary.json", "summary.md"]
+    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, num_resamples=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    report.write_partial_scores(tmp_path, rows)
+    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, num_resamples=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+
+
 def test_report_files_and_schema(tmp_path):
     rows = []
     rng = np.random.default_rng(0)
@@ -267,9 +330,7 @@ def test_report_files_and_schema(tmp_path):
                                      "initial_slice": 3, "lo": 1, "hi": 5, "voxels": 10})
     gt = cube()[:, :, 5]
     worst = [runner.WorstCase(0.1, "c0", "liver", "volume/box/mask", 0, 5, np.zeros(gt.shape, np.float32), gt, np.roll(gt, 2, 0), (1.0, 2.0))]
-    result = runner.EvalResult(rows, worst, [{"case": "c0", "slices": 9, "encoded": 5, "encode_s": 0.5, "total_s": 1.0, "objects": 2}],
-                               [("c0", "aorta", "absent")])
-    summary = report.write_report(tmp_path, result, model="m", options={"data": "d", "cases": 5}, num_resamples=500)
+    summary = report.write_report(tmp_path, _report_result(rows, worst), model="m", options={"data": "d", "cases": 5}, num_resamples=500)
     for f in ("scores.csv", "summary.json", "summary.md", "breakdown.json", "edits.png", "per_structure.png", "worst_cases.png"):
         assert (tmp_path / f).is_file(), f
     data = json.loads((tmp_path / "summary.json").read_text())

@@ -11,7 +11,8 @@ NIfTI file or a DICOM folder) with --labels and --label-names (JSON {"label_map"
 A label map on another voxel grid of the same world space is aligned through world coordinates.
 Comma lists of --protocol/--prompt/--propagation run every combination from the same cached
 embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with --propagation box
-(MedSAM's preprocessing comes from its checkpoint config). Exit status: 0 ok, 2 bad input, 1 failure.
+(MedSAM's preprocessing comes from its checkpoint config). Exit status: 0 ok, 2 bad input, 1 failure,
+130 interrupted (Ctrl-C: the finished objects' rows go to --out/scores.partial.csv, no report).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edits", type=_int_list, default=[0], metavar="0,1,2,5,10,20",
                    help="edit counts to record in one cumulative run (slice-level: points per slice, at most 10; default 0)")
     p.add_argument("--structures", metavar="a,b", help="only these structures (names from the label map)")
-    p.add_argument("--known-classes", metavar="FILE|a,b", help="classes the model was trained on: adds the known/unknown split (Table 2)")
+    p.add_argument("--known-classes", metavar="FILE|a,b",
+                   help="classes the model was trained on, each a structure of the label maps: adds the known/unknown split (Table 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated user and the bootstrap (default 0)")
     p.add_argument("--min-slices", type=int, default=1, metavar="N", help="skip objects spanning fewer than N slices (default 1)")
     p.add_argument("--box-jitter", type=float, nargs=2, metavar=("LO", "HI"),
@@ -118,7 +120,14 @@ def _single_image_case(args):
     names = meta.get("label_map", meta.get("labels")) if isinstance(meta, dict) else None
     if not isinstance(names, dict):
         raise InputError(f'--label-names {args.label_names} needs {{"label_map": {{"1": "name", ...}}}}')
-    structures = {str(v): int(k) for k, v in names.items() if int(k) != 0}
+    structures = {}
+    for k, v in names.items():
+        try:
+            label = int(k)
+        except ValueError:
+            raise InputError(f"--label-names {args.label_names}: label id {k!r} (for {v!r}) is not an integer") from None
+        if label != 0:
+            structures[str(v)] = label
     if not structures:
         raise InputError(f"--label-names {args.label_names} names no structure besides background")
     image = Path(args.data)
@@ -127,7 +136,8 @@ def _single_image_case(args):
 
 
 def read_dataset(args):
-    """The cases to evaluate (structures filtered), and a description of the source."""
+    """The cases to evaluate (structures filtered), a description of the source, the requested
+    structures, and the names of every structure in the label maps (before --structures)."""
     from radsam_jax.data.datasets import read_cases, select_structures
 
     data = Path(args.data)
@@ -135,22 +145,23 @@ def read_dataset(args):
     if args.labels or args.label_names or data.is_file() or (data.is_dir() and _is_dicom_folder(data)):
         cases = [_single_image_case(args)]
         fmt = "image"
-        if structures:
-            cases = select_structures(cases, structures)
     else:
         fmt = detect_format(data)
         split = args.split
         if split == "auto":
             split = {"amos": "val", "generic": "all"}.get(fmt) or ("test" if (data / "meta.csv").is_file() else "all")
         kwargs = {"modality": args.modality} if fmt == "amos" else {}
-        cases = read_cases(fmt, data, split, structures=structures, **kwargs)
+        cases = read_cases(fmt, data, split, **kwargs)
+    names = sorted(set().union(*(c.structures for c in cases)))
+    if structures:
+        cases = select_structures(cases, structures)
     if args.max_cases is not None:
         if args.max_cases < 1:
             raise InputError(f"--max-cases must be >= 1, got {args.max_cases}")
         cases = cases[: args.max_cases]
     if not cases:
         raise InputError(f"no case to evaluate in {data}" + (f" with structures {structures}" if structures else ""))
-    return cases, fmt, structures
+    return cases, fmt, structures, names
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -178,8 +189,10 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from radsam_jax.evaluate.metrics import parse_known_classes
-    from radsam_jax.evaluate.report import write_report
-    from radsam_jax.evaluate.runner import SLICE_EDITS_MAX, EvalOptions, evaluate_cases, make_settings
+    from radsam_jax.evaluate.report import write_partial_scores, write_report
+    from radsam_jax.evaluate.runner import (
+        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings,
+    )
 
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
     if not args.edits:
@@ -192,8 +205,9 @@ def _run(args) -> int:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist")
-    known = parse_known_classes(args.known_classes)
-    cases, fmt, structures = read_dataset(args)
+    cases, fmt, structures, names = read_dataset(args)
+    known = parse_known_classes(args.known_classes, valid=names)
+    out = _output_folder(args.out)
 
     import jax.numpy as jnp
 
@@ -214,22 +228,45 @@ def _run(args) -> int:
     print(f"{PROG}: {len(cases)} case(s) ({fmt}), settings {', '.join(s.key for s in settings)}, "
           f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing})",
           file=sys.stderr)
-    result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)
+    try:
+        result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)
+    except EvaluationInterrupted as e:
+        path = write_partial_scores(out, e.rows)
+        print(f"{PROG}: interrupted; wrote the scores of the {len({(r['case'], r['structure']) for r in e.rows})} "
+              f"finished object(s) to {path} (no summary: the report needs the whole run)", file=sys.stderr)
+        return 130
     report_options = {"data": args.data, "cases": len(cases), "checkpoint": args.checkpoint, "seed": args.seed,
                       "min_slices": args.min_slices, "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px"
                       if args.box_jitter else None, "vanish_policy": args.vanish_policy,
                       "slice_edits_max": SLICE_EDITS_MAX}
-    summary = write_report(args.out, result, model=name, options=report_options, seed=args.seed,
+    summary = write_report(out, result, model=name, options=report_options, seed=args.seed,
                            num_resamples=args.bootstrap)
     for s in summary["settings"]:
         print(f"{s['protocol']:6s} {s['prompt']:5s} {s['propagation']:4s} edits={s['edits']:<3d} "
               f"Dice {s['mean_dice'] * 100:6.2f} [{s['ci_low'] * 100:.2f}, {s['ci_high'] * 100:.2f}] n={s['n']}"
               + ("" if s["clicks_honoured"] is None else f" clicks honoured {s['clicks_honoured']:.0%} of {s['clicks']}"))
-    print(f"wrote {Path(args.out) / 'summary.md'}")
+    print(f"wrote {out / 'summary.md'}")
     if result.missing_structures:
         raise InputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case); "
                          f"the other structures were evaluated and written to {args.out}")
     return 0
+
+
+def _output_folder(path) -> Path:
+    """--out, created (with its parents) and writable, before the evaluation: not a failure to
+    write its results after a run of hours."""
+    import os
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the folder is not writable")
+    return out
 
 
 def main(argv=None) -> int:

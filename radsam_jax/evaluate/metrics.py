@@ -100,10 +100,20 @@ def normal_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float,
 # ----------------------------------------------------------------------------- breakdowns
 
 
-def parse_known_classes(spec: Optional[str]) -> Optional[set[str]]:
+# A --known-classes value that looks like a file name is never taken for a list of class names.
+_LIST_SUFFIXES = (".json", ".txt", ".csv", ".tsv", ".lst", ".list")
+
+
+def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = None) -> Optional[set[str]]:
     """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line)
-    or a comma-separated list. None/empty -> None (no known/unknown split)."""
+    or a comma-separated list. None/empty -> None (no known/unknown split).
+
+    A value that looks like a path (a path separator, or a list file's suffix) must be a file, so a
+    mistyped path is an error, not one class name. With `valid` (the evaluated structures), every name
+    must be one of them: a misspelled name would otherwise turn a known class into an unknown one.
+    """
     import json
+    import os
     from pathlib import Path
 
     if not spec:
@@ -121,11 +131,19 @@ def parse_known_classes(spec: Optional[str]) -> Optional[set[str]]:
                 names = [str(v) for k, v in data.items() if str(k) != "0"] if isinstance(data, Mapping) else list(data)
             else:
                 names = [str(v) for v in data]
+    elif any(sep and sep in spec for sep in (os.sep, os.altsep)) or path.suffix.lower() in _LIST_SUFFIXES:
+        raise ValueError(f"--known-classes {spec}: " + ("a folder, not a file" if path.is_dir() else "no such file"))
     else:
         names = spec.split(",")
     names = {n.strip() for n in names if n and n.strip() and n.strip() != "background"}
     if not names:
         raise ValueError(f"--known-classes {spec!r} names no class")
+    if valid is not None:
+        valid = sorted(set(valid))
+        unknown = sorted(names.difference(valid))
+        if unknown:
+            raise ValueError(f"--known-classes {spec}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                             f"structure of the evaluated label maps; valid names: {', '.join(valid)}")
     return names
 
 

@@ -8,7 +8,10 @@
   (Table 3d), timing, and the protocol choices.
 - breakdown.json: per-structure, known/unknown and oracle numbers (machine-readable summary.md).
 - edits.png (Figure 3: Dice vs number of edits), per_structure.png (Figure 2a), worst_cases.png
-  (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects).
+  (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects; none
+  with --worst 0).
+- scores.partial.csv, instead of all the above, from a run interrupted by Ctrl-C: the scores.csv rows
+  of the objects finished before it.
 Plots use Pillow only, so they work from a plain install.
 """
 
@@ -22,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_ci, grouped_ci
+from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -152,7 +155,8 @@ PROTOCOL_NOTES = """\
   edit that placed it. A model that ignores clicks scores near 0 % however its Dice moves.
 - Slice-level: one prompt per slice holding the object; edits are rounds of one click per slice with
   errors, uniform among that slice's 2D errors; edits = r means r points per slice (at most {smax}).
-  A box-prompted slice's box is not re-sent with its clicks (the predictor keeps points, not boxes).
+  Each round decodes a clicked slice again with its first prompt (its box, or its point), all its
+  clicks so far and its current mask as the mask prompt.
 - Oracle (slice-level, no edits): on every slice the secondary mask (of 3) with the best 2D Dice,
   stacked and scored in 3D.
 """
@@ -399,9 +403,19 @@ def plot_worst_cases(path, worst: Sequence, window=(40.0, 400.0), tile: int = 25
     return path
 
 
+PARTIAL_SCORES = "scores.partial.csv"
+
+
+def write_partial_scores(out_dir, rows: Sequence[dict]) -> Path:
+    """scores.partial.csv: the rows of an interrupted run. The report files of an earlier complete run
+    in out_dir stay as they were; the next complete run removes this file."""
+    return write_scores_csv(Path(out_dir) / PARTIAL_SCORES, rows)
+
+
 def write_report(out_dir, result, *, model: str, options: dict, seed: int = 0,
                  num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
-    """Writes every output file into out_dir; returns the summary dict."""
+    """Writes every output file into out_dir, and removes the report files of an earlier run that
+    this one does not write (worst_cases.png with --worst 0, scores.partial.csv); returns the summary dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", result.rows)
@@ -414,5 +428,7 @@ def write_report(out_dir, result, *, model: str, options: dict, seed: int = 0,
                      timings=result.timings, skipped=result.skipped)
     plot_edits(out / "edits.png", summary, model)
     plot_per_structure(out / "per_structure.png", extra["per_structure"], model)
-    plot_worst_cases(out / "worst_cases.png", result.worst)
+    if plot_worst_cases(out / "worst_cases.png", result.worst) is None:
+        (out / "worst_cases.png").unlink(missing_ok=True)
+    (out / PARTIAL_SCORES).unlink(missing_ok=True)
     return summary

@@ -34,6 +34,14 @@ class EvaluationInputError(ValueError):
     """Bad input found while evaluating (e.g. a requested structure absent from every label map)."""
 
 
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `evaluate_cases`; `rows` holds the scores of every object finished before it."""
+
+    def __init__(self, rows: list):
+        super().__init__()
+        self.rows = rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """protocol "volume"|"slice"; prompt "box"|"point"; propagation "mask"|"box" (volume), "none" (slice)."""
@@ -212,6 +220,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
 
         bar = tqdm(total=sum(len(c.structures) for c in cases), unit="object", file=sys.stderr, desc="evaluate")
     tiebreak = itertools.count()
+    finished = 0  # len(rows) when the last object was complete (all its settings and checkpoints)
     try:
         for case in cases:
             t0 = time.perf_counter()
@@ -277,10 +286,13 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
                                 heapq.heappush(heap, (*item, wc))
                             else:
                                 heapq.heapreplace(heap, (*item, wc))
+                finished = len(rows)
                 if bar is not None:
                     bar.update(1)
             timings.append({"case": case.case_id, "slices": int(volume.array.shape[2]), "encoded": int(encoded),
                             "encode_s": encode_s, "total_s": time.perf_counter() - t0, "objects": n_objects})
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(rows[:finished]) from None
     finally:
         if bar is not None:
             bar.close()
