@@ -16,8 +16,9 @@
 --grid KEY=V1,V2,... (repeatable) takes the Cartesian product; --set KEY=VALUE (repeatable) is applied
 to every run; several --config files multiply the runs. Each run's workdir is
 ROOT/<config name>/<key=value,...> (only the swept keys), so a re-submitted sweep resumes every run
-from its own checkpoints. --dry-run prints the commands and starts nothing; otherwise ROOT/sweep.json
-lists the runs.
+from its own checkpoints. Every run's config and overrides are checked first (an unknown key or a bad
+value is an error naming the close matches, as in `radsam train`), also with --dry-run, which then
+prints the commands and starts nothing; otherwise ROOT/sweep.json lists the runs.
 """
 
 import argparse
@@ -30,6 +31,9 @@ import shlex
 import subprocess
 import sys
 from typing import Optional, Sequence
+
+from radsam_jax.train.cli import build_config
+from radsam_jax.train.config_lib import ConfigError
 
 LAUNCH = pathlib.Path(__file__).resolve().parent
 
@@ -131,6 +135,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     runs = plan(args.config, parse_grid(args.grid), args.set, args.root)
     for run in runs:
+        # As `radsam train` will parse it: a bad key or value fails here, not in every submitted job.
+        # tpu_pod.sh runs in the repository on the workers, so a relative config is the repository's.
+        config = str(LAUNCH.parent / run["config"]) if args.mode == "tpu" else run["config"]
+        try:
+            build_config(config, run["overrides"])
+        except ConfigError as e:
+            parser.error(f"--config {run['config']}: {e}")
         run["command"] = command(run, args)
     if args.dry_run:
         for run in runs:

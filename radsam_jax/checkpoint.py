@@ -14,8 +14,8 @@ needs no PyTorch: converted checkpoints are read by the runtime alone.
 import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -63,7 +63,10 @@ def save_model(path, config: ModelConfig, variables: Mapping[str, Any], metadata
     }
     text = json.dumps(header, indent=2, sort_keys=True)  # fails early on non-JSON metadata
     ocp = _orbax()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # Made with mkdir, not tempfile.mkdtemp (mode 0700), so the renamed checkpoint gets the usual
+    # permissions under the umask; exist_ok=False makes the name ours alone.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / VARIABLES_DIR, dict(variables))

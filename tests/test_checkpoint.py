@@ -1,6 +1,8 @@
 """radsam_jax.checkpoint: the Orbax + radsam.json model checkpoint format (no torch needed)."""
 
 import json
+import os
+import stat
 
 import jax
 import numpy as np
@@ -129,3 +131,14 @@ def test_missing_variables(saved, tmp_path):
     shutil.rmtree(path / "variables")
     with pytest.raises(CheckpointError, match="variables/ is missing"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_directory_has_the_umask_permissions(small, tmp_path, umask):
+    config, variables = small
+    previous = os.umask(umask)
+    try:
+        path = save_model(tmp_path / "m", config, variables)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask

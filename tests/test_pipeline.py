@@ -1,5 +1,6 @@
 """Grain pipeline: batch format, determinism, state save/restore, sharding, workers, validation."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,38 @@ def test_augment_keeps_image_and_label_aligned():
     np.testing.assert_array_equal(out_label, label)
     level, width = augment.jitter_window(40.0, 400.0, 20.0, 0.2, rng)
     assert 20 <= level <= 60 and 320 <= width <= 480
+
+
+def test_training_validation_reads_the_smaller_of_both_caps(amos_root):
+    """data.val_max_samples and eval.max_batches x the eval batch both cap a training validation
+    (<= 0: no cap), and the slices are spread evenly over the split."""
+    from radsam_jax.train import loop
+    from radsam_jax.train.config_lib import base_config
+
+    c = base_config()
+    c.data = _config(amos_root)
+    total = len(pipeline.load_split(c.data, "val")[1])
+
+    def count(val_max_samples, max_batches):
+        c.data.val_max_samples, c.eval.max_batches = val_max_samples, max_batches
+        return sum(int(weight.sum()) for _, weight in loop.validation_batches(c, MODEL, 2))
+
+    assert total > 6
+    assert count(3, 10) == 3
+    assert count(0, 2) == count(9, 2) == 4
+    assert count(5, -1) == 5
+    assert count(0, -1) == total
+
+
+def test_mri_is_refused(amos_root, tmp_path):
+    for modality in ("MRI", "all"):
+        with pytest.raises(ValueError, match="Hounsfield"):
+            pipeline.make_data_iterator(_config(amos_root, modality=modality), MODEL, split="train", batch_size=2,
+                                        seed=0, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="data.modality 'MRI': only 'CT'"):
+        pipeline.check_modality(_config(amos_root, modality="MRI"))
+    root = write_generic(tmp_path / "gen")
+    meta = json.loads((root / "b" / "labels.json").read_text())
+    (root / "b" / "labels.json").write_text(json.dumps({**meta, "modality": "MR"}))
+    with pytest.raises(ValueError, match=r"case\(s\) b under .* are not CT"):
+        next(pipeline.iterate_slices(_config(root, format="generic"), MODEL, split="val", batch_size=2))

@@ -2,6 +2,8 @@
 that does not exist is a clear error naming the closest keys (in-process, no training)."""
 
 import argparse
+import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -69,3 +71,55 @@ def test_cli_unknown_key_exits_2_with_message():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "no key 'optim.lerning_rate'" in r.stderr and "optim.learning_rate" in r.stderr, r.stderr
+
+
+def _train_cli(workdir, *overrides, devices=1, config="configs/train/example_cpu.py:runlocal"):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "radsam_jax.train.cli", "--config", config, "--workdir", str(workdir),
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.batch_size=3"], "batch_size 3 is not a positive multiple of the 2 devices"),
+    (["--config.eval.batch_size=5"], "eval.batch_size 5 is not a positive multiple of the 2 devices"),
+    (["--config.num_devices=4"], "num_devices 4 is more than the 2 cpu device(s)"),
+    (["--config.init_checkpoint=/nonexistent/ckpt"], "cannot build the model: no model checkpoint at /nonexistent/ckpt"),
+], ids=["batch", "eval_batch", "num_devices", "init_checkpoint"])
+def test_cli_config_mistakes_exit_2_before_the_workdir_exists(tmp_path, overrides, message):
+    r = _train_cli(tmp_path / "run", *overrides, devices=2)
+    assert r.returncode == 2 and f"radsam train: error: {message}" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_mri(tmp_path):
+    r = _train_cli(tmp_path / "run", "--config.data.modality=all", "--config.data.root=/data/amos",
+                   config="configs/train/amos_vit_b.py:runlocal")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "radsam train: error: data.modality 'all': only 'CT'" in r.stderr and "Hounsfield" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _sweep(*argv):
+    spec = importlib.util.spec_from_file_location("radsam_sweep", REPO / "launch" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep.main(list(argv))
+
+
+@pytest.mark.parametrize("option", ["--grid=optim.learnin_rate=1e-5,3e-5", "--set=optim.learnin_rate=1e-5"])
+def test_sweep_checks_override_keys_before_printing(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        _sweep("--mode", "local", "--config", str(REPO / "configs/train/example_cpu.py:runlocal"),
+               "--root", str(tmp_path / "sweep"), option, "--dry-run")
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert "no key 'optim.learnin_rate'; did you mean optim.learning_rate" in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
+    assert _sweep("--mode", "local", "--config", str(REPO / "configs/train/example_cpu.py:runlocal"),
+                  "--root", str(tmp_path), "--grid", "optim.learning_rate=1e-5,3e-5", "--set", "batch_size=4",
+                  "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--config.batch_size=4" in line for line in lines), lines

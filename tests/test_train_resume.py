@@ -4,6 +4,8 @@ directory left by a "killed mid-save" run must be ignored (and cleaned up) on re
 
 import json
 
+import pytest
+
 from train_testlib import check, run_python
 
 WORKER = r"""
@@ -69,3 +71,114 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert r["param_max_abs_diff"] == 0.0, r
     assert not r["tmp_left"], r  # cleaned up at start-up
     assert r["steps_b"][-1] == 6
+
+
+# One process for the scenarios below (compiles dominate on 2 cores); each stage records its outcome
+# or its error, so every test reports its own item.
+RUN_RECORD_WORKER = r"""
+import contextlib, io, json, os, pathlib, shutil, sys, jax
+from train_testlib import tiny_config
+from radsam_jax.checkpoint import save_model
+from radsam_jax.model import init_variables
+from radsam_jax.train import loop
+from radsam_jax.train.export import export_model
+root = pathlib.Path(sys.argv[1])
+out = {}
+
+def rows(workdir):
+    return [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+
+def stage(name, fn):
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            out[name] = {"result": fn()}
+    except Exception as e:
+        out[name] = {"error": f"{type(e).__name__}: {e}"}
+    out[name]["stdout"] = buffer.getvalue()
+
+def train(workdir, **overrides):
+    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
+    return rows(workdir)
+
+stage("log_every_0", lambda: train(root / "log0", num_train_steps=2, log_every_steps=0))
+# A run from an init checkpoint, which is then moved away.
+mc, _ = loop.load_model(tiny_config())
+save_model(root / "init", mc, jax.device_get(init_variables(mc, jax.random.PRNGKey(1))))
+run = root / "run"
+init = dict(init_checkpoint=str(root / "init"))
+stage("first", lambda: train(run, num_train_steps=2, **init))
+stage("finished", lambda: train(run, num_train_steps=2, **init))
+os.rename(root / "init", root / "init_moved")
+stage("resume_without_init", lambda: train(run, num_train_steps=3, **init))
+stage("export_without_init", lambda: export_model(run, root / "exported").name)
+# The config's own architecture (preset + overrides): equal is fine, another one is refused.
+stage("changed_model", lambda: train(run, num_train_steps=4, init_checkpoint="", **{"model.encoder_depth": 3}))
+stage("same_model", lambda: train(run, num_train_steps=4, init_checkpoint=""))
+# A run of an older radsam-jax (no stored model config) exports through its init checkpoint again
+# (step 3: trained with init_checkpoint in its config).
+for step_dir in (run / "checkpoints").iterdir():
+    shutil.rmtree(step_dir / "model_config", ignore_errors=True)
+stage("export_old_run_init_gone", lambda: export_model(run, root / "exported_old_gone", 3).name)
+os.rename(root / "init_moved", root / "init")
+stage("export_old_run", lambda: export_model(run, root / "exported_old", 3).name)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_record(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_record")
+    result = check(run_python(RUN_RECORD_WORKER.replace("sys.argv[1]", repr(str(root)))))
+    return root, json.loads(result.strip().splitlines()[-1])
+
+
+def _ok(stage: dict):
+    assert "error" not in stage, stage
+    return stage["result"]
+
+
+def test_log_every_steps_zero_logs_the_last_step_only(run_record):
+    rows = _ok(run_record[1]["log_every_0"])
+    assert [r["step"] for r in rows if "loss" in r] == [2], rows
+
+
+def test_rerunning_a_finished_run_appends_nothing(run_record):
+    r = run_record[1]
+    before, after = _ok(r["first"]), _ok(r["finished"])
+    assert after == before
+    assert "already finished at step 2" in r["finished"]["stdout"], r["finished"]
+
+
+def test_resume_and_export_do_not_need_the_init_checkpoint(run_record):
+    from radsam_jax import checkpoint
+
+    root, r = run_record
+    rows = _ok(r["resume_without_init"])
+    assert [x["step"] for x in rows if "loss" in x][-1] == 3
+    assert _ok(r["export_without_init"]) == "exported"
+    from radsam_jax.train.loop import load_model
+    from train_testlib import tiny_config
+
+    assert checkpoint.load_config(root / "exported") == load_model(tiny_config())[0]
+
+
+def test_resuming_with_another_architecture_is_a_config_error(run_record):
+    r = run_record[1]
+    error = r["changed_model"].get("error", "")
+    assert error.startswith("ConfigError") and "encoder_depth 2 (checkpoint) != 3 (config)" in error, r["changed_model"]
+    assert [x["step"] for x in _ok(r["same_model"]) if "loss" in x][-1] == 4
+
+
+def test_runs_without_a_stored_model_config_export_as_before(run_record):
+    r = run_record[1]
+    assert "FileNotFoundError" in r["export_old_run_init_gone"].get("error", ""), r["export_old_run_init_gone"]
+    assert _ok(r["export_old_run"]) == "exported_old"
+
+
+def test_export_of_a_missing_run_creates_nothing(tmp_path):
+    from radsam_jax.train.export import export_model
+
+    with pytest.raises(FileNotFoundError, match="nonexistent"):
+        export_model(tmp_path / "nonexistent", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

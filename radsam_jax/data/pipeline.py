@@ -56,7 +56,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.val_root = ""  # folder read for split == val_split ('' = root); lets generic data train/val on separate folders
     c.train_split = "train"  # split name given to the reader when make_data_iterator(split="train")
     c.val_split = "val"  # split name for validation ("val" for AMOS imagesVa/labelsVa and TotalSegmentator meta.csv)
-    c.modality = "CT"  # AMOS: "CT" (cases <= 500), "MRI" (> 500) or "all"
+    c.modality = "CT"  # AMOS: "CT" (cases <= 500) only; "MRI" / "all" are refused: intensities are windowed in CT HU
     c.structures = ()  # structure names to train on; empty = every structure of the dataset
     c.min_area = 10  # a (structure, slice) is a sample only if its mask has >= this many pixels on the original slice
     # --- intensity
@@ -100,7 +100,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.index_cache_dir = ""  # folder to cache the (case, structure, slice) index as .npz; '' = rebuild each run
     c.include_sample_ids = False  # add "sample_id" (B,) int64 to batches (debugging, tests)
     # --- validation (iterate_slices)
-    c.val_max_samples = 256  # validation slices, evenly spread over the sorted index; 0 = all
+    c.val_max_samples = 256  # cap on validation slices, evenly spread over the index (0 = none); see eval.max_batches
     c.val_prompt = "box"  # validation prompt: "box" (tight, no jitter), "point" or "mask" (seeded noise)
     return c
 
@@ -550,11 +550,25 @@ def _structures(data_config) -> tuple:
     return tuple(s or ())
 
 
+def check_modality(data_config) -> None:
+    """ValueError unless the data is CT. Every intensity step (window, its jitter, noise, fill) is in
+    Hounsfield units, which MRI signal is not (arbitrary, scanner-dependent scale), and the paper
+    trains on AMOS CT only; MRI would need its own normalisation, which this pipeline does not have."""
+    if data_config.format == "amos" and str(data_config.modality).upper() != "CT":
+        raise ValueError(f"data.modality {data_config.modality!r}: only 'CT' can be trained on; the pipeline "
+                         "windows intensities in CT Hounsfield units, which MRI cases (AMOS > 500) are not")
+
+
 def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
-    """Cases and slice index of a split (see build_slice_index); errors if no sample is left."""
+    """Cases and slice index of a split (see build_slice_index); errors if no sample is left or a
+    case is not CT (see check_modality)."""
     root, reader_split = _split_name(data_config, split)
     cases = datasets.read_cases(data_config.format, root, reader_split, modality=data_config.modality,
                                 structures=_structures(data_config))
+    not_ct = [c.case_id for c in cases if c.modality.upper() != "CT"]
+    if not_ct:  # generic cases may declare another modality in labels.json
+        raise ValueError(f"case(s) {', '.join(not_ct[:5])} under {root} are not CT (labels.json \"modality\"); "
+                         "the pipeline windows intensities in CT Hounsfield units")
     index = build_slice_index(cases, int(data_config.min_area), data_config.index_cache_dir)
     if len(index) == 0:
         raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "

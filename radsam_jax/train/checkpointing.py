@@ -5,6 +5,8 @@ Layout (one Orbax step directory per saved step):
     workdir/checkpoints/<step>/state/      TrainState: params, buffers, opt_state, step, rng, loss scale
     workdir/checkpoints/<step>/data_iter/  process_<i>-of-<n>.json: Grain iterator state, per process
     workdir/checkpoints/<step>/config/     the training config as JSON (for humans and `radsam` tools)
+    workdir/checkpoints/<step>/model_config/  the run's ModelConfig as JSON: resume and `radsam export`
+                                           rebuild the architecture from it, not from init_checkpoint
 
 Saving the iterator beside the model (as maxtext does) is what makes a resume exact: the next batch
 after a restore is the batch the uninterrupted run would have seen.
@@ -29,21 +31,25 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
+STATE, DATA_ITER, CONFIG, MODEL_CONFIG = "state", "data_iter", "config", "model_config"
 
 
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` for (TrainState, Grain iterator, config)."""
 
     def __init__(self, directory, *, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
+        """`read_only`: nothing is created, saved or deleted, not even the temporary directory of a
+        save in progress (e.g. exporting or checking while the run trains)."""
         # Orbax requires absolute paths; a relative --workdir is taken from the current directory.
         self.directory = epath.Path(directory).absolute()
+        # Not Orbax's own read_only option, which logs a warning at every start: Orbax writes or
+        # deletes nothing but at creation (create, cleanup) and in save(), which a reader never calls.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(
@@ -53,6 +59,7 @@ class Checkpointer:
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA_ITER: grain.checkpoint.CheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
+                MODEL_CONFIG: ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -63,13 +70,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *, force: bool = False) -> bool:
-        """Saves if `step` is due (save_interval_steps) or `force`; returns whether it saved."""
+    def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *, model_config: Optional[dict] = None,
+             force: bool = False) -> bool:
+        """Saves if `step` is due (save_interval_steps) or `force`; returns whether it saved.
+        `model_config`: ModelConfig.to_dict() of the trained model."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
+        if model_config is not None:
+            items[MODEL_CONFIG] = ocp.args.JsonSave(model_config)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, data_iter=None, step: Optional[int] = None):
@@ -101,6 +112,14 @@ class Checkpointer:
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def restore_model_config(self, step: Optional[int] = None) -> Optional[dict]:
+        """The ModelConfig dict saved with `step` (default latest); None for checkpoints written
+        before radsam-jax stored it."""
+        step = self.latest_step() if step is None else step
+        if MODEL_CONFIG not in self.manager.item_metadata(step).keys():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
 
     def wait_until_finished(self):
         self.manager.wait_until_finished()

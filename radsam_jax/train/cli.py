@@ -81,19 +81,20 @@ def build_config(config_path: str, override_tokens: Sequence[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `radsam train`; returns the process exit code (0 also after a clean SIGTERM stop)."""
+    """Runs `radsam train`; returns the process exit code (0 also after a clean SIGTERM stop, 2 for a
+    config mistake, found before the workdir is written to where possible)."""
     tokens = list(getattr(args, "overrides", None) or [])
     try:
         config = build_config(args.config, tokens)
+        if args.print_config:
+            print(config)
+            return 0
+        from radsam_jax.train.loop import train_and_evaluate
+
+        result = train_and_evaluate(config, args.workdir)
     except ConfigError as e:
         print(f"radsam train: error: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(config)
-        return 0
-    from radsam_jax.train.loop import train_and_evaluate
-
-    result = train_and_evaluate(config, args.workdir)
     return 0 if result.get("step") is not None else 1
 
 

@@ -213,10 +213,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.split = "val"  # split name of the held-out slices
     c.eval.every_steps = 1000  # validate every this many steps (and at the end); <= 0: only at the end
     c.eval.batch_size = -1  # global eval batch (-1 = batch_size)
-    c.eval.max_batches = 50  # cap on validation batches per evaluation (<= 0: the whole split)
+    # Pipeline data: a validation reads min(data.val_max_samples, max_batches x eval batch) slices (a cap
+    # <= 0 is no cap; both <= 0: the whole split), spread evenly over the split. Synthetic: max_batches only.
+    c.eval.max_batches = 50  # cap on validation batches per evaluation (<= 0: no cap)
     c.eval.at_start = False  # also validate before the first step (the baseline for "did it learn")
     # ---- logging and checkpoints
-    c.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress line every this many steps
+    c.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress line every this many steps (<= 0: last step only)
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # save every this many steps (and at the end, and on SIGTERM)
     c.checkpoint.max_to_keep = 3  # keep the last N checkpoints

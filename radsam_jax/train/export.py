@@ -12,22 +12,33 @@ from typing import Optional
 import ml_collections
 
 from radsam_jax.checkpoint import save_model
+from radsam_jax.model import ModelConfig
 from radsam_jax.train import checkpointing
-from radsam_jax.train.loop import load_model
+from radsam_jax.train.loop import configured_model_config
 
 
 def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
-    """Writes the variables of `workdir`'s checkpoint at `step` (default: the latest) to `dst`."""
+    """Writes the variables of `workdir`'s checkpoint at `step` (default: the latest) to `dst`.
+    Reads the run only: nothing in `workdir` is created or cleaned up."""
     workdir = pathlib.Path(workdir)
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", async_save=False)
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no training run at {workdir}: {workdir / 'checkpoints'} does not exist")
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None or step not in ckpt.all_steps():
             raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in {workdir / 'checkpoints'}"
                                     f" (steps: {ckpt.all_steps()})")
         train_config = ckpt.restore_config(step)
-        # The architecture comes from the run's own config: init_checkpoint or model preset + overrides.
-        model_config, _ = load_model(ml_collections.ConfigDict(train_config))
+        stored = ckpt.restore_model_config(step)
+        if stored is not None:
+            model_config = ModelConfig.from_mapping(stored)
+        else:  # an older radsam-jax did not store it: the run's config gives it, as it did then
+            try:
+                model_config = configured_model_config(ml_collections.ConfigDict(train_config))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"step {step} does not record its model (older radsam-jax), so its "
+                                        f"init_checkpoint must give it: {e}") from e
         state = ckpt.restore_state_arrays(step)
     finally:
         ckpt.close()

@@ -21,7 +21,7 @@ import numpy as np
 
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
-from radsam_jax.train.config_lib import resolve_path
+from radsam_jax.train.config_lib import ConfigError, resolve_path
 from radsam_jax.train.train_step import (
     abstract_train_state,
     create_sharded_state,
@@ -108,6 +108,20 @@ class CompiledInStep:
         return self.compiled(*args)
 
 
+def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture `config` asks for, reading no weights: the init checkpoint's header, or the
+    named preset with the model.* overrides."""
+    if config.init_checkpoint:
+        from radsam_jax.checkpoint import load_config
+
+        return load_config(resolve_path(config.init_checkpoint))
+    model_config = load_model_config(config.model.name)
+    overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+    if overrides:
+        model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
+    return model_config
+
+
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
     """(model config, initial variables or None): a converted checkpoint, or a named preset from scratch."""
     if config.init_checkpoint:
@@ -115,11 +129,36 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional
 
         model = load_checkpoint(resolve_path(config.init_checkpoint))
         return model.config, jax.device_get(model.variables)
-    model_config = load_model_config(config.model.name)
-    overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
-    if overrides:
-        model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
-    return model_config, None
+    return configured_model_config(config), None
+
+
+def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer) -> tuple[ModelConfig, Optional[dict]]:
+    """(architecture, initial variables or None) of the run whose checkpoints `ckpt` reads; ConfigError
+    if it cannot be built. A new run loads `config`'s model; a resumed one takes the ModelConfig stored
+    with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another."""
+    step = ckpt.latest_step()
+    stored = None if step is None else ckpt.restore_model_config(step)
+    try:
+        if stored is None:
+            # A new run, or checkpoints of an older radsam-jax, which did not store the ModelConfig: its
+            # architecture can only come from the config (the init checkpoint's header, or the preset).
+            return load_model(config) if step is None else (configured_model_config(config), None)
+        stored = ModelConfig.from_mapping(stored)
+        wanted = configured_model_config(config)
+    except FileNotFoundError as e:
+        if stored is None:
+            old = "" if step is None else f" (step {step} does not record its model: older radsam-jax)"
+            raise ConfigError(f"cannot build the model{old}: {e}") from e
+        # The init checkpoint was moved or deleted (resuming does not read it): the run's record decides.
+        return stored, None
+    except ValueError as e:  # CheckpointError is a ValueError
+        raise ConfigError(f"cannot build the model: {e}") from e
+    have, want = stored.to_dict(), wanted.to_dict()
+    changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have if have[k] != want[k]]
+    if changed:
+        raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
+                          f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
+    return stored, None
 
 
 def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, *, split: str, batch_size: int,
@@ -178,6 +217,13 @@ class MetricWriter:
             self.tb.close()
 
 
+def validation_sample_limit(config, batch_size: int) -> int:
+    """Held-out slices per pipeline validation (0 = the whole split): data.val_max_samples and
+    eval.max_batches x the eval batch both cap it (each <= 0: no cap), the smaller one wins."""
+    caps = [n for n in (int(config.data.val_max_samples), config.eval.max_batches * batch_size) if n > 0]
+    return min(caps, default=0)
+
+
 def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
     """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (the *global*
     eval batch, the same on every process); weight 0 marks padding rows of the last batch. Same
@@ -185,9 +231,8 @@ def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[
     if config.data_source in ("pipeline", "mixture"):  # a mixture validates on `config.data`
         from radsam_jax.data.pipeline import iterate_slices
 
-        max_samples = config.eval.max_batches * batch_size if config.eval.max_batches > 0 else None
         for batch in iterate_slices(config.data, model_config, split=config.eval.split, batch_size=batch_size,
-                                    max_samples=max_samples, seed=config.seed):
+                                    max_samples=validation_sample_limit(config, batch_size), seed=config.seed):
             yield batch, np.asarray(batch.pop("valid"), np.float32)
         return
     if config.data_source != "synthetic":
@@ -232,54 +277,84 @@ def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) 
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """ConfigErrors for mistakes that show without building anything: the device count and batch
+    sizes, the schedule, the data modality. Called before anything is written to the workdir."""
+    available = jax.device_count()
+    if config.num_devices > available:
+        raise ConfigError(f"num_devices {config.num_devices} is more than the {available} "
+                          f"{jax.devices()[0].platform} device(s) JAX sees")
+    n = config.num_devices if config.num_devices > 0 else available
+    eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
+    for key, batch in (("batch_size", config.batch_size), ("eval.batch_size", eval_batch)):
+        if batch <= 0 or batch % n:
+            raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
+                              f"(batch sizes are global; set num_devices or a divisible batch size)")
+    if config.num_train_steps <= 0 and config.optim.schedule != "constant":
+        raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
+    if config.data_source in ("pipeline", "mixture"):
+        from radsam_jax.data.pipeline import check_modality
+
+        data_configs = [config.data]
+        if config.data_source == "mixture":
+            data_configs += [config.datasets[name] for name in dict(config.data_mixture)]
+        try:
+            for data_config in data_configs:
+                check_modality(data_config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
-    with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it."""
+    with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it.
+    A mistake in the config raises ConfigError before the workdir is created or written to."""
     maybe_initialize_distributed(config)
     if config.compilation_cache_dir:
         # Persistent XLA cache: a restarted (preempted) run or a sweep does not recompile.
         jax.config.update("jax_compilation_cache_dir", resolve_path(config.compilation_cache_dir))
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = MetricWriter(workdir)
+    check_config(config)
 
     # ---------------------------------------------------------------- Set up mesh
     # One "data" axis over every device of every process: params replicated, batch split.
     mesh = make_mesh(config.num_devices if config.num_devices > 0 else None)
     num_processes = jax.process_count()
-    if config.batch_size % mesh.size:
-        raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {mesh.size} devices")
     local_batch = config.batch_size // num_processes
     eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
-    if eval_batch % mesh.size:
-        raise ValueError(f"eval.batch_size {eval_batch} is not a multiple of the {mesh.size} devices")
-    writer.print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-                 f"{num_processes} process(es); global batch {config.batch_size}")
 
     # ---------------------------------------------------------------- Create model & optimizer
-    model_config, init_vars = load_model(config)
+    # Read-only: nothing is written to the workdir before the model is known to build.
+    probe = checkpointing.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        model_config, init_vars = run_model(config, probe)
+    finally:
+        probe.close()
     abstract_params = jax.eval_shape(lambda: init_variables(model_config, jax.random.PRNGKey(0))["params"])
     total_steps = config.num_train_steps if config.num_train_steps > 0 else None
-    if total_steps is None and config.optim.schedule != "constant":
-        raise ValueError("a decaying lr schedule needs num_train_steps > 0")
     tx = optimizer_lib.make_optimizer(config.optim, abstract_params, total_steps or 1)
     schedule = optimizer_lib.make_schedule(config.optim, total_steps or 1)
 
     # ---------------------------------------------------------------- Data
     train_iter = make_iterator(config, model_config, split="train", batch_size=local_batch, seed=config.seed,
                                num_epochs=config.num_epochs if config.num_epochs > 0 else None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricWriter(workdir)
+    writer.print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+                 f"{num_processes} process(es); global batch {config.batch_size}")
 
     # ---------------------------------------------------------------- Shard & transfer (or restore)
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
-    if ckpt.latest_step() is not None:
+    resumed = ckpt.latest_step() is not None
+    if resumed:
         target = abstract_train_state(model_config, config, tx, mesh)
         state, train_iter = ckpt.restore(target, train_iter)
         writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
     else:
         state = create_sharded_state(model_config, config, tx, mesh, init_vars)
     del init_vars
-    step = int(state.step)
+    step = start_step = int(state.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}")
 
@@ -293,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(force: bool):
         nonlocal saved_step
         if saved_step != step:
-            ckpt.save(step, state, train_iter, config_json, force=force)
+            ckpt.save(step, state, train_iter, config_json, model_config=model_config.to_dict(), force=force)
             saved_step = step
 
     def validate():
@@ -303,10 +378,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"({int(m['num_examples'])} slices)")
         return m
 
-    # ---------------------------------------------------------------- Train loop
     last = {}
     preempted = False
+    logged_step, metrics = step, None
     t0, images_since = time.perf_counter(), 0
+
+    def log():
+        nonlocal logged_step, t0, images_since
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs the device
+        values["images_per_s"] = images_since / (time.perf_counter() - t0)
+        writer.write(step, values)
+        writer.print(f"step {step}{'/' + str(total_steps) if total_steps else ''} "
+                     f"loss {values['loss']:.4f} dice {values['dice']:.3f} {values['images_per_s']:.1f} images/s")
+        last.update(values)
+        logged_step, t0, images_since = step, time.perf_counter(), 0
+
+    # ---------------------------------------------------------------- Train loop
     with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh):
         if step == 0 and config.eval.at_start:
             last.update({f"validation_{k}": v for k, v in validate().items()})
@@ -319,17 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step += 1
             images_since += config.batch_size
 
-            if step % config.log_every_steps == 0 or step == total_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs the device
-                dt = time.perf_counter() - t0
-                metrics["images_per_s"] = images_since / dt
-                writer.write(step, metrics)
-                writer.print(f"step {step}{'/' + str(total_steps) if total_steps else ''} "
-                             f"loss {metrics['loss']:.4f} dice {metrics['dice']:.3f} "
-                             f"{metrics['images_per_s']:.1f} images/s")
-                last.update(metrics)
-                t0, images_since = time.perf_counter(), 0
-
+            # Every log_every_steps steps (<= 0: the last step only, as validations and checkpoints).
+            if (config.log_every_steps > 0 and step % config.log_every_steps == 0) or step == total_steps:
+                log()
             if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
                 t0, images_since = time.perf_counter(), 0  # images/s measures training only
@@ -343,7 +422,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 preempted = True
                 break
 
-        if not preempted:
+        if logged_step != step:  # the last step of an epoch-bounded or preempted run
+            log()
+        if resumed and step == start_step and not preempted:
+            # Re-running a finished run: the run that reached this step validated and saved it.
+            writer.print(f"the run in {workdir} is already finished at step {step} (num_train_steps / num_epochs): "
+                         "nothing to train or validate")
+        elif not preempted:
             if config.eval.every_steps <= 0 or step % config.eval.every_steps:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
             save(force=True)
