@@ -180,6 +180,27 @@ def test_stub_propagation_re_sends_stored_boxes(mode):
     assert masks[26:29].sum() == obj[26:29].sum() and not masks[21:26].any() and not masks[29:].any()
 
 
+def _mask_flag_decode(variables, embeddings, prompts):
+    """Answers +5 everywhere when the prompt carries a mask prompt, -5 otherwise."""
+    logits = jnp.where(prompts.has_mask[:, None, None, None], 5.0, -5.0) * jnp.ones((1, 4, M, M))
+    return logits, jnp.ones((embeddings.shape[0], 4))
+
+
+def test_an_empty_mask_is_never_sent_as_a_mask_prompt():
+    emb = stub_embeddings()
+    # "continue": every slice from 2 to 30 is decoded; the start (a point) yields an empty mask, so no
+    # slice may get a mask prompt (the old code sent the empty mask as one: +5 on every other slice).
+    logits, _ = propagate_volume(_mask_flag_decode, {}, emb, jnp.int32(14), jnp.int32(2), jnp.int32(30),
+                                 point_prompt(30, 30), jnp.zeros((32, 4, 2)), -jnp.ones((32, 4), jnp.int32),
+                                 image_size=IMAGE, mode="mask", vanish_policy="continue")
+    assert (np.asarray(logits)[2:31] == -5).all()
+    # Slice-level edits: the current mask is the mask prompt only where it is non-empty.
+    current = jnp.full((32, M, M), -5.0).at[3, 2:4, 2:4].set(5.0)
+    out, _ = redecode_slices(_mask_flag_decode, {}, emb, jnp.array([3, 4]), jnp.zeros((2, 4, 2)),
+                             -jnp.ones((2, 4), jnp.int32), jnp.zeros((2, 4)), jnp.zeros((2,), bool), current, jnp.zeros(32))
+    assert (np.asarray(out[3]) == 5).all() and (np.asarray(out[4]) == -5).all()
+
+
 def test_start_prompt_for_segment_and_edit():
     m = 16
     logits = jnp.full((4, m, m), -5.0).at[2, 3:6, 7:9].set(5.0)
@@ -192,6 +213,9 @@ def test_start_prompt_for_segment_and_edit():
     pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="mask")
     assert bool(pr.has_box[0]) and bool(pr.has_mask[0])
     np.testing.assert_array_equal(np.asarray(pr.mask[0]), np.asarray(logits[2] > 0))
+    # edit on a slice the current mask misses: no mask prompt (the model never saw an empty one)
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(1), True, image_size=64, mode="mask")
+    assert bool(pr.has_box[0]) and not bool(pr.has_mask[0])
     # edit, box propagation: the stored box wins; without one, the box around the current mask
     pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="box")
     np.testing.assert_allclose(np.asarray(pr.box[0]), np.asarray(box))

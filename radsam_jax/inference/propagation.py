@@ -31,9 +31,11 @@ Vanished masks (the previous slice's mask is empty before the bound is reached):
 - "stop" (default): the object is taken to have ended; every later slice in that direction stays
   empty and the decoder is not run, except on slices holding a stored *positive* correction point
   or a stored box, which restart the propagation from there (the user said the object is present).
-- "continue": the decoder keeps running with the empty mask as the mask prompt (propagation="box":
-  with no box), plus any stored corrections, so the object may reappear. An untrained prompt-free
-  decode may also hallucinate; "stop" is the safer default.
+- "continue": the decoder keeps running without a mask prompt (propagation="box": without a box),
+  with any stored corrections, so the object may reappear. An untrained prompt-free decode may also
+  hallucinate; "stop" is the safer default.
+
+An empty mask is never sent as a mask prompt, only as "no mask" (`has_mask_prompt`).
 """
 
 from __future__ import annotations
@@ -101,12 +103,23 @@ def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(nonempty, box, 0.0), nonempty
 
 
+def has_mask_prompt(mask: jax.Array) -> jax.Array:
+    """Whether a binary (..., m, m) mask goes to the decoder as a mask prompt: only when non-empty.
+
+    Training never shows an empty mask prompt (the prompt simulation keeps every mask prompt
+    non-empty), so an empty one (a vanished propagation restarted by a stored click or box, an edit
+    clicked on a slice the object's mask misses) is sent as "no mask": SAM's no-mask embedding, the
+    state of the point and box samples the model was trained on, with the clicks or box as the prompt.
+    """
+    return jnp.any(mask > 0, axis=(-2, -1))
+
+
 def _propagated_prompts(points, labels, box, has_box, prev_mask, *, image_size: int, mode: str) -> Prompts:
     """The propagated prompts of B slices (every argument B-leading): stored points (+ stored box
     where has_box) + the previous mask (mode="mask") or the box around it (mode="box"; a stored box
     takes its place)."""
     if mode == "mask":
-        return Prompts(points, labels, box, has_box, prev_mask, jnp.ones(has_box.shape, bool))
+        return Prompts(points, labels, box, has_box, prev_mask, has_mask_prompt(prev_mask))
     derived, nonempty = jax.vmap(box_from_mask, in_axes=(0, None))(prev_mask, image_size)
     bx = jnp.where(has_box[:, None], box, derived)
     return Prompts(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_mask), jnp.zeros(has_box.shape, bool))
@@ -220,7 +233,7 @@ def start_prompt(points, point_labels, box, has_box, logits, start, use_current,
     current = jnp.where(use_current, current, 0.0)
     has_box = jnp.asarray(has_box, bool)
     if mode == "mask":
-        return single_prompt(points, point_labels, box, has_box, current, use_current)
+        return single_prompt(points, point_labels, box, has_box, current, has_mask_prompt(current))
     derived, nonempty = box_from_mask(current, image_size)
     use_derived = use_current & ~has_box
     bx = jnp.where(has_box, jnp.asarray(box, jnp.float32), jnp.where(use_derived & nonempty, derived, 0.0))
@@ -260,9 +273,8 @@ def redecode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, p
     num_slices = embeddings.shape[0]
     rows = jnp.clip(slice_indices, 0, num_slices - 1)
     current = (logits[rows] > 0).astype(jnp.float32)
-    b = slice_indices.shape[0]
     prompts = Prompts(points.astype(jnp.float32), point_labels.astype(jnp.int32), boxes.astype(jnp.float32),
-                      has_box.astype(bool), current, jnp.ones((b,), bool))
+                      has_box.astype(bool), current, has_mask_prompt(current))
     new_logits, new_iou = decode_fn(variables, embeddings[rows], prompts)
     logits = logits.at[slice_indices].set(new_logits[:, 0].astype(jnp.float32), mode="drop")
     iou = iou.at[slice_indices].set(new_iou[:, 0].astype(jnp.float32), mode="drop")
