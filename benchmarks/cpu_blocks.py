@@ -3,7 +3,8 @@
     python -m benchmarks.cpu_blocks                  # ViT-B blocks at 1024, batch 1, 9 repeats
     python -m benchmarks.cpu_blocks --small          # the small model's blocks (seconds)
 
-Two tables in benchmarks/results/cpu_blocks.md (rows also in cpu_blocks.json):
+Two tables in benchmarks/results/cpu_blocks.md (rows also in cpu_blocks.json; with --small,
+cpu_blocks_small.md / .json, so a quick run never replaces the ViT-B results):
   kernels  one global and one windowed block (the encoder's default path): the HLO instructions
            taking the most thunk time in a profiler trace (benchmarks.common.op_time_breakdown);
   library  each block compiled twice, with XLA's default CPU fusions (YNNPACK for dots and
@@ -22,15 +23,24 @@ from benchmarks.common import CPU_NO_YNNPACK, encoder_block, format_table, inter
 from radsam_jax.model import load_model_config
 
 RESULTS = Path(__file__).parent / "results" / "cpu_blocks.md"
+RESULTS_SMALL = RESULTS.with_name("cpu_blocks_small.md")
 LIBRARIES = {"default (YNNPACK)": {}, "no YNNPACK (Eigen)": CPU_NO_YNNPACK}
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="the small model's blocks")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None,
+                        help=f"Markdown output, JSON next to it (default {RESULTS.name}; with --small {RESULTS_SMALL.name})")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS_SMALL if args.small else RESULTS)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     config = load_model_config("small" if args.small else "vit_b")
     kernels, runs, outputs = [], {}, {}

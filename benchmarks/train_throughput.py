@@ -86,7 +86,7 @@ def vit_b_flops(batch: int = 2, precision: str = "bfloat16") -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of the small config")
     parser.add_argument("--batch", type=int, default=4, help="batch of the small config")
     parser.add_argument("--skip_vit_b", action="store_true", help="skip the ViT-B FLOPs (its CPU compile takes minutes)")

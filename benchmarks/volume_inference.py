@@ -2,8 +2,9 @@
 
     python benchmarks/volume_inference.py [--config small] [--checkpoint CKPT] [--image CT] [--out FILE]
 
-Both run volume-level prompting on the same volume, prompt and bounds (default: the shared
-ct-abdomen-3mm sample, the liver box of its reference labels, the liver's slice extent):
+Both run volume-level prompting on the same volume, prompt and bounds (default: the bundled
+radsam_jax/assets/sample/ct.nii.gz, a copy of the shared ct-abdomen-3mm sample, the liver box of
+its reference labels, the liver's slice extent):
 - predictor: encoder over the slices in the bounds in chunks of --encoder-batch-size, then one
   jitted call (one lax.scan of prompt encoder + decoder, up and down in lockstep);
 - loop: for each slice encode (batch of one), decode, copy the logits to the host, build the next

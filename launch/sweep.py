@@ -117,7 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the commands, start nothing")
     parser.add_argument("--sbatch_script", default=str(LAUNCH / "slurm_multinode.sbatch"), help="slurm: the job script")
-    parser.add_argument("--sbatch_args", default="", help="slurm: extra sbatch options, e.g. '--nodes=2 --partition=gpu'")
+    parser.add_argument("--sbatch_args", default="",
+                        help="slurm: extra sbatch options, given with '=' as they start with --: "
+                             "--sbatch_args='--nodes=2 --partition=gpu'")
     parser.add_argument("--job_name", default="radsam", help="slurm: job name prefix")
     parser.add_argument("--tpu", help="tpu: the TPU VM name")
     parser.add_argument("--zone", help="tpu: its zone")

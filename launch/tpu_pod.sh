@@ -2,7 +2,7 @@
 # Training RadSAM on a Cloud TPU VM pod slice (e.g. v4-32: 4 hosts x 4 chips): the same command on
 # every worker, started over `gcloud compute tpus tpu-vm ssh --worker=all`.
 #
-#   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE CONFIG WORKDIR [--config.KEY=VALUE ...]
+#   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE CONFIG WORKDIR [--config.KEY=VALUE ...]   (--dry-run anywhere)
 #   launch/tpu_pod.sh my-v4-32 us-central2-b configs/train/amos_vit_b.py /mnt/shared/runs/amos \
 #       --config.init_checkpoint=/mnt/shared/sam_vit_b_flax --config.data.root=/mnt/shared/AMOS22
 #
@@ -21,11 +21,17 @@
 # RADSAM_CMD (default "radsam train").
 set -euo pipefail
 
+# --dry-run is accepted anywhere (before or after the overrides) and never forwarded to the workers.
 DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" || "$arg" == "--dry_run" ]]; then
+    DRY_RUN=1
+  else
+    args+=("$arg")
+  fi
+done
+set -- ${args[@]+"${args[@]}"}
 if [[ $# -lt 4 ]]; then
   echo "usage: $0 [--dry-run] TPU_NAME ZONE CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
   exit 2

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.model.config import ModelConfig
-from radsam_jax.model.sam import RadSam, abstract_variables
+from radsam_jax.model.sam import RadSam, abstract_variables, check_compute_dtype
 
 FORMAT_NAME = "radsam-jax-model"
 FORMAT_VERSION = 1
@@ -120,6 +120,7 @@ def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
     Variables are restored against `abstract_variables(config)`: a missing, extra or mis-shaped
     array is an error naming it. `dtype` is the compute dtype; parameters stay float32.
     """
+    check_compute_dtype(dtype)  # before reading anything
     path = Path(path).absolute()
     header = read_header(path)
     config = load_config(path)

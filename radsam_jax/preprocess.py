@@ -18,10 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radsam_jax.model.config import ModelConfig
+from radsam_jax.model.config import DEFAULT_CT_WINDOW, ModelConfig
 
-# Soft-tissue abdominal window, the default for CT; the level/width are config values in training.
-DEFAULT_WINDOW = (40.0, 400.0)
+# Soft-tissue abdominal window, the default for CT; training takes the level/width from its config
+# and records them in the model (ModelConfig.ct_window), which inference uses.
+DEFAULT_WINDOW = DEFAULT_CT_WINDOW
+
+
+PREPROCESSING_MODES = ("sam", "medsam")
 
 
 def window_ct(hu, level: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]):
@@ -54,6 +58,9 @@ class Geometry(NamedTuple):
 
 
 def geometry(config: ModelConfig, height: int, width: int) -> Geometry:
+    for name, n in (("height", height), ("width", width)):
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"geometry: {name} must be a positive integer (pixels), got {n!r}")
     s = config.image_size
     resized = (s, s) if config.preprocessing == "medsam" else resized_shape(height, width, s)
     return Geometry((height, width), resized, s)
@@ -79,6 +86,9 @@ def preprocess_images(images_0_255, config: ModelConfig):
 
 def preprocess_ct_slices(hu_slices, config: ModelConfig, window=DEFAULT_WINDOW):
     """(B, H, W) Hounsfield units -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise)."""
+    if np.ndim(hu_slices) != 3:
+        raise ValueError(f"hu_slices must have shape (N, H, W) (a batch of slices; one slice: x[None]), "
+                         f"got shape {np.shape(hu_slices)}")
     return preprocess_images(to_rgb(window_ct(hu_slices, *window)), config)
 
 
@@ -89,6 +99,8 @@ def points_to_input(points, geo: Geometry):
 
 def box_to_input(box, geo: Geometry):
     """(..., 4) x0, y0, x1, y1 original pixels -> model-input pixels."""
+    if np.ndim(box) < 1 or np.shape(box)[-1] != 4:
+        raise ValueError(f"box must have shape (..., 4) (x0, y0, x1, y1), got shape {np.shape(box)}")
     return jnp.asarray(box, jnp.float32) * jnp.tile(geo.scale_xy, 2)
 
 
@@ -121,6 +133,10 @@ def upscale_logits(logits, geo: Geometry):
 
 def logits_to_mask(logits, geo: Geometry, preprocessing: str = "sam"):
     """Low-resolution logits -> binary mask on the original image (sigmoid > 0.5 for MedSAM)."""
+    if preprocessing not in PREPROCESSING_MODES:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
+    if np.ndim(logits) < 2:
+        raise ValueError(f"logits must have shape (..., h, w), got shape {np.shape(logits)}")
     if preprocessing == "medsam":
         # MedSAM upsamples probabilities straight to the original size, then thresholds at 0.5.
         probs = jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))

@@ -53,12 +53,13 @@ def make_prompts(
             raise ValueError(f"points must have shape (B={batch_size}, N, 2), got {pts.shape}")
         if point_labels is None:
             raise ValueError("points given without point_labels")
-        labels = np.asarray(point_labels, np.int32)
+        labels = np.asarray(point_labels, np.float64)  # checked before the cast: 0.7 is an error, not 0
         if labels.shape != pts.shape[:2]:
             raise ValueError(f"point_labels must have shape {pts.shape[:2]}, got {labels.shape}")
         bad = ~np.isin(labels, (-1, 0, 1))
         if bad.any():
-            raise ValueError(f"point_labels must be 1, 0 or -1; got {labels[bad][0]} at index {tuple(np.argwhere(bad)[0])}")
+            raise ValueError(f"point_labels must be 1, 0 or -1; got {labels[bad][0]:g} at index {tuple(np.argwhere(bad)[0])}")
+        labels = labels.astype(np.int32)
         if num_points is not None:
             if pts.shape[1] > num_points:
                 raise ValueError(f"{pts.shape[1]} points exceed num_points={num_points}")

@@ -133,6 +133,41 @@ def test_missing_variables(saved, tmp_path):
         load_checkpoint(path)
 
 
+def test_ct_window_round_trips(small, tmp_path):
+    import dataclasses
+
+    config, variables = small
+    windowed = dataclasses.replace(config, ct_window=(60.0, 350.0))
+    path = save_model(tmp_path / "m", windowed, variables)
+    assert json.loads((path / CONFIG_FILE).read_text())["model_config"]["ct_window"] == [60.0, 350.0]
+    model = load_checkpoint(path)
+    assert model.config.ct_window == (60.0, 350.0) and model.config == windowed
+
+
+def test_header_without_ct_window_loads_with_the_default(saved, tmp_path):
+    from radsam_jax.model.config import DEFAULT_CT_WINDOW
+    from radsam_jax.preprocess import DEFAULT_WINDOW
+
+    def edit(f):  # a radsam.json written before ct_window existed
+        header = json.loads(f.read_text())
+        del header["model_config"]["ct_window"]
+        f.write_text(json.dumps(header))
+
+    model = load_checkpoint(_copy_with_header(saved, tmp_path, edit))
+    assert model.config.ct_window == DEFAULT_CT_WINDOW == DEFAULT_WINDOW == (40.0, 400.0)
+
+
+@pytest.mark.parametrize("window", [[40.0], [40.0, 0.0], [40.0, -10.0], "soft", [40.0, None]])
+def test_bad_ct_window_is_a_checkpoint_error(saved, tmp_path, window):
+    def edit(f):
+        header = json.loads(f.read_text())
+        header["model_config"]["ct_window"] = window
+        f.write_text(json.dumps(header))
+
+    with pytest.raises(CheckpointError, match="ct_window"):
+        load_checkpoint(_copy_with_header(saved, tmp_path, edit))
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_saved_directory_has_the_umask_permissions(small, tmp_path, umask):
     config, variables = small

@@ -373,3 +373,36 @@ def test_table1_puts_slice_level_on_the_mask_propagation_row():
     assert set(rows) == {"| m (box propagation)", "| m"}
     assert "70.00" in rows["| m"] and "80.00" in rows["| m"]
     assert "70.00" not in rows["| m (box propagation)"] and "60.00" in rows["| m (box propagation)"]
+
+
+@pytest.mark.parametrize("option, expected", [((), (60.0, 350.0)), (("--window", "50", "500"), (50.0, 500.0))])
+def test_the_models_ct_window_reaches_the_predictor(checkpoint, tmp_path, capsys, monkeypatch, option, expected):
+    import shutil
+
+    import radsam_jax.evaluate.runner
+
+    windowed = tmp_path / "windowed"
+    shutil.copytree(checkpoint, windowed)
+    header = json.loads((windowed / "radsam.json").read_text())
+    header["model_config"]["ct_window"] = [60.0, 350.0]  # trained with another window than the default
+    (windowed / "radsam.json").write_text(json.dumps(header))
+    seen = []
+
+    def record(cases, predictor, *args, **kw):
+        seen.append(predictor.window)
+        raise ValueError("stopped after the predictor was built")
+
+    monkeypatch.setattr(radsam_jax.evaluate.runner, "evaluate_cases", record)
+    image, labels, names = _synthetic(tmp_path)
+    err = _run_bad(capsys, "--checkpoint", str(windowed), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), *option, "--out", str(tmp_path / "o"))
+    assert "stopped after the predictor was built" in err and seen == [expected]
+    assert f"CT window {expected[0]:g}/{expected[1]:g} HU" in err
+
+
+def test_bad_window_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    image, labels, names = _synthetic(tmp_path)
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
+                   "--label-names", str(names), "--window", "40", "-1", "--out", str(tmp_path / "o"))
+    assert "--window LEVEL WIDTH needs finite values and WIDTH > 0" in err

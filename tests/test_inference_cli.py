@@ -324,3 +324,57 @@ def test_segment_batch_mask_only_after_its_preview(image, checkpoint, tmp_path, 
     assert run_cli(*argv) == 0
     assert "1 done, 0 skipped" in capsys.readouterr().out
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "a.png", "segment-batch-summary.json"]
+
+
+def _with_ct_window(checkpoint, dst, window):
+    """A copy of `checkpoint` whose radsam.json records `window` as the model's CT window."""
+    import shutil
+
+    shutil.copytree(checkpoint, dst)
+    header = json.loads((dst / "radsam.json").read_text())
+    header["model_config"]["ct_window"] = list(window)
+    (dst / "radsam.json").write_text(json.dumps(header))
+    return dst
+
+
+def test_volume_predictor_uses_the_models_ct_window(checkpoint, tmp_path):
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.io import Volume
+    from radsam_jax.preprocess import DEFAULT_WINDOW
+
+    model = load_checkpoint(_with_ct_window(checkpoint, tmp_path / "windowed", (60.0, 350.0)))
+    assert model.config.ct_window == (60.0, 350.0)
+    assert VolumePredictor(load_checkpoint(checkpoint)).window == DEFAULT_WINDOW
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.uniform(-300, 300, (24, 20, 2)).astype(np.float32), np.eye(4))
+
+    def embeddings(**kw):
+        predictor = VolumePredictor(model, encoder_batch_size=2, **kw)
+        predictor.set_volume(volume, encode="all")
+        return predictor.window, np.asarray(predictor.embeddings)
+
+    window, own = embeddings()
+    assert window == (60.0, 350.0)
+    explicit_same, same = embeddings(window=(60, 350))
+    assert explicit_same == window
+    np.testing.assert_array_equal(own, same)  # the model's window is what the encoder saw
+    explicit, other = embeddings(window=DEFAULT_WINDOW)  # an explicit window wins
+    assert explicit == DEFAULT_WINDOW and not np.allclose(own, other)
+    with pytest.raises(ValueError, match="width > 0"):
+        VolumePredictor(model, window=(40.0, 0.0))
+
+
+def test_segment_window_defaults_to_the_model_and_option_wins(image, checkpoint, tmp_path, capsys, monkeypatch):
+    windowed = _with_ct_window(checkpoint, tmp_path / "windowed", (60.0, 350.0))
+    seen = []
+    build = cli._predictor
+    monkeypatch.setattr(cli, "_predictor", lambda model, args: seen.append(build(model, args)) or seen[-1])
+    prompt = ("--slice", 10, "--box", 12, 9, 28, 23, "--bounds", 9, 11, "--no-progress")
+    assert run_cli("segment", image, "--checkpoint", windowed, *prompt, "--out", tmp_path / "a.nii.gz") == 0
+    assert run_cli("segment", image, "--checkpoint", windowed, *prompt, "--window", -600, 1500,
+                   "--out", tmp_path / "b.nii.gz") == 0
+    assert [p.window for p in seen] == [(60.0, 350.0), (-600.0, 1500.0)]
+    capsys.readouterr()
+    _bad(capsys, tmp_path / "c.nii.gz", "segment", image, "--checkpoint", windowed, "--slice", 10, "--point", 5, 5,
+         "--window", 40, 0, match="--window LEVEL WIDTH needs finite values and WIDTH > 0")

@@ -123,3 +123,19 @@ def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
                   "--dry-run") == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("--config.batch_size=4" in line for line in lines), lines
+
+
+def test_training_window_is_the_models_ct_window():
+    from radsam_jax.train import loop
+
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.window_level=60", "data.window_width=350"])
+    assert loop.training_window(c) == (60.0, 350.0)
+    assert loop.configured_model_config(c).ct_window == (60.0, 350.0)
+    assert loop.configured_model_config(load_config_file(str(REPO / "configs/train/example_cpu.py"))).ct_window == (40.0, 400.0)
+    # A mixture whose datasets are windowed differently cannot record one window: a config error.
+    mixed = apply_overrides(load_config_file(str(REPO / "configs/train/amos_totalseg_vit_b.py")), ["datasets.totalseg.window_level=60"])
+    with pytest.raises(ConfigError, match="datasets.totalseg 60/400 HU"):
+        loop.check_config(mixed)
+    zero = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.window_width=0"])
+    with pytest.raises(ConfigError, match="width must be > 0"):
+        loop.check_config(zero)

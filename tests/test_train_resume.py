@@ -122,6 +122,27 @@ for step_dir in (run / "checkpoints").iterdir():
 stage("export_old_run_init_gone", lambda: export_model(run, root / "exported_old_gone", 3).name)
 os.rename(root / "init_moved", root / "init")
 stage("export_old_run", lambda: export_model(run, root / "exported_old", 3).name)
+# A run trained with another CT window than the default: its model records it (ModelConfig.ct_window).
+from radsam_jax.checkpoint import load_config
+windowed = root / "windowed"
+window = lambda level, width: {"data.window_level": level, "data.window_width": width}
+def export_window(dst, step=None):
+    return list(load_config(export_model(windowed, root / dst, step)).ct_window)
+def forget_window(step):  # the record of a radsam-jax before ct_window existed
+    for f in (windowed / "checkpoints" / str(step) / "model_config").rglob("*"):
+        if f.is_file() and "ct_window" in f.read_text():
+            record = json.loads(f.read_text())
+            del record["ct_window"]
+            f.write_text(json.dumps(record))
+            return True
+    return False
+stage("window_first", lambda: train(windowed, num_train_steps=1, **window(60.0, 350.0)))
+stage("window_export", lambda: export_window("exported_window"))
+stage("window_record_without_it", lambda: forget_window(1))
+stage("window_export_old_record", lambda: export_window("exported_window_old_record"))
+# Resuming with another window is allowed (not architecture): the model records the one it trains with now.
+stage("window_resume_changed", lambda: train(windowed, num_train_steps=2, **window(50.0, 500.0)))
+stage("window_export_changed", lambda: export_window("exported_window_changed", 2))
 print(json.dumps(out))
 """
 
@@ -174,6 +195,26 @@ def test_runs_without_a_stored_model_config_export_as_before(run_record):
     r = run_record[1]
     assert "FileNotFoundError" in r["export_old_run_init_gone"].get("error", ""), r["export_old_run_init_gone"]
     assert _ok(r["export_old_run"]) == "exported_old"
+
+
+def test_export_records_the_training_ct_window(run_record):
+    r = run_record[1]
+    _ok(r["window_first"])
+    assert "CT window 60/350 HU" in r["window_first"]["stdout"], r["window_first"]
+    assert _ok(r["window_export"]) == [60.0, 350.0]
+    # A checkpoint whose stored model config predates ct_window: the run's data config gives it.
+    assert _ok(r["window_record_without_it"]) is True
+    assert _ok(r["window_export_old_record"]) == [60.0, 350.0]
+    _ok(r["window_resume_changed"])
+    assert _ok(r["window_export_changed"]) == [50.0, 500.0]
+
+
+def test_default_window_runs_export_the_default(run_record):
+    from radsam_jax import checkpoint
+
+    root, r = run_record
+    _ok(r["export_without_init"])
+    assert checkpoint.load_config(root / "exported").ct_window == (40.0, 400.0)
 
 
 def test_export_of_a_missing_run_creates_nothing(tmp_path):

@@ -1,8 +1,14 @@
-"""Joint RadSAM training on AMOS + TotalSegmentator, two datasets mixed in every epoch.
+"""Joint RadSAM training on AMOS + TotalSegmentator.
 
 Each dataset has its own data-pipeline config under `datasets`; `data_mixture` gives (name, weight)
 pairs, and every training batch is drawn from one dataset with those probabilities
 (radsam_jax.train.mixture.MixedIterator, checkpointed with the model). Validation uses `data` (AMOS).
+
+Run length: `num_epochs` is given to each dataset's iterator separately, and training ends as soon as
+one of them runs out. With 50/50 batches that is the dataset with fewer batches per epoch (AMOS
+here): the run does `num_epochs` epochs of AMOS and draws about as many TotalSegmentator batches,
+far fewer than `num_epochs` epochs of TotalSegmentator. MixedIterator has no other stopping rule; for
+a fixed length instead, set num_epochs = -1 (every dataset repeats) and num_train_steps.
 """
 
 import ml_collections
@@ -16,7 +22,7 @@ def get_config(arg: str = ""):
     c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B; relative = repo-relative
     c.precision = "bfloat16"  # bf16 compute, f32 params
     c.batch_size = 32  # 16 devices x 2
-    c.num_epochs = 7  # epochs of the mixture
+    c.num_epochs = 7  # epochs of each dataset's iterator; the run ends when the first runs out (AMOS): see above
     c.optim.learning_rate = 1e-5  # Adam, constant
     c.data_source = "mixture"  # mix the `datasets` below with `data_mixture` weights
     c.datasets = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """The paper's RadSAM recipe on AMOS (CT): SAM ViT-B fine-tuned with Adam at a constant 1e-5,
-global batch 32 (16 GPUs x 2), 7 epochs, mask-prompt training (section 3.2 of the paper).
+global batch 32 (the paper's batch size 2 on 16 GPUs, read as 2 per GPU), 7 epochs, mask-prompt
+training (section 3.2 of the paper).
 
     radsam train --config configs/train/amos_vit_b.py --workdir runs/amos_vit_b \\
         --config.init_checkpoint=checkpoints/sam_vit_b.radsam --config.data.root=/data/amos22
@@ -13,7 +14,7 @@ def get_config(arg: str = ""):
     c.model.name = "vit_b"  # architecture when init_checkpoint is empty (from scratch)
     c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B (radsam convert); relative = repo-relative
     c.precision = "bfloat16"  # bf16 compute, f32 params (A100/H100/TPU); "float16" on V100
-    c.batch_size = 32  # paper: 16 GPUs x 2
+    c.batch_size = 32  # paper: "batch size of 2" on 16 GPUs, read as 2 per GPU (a global 2 cannot split over 16)
     c.num_epochs = 7  # paper: 7 epochs
     c.optim.learning_rate = 1e-5  # paper: Adam, constant 1e-5
     c.optim.schedule = "constant"  # paper: no decay

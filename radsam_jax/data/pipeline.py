@@ -44,6 +44,11 @@ from radsam_jax.data import prompt_simulation as ps
 
 log = logging.getLogger(__name__)
 
+# Deviation from the paper: section 3.2 trains with three prompts (point, box, mask). The two
+# combined types are added because inference sends them: an edit decodes a slice from the current
+# mask plus the stored clicks (mask_points), and propagation re-sends the user's stored box together
+# with the previous mask when the scan passes the box's slice (box_mask); see
+# radsam_jax/inference/propagation.py. Set prompts.mixture to point/box/mask only for the paper's mix.
 PROMPT_TYPES = ("point", "box", "mask", "mask_points", "box_mask")
 
 
@@ -78,7 +83,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prompts = ml_collections.ConfigDict()
     c.prompts.mixture = ml_collections.ConfigDict(
         dict(point=0.2, box=0.2, mask=0.2, mask_points=0.2, box_mask=0.2)
-    )  # probability of each prompt type per sample (normalised); mask_points = noisy mask + correction points
+    )  # probability of each prompt type per sample (normalised); mask_points = noisy mask + correction points,
+    # box_mask = jittered box + noisy mask: not in the paper (3 prompts), added as inference sends them (see PROMPT_TYPES)
     c.prompts.num_points = 4  # P: fixed number of point slots per sample (unused slots have label -1)
     c.prompts.max_positive_points = 1  # "point" prompts draw 1..this many positive points
     c.prompts.box_jitter = (-5.0, 20.0)  # per-side box jitter range in pixels at a 1024 input (scaled by S/1024)

@@ -8,7 +8,11 @@ x0, y0, x1, y1 with x1/y1 the last covered column/row (inclusive), in the frame 
 - `jittered_box`: the bounding box, each side moved outwards by a uniform draw in `jitter_range`
   pixels (negative values shrink it), clipped to the image and kept non-empty.
 - `perturb_mask`: a noisy BINARY copy (rotation, isotropic scaling, translation, erosion, dilation),
-  each magnitude drawn per sample; the drawn values come back for tests and logging.
+  each magnitude drawn per sample; the drawn values come back for tests and logging. The paper
+  lists the magnitudes (5 deg, 10 %, 15 %, 5 and 5 steps) without saying how they apply; this
+  project's reading: translation is a fraction of the object's bounding box, rotation and scaling
+  are about the object's centroid, and every sample gets an erosion then a dilation, each of 0..5
+  steps drawn uniformly (steps at a 256-pixel mask, see `steps_scale`).
 - `correction_points`: uniform among error pixels (false negative -> label 1, false positive -> 0).
 """
 

@@ -18,6 +18,7 @@ embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with -
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--bucket", type=int, default=32, metavar="N", help="pad slice counts to multiples of N (default 32)")
     g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
                    help="when a propagated mask becomes empty before a bound (default stop)")
+    g.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
+                   help="CT window in HU (default: the one the model was trained with, its ct_window)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -201,6 +204,8 @@ def _run(args) -> int:
                         ("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
         if v is not None and v < lo:  # None: the option's default applies
             raise InputError(f"{name} must be >= {lo}, got {v}")
+    if args.window is not None and not (all(math.isfinite(v) for v in args.window) and args.window[1] > 0):
+        raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():
@@ -220,13 +225,14 @@ def _run(args) -> int:
     # Every click of a volume-level run may land on the same slice (plus the initial point).
     max_points = max(16, 2 + volume_edits, 2 + SLICE_EDITS_MAX)
     predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
-                                bucket=args.bucket, max_points=max_points)
+                                bucket=args.bucket, max_points=max_points, window=args.window)
     options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
                           box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
                           oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures)
     name = args.name or Path(args.checkpoint).resolve().name
     print(f"{PROG}: {len(cases)} case(s) ({fmt}), settings {', '.join(s.key for s in settings)}, "
-          f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing})",
+          f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
+          f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU)",
           file=sys.stderr)
     try:
         result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)

@@ -41,6 +41,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="pad slice counts to multiples of N so new volumes reuse compiled functions (default 32)")
     g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
                    help="when the propagated mask becomes empty: stop (later slices stay empty) or continue (default stop)")
+    g.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
+                   help="CT window in HU (default: the one the model was trained with, its ct_window)")
     g.add_argument("--world", action="store_true", help="coordinates are RAS millimetres (slice, bounds: z in mm)")
 
 
@@ -105,7 +107,10 @@ def _predictor(model, args):
         raise InputError(f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}")
     if args.bucket < 1:
         raise InputError(f"--bucket must be >= 1, got {args.bucket}")
-    return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket)
+    if args.window is not None and not (np.isfinite(args.window).all() and args.window[1] > 0):
+        raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
+    return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket,
+                           window=args.window)
 
 
 def _objects_from_args(args, volume):

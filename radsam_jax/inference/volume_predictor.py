@@ -1,7 +1,8 @@
 """`VolumePredictor`: volume-level (and slice-level) RadSAM inference on one CT volume at a time.
 
     predictor = VolumePredictor(load_checkpoint(path))
-    predictor.set_volume(load_volume("ct.nii.gz"))
+    volume = load_volume("ct.nii.gz")
+    predictor.set_volume(volume)
     result = predictor.segment(60, box=(30, 40, 70, 80), bounds=(45, 75))   # voxel coordinates
     result = predictor.edit(52, points=[(50, 61)], point_labels=[0])        # correction + re-propagation
     save_label_map("mask.nii.gz", result.mask, like=volume)
@@ -47,8 +48,8 @@ from radsam_jax.inference.propagation import (
     start_prompt,
 )
 from radsam_jax.model.config import ModelConfig
-from radsam_jax.model.sam import RadSam, Sam
-from radsam_jax.preprocess import DEFAULT_WINDOW, Geometry, geometry, logits_to_mask, preprocess_ct_slices
+from radsam_jax.model.sam import RadSam, Sam, check_compute_dtype
+from radsam_jax.preprocess import Geometry, geometry, logits_to_mask, preprocess_ct_slices
 from radsam_jax.prompts import Prompts
 
 Bucket = Union[int, Sequence[int]]
@@ -73,7 +74,12 @@ def bucket_size(n: int, bucket: Bucket) -> int:
     >= n (sequence; beyond the largest, the next multiple of the largest)."""
     if n < 1:
         raise ValueError(f"need at least one slice, got {n}")
-    if isinstance(bucket, int):
+    if isinstance(bucket, (bool, np.bool_)) or not (
+            isinstance(bucket, (int, np.integer))
+            or (isinstance(bucket, Sequence) and not isinstance(bucket, str)
+                and all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in bucket))):
+        raise TypeError(f"bucket must be an int or a sequence of ints (slice counts), got {bucket!r}")
+    if isinstance(bucket, (int, np.integer)):
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         return int(math.ceil(n / bucket) * bucket)
@@ -134,6 +140,35 @@ class _ObjectState:
     slice_level: bool = False
 
 
+_SLICE_PROMPT_KEYS = ("points", "point_labels", "box")
+
+
+def _slice_prompt_items(prompts) -> list:
+    """`segment_slices`' prompts ({slice: {...}} or a list of {"slice": k, ...}) -> [(k, dict)], with
+    every entry checked: a dict, with a "slice" key in the list form, and no unknown key."""
+    if isinstance(prompts, Mapping):
+        items, allowed = list(prompts.items()), _SLICE_PROMPT_KEYS
+    elif isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+        items, allowed = [(None, p) for p in prompts], ("slice",) + _SLICE_PROMPT_KEYS
+    else:
+        raise TypeError("segment_slices prompts must be {slice: {\"points\", \"point_labels\", \"box\"}} or a list of "
+                        f"dicts with a \"slice\" key, got {type(prompts).__name__}")
+    out = []
+    for i, (k, p) in enumerate(items):
+        where = f"prompts[{i}]" if k is None else f"the prompt for slice {k!r}"
+        if not isinstance(p, Mapping):
+            raise TypeError(f"{where} must be a dict with keys from {allowed}, got {type(p).__name__} {p!r:.80}")
+        unknown = sorted(str(key) for key in p if key not in allowed)
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: {allowed}")
+        if k is None:
+            if "slice" not in p:
+                raise ValueError(f"{where} has no \"slice\" key (the slice index the prompt is on): {p!r:.80}")
+            k = p["slice"]
+        out.append((k, p))
+    return out
+
+
 class VolumePredictor:
     """Runs a `RadSam` model over the slices of one volume at a time; see the module docstring.
 
@@ -142,11 +177,17 @@ class VolumePredictor:
     (None = the model's; jnp.bfloat16 halves activation and embedding memory). vanish_policy:
     "stop" or "continue" (see `radsam_jax.inference.propagation`). bucket: slice-count padding
     (int multiple or sequence of sizes). max_points: point slots per prompt and stored corrections
-    per slice (static). window: CT (level, width) in HU.
+    per slice (static). window: CT (level, width) in HU (None: the model's `config.ct_window`, the
+    window it was trained with).
     """
 
     def __init__(self, model: RadSam, *, encoder_batch_size: Optional[int] = None, dtype=None, vanish_policy: str = "stop",
-                 bucket: Bucket = 32, max_points: int = DEFAULT_MAX_POINTS, window: tuple[float, float] = DEFAULT_WINDOW):
+                 bucket: Bucket = 32, max_points: int = DEFAULT_MAX_POINTS,
+                 window: Optional[tuple[float, float]] = None):
+        if not (hasattr(model, "config") and hasattr(model, "variables")):
+            raise TypeError(f"model must be a RadSam (e.g. load_checkpoint(path)), got {type(model).__name__} {model!r:.80}")
+        if dtype is not None:
+            check_compute_dtype(dtype)
         if vanish_policy not in VANISH_POLICIES:
             raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
         if encoder_batch_size is None:
@@ -163,7 +204,11 @@ class VolumePredictor:
         self.vanish_policy = vanish_policy
         self.bucket = bucket
         self.max_points = int(max_points)
+        if window is None:
+            window = model.config.ct_window
         self.window = (float(window[0]), float(window[1]))
+        if not (np.isfinite(self.window).all() and self.window[1] > 0):
+            raise ValueError(f"window must be (level, width) in HU with width > 0, got {window!r}")
         self.decode_fn = sam_decoder(self.config, self.dtype)
         self.volume = None
         self._state: Optional[_ObjectState] = None
@@ -180,6 +225,9 @@ class VolumePredictor:
         """
         if encode not in ("lazy", "all"):  # before anything changes: a bad call keeps the current volume
             raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
+        if not hasattr(volume, "array"):
+            raise TypeError(f"volume must be a radsam_jax.io.Volume (anything with .array (X, Y, Z) HU and .affine; "
+                            f"e.g. load_volume(path) or Volume(array, affine)), got {type(volume).__name__}")
         array = np.asarray(volume.array)
         if array.ndim != 3:
             raise ValueError(f"the volume must be 3D (X, Y, Z), got shape {array.shape}")
@@ -263,7 +311,7 @@ class VolumePredictor:
     def _check_bounds(self, bounds, slice_index) -> tuple[int, int]:
         if bounds is None:
             return 0, self.num_slices - 1
-        if len(bounds) != 2:
+        if isinstance(bounds, (str, bytes)) or np.ndim(bounds) != 1 or len(bounds) != 2:
             raise ValueError(f"bounds must be (lo, hi), got {bounds!r}")
         lo, hi = self._check_slice(bounds[0], "bound lo"), self._check_slice(bounds[1], "bound hi")
         if lo > hi:
@@ -280,14 +328,26 @@ class VolumePredictor:
             if point_labels is not None:
                 raise ValueError("point_labels given without points")
             return pts, labels
-        p = np.asarray(points, np.float64).reshape(-1, 2) if np.size(points) else np.zeros((0, 2))
+        try:
+            p = np.asarray(points, np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"points must be (N, 2) numbers (x, y), got {points!r}") from None
+        if p.size == 0:
+            p = np.zeros((0, 2))
+        elif not (p.shape == (2,) or (p.ndim == 2 and p.shape[1] == 2)):
+            raise ValueError(f"points must be (N, 2) (x, y) in voxel coordinates, got shape {p.shape}: {points!r}")
+        p = p.reshape(-1, 2)
         if point_labels is None:
             raise ValueError("points given without point_labels (1 = positive, 0 = negative)")
-        lab = np.asarray(point_labels, np.int64).reshape(-1)
+        try:
+            lab = np.asarray(point_labels, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(f"point_labels must be 1 (positive) or 0 (negative), got {point_labels!r}") from None
         if lab.shape[0] != p.shape[0]:
             raise ValueError(f"{p.shape[0]} points but {lab.shape[0]} point labels")
-        if not np.isin(lab, (0, 1)).all():
-            raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {lab.tolist()}")
+        if not np.isin(lab, (0, 1)).all():  # before any cast: 0.7 is an error, not 0
+            raise ValueError(f"point_labels must be 1 (positive) or 0 (negative), got {lab.tolist()}")
+        lab = lab.astype(np.int64)
         if p.shape[0] > self.max_points:
             raise ValueError(f"{p.shape[0]} points exceed max_points={self.max_points}")
         self._check_inside(p, "point")
@@ -335,8 +395,8 @@ class VolumePredictor:
             raise ValueError(f"propagation must be one of {PROPAGATION_MODES}, got {propagation!r}")
         k = self._check_slice(slice_index)
         lo, hi = self._check_bounds(bounds, k)
-        if points is None and box is None:
-            raise ValueError("segment needs a prompt: points and/or a box")
+        if (points is None or np.size(points) == 0) and box is None:
+            raise ValueError(f"segment needs a prompt: at least one point and/or a box, got points={points!r}, box=None")
         pts, labels = self._points_to_model(points, point_labels)
         if box is not None:
             bx, has_box = self._box_to_model(box), True
@@ -431,7 +491,7 @@ class VolumePredictor:
         corrects slices (no propagation); the points and boxes given here are stored and re-sent.
         """
         self._require_volume()
-        items = list(prompts.items()) if isinstance(prompts, Mapping) else [(p["slice"], p) for p in prompts]
+        items = _slice_prompt_items(prompts)
         if not items:
             raise ValueError("segment_slices needs at least one slice prompt")
         n = len(items)
@@ -448,7 +508,7 @@ class VolumePredictor:
             if k in seen:
                 raise ValueError(f"slice {k} has more than one prompt")
             seen.add(k)
-            if p.get("points") is None and p.get("box") is None:
+            if (p.get("points") is None or np.size(p["points"]) == 0) and p.get("box") is None:
                 raise ValueError(f"the prompt for slice {k} has neither points nor a box")
             idx[i] = k
             pts[i], labels[i] = self._points_to_model(p.get("points"), p.get("point_labels"))
@@ -485,8 +545,11 @@ class VolumePredictor:
             raise RuntimeError("edit_slices needs an object: call segment_slices first")
         if not state.slice_level:
             raise RuntimeError("edit_slices is for slice-level objects (segment_slices); after segment, use edit")
-        if not isinstance(edits, Mapping) or not edits:
-            raise ValueError("edit_slices needs a non-empty {slice: (points, point_labels)} mapping")
+        if not isinstance(edits, Mapping):
+            raise TypeError(f"edit_slices needs a mapping {{slice: (points, point_labels)}}, got {type(edits).__name__} "
+                            f"{edits!r:.80}")
+        if not edits:
+            raise ValueError("edit_slices needs a non-empty mapping {slice: (points, point_labels)}, got {}")
         table_points, table_labels = state.table_points.copy(), state.table_labels.copy()
         ks = []
         for k, pair in edits.items():

@@ -1,7 +1,12 @@
 """The model architecture as a frozen dataclass, built from the ml_collections files in configs/."""
 
 import dataclasses
+import math
 from typing import Any, Mapping
+
+# Soft-tissue abdominal CT window (level, width) in HU: the default of training and inference, and
+# the window of converted SAM/MedSAM checkpoints and of model files written before `ct_window` existed.
+DEFAULT_CT_WINDOW = (40.0, 400.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,9 @@ class ModelConfig:
     preprocessing: str = "sam"
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # CT intensity window (level, width) in HU that turns a slice into the image the model was trained
+    # on: preprocessing, not architecture. Set from data.window_level / data.window_width by training.
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
 
     @property
     def embedding_size(self) -> int:
@@ -49,6 +57,11 @@ class ModelConfig:
         for key in ("global_attn_indexes", "pixel_mean", "pixel_std"):
             if key in values:
                 values[key] = tuple(values[key])
+        if "ct_window" in values:  # absent from files written before it existed: the default
+            try:
+                values["ct_window"] = tuple(float(v) for v in values["ct_window"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"ct_window must be [level, width] in HU, got {values['ct_window']!r}") from e
         config = cls(**values)
         config.validate()
         return config
@@ -66,6 +79,9 @@ class ModelConfig:
             raise ValueError(f"global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
         if self.preprocessing not in ("sam", "medsam"):
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
+        if (len(self.ct_window) != 2 or not all(math.isfinite(v) for v in self.ct_window)
+                or self.ct_window[1] <= 0):
+            raise ValueError(f"ct_window must be (level, width) in HU with width > 0, got {self.ct_window!r}")
 
 
 def load_model_config(name: str) -> ModelConfig:

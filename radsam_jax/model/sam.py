@@ -19,6 +19,19 @@ from radsam_jax.model.prompt_encoder import PromptEncoder
 from radsam_jax.prompts import Prompts, make_prompts
 
 Dtype = Any
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(dtype, what: str = "dtype"):
+    """`dtype` as a jnp.dtype if it is a supported compute dtype (float32, bfloat16, float16), else a
+    ValueError naming `what` and the value (before anything is loaded or traced)."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or d.name not in COMPUTE_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return d
 
 
 class Sam(nn.Module):
@@ -98,7 +111,7 @@ class RadSam:
                  attention: str = "auto"):
         self.config = config
         self.variables = variables
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = check_compute_dtype(dtype)
         self.metadata = dict(metadata or {})
         self.requested_attention = attention  # kept so with_options re-resolves "auto" for a new dtype
         self.attention = resolve_attention(attention, self.dtype)

@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = False  # rematerialise encoder blocks (less activation memory, ~30% more compute)
     # ---- run length, batch, seed
     c.seed = 0  # model init, data order, augmentation and prompt simulation
-    c.batch_size = 32  # global batch over all devices and processes (paper: 16 GPUs x 2)
+    c.batch_size = 32  # global batch over all devices and processes (paper: batch size 2 on 16 GPUs, read as 2 per GPU)
     c.num_epochs = 7  # passes over the training slices (paper: 7); -1 = repeat forever
     c.num_train_steps = -1  # stop after this many steps (-1 = when the epochs are done)
     c.num_devices = -1  # devices in the mesh (-1 = all of them)

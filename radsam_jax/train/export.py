@@ -1,10 +1,13 @@
 """`radsam export WORKDIR DST`: a training run's checkpoint -> a model checkpoint for inference.
 
 A training checkpoint holds the whole TrainState (optimiser moments, RNG, data-iterator state);
-inference needs only the variables and the architecture, in the format `load_checkpoint` reads.
+inference needs only the variables and the architecture, in the format `load_checkpoint` reads. The
+exported model records the CT window the run trained with (ModelConfig.ct_window, from the run's
+data.window_level / data.window_width), which inference then uses by default.
 """
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 from typing import Optional
@@ -14,7 +17,7 @@ import ml_collections
 from radsam_jax.checkpoint import save_model
 from radsam_jax.model import ModelConfig
 from radsam_jax.train import checkpointing
-from radsam_jax.train.loop import configured_model_config
+from radsam_jax.train.loop import configured_model_config, training_window
 
 
 def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
@@ -33,6 +36,9 @@ def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
         stored = ckpt.restore_model_config(step)
         if stored is not None:
             model_config = ModelConfig.from_mapping(stored)
+            if "ct_window" not in stored:  # stored before ct_window existed: the run's data config gives it
+                model_config = dataclasses.replace(
+                    model_config, ct_window=training_window(ml_collections.ConfigDict(train_config)))
         else:  # an older radsam-jax did not store it: the run's config gives it, as it did then
             try:
                 model_config = configured_model_config(ml_collections.ConfigDict(train_config))

@@ -8,6 +8,7 @@ per log step and per validation, with at least "step" and "loss"), TensorBoard e
 progress line on stdout (step, loss, images/s). Only process 0 writes logs and metrics.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -108,34 +109,66 @@ class CompiledInStep:
         return self.compiled(*args)
 
 
+def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """The CT window (level, width) in HU around which the run's data pipeline draws its jittered
+    training windows: `data.window_level` / `data.window_width`. The trained model records it as
+    ModelConfig.ct_window, the window inference uses. ValueError if a mixture's datasets disagree
+    with `data` (a model records one window)."""
+    from radsam_jax.model.config import DEFAULT_CT_WINDOW
+
+    def window(data) -> tuple[float, float]:
+        if data is None:
+            return DEFAULT_CT_WINDOW
+        return (float(data.get("window_level", DEFAULT_CT_WINDOW[0])), float(data.get("window_width", DEFAULT_CT_WINDOW[1])))
+
+    windows = {"data": window(config.get("data"))}
+    if config.get("data_source") == "mixture":
+        for name in dict(config.data_mixture):
+            windows[f"datasets.{name}"] = window(config.datasets[name])
+    for key, (level, width) in windows.items():
+        if not (np.isfinite([level, width]).all() and width > 0):
+            raise ValueError(f"{key}.window_level / window_width {level:g} / {width:g}: the width must be > 0 HU")
+    if len(set(windows.values())) > 1:
+        raise ValueError("the datasets are windowed differently, but a model records one CT window: "
+                         + "; ".join(f"{k} {lw[0]:g}/{lw[1]:g} HU" for k, lw in windows.items())
+                         + " (set the same window_level and window_width on each)")
+    return windows["data"]
+
+
+def _with_training_window(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    return dataclasses.replace(model_config, ct_window=training_window(config))
+
+
 def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The architecture `config` asks for, reading no weights: the init checkpoint's header, or the
-    named preset with the model.* overrides."""
+    """The model `config` asks for, reading no weights: the init checkpoint's header, or the named
+    preset with the model.* overrides; its ct_window is the training window (`training_window`)."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_config
 
-        return load_config(resolve_path(config.init_checkpoint))
+        return _with_training_window(load_config(resolve_path(config.init_checkpoint)), config)
     model_config = load_model_config(config.model.name)
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if overrides:
         model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
-    return model_config
+    return _with_training_window(model_config, config)
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
-    """(model config, initial variables or None): a converted checkpoint, or a named preset from scratch."""
+    """(model config, initial variables or None): a converted checkpoint, or a named preset from
+    scratch; its ct_window is the training window."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_checkpoint
 
         model = load_checkpoint(resolve_path(config.init_checkpoint))
-        return model.config, jax.device_get(model.variables)
+        return _with_training_window(model.config, config), jax.device_get(model.variables)
     return configured_model_config(config), None
 
 
 def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer) -> tuple[ModelConfig, Optional[dict]]:
     """(architecture, initial variables or None) of the run whose checkpoints `ckpt` reads; ConfigError
     if it cannot be built. A new run loads `config`'s model; a resumed one takes the ModelConfig stored
-    with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another."""
+    with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another;
+    its ct_window, preprocessing and not architecture, follows the config (the window trained from now on)."""
     step = ckpt.latest_step()
     stored = None if step is None else ckpt.restore_model_config(step)
     try:
@@ -150,15 +183,19 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
             old = "" if step is None else f" (step {step} does not record its model: older radsam-jax)"
             raise ConfigError(f"cannot build the model{old}: {e}") from e
         # The init checkpoint was moved or deleted (resuming does not read it): the run's record decides.
-        return stored, None
+        try:
+            return _with_training_window(stored, config), None
+        except ValueError as e2:
+            raise ConfigError(f"cannot build the model: {e2}") from e2
     except ValueError as e:  # CheckpointError is a ValueError
         raise ConfigError(f"cannot build the model: {e}") from e
     have, want = stored.to_dict(), wanted.to_dict()
-    changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have if have[k] != want[k]]
+    changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have
+               if have[k] != want[k] and k != "ct_window"]
     if changed:
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
-    return stored, None
+    return dataclasses.replace(stored, ct_window=wanted.ct_window), None
 
 
 def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, *, split: str, batch_size: int,
@@ -301,6 +338,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         try:
             for data_config in data_configs:
                 check_modality(data_config)
+            training_window(config)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -356,7 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     del init_vars
     step = start_step = int(state.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}")
+    writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}, "
+                 f"CT window {model_config.ct_window[0]:g}/{model_config.ct_window[1]:g} HU")
 
     # ---------------------------------------------------------------- Update step
     train_step = CompiledInStep("train_step", make_train_step(model_config, config, tx, mesh, schedule))
