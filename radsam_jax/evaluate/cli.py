@@ -18,7 +18,6 @@ embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with -
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -204,7 +203,9 @@ def _run(args) -> int:
                         ("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
         if v is not None and v < lo:  # None: the option's default applies
             raise InputError(f"{name} must be >= {lo}, got {v}")
-    if args.window is not None and not (all(math.isfinite(v) for v in args.window) and args.window[1] > 0):
+    from radsam_jax.model.config import is_valid_ct_window
+
+    if args.window is not None and not is_valid_ct_window(args.window):
         raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
@@ -263,9 +264,9 @@ def _output_folder(path) -> Path:
     write its results after a run of hours."""
     import os
 
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+    from radsam_jax.io import check_output_path
+
+    out = check_output_path(path, "--out", folder=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

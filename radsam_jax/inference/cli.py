@@ -107,7 +107,9 @@ def _predictor(model, args):
         raise InputError(f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}")
     if args.bucket < 1:
         raise InputError(f"--bucket must be >= 1, got {args.bucket}")
-    if args.window is not None and not (np.isfinite(args.window).all() and args.window[1] > 0):
+    from radsam_jax.model.config import is_valid_ct_window
+
+    if args.window is not None and not is_valid_ct_window(args.window):
         raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
     return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket,
                            window=args.window)

@@ -47,7 +47,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
     start_prompt,
 )
-from radsam_jax.model.config import ModelConfig
+from radsam_jax.model.config import ModelConfig, is_valid_ct_window
 from radsam_jax.model.sam import RadSam, Sam, check_compute_dtype
 from radsam_jax.preprocess import Geometry, geometry, logits_to_mask, preprocess_ct_slices
 from radsam_jax.prompts import Prompts
@@ -206,9 +206,9 @@ class VolumePredictor:
         self.max_points = int(max_points)
         if window is None:
             window = model.config.ct_window
-        self.window = (float(window[0]), float(window[1]))
-        if not (np.isfinite(self.window).all() and self.window[1] > 0):
+        if not is_valid_ct_window(window):
             raise ValueError(f"window must be (level, width) in HU with width > 0, got {window!r}")
+        self.window = (float(window[0]), float(window[1]))
         self.decode_fn = sam_decoder(self.config, self.dtype)
         self.volume = None
         self._state: Optional[_ObjectState] = None

@@ -9,6 +9,15 @@ from typing import Any, Mapping
 DEFAULT_CT_WINDOW = (40.0, 400.0)
 
 
+def is_valid_ct_window(window) -> bool:
+    """Whether `window` is a CT window (level, width) in HU: two finite numbers, width > 0."""
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(level) and math.isfinite(width) and width > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every architecture number of a SAM-family model; see configs/vit_b.py for what each means."""
@@ -79,8 +88,7 @@ class ModelConfig:
             raise ValueError(f"global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
         if self.preprocessing not in ("sam", "medsam"):
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
-        if (len(self.ct_window) != 2 or not all(math.isfinite(v) for v in self.ct_window)
-                or self.ct_window[1] <= 0):
+        if not is_valid_ct_window(self.ct_window):
             raise ValueError(f"ct_window must be (level, width) in HU with width > 0, got {self.ct_window!r}")
 
 

@@ -114,7 +114,7 @@ def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
     training windows: `data.window_level` / `data.window_width`. The trained model records it as
     ModelConfig.ct_window, the window inference uses. ValueError if a mixture's datasets disagree
     with `data` (a model records one window)."""
-    from radsam_jax.model.config import DEFAULT_CT_WINDOW
+    from radsam_jax.model.config import DEFAULT_CT_WINDOW, is_valid_ct_window
 
     def window(data) -> tuple[float, float]:
         if data is None:
@@ -126,7 +126,7 @@ def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
         for name in dict(config.data_mixture):
             windows[f"datasets.{name}"] = window(config.datasets[name])
     for key, (level, width) in windows.items():
-        if not (np.isfinite([level, width]).all() and width > 0):
+        if not is_valid_ct_window((level, width)):
             raise ValueError(f"{key}.window_level / window_width {level:g} / {width:g}: the width must be > 0 HU")
     if len(set(windows.values())) > 1:
         raise ValueError("the datasets are windowed differently, but a model records one CT window: "
