@@ -264,9 +264,9 @@ def _output_folder(path) -> Path:
     write its results after a run of hours."""
     import os
 
-    from radsam_jax.io import check_output_path
-
-    out = check_output_path(path, "--out", folder=True)
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
