@@ -26,6 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODELS, default="auto", help="architecture (default: infer from the tensor shapes)")
     parser.add_argument("--preprocessing", choices=("sam", "medsam"), default="sam",
                         help="input pipeline the weights were trained with: medsam for MedSAM checkpoints (default: sam)")
+    parser.add_argument("--mask-prompt", choices=("logits", "binary"), default="logits",
+                        help="how the weights were trained to read a mask prompt: logits (SAM's previous low-resolution "
+                        "logits; SAM, MedSAM, SamModel) or binary (0/1 masks, checkpoints trained the RadSAM way) "
+                        "(default: logits)")
     parser.set_defaults(func=run)
     return parser
 
@@ -36,14 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from radsam_jax.convert.convert import ConversionError, convert_checkpoint
 
     try:
-        model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model, preprocessing=args.preprocessing)
+        model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model, preprocessing=args.preprocessing,
+                                   mask_prompt=args.mask_prompt)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     c = model.config
     print(
         f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "
-        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format)"
+        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format, {c.mask_prompt} mask prompts)"
     )
     return 0
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.checkpoint import expected_shapes, save_model
-from radsam_jax.model.config import ModelConfig, load_model_config
+from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
 from radsam_jax.convert.key_maps import IGNORED_KEYS, KEY_MAPS
@@ -306,7 +306,8 @@ def _error_report(path: Path, fmt: str, config_name: str, problems: list[str]) -
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", preprocessing: str = "sam") -> RadSam:
+def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", preprocessing: str = "sam",
+                       mask_prompt: str = "logits") -> RadSam:
     """Converts the checkpoint `src` into a RadSAM model checkpoint directory `dst` and returns the model.
 
     src: a .pth/.pt/.bin (PyTorch), .safetensors file, or a Hugging Face model directory.
@@ -314,6 +315,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
     model: "auto" (the architecture is inferred from the tensor shapes) or a preset name.
     preprocessing: "sam" or "medsam"; the weights cannot tell, and MedSAM was trained on its own
         input pipeline (square resize, min-max to [0, 1], sigmoid threshold), so say so here.
+    mask_prompt: "logits" (SAM-family weights: SAM was trained on its previous low-resolution logits
+        as the mask prompt) or "binary" (weights trained with RadSAM's binary mask prompts).
     Raises ConversionError naming the file and, for key problems, every offending key and shape;
     nothing is left at `dst` unless the conversion is complete (a Ctrl-C or SIGTERM while the
     checkpoint is being written takes effect once it is complete).
@@ -325,6 +328,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         raise ConversionError(f"destination's parent directory {dst.absolute().parent} does not exist")
     if preprocessing not in ("sam", "medsam"):
         raise ConversionError(f"unknown preprocessing {preprocessing!r}; choose 'sam' or 'medsam'")
+    if mask_prompt not in MASK_PROMPT_ENCODINGS:
+        raise ConversionError(f"unknown mask_prompt {mask_prompt!r}; choose one of {', '.join(MASK_PROMPT_ENCODINGS)}")
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     preset = None
@@ -351,7 +356,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         problems = [f"conflicting: {c}" for c in conflicts] + check_against_model(mapped, state, config)
         if problems:
             raise ConversionError(_error_report(state.file, fmt, config.name, problems))
-        config = dataclasses.replace(_with_preprocessing_buffers(config, mapped.ignored), preprocessing=preprocessing)
+        config = dataclasses.replace(_with_preprocessing_buffers(config, mapped.ignored), preprocessing=preprocessing,
+                                     mask_prompt=mask_prompt)
         metadata = {
             "source_file": state.file.name,
             "source_sha256": sha256(state.file),

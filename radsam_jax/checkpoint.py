@@ -108,8 +108,12 @@ def read_header(path) -> dict:
 def load_config(path) -> ModelConfig:
     """The architecture stored in a model checkpoint directory, without reading the weights."""
     header = read_header(path)
+    values = header["model_config"]
+    if "mask_prompt" not in values and "source_format" in header.get("metadata", {}):
+        # Converted before the field existed: a SAM-family model, trained on logit mask prompts.
+        values = {**values, "mask_prompt": "logits"}
     try:
-        return ModelConfig.from_mapping(header["model_config"])
+        return ModelConfig.from_mapping(values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(path) / CONFIG_FILE}: bad model_config: {e}") from e
 

@@ -12,7 +12,8 @@ class Prompts:
     """A batch of prompts in model-input pixels (B leading on every field).
 
     points: (B, N, 2) float (x, y); point_labels: (B, N) int, 1 positive, 0 negative, -1 padding.
-    box: (B, 4) float x0, y0, x1, y1, used where has_box. mask: (B, S/4, S/4) binary, used where has_mask.
+    box: (B, 4) float x0, y0, x1, y1, used where has_box. mask: (B, S/4, S/4), used where has_mask:
+    0/1 for RadSAM, low-res logits for SAM-family weights (ModelConfig.mask_prompt).
     """
 
     points: jnp.ndarray

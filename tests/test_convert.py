@@ -286,6 +286,26 @@ def test_cli_medsam_preprocessing_is_recorded(tmp_path, small_pth):
     assert load_checkpoint(dst).config.preprocessing == "medsam"
 
 
+def test_mask_prompt_encoding_is_recorded(tmp_path, small_pth):
+    # SAM-family weights read their previous logits as the mask prompt; RadSAM-trained ones read 0/1.
+    assert convert_checkpoint(small_pth, tmp_path / "sam").config.mask_prompt == "logits"
+    assert load_checkpoint(tmp_path / "sam").config.mask_prompt == "logits"
+    assert convert_checkpoint(small_pth, tmp_path / "radsam", mask_prompt="binary").config.mask_prompt == "binary"
+    assert load_checkpoint(tmp_path / "radsam").config.mask_prompt == "binary"
+    with pytest.raises(ConversionError, match="unknown mask_prompt 'soft'"):
+        convert_checkpoint(small_pth, tmp_path / "bad", mask_prompt="soft")
+    # Written before the field existed: a conversion (its metadata names the source format) is SAM's
+    # encoding; a file without that metadata (a trained model) keeps RadSAM's.
+    header_file = tmp_path / "sam" / "radsam.json"
+    header = json.loads(header_file.read_text())
+    del header["model_config"]["mask_prompt"]
+    header_file.write_text(json.dumps(header))
+    assert load_checkpoint(tmp_path / "sam").config.mask_prompt == "logits"
+    del header["metadata"]["source_format"]
+    header_file.write_text(json.dumps(header))
+    assert load_checkpoint(tmp_path / "sam").config.mask_prompt == "binary"
+
+
 def test_cli_truncated_checkpoint(tmp_path, small_pth):
     src = tmp_path / "truncated.pth"
     src.write_bytes(small_pth.read_bytes()[: small_pth.stat().st_size // 2])

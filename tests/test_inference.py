@@ -201,6 +201,35 @@ def test_an_empty_mask_is_never_sent_as_a_mask_prompt():
     assert (np.asarray(out[3]) == 5).all() and (np.asarray(out[4]) == -5).all()
 
 
+def _mask_echo_decode(variables, embeddings, prompts):
+    """Answers the mask prompt + 1 where one is sent, +5 everywhere otherwise: shows what was sent."""
+    logits = jnp.where(prompts.has_mask[:, None, None], prompts.mask + 1.0, 5.0)
+    b = embeddings.shape[0]
+    return jnp.broadcast_to(logits[:, None], (b, 4, M, M)), jnp.ones((b, 4))
+
+
+@pytest.mark.parametrize("encoding", ["binary", "logits"])
+def test_mask_prompts_are_sent_in_the_models_encoding(encoding):
+    emb = stub_embeddings()
+    # Propagation from slice 14 to 10..18: each slice gets the previous one's mask as 0/1 (every
+    # answer 1 + 1) or as its logits (the answer grows by 1 per slice away from the start).
+    logits, _ = propagate_volume(_mask_echo_decode, {}, emb, jnp.int32(14), jnp.int32(10), jnp.int32(18),
+                                 point_prompt(30, 30), jnp.zeros((32, 4, 2)), -jnp.ones((32, 4), jnp.int32),
+                                 image_size=IMAGE, mode="mask", mask_prompt=encoding)
+    distance = np.abs(np.arange(10, 19) - 14)
+    expected = 5.0 + distance if encoding == "logits" else np.where(distance == 0, 5.0, 2.0)
+    np.testing.assert_array_equal(np.asarray(logits)[10:19, 0, 0], expected)
+    # Slice-level edit and volume edit: the current mask of the slice, in the same encoding.
+    current = jnp.full((32, M, M), -5.0).at[3].set(3.0)
+    sent = 3.0 if encoding == "logits" else 1.0
+    out, _ = redecode_slices(_mask_echo_decode, {}, emb, jnp.array([3, 4]), jnp.zeros((2, 4, 2)), -jnp.ones((2, 4), jnp.int32),
+                             jnp.zeros((2, 4)), jnp.zeros((2,), bool), current, jnp.zeros(32), mask_prompt=encoding)
+    assert (np.asarray(out[3]) == sent + 1).all() and (np.asarray(out[4]) == 5).all()  # slice 4: empty, not sent
+    pr = start_prompt(jnp.zeros((4, 2)), -jnp.ones((4,), jnp.int32), jnp.zeros(4), False, current, jnp.int32(3), True,
+                      image_size=IMAGE, mode="mask", mask_prompt=encoding)
+    assert bool(pr.has_mask[0]) and (np.asarray(pr.mask[0]) == sent).all()
+
+
 def test_start_prompt_for_segment_and_edit():
     m = 16
     logits = jnp.full((4, m, m), -5.0).at[2, 3:6, 7:9].set(5.0)

@@ -10,9 +10,10 @@ prompts in model-input pixels, masks as (m, m) low-resolution logits (m = S/4).
         up    k = j+1+i while k <= hi:  decode(embeddings[k], previous mask (+ corrections on k))
         down  k = j-1-i while k >= lo:  decode(embeddings[k], previous mask (+ corrections on k))
 
-Each scan step carries each direction's previous binary mask (primary low-resolution logits > 0)
-and builds the next prompts from them on device: the mask itself (propagation="mask", RadSAM) or
-the box around it (propagation="box", for SAM/MedSAM, which never saw mask prompts). Nothing
+Each scan step carries each direction's previous primary low-resolution logits (its mask: logits > 0)
+and builds the next prompts from them on device: the mask itself (propagation="mask", RadSAM; sent
+binary or as logits, the model's `mask_prompt` encoding) or the box around it (propagation="box",
+for SAM/MedSAM, never trained to segment from a neighbouring slice's mask). Nothing
 returns to the host between slices. The scan has the static length Zp (the bucketed slice count);
 a direction past its bound is left out of the step's decoder call (`lax.switch`: batch 2, 1 or
 none), so one compiled function serves every bound, prompted slice and volume whose slice count
@@ -35,7 +36,7 @@ Vanished masks (the previous slice's mask is empty before the bound is reached):
   with any stored corrections, so the object may reappear. An untrained prompt-free decode may also
   hallucinate; "stop" is the safer default.
 
-An empty mask is never sent as a mask prompt, only as "no mask" (`has_mask_prompt`).
+An empty mask is never sent as a mask prompt, only as "no mask" (`encode_mask_prompt`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def single_prompt(points, point_labels, box, has_box, mask, has_mask) -> Prompts
 
 
 def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Array]:
-    """(m, m) binary low-res mask -> (box (4,) x0, y0, x1, y1 in model-input pixels, non-empty flag).
+    """(m, m) low-res mask (on where > 0: binary or logits) -> (box (4,) x0, y0, x1, y1 in model-input
+    pixels, non-empty flag).
 
     Low-res pixel c covers input pixels [c * S/m, (c + 1) * S/m - 1]; the box spans those extremes.
     """
@@ -103,30 +105,37 @@ def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(nonempty, box, 0.0), nonempty
 
 
-def has_mask_prompt(mask: jax.Array) -> jax.Array:
-    """Whether a binary (..., m, m) mask goes to the decoder as a mask prompt: only when non-empty.
+def encode_mask_prompt(logits: jax.Array, encoding: str) -> tuple[jax.Array, jax.Array]:
+    """(..., m, m) primary low-res logits -> (the mask prompt, whether it is sent).
 
-    Training never shows an empty mask prompt (the prompt simulation keeps every mask prompt
-    non-empty), so an empty one (a vanished propagation restarted by a stored click or box, an edit
-    clicked on a slice the object's mask misses) is sent as "no mask": SAM's no-mask embedding, the
-    state of the point and box samples the model was trained on, with the clicks or box as the prompt.
+    encoding (ModelConfig.mask_prompt): "binary" sends the 0/1 mask (logits > 0), as RadSAM is
+    trained; "logits" sends the logits themselves, as SAM fed its previous prediction back in training.
+    Only a non-empty mask is sent: RadSAM's prompt simulation never shows an empty mask prompt, so an
+    empty one (a vanished propagation restarted by a stored click or box, an edit clicked on a slice
+    the object's mask misses) goes as "no mask", SAM's no-mask embedding, with the clicks or box as
+    the prompt; slices never decoded hold EMPTY_LOGIT, which no model was trained to read.
     """
-    return jnp.any(mask > 0, axis=(-2, -1))
+    on = logits > 0
+    sent = jnp.any(on, axis=(-2, -1))
+    mask = on.astype(jnp.float32) if encoding == "binary" else logits.astype(jnp.float32)
+    return jnp.where(sent[..., None, None], mask, 0.0), sent
 
 
-def _propagated_prompts(points, labels, box, has_box, prev_mask, *, image_size: int, mode: str) -> Prompts:
+def _propagated_prompts(points, labels, box, has_box, prev_logits, *, image_size: int, mode: str,
+                        mask_prompt: str) -> Prompts:
     """The propagated prompts of B slices (every argument B-leading): stored points (+ stored box
-    where has_box) + the previous mask (mode="mask") or the box around it (mode="box"; a stored box
-    takes its place)."""
+    where has_box) + the previous slice's mask (mode="mask", encoded as `mask_prompt`) or the box
+    around it (mode="box"; a stored box takes its place)."""
     if mode == "mask":
-        return Prompts(points, labels, box, has_box, prev_mask, has_mask_prompt(prev_mask))
-    derived, nonempty = jax.vmap(box_from_mask, in_axes=(0, None))(prev_mask, image_size)
+        return Prompts(points, labels, box, has_box, *encode_mask_prompt(prev_logits, mask_prompt))
+    derived, nonempty = jax.vmap(box_from_mask, in_axes=(0, None))(prev_logits, image_size)
     bx = jnp.where(has_box[:, None], box, derived)
-    return Prompts(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_mask), jnp.zeros(has_box.shape, bool))
+    return Prompts(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_logits), jnp.zeros(has_box.shape, bool))
 
 
-def _scan_both_directions(decode_fn, variables, embeddings, init_mask, start, lo, hi, table_points, table_labels,
-                          table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str):
+def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, lo, hi, table_points, table_labels,
+                          table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str,
+                          mask_prompt: str):
     """Both directions in lockstep: step i decodes slice start + 1 + i (up, towards `hi`) and slice
     start - 1 - i (down, towards `lo`), bounds inclusive.
 
@@ -139,7 +148,7 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_mask, start, lo
     written (Zp, 2) bool = the slice lies within the bound (its logits are the answer for that slice).
     """
     num_slices = embeddings.shape[0]
-    m = init_mask.shape[-1]
+    m = init_logits.shape[-1]
     step = jnp.array([1, -1])
 
     def decode(emb, prompts):
@@ -159,35 +168,36 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_mask, start, lo
     def decode_both(kc, prompts, run):
         return decode(embeddings[kc], prompts)
 
-    def body(prev_mask, i):  # prev_mask (2, m, m)
+    def body(prev_logits, i):  # (2, m, m): each direction's previous slice, its mask = logits > 0
         k = start + step * (i + 1)
         in_range = jnp.where(step > 0, k <= hi, k >= lo) & (k >= 0) & (k < num_slices)
         kc = jnp.clip(k, 0, num_slices - 1)
         points, labels, box, has_box = table_points[kc], table_labels[kc], table_boxes[kc], table_has_box[kc]
         if vanish_policy == "stop":
-            run = in_range & (jnp.any(prev_mask > 0, axis=(1, 2)) | jnp.any(labels == 1, axis=1) | has_box)
+            run = in_range & (jnp.any(prev_logits > 0, axis=(1, 2)) | jnp.any(labels == 1, axis=1) | has_box)
         else:
             run = in_range
-        prompts = _propagated_prompts(points, labels, box, has_box, prev_mask, image_size=image_size, mode=mode)
+        prompts = _propagated_prompts(points, labels, box, has_box, prev_logits, image_size=image_size, mode=mode,
+                                      mask_prompt=mask_prompt)
         logits, iou = jax.lax.switch(jnp.sum(run), (decode_none, decode_one, decode_both), kc, prompts, run)
-        next_mask = jnp.where(in_range[:, None, None], (logits > 0).astype(jnp.float32), prev_mask)
-        return next_mask, (logits, iou, in_range)
+        return jnp.where(in_range[:, None, None], logits, prev_logits), (logits, iou, in_range)
 
-    init = jnp.broadcast_to(init_mask, (2, m, m))
+    init = jnp.broadcast_to(init_logits, (2, m, m))
     _, (logits, iou, written) = jax.lax.scan(body, init, jnp.arange(num_slices))
     return logits, iou, written
 
 
-@functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy"))
+@functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy", "mask_prompt"))
 def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, start_prompt: Prompts,
                      table_points, table_labels, table_boxes=None, table_has_box=None, *, image_size: int,
-                     mode: str = "mask", vanish_policy: str = "stop"):
+                     mode: str = "mask", vanish_policy: str = "stop", mask_prompt: str = "binary"):
     """Segments slice `start` with `start_prompt` (batch of one) and propagates to `lo` and `hi`.
 
     embeddings (Zp, e, e, C); start, lo, hi int scalars (traced: no recompilation per bound);
     table_points (Zp, P, 2), table_labels (Zp, P) stored corrections in model-input pixels;
     table_boxes (Zp, 4), table_has_box (Zp,) stored box prompts (None: none), re-sent when a scan
-    passes their slice (the start slice's box, if any, belongs in `start_prompt`).
+    passes their slice (the start slice's box, if any, belongs in `start_prompt`). mask_prompt: the
+    model's mask-prompt encoding (ModelConfig.mask_prompt, `encode_mask_prompt`).
     Returns (logits (Zp, m, m) float32, primary-mask logits per slice, EMPTY_LOGIT outside [lo, hi]
     and on stopped slices; iou (Zp,) primary IoU prediction, NaN outside [lo, hi]).
     """
@@ -204,11 +214,10 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     logits0, iou0 = decode_fn(variables, emb0, start_prompt)
     logits0, iou0 = logits0[0, 0].astype(jnp.float32), iou0[0, 0].astype(jnp.float32)
     m = logits0.shape[-1]
-    mask0 = (logits0 > 0).astype(jnp.float32)
 
     step_logits, step_iou, written = _scan_both_directions(
-        decode_fn, variables, embeddings, mask0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
-        image_size=image_size, mode=mode, vanish_policy=vanish_policy)
+        decode_fn, variables, embeddings, logits0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
+        image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
     # Step i, direction d wrote slice start + (1, -1)[d] * (i + 1); unwritten ones get index num_slices,
     # which mode="drop" discards.
     slices = start + jnp.arange(1, num_slices + 1)[:, None] * jnp.array([1, -1])
@@ -220,24 +229,24 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     return logits, iou
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "mode"))
-def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, image_size: int, mode: str) -> Prompts:
+@functools.partial(jax.jit, static_argnames=("image_size", "mode", "mask_prompt"))
+def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, image_size: int, mode: str,
+                 mask_prompt: str = "binary") -> Prompts:
     """The prompt (batch of one) of the slice a segmentation or an edit starts from.
 
     points (P, 2), point_labels (P,), box (4,), has_box (): the user's prompt on slice `start`;
     logits (Zp, m, m) the object's current primary logits. Where `use_current` (an edit), the current
-    mask of slice `start` joins the prompt: as the mask prompt (mode="mask"), or as the box around it
-    (mode="box"), unless a box is given (has_box), which then takes its place."""
-    current = (jax.lax.dynamic_index_in_dim(logits, start, keepdims=False) > 0).astype(jnp.float32)
+    mask of slice `start` joins the prompt: as the mask prompt (mode="mask", encoded as `mask_prompt`),
+    or as the box around it (mode="box"), unless a box is given (has_box), which then takes its place."""
     use_current = jnp.asarray(use_current, bool)
-    current = jnp.where(use_current, current, 0.0)
+    current = jnp.where(use_current, jax.lax.dynamic_index_in_dim(logits, start, keepdims=False), EMPTY_LOGIT)
     has_box = jnp.asarray(has_box, bool)
     if mode == "mask":
-        return single_prompt(points, point_labels, box, has_box, current, has_mask_prompt(current))
+        return single_prompt(points, point_labels, box, has_box, *encode_mask_prompt(current, mask_prompt))
     derived, nonempty = box_from_mask(current, image_size)
     use_derived = use_current & ~has_box
     bx = jnp.where(has_box, jnp.asarray(box, jnp.float32), jnp.where(use_derived & nonempty, derived, 0.0))
-    return single_prompt(points, point_labels, bx, has_box | (use_derived & nonempty), jnp.zeros_like(current), False)
+    return single_prompt(points, point_labels, bx, has_box | (use_derived & nonempty), jnp.zeros(current.shape), False)
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "all_masks"))
@@ -260,11 +269,11 @@ def decode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, pro
     return out_logits, out_iou
 
 
-@functools.partial(jax.jit, static_argnames=("decode_fn",))
+@functools.partial(jax.jit, static_argnames=("decode_fn", "mask_prompt"))
 def redecode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, points, point_labels, boxes, has_box,
-                    logits, iou):
+                    logits, iou, *, mask_prompt: str = "binary"):
     """Slice-level edits: decodes slices again, each with its points (+ box) and its current mask as
-    the mask prompt, in one batched decoder call; no propagation.
+    the mask prompt (encoded as `mask_prompt`), in one batched decoder call; no propagation.
 
     slice_indices (B,), index Zp for padding rows (dropped); points (B, P, 2), point_labels (B, P),
     boxes (B, 4), has_box (B,); logits (Zp, m, m), iou (Zp,) the current primary outputs. Returns
@@ -272,9 +281,8 @@ def redecode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, p
     """
     num_slices = embeddings.shape[0]
     rows = jnp.clip(slice_indices, 0, num_slices - 1)
-    current = (logits[rows] > 0).astype(jnp.float32)
     prompts = Prompts(points.astype(jnp.float32), point_labels.astype(jnp.int32), boxes.astype(jnp.float32),
-                      has_box.astype(bool), current, has_mask_prompt(current))
+                      has_box.astype(bool), *encode_mask_prompt(logits[rows], mask_prompt))
     new_logits, new_iou = decode_fn(variables, embeddings[rows], prompts)
     logits = logits.at[slice_indices].set(new_logits[:, 0].astype(jnp.float32), mode="drop")
     iou = iou.at[slice_indices].set(new_iou[:, 0].astype(jnp.float32), mode="drop")

@@ -467,13 +467,14 @@ class VolumePredictor:
         prompt = start_prompt(
             jnp.asarray(state.table_points[k]), jnp.asarray(state.table_labels[k]), jnp.asarray(state.table_boxes[k]),
             jnp.asarray(state.table_has_box[k]), state.logits, jnp.int32(k), jnp.asarray(use_current, bool),
-            image_size=self.config.image_size, mode=state.propagation,
+            image_size=self.config.image_size, mode=state.propagation, mask_prompt=self.config.mask_prompt,
         )
         return propagate_volume(
             self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
             jnp.asarray(state.table_points), jnp.asarray(state.table_labels),
             jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box),
             image_size=self.config.image_size, mode=state.propagation, vanish_policy=self.vanish_policy,
+            mask_prompt=self.config.mask_prompt,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -570,7 +571,7 @@ class VolumePredictor:
         logits, iou = redecode_slices(
             self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), jnp.asarray(table_points[rows]),
             jnp.asarray(table_labels[rows]), jnp.asarray(state.table_boxes[rows]), jnp.asarray(state.table_has_box[rows]),
-            state.logits, state.iou,
+            state.logits, state.iou, mask_prompt=self.config.mask_prompt,
         )
         self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
         return self._result(logits, iou, (state.lo, state.hi))

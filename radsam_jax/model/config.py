@@ -7,6 +7,9 @@ from typing import Any, Mapping
 # Soft-tissue abdominal CT window (level, width) in HU: the default of training and inference, and
 # the window of converted SAM/MedSAM checkpoints and of model files written before `ct_window` existed.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
+# How a mask prompt reaches the mask encoder: RadSAM trains on binary 0/1 masks; SAM was trained on
+# its own previous low-resolution logits (SAM, MedSAM and Hugging Face SamModel conversions).
+MASK_PROMPT_ENCODINGS = ("binary", "logits")
 
 
 def is_valid_ct_window(window) -> bool:
@@ -46,6 +49,8 @@ class ModelConfig:
     # CT intensity window (level, width) in HU that turns a slice into the image the model was trained
     # on: preprocessing, not architecture. Set from data.window_level / data.window_width by training.
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
+    # One of MASK_PROMPT_ENCODINGS: "binary" for models trained here, "logits" for SAM-family conversions.
+    mask_prompt: str = "binary"
 
     @property
     def embedding_size(self) -> int:
@@ -90,6 +95,8 @@ class ModelConfig:
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
         if not is_valid_ct_window(self.ct_window):
             raise ValueError(f"ct_window must be (level, width) in HU with width > 0, got {self.ct_window!r}")
+        if self.mask_prompt not in MASK_PROMPT_ENCODINGS:
+            raise ValueError(f"mask_prompt must be one of {', '.join(MASK_PROMPT_ENCODINGS)}, got {self.mask_prompt!r}")
 
 
 def load_model_config(name: str) -> ModelConfig:

@@ -141,7 +141,8 @@ class RadSam:
         """Mask logits (B, 4, S/4, S/4) and IoU predictions (B, 4) from plain prompt arrays.
 
         points (B, N, 2) as (x, y) in input pixels, point_labels (B, N) with 1 / 0 / -1 (padding),
-        box (B, 4) as x0, y0, x1, y1, mask (B, S/4, S/4) binary. Index 0 is the primary mask.
+        box (B, 4) as x0, y0, x1, y1, mask (B, S/4, S/4) binary (logits for SAM-family weights:
+        ModelConfig.mask_prompt). Index 0 is the primary mask.
         """
         e = self.config.embedding_size
         embeddings = jnp.asarray(embeddings)
