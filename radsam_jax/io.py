@@ -480,14 +480,26 @@ def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> 
     return path
 
 
-def check_output_path(path, what: str, *, folder: bool = False) -> Path:
+def check_output_path(path, what: str, *, folder: bool = False, create: bool = False) -> Path:
     """Raises ValueError unless `path` can be written as a file (folder=True: used as a folder):
     nothing of the other kind is there and its nearest existing parent is a folder. Called before
-    the model runs, so a bad destination fails at once rather than after the whole computation."""
+    the model runs, so a bad destination fails at once rather than after the whole computation.
+    create=True (with folder=True) also makes the folder, with its parents, and checks that files
+    can be written into it."""
+    if create and not folder:
+        raise ValueError("check_output_path: create=True needs folder=True")
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         kind = "a file, not a folder" if folder else "a folder, not a file"
         raise ValueError(f"{what} {path} is {kind}")
+    if create:  # mkdir names whatever is in the way (a file, permissions)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{what} {path}: cannot create the folder ({e.strerror or e})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: the folder is not writable")
+        return path
     parent = path.parent
     while not parent.exists():  # "." and "/" exist
         parent = parent.parent

@@ -375,17 +375,23 @@ def test_table1_puts_slice_level_on_the_mask_propagation_row():
     assert "70.00" not in rows["| m (box propagation)"] and "60.00" in rows["| m (box propagation)"]
 
 
-@pytest.mark.parametrize("option, expected", [((), (60.0, 350.0)), (("--window", "50", "500"), (50.0, 500.0))])
-def test_the_models_ct_window_reaches_the_predictor(checkpoint, tmp_path, capsys, monkeypatch, option, expected):
+def _windowed(checkpoint, tmp_path) -> Path:
+    """A copy of `checkpoint` trained with another CT window (60/350) than the default 40/400."""
     import shutil
-
-    import radsam_jax.evaluate.runner
 
     windowed = tmp_path / "windowed"
     shutil.copytree(checkpoint, windowed)
     header = json.loads((windowed / "radsam.json").read_text())
-    header["model_config"]["ct_window"] = [60.0, 350.0]  # trained with another window than the default
+    header["model_config"]["ct_window"] = [60.0, 350.0]
     (windowed / "radsam.json").write_text(json.dumps(header))
+    return windowed
+
+
+@pytest.mark.parametrize("option, expected", [((), (60.0, 350.0)), (("--window", "50", "500"), (50.0, 500.0))])
+def test_the_models_ct_window_reaches_the_predictor(checkpoint, tmp_path, capsys, monkeypatch, option, expected):
+    import radsam_jax.evaluate.runner
+
+    windowed = _windowed(checkpoint, tmp_path)
     seen = []
 
     def record(cases, predictor, *args, **kw):
@@ -398,6 +404,32 @@ def test_the_models_ct_window_reaches_the_predictor(checkpoint, tmp_path, capsys
                    "--label-names", str(names), *option, "--out", str(tmp_path / "o"))
     assert "stopped after the predictor was built" in err and seen == [expected]
     assert f"CT window {expected[0]:g}/{expected[1]:g} HU" in err
+
+
+@pytest.mark.parametrize("option, window", [((), (60.0, 350.0)), (("--window", "-500", "1200"), (-500.0, 1200.0))])
+def test_worst_cases_show_the_ct_window_the_model_saw(checkpoint, tmp_path, capsys, monkeypatch, option, window):
+    """worst_cases.png through the model's ct_window (or --window), not a fixed 40/400; summary.md says which."""
+    from PIL import Image
+
+    from radsam_jax.evaluate import runner
+
+    windowed = _windowed(checkpoint, tmp_path)
+    gt = np.zeros((16, 16), bool)
+    gt[6:12, 6:12] = True
+    rows = [{"case": "c", "structure": "organ", "label": 1, "known": None, "protocol": "volume", "prompt": "box",
+             "propagation": "mask", "edits": 0, "dice": 0.5}]
+    worst = [runner.WorstCase(0.5, "c", "organ", "volume/box/mask", 0, 1, np.full((16, 16), -50.0, np.float32), gt, gt, (1.0, 1.0))]
+    monkeypatch.setattr(runner, "evaluate_cases", lambda *a, **kw: runner.EvalResult(rows, worst, [], []))
+    image, labels, names = _synthetic(tmp_path)
+    out = tmp_path / "o"
+    rc = radsam(["evaluate", "--checkpoint", str(windowed), "--data", str(image), "--labels", str(labels), "--label-names",
+                 str(names), *option, "--bootstrap", "10", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    level, width = window
+    with Image.open(out / "worst_cases.png") as im:
+        pixel = im.convert("RGB").getpixel((128, 30 + 3))  # under the caption, above the contours
+    assert pixel == (int(np.clip((-50 - (level - width / 2)) / width, 0, 1) * 255),) * 3  # 47, 223 (40/400: 70)
+    assert f"CT window {level:g}/{width:g} HU" in (out / "summary.md").read_text()
 
 
 def test_bad_window_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):

@@ -305,14 +305,14 @@ def test_report_removes_its_own_stale_outputs_only(tmp_path):
              "propagation": "mask", "edits": 0, "dice": 0.5}]
     gt = cube()[:, :, 5]
     worst = [runner.WorstCase(0.5, "c0", "liver", "volume/box/mask", 0, 5, np.zeros(gt.shape, np.float32), gt, gt, (1.0, 1.0))]
-    report.write_report(tmp_path, _report_result(rows, worst), model="m", options={}, num_resamples=10)
+    report.write_report(tmp_path, _report_result(rows, worst), model="m", options={}, window=(40.0, 400.0), num_resamples=10)
     assert (tmp_path / "worst_cases.png").is_file()
     (tmp_path / "notes.txt").write_text("mine")
     expected = ["breakdown.json", "edits.png", "notes.txt", "per_structure.png", "scores.csv", "summary.json", "summary.md"]
-    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, num_resamples=10)
+    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, window=(40.0, 400.0), num_resamples=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
     report.write_partial_scores(tmp_path, rows)
-    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, num_resamples=10)
+    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, window=(40.0, 400.0), num_resamples=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
 
 
@@ -330,7 +330,8 @@ def test_report_files_and_schema(tmp_path):
                                      "initial_slice": 3, "lo": 1, "hi": 5, "voxels": 10})
     gt = cube()[:, :, 5]
     worst = [runner.WorstCase(0.1, "c0", "liver", "volume/box/mask", 0, 5, np.zeros(gt.shape, np.float32), gt, np.roll(gt, 2, 0), (1.0, 2.0))]
-    summary = report.write_report(tmp_path, _report_result(rows, worst), model="m", options={"data": "d", "cases": 5}, num_resamples=500)
+    summary = report.write_report(tmp_path, _report_result(rows, worst), model="m", options={"data": "d", "cases": 5},
+                                  window=(40.0, 400.0), num_resamples=500)
     for f in ("scores.csv", "summary.json", "summary.md", "breakdown.json", "edits.png", "per_structure.png", "worst_cases.png"):
         assert (tmp_path / f).is_file(), f
     data = json.loads((tmp_path / "summary.json").read_text())
@@ -343,3 +344,55 @@ def test_report_files_and_schema(tmp_path):
     assert "| clicks honoured |" in md and "Clicks honoured: of the correction clicks" in md
     assert "| Model | Volume-level" in md and "Known / unknown" in md and "Oracle" in md and "m (box propagation)" in md
     assert len((tmp_path / "scores.csv").read_text().splitlines()) == len(rows) + 1
+
+
+def test_report_order_is_fixed_whatever_the_order_of_the_rows(tmp_path):
+    """The same rows in other orders give byte-identical files: structures by label id (not by name
+    or first appearance), settings volume then slice, box then point, mask then box propagation."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for case in ("c0", "c1", "c2", "c10"):
+        for s, label in (("spleen", 1), ("aorta", 8), ("liver", 6)):
+            for proto, prop in (("slice", "none"), ("volume", "box"), ("volume", "mask")):
+                for prompt in ("point", "box"):
+                    for e in (1, 0):
+                        rows.append({"case": case, "structure": s, "label": label, "known": s != "aorta", "protocol": proto,
+                                     "prompt": prompt, "propagation": prop, "edits": e, "dice": float(rng.uniform(0.3, 1)),
+                                     "oracle_dice": float(rng.uniform(0.3, 1)) if (proto == "slice" and e == 0) else None})
+    folders = []
+    for i, order in enumerate((rows, rows[::-1], [rows[j] for j in rng.permutation(len(rows))])):
+        folders.append(tmp_path / str(i))
+        report.write_report(folders[-1], _report_result(order, []), model="m", options={}, window=(40.0, 400.0),
+                            num_resamples=200)
+    for f in ("summary.md", "summary.json", "breakdown.json", "per_structure.png"):
+        assert len({(d / f).read_bytes() for d in folders}) == 1, f
+    settings = [(s["protocol"], s["prompt"], s["propagation"], s["edits"])
+                for s in json.loads((tmp_path / "0" / "summary.json").read_text())["settings"]]
+    assert settings == [(proto, prompt, prop, e) for proto, props in (("volume", ("mask", "box")), ("slice", ("none",)))
+                        for prompt in ("box", "point") for prop in props for e in (0, 1)]
+    extra = json.loads((tmp_path / "0" / "breakdown.json").read_text())
+    assert list(dict.fromkeys(r["structure"] for r in extra["per_structure"])) == ["spleen", "liver", "aorta"]
+    assert [(r["structure"], r["prompt"], r["propagation"]) for r in extra["per_structure"][:3:2]] == [("spleen", "box", "mask"),
+                                                                                                       ("spleen", "box", "box")]
+    assert [r["group"] for r in extra["known_unknown"]] == ["known"] * 12 + ["unknown"] * 12
+    md = (tmp_path / "0" / "summary.md").read_text()
+    table = md[md.index("## Per structure"):]
+    assert table.index("| spleen |") < table.index("| liver |") < table.index("| aorta |")
+    assert ("| structure | volume/box/mask/0 | volume/box/box/0 | volume/point/mask/0 | volume/point/box/0 | slice/box/none/0 "
+            "| slice/point/none/0 |") in table
+
+
+def test_worst_cases_montage_uses_the_models_window(tmp_path):
+    """worst_cases.png shows the CT through the window the model saw, which summary.md states."""
+    from PIL import Image
+
+    rows = [{"case": "c0", "structure": "liver", "label": 1, "known": None, "protocol": "volume", "prompt": "box",
+             "propagation": "mask", "edits": 0, "dice": 0.5}]
+    gt = cube()[:, :, 5]
+    worst = [runner.WorstCase(0.5, "c0", "liver", "volume/box/mask", 0, 5, np.full(gt.shape, -50.0, np.float32), gt, gt, (1.0, 1.0))]
+    for window, grey in (((40.0, 400.0), 70), ((-500.0, 1200.0), 223)):  # -50 HU: 110/400 and 1050/1200 of 255
+        report.write_report(tmp_path, _report_result(rows, worst), model="m", options={}, window=window, num_resamples=10)
+        with Image.open(tmp_path / "worst_cases.png") as im:
+            pixel = im.convert("RGB").getpixel((128, 30 + 3))  # under the caption, above the contours
+        assert pixel == (grey,) * 3
+        assert f"CT window {window[0]:g}/{window[1]:g} HU" in (tmp_path / "summary.md").read_text()

@@ -257,7 +257,8 @@ def test_preview_failure_leaves_no_temporary_file(tmp_path):
     objects = parse_prompts([{"slice": 2, "points": [[3, 3]]}], (8, 8, 4), np.eye(4))
     (tmp_path / "p.png").mkdir()  # the rename onto it fails after the PNG is written
     with pytest.raises(OSError):
-        save_preview(tmp_path / "p.png", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), objects)
+        save_preview(tmp_path / "p.png", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), objects,
+                     window=(40.0, 400.0))
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
 
 
@@ -378,3 +379,32 @@ def test_segment_window_defaults_to_the_model_and_option_wins(image, checkpoint,
     capsys.readouterr()
     _bad(capsys, tmp_path / "c.nii.gz", "segment", image, "--checkpoint", windowed, "--slice", 10, "--point", 5, 5,
          "--window", 40, 0, match="--window LEVEL WIDTH needs finite values and WIDTH > 0")
+
+
+@pytest.mark.parametrize("option, window", [((), (60.0, 350.0)), (("--window", -500, 1200), (-500.0, 1200.0))])
+def test_previews_show_the_ct_window_the_model_saw(image, checkpoint, tmp_path, capsys, monkeypatch, option, window):
+    """segment --preview and segment-batch --previews: the model's ct_window (or --window), not a fixed
+    40/400, in the pixels and in the panel's text."""
+    from PIL import Image, ImageDraw
+
+    texts = []
+    draw_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **kw: texts.append(text) or draw_text(self, xy, text, *a, **kw))
+    windowed = _with_ct_window(checkpoint, tmp_path / "windowed", (60.0, 350.0))
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps([{"slice": 10, "box": [12, 9, 28, 23], "bounds": [9, 11]}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,image,prompts\na,{image},p.json\n")
+    assert run_cli("segment", image, "--checkpoint", windowed, "--prompts", pfile, *option, "--no-progress",
+                   "--out", tmp_path / "m.nii.gz", "--preview", tmp_path / "segment.png") == 0
+    assert run_cli("segment-batch", manifest, "--checkpoint", windowed, *option, "--previews", "--no-progress",
+                   "--out-dir", tmp_path / "out") == 0, capsys.readouterr()
+    level, width = window
+    background = int(np.clip((-50 - (level - width / 2)) / width, 0, 1) * 255)  # the CT around the ball: 47, 223 (40/400: 70)
+    for png in (tmp_path / "segment.png", tmp_path / "out" / "a.png"):
+        with Image.open(png) as im:
+            rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        grey = rgb[(rgb[:, 0] == rgb[:, 1]) & (rgb[:, 1] == rgb[:, 2]), 0]  # not the contours or the box
+        assert np.bincount(grey).argmax() == background, png
+    assert texts.count(f"window {level:g}/{width:g} HU") == 2

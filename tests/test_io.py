@@ -242,6 +242,24 @@ def test_output_checks(tmp_path):
     io.check_outputs_spare_inputs([("--out", tmp_path / "m.nii.gz")], [("image", image), ("labels", tmp_path / "missing")])
 
 
+def test_output_folder_created_and_writable(tmp_path, monkeypatch):
+    """create=True (radsam evaluate --out): the folder exists and takes files before hours of work."""
+    out = io.check_output_path(tmp_path / "new" / "deeper", "--out", folder=True, create=True)
+    assert out == tmp_path / "new" / "deeper" and out.is_dir()
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ValueError, match="--out .*afile is a file, not a folder"):
+        io.check_output_path(afile, "--out", folder=True, create=True)
+    with pytest.raises(ValueError, match=r"--out .*afile/sub: cannot create the folder \("):
+        io.check_output_path(afile / "sub", "--out", folder=True, create=True)
+    assert afile.read_text() == "mine"
+    with pytest.raises(ValueError, match="create=True needs folder=True"):
+        io.check_output_path(tmp_path / "p.png", "--preview", create=True)
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # root may write anywhere: fake a read-only folder
+    with pytest.raises(ValueError, match="--out .*deeper: the folder is not writable"):
+        io.check_output_path(out, "--out", folder=True, create=True)
+
+
 # --------------------------------------------------------------------------- real data
 
 

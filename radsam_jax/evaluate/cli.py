@@ -213,7 +213,12 @@ def _run(args) -> int:
         raise InputError(f"--checkpoint {args.checkpoint} does not exist")
     cases, fmt, structures, names = read_dataset(args)
     known = parse_known_classes(args.known_classes, valid=names)
-    out = _output_folder(args.out)
+    from radsam_jax.io import check_output_path
+
+    try:  # created and writable now, not found unwritable after a run of hours
+        out = check_output_path(args.out, "--out", folder=True, create=True)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
     import jax.numpy as jnp
 
@@ -245,8 +250,8 @@ def _run(args) -> int:
     report_options = {"data": args.data, "cases": len(cases), "checkpoint": args.checkpoint, "seed": args.seed,
                       "min_slices": args.min_slices, "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px"
                       if args.box_jitter else None, "vanish_policy": args.vanish_policy,
-                      "slice_edits_max": SLICE_EDITS_MAX}
-    summary = write_report(out, result, model=name, options=report_options, seed=args.seed,
+                      "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
+    summary = write_report(out, result, model=name, options=report_options, window=predictor.window, seed=args.seed,
                            num_resamples=args.bootstrap)
     for s in summary["settings"]:
         print(f"{s['protocol']:6s} {s['prompt']:5s} {s['propagation']:4s} edits={s['edits']:<3d} "
@@ -257,23 +262,6 @@ def _run(args) -> int:
         raise InputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case); "
                          f"the other structures were evaluated and written to {args.out}")
     return 0
-
-
-def _output_folder(path) -> Path:
-    """--out, created (with its parents) and writable, before the evaluation: not a failure to
-    write its results after a run of hours."""
-    import os
-
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: the folder is not writable")
-    return out
 
 
 def main(argv=None) -> int:

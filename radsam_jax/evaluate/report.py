@@ -12,6 +12,10 @@
   with --worst 0).
 - scores.partial.csv, instead of all the above, from a run interrupted by Ctrl-C: the scores.csv rows
   of the objects finished before it.
+Every table and figure but scores.csv (evaluation order) lists structures by label id, then name,
+and settings by SETTING_ORDER (protocol volume then slice, prompt box then point, propagation mask
+then box then none), then edits; intervals are computed over the rows in that order, so the same
+rows give the same files whatever order the evaluation produced them in.
 Plots use Pillow only, so they work from a plain install.
 """
 
@@ -31,11 +35,33 @@ SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "p
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
 SETTING_KEYS = ("protocol", "prompt", "propagation", "edits", "mean_dice", "ci_low", "ci_high", "n", "clicks",
                 "clicks_honoured")
-_ORDER = {"volume": 0, "slice": 1, "box": 0, "point": 1, "mask": 0, "none": 2}
+SETTING_FIELDS = ("protocol", "prompt", "propagation", "edits")
+# The model's own propagation (mask, RadSAM) before the SAM/MedSAM baseline's (box); slice-level rows have none.
+SETTING_ORDER = {"protocol": ("volume", "slice"), "prompt": ("box", "point"), "propagation": ("mask", "box", "none")}
 
 
-def _setting_sort(k):
-    return tuple(_ORDER.get(v, 9) if isinstance(v, str) else v for v in k)
+def _setting(r: dict) -> tuple:
+    return r["protocol"], r["prompt"], r["propagation"], int(r["edits"])
+
+
+def _setting_sort(k, fields: Sequence[str] = SETTING_FIELDS) -> tuple:
+    """Sort key of a setting tuple `k` holding the values of `fields` (edits ascending)."""
+    return tuple(SETTING_ORDER[f].index(v) if f in SETTING_ORDER else v for f, v in zip(fields, k))
+
+
+def _structure_sort(rows: Sequence[dict]):
+    """Sort key of a structure name: its label id (the smallest, should cases differ), then the name."""
+    label = {}
+    for r in rows:
+        label[r["structure"]] = min(int(r["label"]), label.get(r["structure"], int(r["label"])))
+    return lambda name: (label[name], name)
+
+
+def _report_order(rows: Sequence[dict]) -> list[dict]:
+    """The rows by case, structure and setting: each group's values, hence its seeded bootstrap
+    interval, then do not depend on the order in which the evaluation produced the rows."""
+    structure = _structure_sort(rows)
+    return sorted(rows, key=lambda r: (str(r["case"]), structure(r["structure"]), _setting_sort(_setting(r))))
 
 
 def write_scores_csv(path, rows: Sequence[dict]) -> Path:
@@ -52,11 +78,11 @@ def write_scores_csv(path, rows: Sequence[dict]) -> Path:
 def summarize(rows: Sequence[dict], *, seed: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
     """{"settings": [...]} per (protocol, prompt, propagation, edits): the mean Dice and its bootstrap
     CI; the correction clicks made up to that checkpoint, and the share of them honoured (None: none made)."""
-    key = lambda r: (r["protocol"], r["prompt"], r["propagation"], int(r["edits"]))  # noqa: E731
-    groups = grouped_ci(rows, key, seed=seed, num_resamples=num_resamples)
+    rows = _report_order(rows)
+    groups = grouped_ci(rows, _setting, seed=seed, num_resamples=num_resamples)
     made, honoured = {}, {}
     for r in rows:
-        k = key(r)
+        k = _setting(r)
         made[k] = made.get(k, 0) + int(r.get("clicks") or 0)
         honoured[k] = honoured.get(k, 0) + int(r.get("clicks_honoured") or 0)
     settings = []
@@ -72,23 +98,25 @@ def _clip(x: float) -> float:
 
 
 def breakdown(rows: Sequence[dict], *, seed: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
-    """Per-structure, known/unknown and oracle numbers: lists of dicts with mean/ci/n."""
-    def pack(groups, names):
-        return [dict(zip(names, k if isinstance(k, tuple) else (k,)), mean_dice=_clip(v[0]), ci_low=_clip(v[1]),
-                     ci_high=_clip(v[2]), n=int(v[3])) for k, v in sorted(groups.items(), key=lambda kv: _setting_sort(kv[0]))]
+    """Per-structure, known/unknown and oracle numbers: lists of dicts with mean/ci/n, in report order
+    (structures by label id then name, known before unknown, then settings)."""
+    rows = _report_order(rows)
 
-    setting = lambda r: (r["protocol"], r["prompt"], r["propagation"], int(r["edits"]))  # noqa: E731
-    names = ("protocol", "prompt", "propagation", "edits")
-    per_structure = grouped_ci(rows, lambda r: (r["structure"], *setting(r)), seed=seed, num_resamples=num_resamples)
+    def pack(groups, names, head=None):  # head: sort key of the field before the setting, if any
+        order = (lambda k: (head(k[0]), *_setting_sort(k[1:]))) if head else _setting_sort
+        return [dict(zip(names, k), mean_dice=_clip(v[0]), ci_low=_clip(v[1]), ci_high=_clip(v[2]), n=int(v[3]))
+                for k, v in sorted(groups.items(), key=lambda kv: order(kv[0]))]
+
+    per_structure = grouped_ci(rows, lambda r: (r["structure"], *_setting(r)), seed=seed, num_resamples=num_resamples)
     known_rows = [r for r in rows if r.get("known") is not None]
-    known = grouped_ci(known_rows, lambda r: ("known" if r["known"] else "unknown", *setting(r)), seed=seed,
+    known = grouped_ci(known_rows, lambda r: ("known" if r["known"] else "unknown", *_setting(r)), seed=seed,
                        num_resamples=num_resamples)
-    oracle = grouped_ci([r for r in rows if r.get("oracle_dice") is not None], setting, "oracle_dice", seed=seed,
+    oracle = grouped_ci([r for r in rows if r.get("oracle_dice") is not None], _setting, "oracle_dice", seed=seed,
                         num_resamples=num_resamples)
     return {
-        "per_structure": pack(per_structure, ("structure", *names)),
-        "known_unknown": pack(known, ("group", *names)),
-        "oracle": pack(oracle, names),
+        "per_structure": pack(per_structure, ("structure", *SETTING_FIELDS), _structure_sort(rows)),
+        "known_unknown": pack(known, ("group", *SETTING_FIELDS), ("known", "unknown").index),
+        "oracle": pack(oracle, SETTING_FIELDS),
     }
 
 
@@ -110,7 +138,7 @@ def table1(summary: dict, model: str) -> list[str]:
     """Markdown lines shaped like the paper's Table 1 (volume-level and slice-level columns)."""
     by = {(s["protocol"], s["prompt"], s["propagation"], s["edits"]): s for s in summary["settings"]}
     props = sorted({s["propagation"] for s in summary["settings"] if s["protocol"] == "volume"},
-                   key=("mask", "box").index)  # the model's own (RadSAM) row first
+                   key=SETTING_ORDER["propagation"].index)  # the model's own (RadSAM) row first
     vol_edits = sorted({s["edits"] for s in summary["settings"] if s["protocol"] == "volume"})
     sl_edits = sorted({s["edits"] for s in summary["settings"] if s["protocol"] == "slice"})
     lines = ["| Model | Volume-level \\|P\\| | \\|E\\| | Bbox | Point | Slice-level \\|P\\| | \\|E\\| | Bbox | Point |",
@@ -145,7 +173,8 @@ PROTOCOL_NOTES = """\
 - Point prompt: one positive point uniform among the initial slice's object pixels (seeded).
   Box prompt: the tight bounding box; jitter: {jitter}.
 - Propagation: from the prompted slice up and down to the bounds, prompted by the previous slice's
-  binary mask (mask) or the box around it (box, for SAM/MedSAM). A mask that vanishes before a bound:
+  mask (mask) or the box around it (box, for SAM/MedSAM). Mask prompts go in the model's encoding,
+  here {mask_prompt} (binary: 0/1, as RadSAM trains; logits: SAM's own). A mask that vanishes before a bound:
   vanish policy "{vanish}" (stop: later slices stay empty, unless a stored positive click restarts it).
 - Volume-level edits: cumulative; each click uniform among all 3D error voxels (missed -> positive,
   wrong -> negative), then re-propagation from that slice re-using earlier clicks; Dice recorded at
@@ -164,9 +193,11 @@ PROTOCOL_NOTES = """\
 
 def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: dict, timings: Sequence[dict],
                      skipped: Sequence[tuple]) -> Path:
+    level, width = options["window"]
     lines = [f"# RadSAM benchmark: {model}", "",
              f"Data: `{options.get('data')}` ({options.get('cases')} volume(s)); checkpoint `{options.get('checkpoint')}`; "
-             f"seed {options.get('seed')}.", "", "## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
+             f"seed {options.get('seed')}; CT window {level:g}/{width:g} HU (model input and worst_cases.png).", "",
+             "## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
     lines += table1(summary, model)
     lines += ["", "## Every setting (Dice x100, mean [95% CI], n objects)", "",
               "| protocol | prompt | propagation | edits | Dice | n | clicks honoured |", "|---|---|---|---|---|---|---|"]
@@ -200,7 +231,7 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
                   "| structure | " + " | ".join("/".join(map(str, c)) for c in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         ps = {(r["structure"], r["protocol"], r["prompt"], r["propagation"], r["edits"]): r for r in extra["per_structure"]}
-        for name in sorted({r["structure"] for r in extra["per_structure"]}):
+        for name in dict.fromkeys(r["structure"] for r in extra["per_structure"]):  # breakdown's order
             lines.append(f"| {name} | " + " | ".join(
                 (f"{_pm(ps[(name, *c)])} (n={ps[(name, *c)]['n']})" if (name, *c) in ps else "-") for c in cols) + " |")
     lines += ["", "## Timing", "", "| case | slices | slices encoded | encoder s | slices/s | total s | objects |",
@@ -222,7 +253,8 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
             lines.append(f"- {why} ({len(items)}): {shown}")
     lines += ["", PROTOCOL_NOTES.format(resamples=options.get("resamples", DEFAULT_BOOTSTRAP), min_slices=options.get("min_slices", 1),
                                         jitter=options.get("jitter") or "none", vanish=options.get("vanish_policy", "stop"),
-                                        smax=options.get("slice_edits_max", 10))]
+                                        smax=options.get("slice_edits_max", 10),
+                                        mask_prompt=options.get("mask_prompt", "binary"))]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -281,7 +313,8 @@ def plot_edits(path, summary: dict, model: str) -> Path:
     lines = {}
     for s in summary["settings"]:
         lines.setdefault((s["protocol"], s["prompt"], s["propagation"]), []).append(s)
-    colors = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(sorted({k[1:] for k in lines}, key=_setting_sort))}
+    colors = {k: PALETTE[i % len(PALETTE)]
+              for i, k in enumerate(sorted({k[1:] for k in lines}, key=lambda k: _setting_sort(k, SETTING_FIELDS[1:3])))}
     for i, protocol in enumerate(protocols):
         ss = [s for s in summary["settings"] if s["protocol"] == protocol]
         xmax = max(1, max(s["edits"] for s in ss))
@@ -317,14 +350,14 @@ def plot_edits(path, summary: dict, model: str) -> Path:
 
 def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
     """Figure 2a: per-structure mean Dice (bars) with 95% CI whiskers, one bar per setting, at each
-    setting's fewest-edits checkpoint."""
+    setting's fewest-edits checkpoint; structures in the order of `per_structure` (breakdown's)."""
     from PIL import Image, ImageDraw
 
     first = {}
-    for r in sorted(per_structure, key=lambda r: _setting_sort((r["protocol"], r["prompt"], r["propagation"], r["edits"]))):
+    for r in sorted(per_structure, key=lambda r: _setting_sort(_setting(r))):
         first.setdefault((r["protocol"], r["prompt"], r["propagation"]), r["edits"])
     keep = [r for r in per_structure if first.get((r["protocol"], r["prompt"], r["propagation"])) == r["edits"]]
-    names = sorted({r["structure"] for r in keep})
+    names = list(dict.fromkeys(r["structure"] for r in keep))
     settings = list(first)
     bar_h, gap = 8, 6
     row_h = bar_h * max(1, len(settings)) + gap
@@ -366,9 +399,10 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return m & ~erode(m, 1)
 
 
-def plot_worst_cases(path, worst: Sequence, window=(40.0, 400.0), tile: int = 256) -> Optional[Path]:
-    """Montage of the worst objects: the slice with the most errors, abdominal window, radiological view
-    (patient right on the left, anterior up), ground truth green, prediction red, overlap yellow."""
+def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile: int = 256) -> Optional[Path]:
+    """Montage of the worst objects: the slice with the most errors through `window` (the CT level, width
+    in HU the model saw), radiological view (patient right on the left, anterior up), ground truth
+    green, prediction red, overlap yellow."""
     from PIL import Image, ImageDraw
 
     if not worst:
@@ -412,10 +446,11 @@ def write_partial_scores(out_dir, rows: Sequence[dict]) -> Path:
     return write_scores_csv(Path(out_dir) / PARTIAL_SCORES, rows)
 
 
-def write_report(out_dir, result, *, model: str, options: dict, seed: int = 0,
+def write_report(out_dir, result, *, model: str, options: dict, window: tuple[float, float], seed: int = 0,
                  num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
     """Writes every output file into out_dir, and removes the report files of an earlier run that
-    this one does not write (worst_cases.png with --worst 0, scores.partial.csv); returns the summary dict."""
+    this one does not write (worst_cases.png with --worst 0, scores.partial.csv); returns the summary
+    dict. window: the CT (level, width) in HU the model saw (VolumePredictor.window), for the montage."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", result.rows)
@@ -424,11 +459,12 @@ def write_report(out_dir, result, *, model: str, options: dict, seed: int = 0,
     extra = breakdown(result.rows, seed=seed, num_resamples=num_resamples)
     (out / "breakdown.json").write_text(json.dumps({**extra, "timings": result.timings,
                                                     "skipped": [list(s) for s in result.skipped]}, indent=2) + "\n")
-    write_summary_md(out / "summary.md", summary, extra, model=model, options={**options, "resamples": num_resamples},
+    write_summary_md(out / "summary.md", summary, extra, model=model,
+                     options={**options, "resamples": num_resamples, "window": window},
                      timings=result.timings, skipped=result.skipped)
     plot_edits(out / "edits.png", summary, model)
     plot_per_structure(out / "per_structure.png", extra["per_structure"], model)
-    if plot_worst_cases(out / "worst_cases.png", result.worst) is None:
+    if plot_worst_cases(out / "worst_cases.png", result.worst, window=window) is None:
         (out / "worst_cases.png").unlink(missing_ok=True)
     (out / PARTIAL_SCORES).unlink(missing_ok=True)
     return summary

@@ -200,7 +200,7 @@ def run_segment(args) -> int:
     if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
         from radsam_jax.inference.preview import save_preview
 
-        save_preview(args.preview, volume.array, labels, objects)
+        save_preview(args.preview, volume.array, labels, objects, window=predictor.window)
     save_label_map(out, labels, like=volume)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):

@@ -2,9 +2,10 @@
 
 Each panel is the slice `array[:, :, k].T` (the same frame as the voxel coordinates of
 `radsam segment`: x to the right along the first array axis, y down along the second), grey CT
-through a soft-tissue window, every object's mask contour in its colour, and the prompt (box in
-yellow, positive points green, negative points red; edit points on their slices). Small slices are
-enlarged (nearest neighbour) so that panels are at least 256 pixels wide.
+through the CT window the model saw (the caller's resolved window, stated on the first panel), every
+object's mask contour in its colour, and the prompt (box in yellow, positive points green, negative
+points red; edit points on their slices). Small slices are enlarged (nearest neighbour) so that
+panels are at least 256 pixels wide.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def preview_slices(center: int, bounds: tuple[int, int], count: int = 5) -> list
     return picks
 
 
-def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Sequence, *, slices: Optional[Sequence[int]] = None,
-                 window: tuple[float, float] = (40.0, 400.0), min_panel: int = 256) -> Path:
-    """Writes the montage PNG atomically; `objects` are prompt_file.ObjectPrompt (label, slice, prompts)."""
+def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Sequence, *, window: tuple[float, float],
+                 slices: Optional[Sequence[int]] = None, min_panel: int = 256) -> Path:
+    """Writes the montage PNG atomically; `objects` are prompt_file.ObjectPrompt (label, slice, prompts);
+    `window`: CT (level, width) in HU, the one the model was given (VolumePredictor.window)."""
     from PIL import Image, ImageDraw
 
     first = objects[0]
@@ -75,6 +77,8 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
                 colour = (0, 255, 0) if lab == 1 else (255, 0, 0)
                 draw.ellipse([c(x) - r, c(y) - r, c(x) + r, c(y) + r], outline=(255, 255, 255), fill=colour)
         draw.text((4, 4), f"slice {k}" + (" (prompt)" if k == first.slice else ""), fill=(255, 255, 255))
+        if not panels:  # the window once, on the first panel
+            draw.text((4, 16), f"window {level:g}/{width:g} HU", fill=(255, 255, 255))
         panels.append(pil)
     gap = 4
     w = sum(p.width for p in panels) + gap * (len(panels) - 1)
