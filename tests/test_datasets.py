@@ -99,3 +99,20 @@ def test_real_generic_cases():
     assert volume.axcodes == ("R", "A", "S")
     liver = volume.array[labels == dicom.structures["liver"]]
     assert abs(float(np.median(liver)) - 93) < 5
+
+
+def test_layout_problem_names_the_folder_and_the_layout(tmp_path):
+    amos, ts, gen = write_amos(tmp_path / "amos"), write_totalsegmentator(tmp_path / "ts"), write_generic(tmp_path / "gen")
+    for format, root in (("amos", amos), ("totalsegmentator", ts), ("generic", gen), ("generic", gen / "a")):
+        for split in ("train", "val", "all"):
+            assert datasets.layout_problem(format, root, split) is None, (format, root, split)
+    assert datasets.layout_problem("amos", "", "train") == "not set; expected an AMOS folder (dataset.json, imagesTr/ and labelsTr/)"
+    assert datasets.layout_problem("amos", amos / "dataset.json", "val") == (
+        f"{amos / 'dataset.json'} is a file, not a folder; expected an AMOS folder (dataset.json, imagesVa/ and labelsVa/)")
+    assert datasets.layout_problem("generic", tmp_path / "nothing") == (
+        f"{tmp_path / 'nothing'} does not exist; expected a case folder with labels.json, or a folder of them")
+    assert datasets.layout_problem("totalsegmentator", amos, "all") == (
+        f"{amos} is not a TotalSegmentator folder (subject folders with ct.nii.gz and segmentations/)")
+    (ts / "meta.csv").unlink()  # needed for a split, not for "all"
+    assert datasets.layout_problem("totalsegmentator", ts, "all") is None
+    assert datasets.layout_problem("totalsegmentator", ts, "train").startswith(f"{ts} is not a TotalSegmentator folder")

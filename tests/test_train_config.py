@@ -117,6 +117,27 @@ def test_sweep_checks_override_keys_before_printing(tmp_path, capsys, option):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_training_from_a_sam_conversion_records_binary_mask_prompts(tmp_path):
+    # A converted SAM reads its mask prompt as logits; the prompt simulation trains it on 0/1 masks,
+    # which the run's model (hence its checkpoints and export) must say.
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from radsam_jax.checkpoint import save_model
+    from radsam_jax.model import abstract_variables, load_model_config
+    from radsam_jax.train import loop
+
+    sam = dataclasses.replace(load_model_config("small"), mask_prompt="logits")
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), abstract_variables(sam))
+    save_model(tmp_path / "sam", sam, variables, {"source_format": "segment_anything"})
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), [f"init_checkpoint={tmp_path / 'sam'}"])
+    assert loop.configured_model_config(c).mask_prompt == "binary"
+    assert loop.load_model(c)[0].mask_prompt == "binary"
+
+
 def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
     assert _sweep("--mode", "local", "--config", str(REPO / "configs/train/example_cpu.py:runlocal"),
                   "--root", str(tmp_path), "--grid", "optim.learning_rate=1e-5,3e-5", "--set", "batch_size=4",
@@ -139,3 +160,52 @@ def test_training_window_is_the_models_ct_window():
     zero = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.window_width=0"])
     with pytest.raises(ConfigError, match="width must be > 0"):
         loop.check_config(zero)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    from data_fixtures import write_amos, write_totalsegmentator
+
+    root = tmp_path_factory.mktemp("roots")
+    (root / "empty").mkdir()
+    (root / "file").write_text("not a folder")
+    return {"amos": str(write_amos(root / "amos")), "ts": str(write_totalsegmentator(root / "ts")),
+            "empty": str(root / "empty"), "file": str(root / "file"), "missing": str(root / "missing")}
+
+
+AMOS = "an AMOS folder (dataset.json, imagesTr/ and labelsTr/)"
+TOTALSEG = "a TotalSegmentator folder (subject folders with ct.nii.gz and segmentations/, meta.csv)"
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("amos_vit_b", ["data.root="], f"data.root: not set; expected {AMOS}"),
+    ("amos_vit_b", ["data.root={missing}"], f"data.root: {{missing}} does not exist; expected {AMOS}"),
+    ("amos_vit_b", ["data.root={file}"], f"data.root: {{file}} is a file, not a folder; expected {AMOS}"),
+    ("amos_vit_b", ["data.root={empty}"], f"data.root: {{empty}} is not {AMOS}"),
+    ("totalseg_vit_b", ["data.root={amos}"], f"data.root: {{amos}} is not {TOTALSEG}"),
+    ("amos_totalseg_vit_b", ["datasets.amos.root={amos}", "datasets.totalseg.root={empty}"],
+     f"datasets.totalseg.root: {{empty}} is not {TOTALSEG}"),
+    ("example_cpu", ["data.val_root={missing}"],
+     "data.val_root: {missing} does not exist; expected a case folder with labels.json, or a folder of them"),
+    ("amos_vit_b", ["data.root={amos}"], None),
+    ("totalseg_vit_b", ["data.root={ts}"], None),
+    ("amos_totalseg_vit_b", ["datasets.amos.root={amos}", "datasets.totalseg.root={ts}"], None),
+], ids=["unset", "missing", "file", "no_layout", "other_layout", "mixture", "val_root", "amos", "totalseg", "both"])
+def test_dataset_folders_are_checked_with_the_config(roots, config, overrides, message):
+    from radsam_jax.train import loop
+
+    c = apply_overrides(load_config_file(str(REPO / "configs" / "train" / f"{config}.py")),
+                        [o.format(**roots) for o in overrides])
+    if message is None:
+        loop.check_config(c)
+    else:
+        with pytest.raises(ConfigError) as error:
+            loop.check_config(c)
+        assert str(error.value) == message.format(**roots)
+
+
+def test_cli_bad_dataset_folder_exits_2_before_the_workdir_exists(tmp_path):
+    r = _train_cli(tmp_path / "run", f"--config.data.root={tmp_path / 'amos22'}", config="configs/train/amos_vit_b.py:runlocal")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"radsam train: error: data.root: {tmp_path / 'amos22'} does not exist; expected an AMOS folder" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -80,7 +80,7 @@ import contextlib, io, json, os, pathlib, shutil, sys, jax
 from train_testlib import tiny_config
 from radsam_jax.checkpoint import save_model
 from radsam_jax.model import init_variables
-from radsam_jax.train import loop
+from radsam_jax.train import checkpointing, loop
 from radsam_jax.train.export import export_model
 root = pathlib.Path(sys.argv[1])
 out = {}
@@ -119,6 +119,9 @@ stage("same_model", lambda: train(run, num_train_steps=4, init_checkpoint=""))
 # (step 3: trained with init_checkpoint in its config).
 for step_dir in (run / "checkpoints").iterdir():
     shutil.rmtree(step_dir / "model_config", ignore_errors=True)
+# Resuming it with another architecture: its saved arrays tell, before any work (step 4 is the latest).
+stage("old_run_changed_width", lambda: train(run, num_train_steps=5, init_checkpoint="", **{"model.encoder_dim": 48}))
+stage("old_run_changed_depth", lambda: train(run, num_train_steps=5, init_checkpoint="", **{"model.encoder_depth": 3}))
 stage("export_old_run_init_gone", lambda: export_model(run, root / "exported_old_gone", 3).name)
 os.rename(root / "init_moved", root / "init")
 stage("export_old_run", lambda: export_model(run, root / "exported_old", 3).name)
@@ -143,6 +146,19 @@ stage("window_export_old_record", lambda: export_window("exported_window_old_rec
 # Resuming with another window is allowed (not architecture): the model records the one it trains with now.
 stage("window_resume_changed", lambda: train(windowed, num_train_steps=2, **window(50.0, 500.0)))
 stage("window_export_changed", lambda: export_window("exported_window_changed", 2))
+# The old run resumes with the config's own architecture (after the exports above, which read step 3).
+stage("old_run_same_model", lambda: train(run, num_train_steps=5, init_checkpoint=""))
+# SIGTERM during the last step: that step is saved, not validated; the next start only validates.
+def stopped_at_the_last_step(steps):
+    real, calls = checkpointing.stop_requested_anywhere, []
+    checkpointing.stop_requested_anywhere = lambda local: calls.append(local) or len(calls) == steps
+    try:
+        return train(root / "stopped", num_train_steps=steps)
+    finally:
+        checkpointing.stop_requested_anywhere = real
+stage("stopped", lambda: stopped_at_the_last_step(2))
+stage("stopped_rerun", lambda: train(root / "stopped", num_train_steps=2))
+stage("stopped_rerun_again", lambda: train(root / "stopped", num_train_steps=2))
 print(json.dumps(out))
 """
 
@@ -189,6 +205,32 @@ def test_resuming_with_another_architecture_is_a_config_error(run_record):
     error = r["changed_model"].get("error", "")
     assert error.startswith("ConfigError") and "encoder_depth 2 (checkpoint) != 3 (config)" in error, r["changed_model"]
     assert [x["step"] for x in _ok(r["same_model"]) if "loss" in x][-1] == 4
+
+
+def test_resuming_an_old_run_with_another_architecture_is_a_config_error(run_record):
+    root, r = run_record
+    where = f"{root / 'run' / 'checkpoints' / '4'} does not record its model (older radsam-jax) and its parameters " \
+            "do not match the architecture the config gives: "
+    for name, difference in [("old_run_changed_width", "params/image_encoder/blocks_0/attn/proj/bias is (32,) in the "
+                                                       "checkpoint, (48,) in the config's model"),
+                             ("old_run_changed_depth", "the checkpoint has no params/image_encoder/blocks_2/")]:
+        error = r[name].get("error", "")
+        assert error.startswith(f"ConfigError: {where}{difference}"), r[name]
+        assert r[name]["stdout"] == "", r[name]  # refused before any work
+    assert [x["step"] for x in _ok(r["old_run_same_model"]) if "loss" in x][-1] == 5
+
+
+def test_a_run_stopped_at_its_last_step_is_validated_when_rerun(run_record):
+    r = run_record[1]
+    stopped = _ok(r["stopped"])
+    assert "saving step 2 and exiting" in r["stopped"]["stdout"], r["stopped"]
+    assert [x["step"] for x in stopped] == [1, 2] and not any("validation_loss" in x for x in stopped), stopped
+    rerun = _ok(r["stopped_rerun"])
+    assert rerun[:2] == stopped and len(rerun) == 3, rerun  # no training step, one validation
+    assert rerun[2]["step"] == 2 and "validation_loss" in rerun[2] and "loss" not in rerun[2], rerun
+    assert "not its final validation" in r["stopped_rerun"]["stdout"], r["stopped_rerun"]
+    assert _ok(r["stopped_rerun_again"]) == rerun
+    assert "already finished at step 2" in r["stopped_rerun_again"]["stdout"], r["stopped_rerun_again"]
 
 
 def test_runs_without_a_stored_model_config_export_as_before(run_record):

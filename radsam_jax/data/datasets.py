@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("amos", "totalsegmentator", "generic")
 AMOS_CT_MAX_CASE = 500
+AMOS_FOLDERS = {"train": (("imagesTr", "labelsTr"),), "val": (("imagesVa", "labelsVa"),)}  # (images, labels)
+AMOS_FOLDERS["all"] = AMOS_FOLDERS["train"] + AMOS_FOLDERS["val"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,15 +83,13 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
     structures = {name: int(k) for k, name in names.items() if int(k) != 0}
     if not structures:
         raise ValueError(f"{meta_file} has no 'labels' besides background")
-    folders = {"train": [("imagesTr", "labelsTr")], "val": [("imagesVa", "labelsVa")]}
-    folders["all"] = folders["train"] + folders["val"]
-    if split not in folders:
-        raise ValueError(f"AMOS split must be one of {sorted(folders)}, got {split!r}")
+    if split not in AMOS_FOLDERS:
+        raise ValueError(f"AMOS split must be one of {sorted(AMOS_FOLDERS)}, got {split!r}")
     wanted = {"CT": "CT", "MRI": "MRI", "MR": "MRI", "ALL": "ALL"}.get(str(modality).upper())
     if wanted is None:
         raise ValueError(f"modality must be 'CT', 'MRI' or 'all', got {modality!r}")
     cases = []
-    for image_dir, label_dir in folders[split]:
+    for image_dir, label_dir in AMOS_FOLDERS[split]:
         for image in _nifti_files(root / image_dir):
             case_id = _strip_nifti(image.name)
             match = re.search(r"(\d+)$", case_id)
@@ -212,6 +212,33 @@ def generic_cases(root, split: str = "all") -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------- dispatch
+
+
+def layout_problem(format: str, root, split: str = "all") -> Optional[str]:
+    """None if `root` looks like a dataset of `format` (one of FORMATS) holding `split`, else what is
+    wrong and what was expected: a glance at the top level (no case is read) to check a config before
+    any work."""
+    pairs = AMOS_FOLDERS.get(split, AMOS_FOLDERS["all"])
+    meta = split != "all"  # TotalSegmentator splits come from meta.csv
+    expected = {
+        "amos": f"an AMOS folder (dataset.json, {' or '.join(f'{i}/ and {l}/' for i, l in pairs)})",
+        "totalsegmentator": "a TotalSegmentator folder (subject folders with ct.nii.gz and segmentations/"
+                            + (", meta.csv)" if meta else ")"),
+        "generic": "a case folder with labels.json, or a folder of them",
+    }[format]
+    if not root:
+        return f"not set; expected {expected}"
+    root = Path(root)
+    if not root.is_dir():
+        return f"{root} {'is a file, not a folder' if root.exists() else 'does not exist'}; expected {expected}"
+    if format == "amos":
+        found = (root / "dataset.json").is_file() and any((root / i).is_dir() and (root / l).is_dir() for i, l in pairs)
+    elif format == "totalsegmentator":
+        found = (not meta or (root / "meta.csv").is_file()) and any(
+            (s / "ct.nii.gz").is_file() and (s / "segmentations").is_dir() for s in root.iterdir())
+    else:
+        found = (root / "labels.json").is_file() or any((c / "labels.json").is_file() for c in root.iterdir())
+    return None if found else f"{root} is not {expected}"
 
 
 def read_cases(

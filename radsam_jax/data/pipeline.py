@@ -540,13 +540,11 @@ def shard_samples(num_samples: int, shard_index: int, shard_count: int, seed: in
 # ----------------------------------------------------------------------------- public entries
 
 
-def _split_name(data_config, split: str) -> tuple[str, str]:
-    """(root, reader split) for a pipeline split ("train", "val" or a reader split name)."""
+def _split_name(data_config, split: str) -> tuple[str, str, str]:
+    """(key of the root, root, reader split) for a pipeline split ("train", "val" or a reader split name)."""
     reader_split = {"train": data_config.train_split, "val": data_config.val_split}.get(split, split)
-    root = data_config.val_root if (split in ("val", data_config.val_split) and data_config.val_root) else data_config.root
-    if not root:
-        raise ValueError("data config has no root (data.root)")
-    return root, reader_split
+    key = "val_root" if (split in ("val", data_config.val_split) and data_config.val_root) else "root"
+    return key, data_config[key], reader_split
 
 
 def _structures(data_config) -> tuple:
@@ -565,10 +563,22 @@ def check_modality(data_config) -> None:
                          "windows intensities in CT Hounsfield units, which MRI cases (AMOS > 500) are not")
 
 
+def check_root(data_config, split: str, name: str = "data") -> None:
+    """ValueError naming `name`.root (or `name`.val_root) and what was expected unless the folder that
+    `split` reads looks like a dataset of data_config.format (datasets.layout_problem)."""
+    if data_config.format not in datasets.FORMATS:
+        raise ValueError(f"{name}.format {data_config.format!r} is not one of {', '.join(datasets.FORMATS)}")
+    key, root, reader_split = _split_name(data_config, split)
+    problem = datasets.layout_problem(data_config.format, root, reader_split)
+    if problem:
+        raise ValueError(f"{name}.{key}: {problem}")
+
+
 def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
-    """Cases and slice index of a split (see build_slice_index); errors if no sample is left or a
-    case is not CT (see check_modality)."""
-    root, reader_split = _split_name(data_config, split)
+    """Cases and slice index of a split (see build_slice_index); errors if the split's folder is not a
+    dataset of data_config.format (see check_root), no sample is left or a case is not CT (see check_modality)."""
+    check_root(data_config, split)
+    _, root, reader_split = _split_name(data_config, split)
     cases = datasets.read_cases(data_config.format, root, reader_split, modality=data_config.modality,
                                 structures=_structures(data_config))
     not_ct = [c.case_id for c in cases if c.modality.upper() != "CT"]

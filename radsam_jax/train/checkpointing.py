@@ -109,6 +109,13 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
         return jax.device_get(restored[STATE])
 
+    def variable_shapes(self, step: Optional[int] = None) -> dict[str, tuple]:
+        """"params/image_encoder/pos_embed"-style path -> shape of each model variable (params and
+        buffers) saved at `step` (default latest), from the checkpoint's metadata: no array is read."""
+        tree = self.manager.item_metadata(self.latest_step() if step is None else step)[STATE].tree
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(m.shape)
+                for path, m in jax.tree_util.tree_flatten_with_path({k: tree[k] for k in ("params", "buffers")})[0]}
+
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]

@@ -6,6 +6,9 @@ loop itself (loss, optimiser, sharded step, checkpoints) lives in the sibling mo
 Outputs in `workdir`: `checkpoints/` (Orbax, see checkpointing.py), `metrics.jsonl` (one JSON object
 per log step and per validation, with at least "step" and "loss"), TensorBoard event files, and a
 progress line on stdout (step, loss, images/s). Only process 0 writes logs and metrics.
+
+A run is finished once metrics.jsonl records the validation of its last step: re-running it then does
+nothing, and re-running one stopped (SIGTERM) at its last step before that validation only validates.
 """
 
 import dataclasses
@@ -135,48 +138,49 @@ def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
     return windows["data"]
 
 
-def _with_training_window(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
-    return dataclasses.replace(model_config, ct_window=training_window(config))
+def _as_trained(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    """`model_config` as this training leaves it: the training CT window, and binary mask prompts (the
+    prompt simulation's), also for a converted SAM-family init that read logits before."""
+    return dataclasses.replace(model_config, ct_window=training_window(config), mask_prompt="binary")
 
 
 def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The model `config` asks for, reading no weights: the init checkpoint's header, or the named
-    preset with the model.* overrides; its ct_window is the training window (`training_window`)."""
+    preset with the model.* overrides, as trained here (`_as_trained`)."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_config
 
-        return _with_training_window(load_config(resolve_path(config.init_checkpoint)), config)
+        return _as_trained(load_config(resolve_path(config.init_checkpoint)), config)
     model_config = load_model_config(config.model.name)
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if overrides:
         model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
-    return _with_training_window(model_config, config)
+    return _as_trained(model_config, config)
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
     """(model config, initial variables or None): a converted checkpoint, or a named preset from
-    scratch; its ct_window is the training window."""
+    scratch, as trained here (`_as_trained`)."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_checkpoint
 
         model = load_checkpoint(resolve_path(config.init_checkpoint))
-        return _with_training_window(model.config, config), jax.device_get(model.variables)
+        return _as_trained(model.config, config), jax.device_get(model.variables)
     return configured_model_config(config), None
 
 
 def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer) -> tuple[ModelConfig, Optional[dict]]:
     """(architecture, initial variables or None) of the run whose checkpoints `ckpt` reads; ConfigError
     if it cannot be built. A new run loads `config`'s model; a resumed one takes the ModelConfig stored
-    with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another;
+    with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another (one of
+    an older radsam-jax, which stored none, takes the config's, which its saved arrays must fit);
     its ct_window, preprocessing and not architecture, follows the config (the window trained from now on)."""
     step = ckpt.latest_step()
     stored = None if step is None else ckpt.restore_model_config(step)
     try:
-        if stored is None:
-            # A new run, or checkpoints of an older radsam-jax, which did not store the ModelConfig: its
-            # architecture can only come from the config (the init checkpoint's header, or the preset).
-            return load_model(config) if step is None else (configured_model_config(config), None)
-        stored = ModelConfig.from_mapping(stored)
+        if step is None:
+            return load_model(config)
+        stored = None if stored is None else ModelConfig.from_mapping(stored)
         wanted = configured_model_config(config)
     except FileNotFoundError as e:
         if stored is None:
@@ -184,11 +188,16 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
             raise ConfigError(f"cannot build the model{old}: {e}") from e
         # The init checkpoint was moved or deleted (resuming does not read it): the run's record decides.
         try:
-            return _with_training_window(stored, config), None
+            return _as_trained(stored, config), None
         except ValueError as e2:
             raise ConfigError(f"cannot build the model: {e2}") from e2
     except ValueError as e:  # CheckpointError is a ValueError
         raise ConfigError(f"cannot build the model: {e}") from e
+    if stored is None:
+        # Checkpoints of an older radsam-jax, which did not store the ModelConfig: its architecture can only
+        # come from the config (the init checkpoint's header, or the preset), which the saved arrays must fit.
+        _check_saved_variables(ckpt, step, wanted)
+        return wanted, None
     have, want = stored.to_dict(), wanted.to_dict()
     changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have
                if have[k] != want[k] and k != "ct_window"]
@@ -196,6 +205,23 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
     return dataclasses.replace(stored, ct_window=wanted.ct_window), None
+
+
+def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_config: ModelConfig) -> None:
+    """ConfigError unless the variables saved at `step` have the paths and shapes of `model_config`'s
+    (read from the checkpoint's metadata, before Orbax fails on them in the middle of the restore)."""
+    from radsam_jax.checkpoint import expected_shapes
+
+    saved, expected = ckpt.variable_shapes(step), expected_shapes(model_config)
+    problems = [f"{k} is {saved[k]} in the checkpoint, {shape} in the config's model"
+                for k, shape in expected.items() if k in saved and saved[k] != shape]
+    problems += [f"the checkpoint has no {k}" for k in expected if k not in saved]
+    problems += [f"the config's model has no {k}" for k in saved if k not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
+        raise ConfigError(f"{ckpt.directory}/{step} does not record its model (older radsam-jax) and its parameters "
+                          f"do not match the architecture the config gives: {problems[0]}{more}; resume with the "
+                          "run's own model settings or use a new --workdir")
 
 
 def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, *, split: str, batch_size: int,
@@ -311,12 +337,34 @@ def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) 
     return {k.removesuffix("_sum"): float(v / count) for k, v in sums.items()} | {"num_examples": float(count)}
 
 
+def validation_recorded(workdir: pathlib.Path, step: int) -> bool:
+    """Whether `workdir`/metrics.jsonl holds a validation at `step`. Process 0 writes the file, so
+    its answer is every process's (they must all take the same branch: validation is collective)."""
+    found = False
+    if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
+        with open(workdir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if row.get("step") == step and "validation_loss" in row:
+                    found = True
+                    break
+    if jax.process_count() == 1:
+        return found
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 def check_config(config: ml_collections.ConfigDict) -> None:
     """ConfigErrors for mistakes that show without building anything: the device count and batch
-    sizes, the schedule, the data modality. Called before anything is written to the workdir."""
+    sizes, the schedule, the data modality, the dataset folders. Called before anything is written
+    to the workdir."""
     available = jax.device_count()
     if config.num_devices > available:
         raise ConfigError(f"num_devices {config.num_devices} is more than the {available} "
@@ -330,15 +378,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.num_train_steps <= 0 and config.optim.schedule != "constant":
         raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
     if config.data_source in ("pipeline", "mixture"):
-        from radsam_jax.data.pipeline import check_modality
+        from radsam_jax.data.pipeline import check_modality, check_root
 
-        data_configs = [config.data]
-        if config.data_source == "mixture":
-            data_configs += [config.datasets[name] for name in dict(config.data_mixture)]
+        # (key, data config, split) of each folder the run reads: its training data, then its validation data.
+        reads = [("data", config.data, "train")] if config.data_source == "pipeline" else [
+            (f"datasets.{name}", config.datasets[name], "train") for name in dict(config.data_mixture)]
+        reads.append(("data", config.data, config.eval.split))
         try:
-            for data_config in data_configs:
+            for _, data_config, _ in reads:
                 check_modality(data_config)
             training_window(config)
+            for name, data_config, split in reads:
+                check_root(data_config, split, name)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -463,12 +514,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         if logged_step != step:  # the last step of an epoch-bounded or preempted run
             log()
-        if resumed and step == start_step and not preempted:
-            # Re-running a finished run: the run that reached this step validated and saved it.
+        # A re-run that had nothing left to train: the run is finished if its last step's validation is
+        # recorded; one stopped by SIGTERM (or killed in that validation) at its last step validates now.
+        rerun = resumed and step == start_step and not preempted
+        if rerun and validation_recorded(workdir, step):
             writer.print(f"the run in {workdir} is already finished at step {step} (num_train_steps / num_epochs): "
                          "nothing to train or validate")
         elif not preempted:
-            if config.eval.every_steps <= 0 or step % config.eval.every_steps:
+            if rerun:
+                writer.print(f"the run in {workdir} reached its last step {step} but not its final validation "
+                             "(stopped before it): validating")
+            if rerun or config.eval.every_steps <= 0 or step % config.eval.every_steps:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
             save(force=True)
     ckpt.wait_until_finished()
