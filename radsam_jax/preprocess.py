@@ -84,12 +84,13 @@ def preprocess_images(images_0_255, config: ModelConfig):
     return jnp.pad(x, ((0, 0), (0, s - geo.resized[0]), (0, s - geo.resized[1]), (0, 0)))
 
 
-def preprocess_ct_slices(hu_slices, config: ModelConfig, window=DEFAULT_WINDOW):
-    """(B, H, W) Hounsfield units -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise)."""
+def preprocess_ct_slices(hu_slices, config: ModelConfig, window=None):
+    """(B, H, W) Hounsfield units -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise);
+    window (level, width) in HU, default the one the model was trained with (config.ct_window)."""
     if np.ndim(hu_slices) != 3:
         raise ValueError(f"hu_slices must have shape (N, H, W) (a batch of slices; one slice: x[None]), "
                          f"got shape {np.shape(hu_slices)}")
-    return preprocess_images(to_rgb(window_ct(hu_slices, *window)), config)
+    return preprocess_images(to_rgb(window_ct(hu_slices, *(config.ct_window if window is None else window))), config)
 
 
 def points_to_input(points, geo: Geometry):

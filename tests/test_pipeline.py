@@ -1,5 +1,6 @@
 """Grain pipeline: batch format, determinism, state save/restore, sharding, workers, validation."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def test_numpy_preprocessing_matches_jax():
         spec = pipeline.InputSpec.from_model_config(config)
         expected = np.asarray(preprocess.preprocess_ct_slices(hu[None], config, (40.0, 400.0)))[0]
         np.testing.assert_allclose(pipeline.preprocess_slice(hu, spec, 40.0, 400.0), expected, atol=1e-4)
+    # Without a window: the one the model was trained with.
+    windowed = dataclasses.replace(MODEL, ct_window=(60.0, 350.0))
+    np.testing.assert_array_equal(np.asarray(preprocess.preprocess_ct_slices(hu[None], windowed)),
+                                  np.asarray(preprocess.preprocess_ct_slices(hu[None], MODEL, (60.0, 350.0))))
 
 
 def test_validation_slices_are_deterministic_and_padded(tmp_path):
