@@ -2,6 +2,7 @@
 to end against the per-slice loop, orientation handling, bucketing (compilation counts), bad input."""
 
 import contextlib
+import dataclasses
 import itertools
 
 import jax
@@ -226,7 +227,7 @@ def test_mask_prompts_are_sent_in_the_models_encoding(encoding):
                              jnp.zeros((2, 4)), jnp.zeros((2,), bool), current, jnp.zeros(32), mask_prompt=encoding)
     assert (np.asarray(out[3]) == sent + 1).all() and (np.asarray(out[4]) == 5).all()  # slice 4: empty, not sent
     pr = start_prompt(jnp.zeros((4, 2)), -jnp.ones((4,), jnp.int32), jnp.zeros(4), False, current, jnp.int32(3), True,
-                      image_size=IMAGE, mode="mask", mask_prompt=encoding)
+                      mask_prompt=encoding)
     assert bool(pr.has_mask[0]) and (np.asarray(pr.mask[0]) == sent).all()
 
 
@@ -236,24 +237,18 @@ def test_start_prompt_for_segment_and_edit():
     pts, lab = jnp.zeros((4, 2)), -jnp.ones((4,), jnp.int32)
     box = jnp.asarray([1.0, 2.0, 30.0, 40.0])
     # segment (no current mask): the user's prompt only
-    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), False, image_size=64, mode="mask")
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), False)
     assert bool(pr.has_box[0]) and not bool(pr.has_mask[0]) and not np.asarray(pr.mask).any()
-    # edit, mask propagation: stored box + current mask
-    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="mask")
+    np.testing.assert_allclose(np.asarray(pr.box[0]), np.asarray(box))
+    # edit: stored box + current mask (+ the clicks), whatever the propagation mode
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True)
     assert bool(pr.has_box[0]) and bool(pr.has_mask[0])
     np.testing.assert_array_equal(np.asarray(pr.mask[0]), np.asarray(logits[2] > 0))
+    pr = start_prompt(pts, lab, jnp.zeros(4), False, logits, jnp.int32(2), True)
+    assert not bool(pr.has_box[0]) and bool(pr.has_mask[0])
     # edit on a slice the current mask misses: no mask prompt (the model never saw an empty one)
-    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(1), True, image_size=64, mode="mask")
+    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(1), True)
     assert bool(pr.has_box[0]) and not bool(pr.has_mask[0])
-    # edit, box propagation: the stored box wins; without one, the box around the current mask
-    pr = start_prompt(pts, lab, box, True, logits, jnp.int32(2), True, image_size=64, mode="box")
-    np.testing.assert_allclose(np.asarray(pr.box[0]), np.asarray(box))
-    assert not bool(pr.has_mask[0])
-    pr = start_prompt(pts, lab, jnp.zeros(4), False, logits, jnp.int32(2), True, image_size=64, mode="box")
-    assert bool(pr.has_box[0])
-    np.testing.assert_allclose(np.asarray(pr.box[0]), [28, 12, 35, 23])
-    pr = start_prompt(pts, lab, jnp.zeros(4), False, logits, jnp.int32(1), True, image_size=64, mode="box")
-    assert not bool(pr.has_box[0])  # empty current mask: no box
 
 
 def test_box_from_mask():
@@ -333,10 +328,11 @@ def test_predictor_is_orientation_invariant(tiny_model):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("propagation", ["mask", "box"])
-def test_scan_matches_per_slice_loop(tiny_model, propagation):
+@pytest.mark.parametrize("propagation,encoding", [("mask", "binary"), ("box", "binary"), ("mask", "logits")])
+def test_scan_matches_per_slice_loop(tiny_model, propagation, encoding):
     vol = synthetic_volume()
-    p = VolumePredictor(tiny_model, encoder_batch_size=4, bucket=32, vanish_policy="continue")
+    model = RadSam(dataclasses.replace(tiny_model.config, mask_prompt=encoding), tiny_model.variables)
+    p = VolumePredictor(model, encoder_batch_size=4, bucket=32, vanish_policy="continue")
     p.set_volume(vol)
     result = p.segment(10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)
     ref_logits, ref_iou, _ = per_slice_loop(p, 10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)

@@ -238,7 +238,7 @@ def _run(args) -> int:
     name = args.name or Path(args.checkpoint).resolve().name
     print(f"{PROG}: {len(cases)} case(s) ({fmt}), settings {', '.join(s.key for s in settings)}, "
           f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
-          f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU)",
+          f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
           file=sys.stderr)
     try:
         result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)

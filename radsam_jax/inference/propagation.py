@@ -229,24 +229,19 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     return logits, iou
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "mode", "mask_prompt"))
-def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, image_size: int, mode: str,
-                 mask_prompt: str = "binary") -> Prompts:
+@functools.partial(jax.jit, static_argnames=("mask_prompt",))
+def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, mask_prompt: str = "binary") -> Prompts:
     """The prompt (batch of one) of the slice a segmentation or an edit starts from.
 
     points (P, 2), point_labels (P,), box (4,), has_box (): the user's prompt on slice `start`;
     logits (Zp, m, m) the object's current primary logits. Where `use_current` (an edit), the current
-    mask of slice `start` joins the prompt: as the mask prompt (mode="mask", encoded as `mask_prompt`),
-    or as the box around it (mode="box"), unless a box is given (has_box), which then takes its place."""
-    use_current = jnp.asarray(use_current, bool)
-    current = jnp.where(use_current, jax.lax.dynamic_index_in_dim(logits, start, keepdims=False), EMPTY_LOGIT)
-    has_box = jnp.asarray(has_box, bool)
-    if mode == "mask":
-        return single_prompt(points, point_labels, box, has_box, *encode_mask_prompt(current, mask_prompt))
-    derived, nonempty = box_from_mask(current, image_size)
-    use_derived = use_current & ~has_box
-    bx = jnp.where(has_box, jnp.asarray(box, jnp.float32), jnp.where(use_derived & nonempty, derived, 0.0))
-    return single_prompt(points, point_labels, bx, has_box | (use_derived & nonempty), jnp.zeros(current.shape), False)
+    mask of slice `start` joins the prompt as the mask prompt (encoded as `mask_prompt`), whatever
+    the propagation mode: the paper's edit feeds the previous mask along with the correction points
+    (section 3.5), and a mask + points prompt is in the training of RadSAM and of SAM alike; the mode
+    only decides how the result then passes from slice to slice."""
+    current = jnp.where(jnp.asarray(use_current, bool), jax.lax.dynamic_index_in_dim(logits, start, keepdims=False),
+                        EMPTY_LOGIT)
+    return single_prompt(points, point_labels, box, has_box, *encode_mask_prompt(current, mask_prompt))
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "all_masks"))

@@ -61,16 +61,17 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
     logits_out[slice_index], iou_out[slice_index] = logits0, iou0
     no_pts = np.zeros((1, 2), np.float32), -np.ones((1,), np.int32)
     for step, stop in ((1, hi), (-1, lo)):
-        prev = (logits0 > 0).astype(np.float32)
+        prev = logits0
         for k in range(slice_index + step, stop + step, step):
-            if predictor.vanish_policy == "stop" and not prev.any():
+            if predictor.vanish_policy == "stop" and not (prev > 0).any():
                 break  # later slices stay empty
-            if propagation == "mask":
-                logits, iou = run(k, *no_pts, None, prev)
+            if propagation == "mask":  # in the model's encoding (propagation.encode_mask_prompt)
+                mask = (prev > 0).astype(np.float32) if config.mask_prompt == "binary" else prev
+                logits, iou = run(k, *no_pts, None, mask if (prev > 0).any() else None)  # never an empty mask
             else:
                 b, ok = _np_box_from_mask(prev, config.image_size)
                 logits, iou = run(k, *no_pts, b if ok else None, None)
             logits_out[k], iou_out[k] = logits, iou
-            prev = (logits > 0).astype(np.float32)
+            prev = logits
     timings["total_s"] = time.perf_counter() - t0
     return logits_out, iou_out, timings

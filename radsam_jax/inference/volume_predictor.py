@@ -437,8 +437,8 @@ class VolumePredictor:
     def edit(self, slice_index: int, points, point_labels) -> VolumeResult:
         """Correction points on `slice_index` (1 = add, 0 = remove): decodes that slice with all its
         stored corrections, its stored box (if the object's box prompt was given on this slice) and
-        the current mask as the mask prompt (propagation="box": the stored box, else the box around
-        the current mask), then re-propagates in both directions to the object's bounds. The
+        the current mask as the mask prompt, in either propagation mode (the paper's edit, section
+        3.5), then re-propagates in both directions to the object's bounds. The
         corrections are remembered and re-applied whenever a later re-propagation passes this slice.
 
         After `segment_slices` (slice-level), this is `edit_slices({slice_index: (points,
@@ -467,7 +467,7 @@ class VolumePredictor:
         prompt = start_prompt(
             jnp.asarray(state.table_points[k]), jnp.asarray(state.table_labels[k]), jnp.asarray(state.table_boxes[k]),
             jnp.asarray(state.table_has_box[k]), state.logits, jnp.int32(k), jnp.asarray(use_current, bool),
-            image_size=self.config.image_size, mode=state.propagation, mask_prompt=self.config.mask_prompt,
+            mask_prompt=self.config.mask_prompt,
         )
         return propagate_volume(
             self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
