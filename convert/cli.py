@@ -13,6 +13,7 @@ PROG = "radsam convert"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `convert` subcommand; dispatch with `args.func(args)`."""
     from radsam_jax.convert.convert import FORMATS, MODELS
+    from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, PREPROCESSING_MODES
 
     parser = subparsers.add_parser(
         "convert",
@@ -24,9 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="key naming of SRC (default: detect from the keys)")
     parser.add_argument("--model", choices=MODELS, default="auto", help="architecture (default: infer from the tensor shapes)")
-    parser.add_argument("--preprocessing", choices=("sam", "medsam"), default="sam",
+    parser.add_argument("--preprocessing", choices=PREPROCESSING_MODES, default="sam",
                         help="input pipeline the weights were trained with: medsam for MedSAM checkpoints (default: sam)")
-    parser.add_argument("--mask-prompt", choices=("logits", "binary"), default="logits",
+    parser.add_argument("--mask-prompt", choices=MASK_PROMPT_ENCODINGS, default="logits",
                         help="how the weights were trained to read a mask prompt: logits (SAM's previous low-resolution "
                         "logits; SAM, MedSAM, SamModel) or binary (0/1 masks, checkpoints trained the RadSAM way) "
                         "(default: logits)")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.checkpoint import expected_shapes, save_model
-from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, ModelConfig, load_model_config
+from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, PREPROCESSING_MODES, ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
 from radsam_jax.convert.key_maps import IGNORED_KEYS, KEY_MAPS
@@ -326,7 +326,7 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         raise ConversionError(f"destination {dst} already exists; refusing to overwrite it")
     if not dst.absolute().parent.is_dir():
         raise ConversionError(f"destination's parent directory {dst.absolute().parent} does not exist")
-    if preprocessing not in ("sam", "medsam"):
+    if preprocessing not in PREPROCESSING_MODES:
         raise ConversionError(f"unknown preprocessing {preprocessing!r}; choose 'sam' or 'medsam'")
     if mask_prompt not in MASK_PROMPT_ENCODINGS:
         raise ConversionError(f"unknown mask_prompt {mask_prompt!r}; choose one of {', '.join(MASK_PROMPT_ENCODINGS)}")

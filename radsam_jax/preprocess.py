@@ -18,14 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radsam_jax.model.config import DEFAULT_CT_WINDOW, ModelConfig
+from radsam_jax.model.config import DEFAULT_CT_WINDOW, PREPROCESSING_MODES, ModelConfig
 
 # Soft-tissue abdominal window, the default for CT; training takes the level/width from its config
 # and records them in the model (ModelConfig.ct_window), which inference uses.
 DEFAULT_WINDOW = DEFAULT_CT_WINDOW
-
-
-PREPROCESSING_MODES = ("sam", "medsam")
 
 
 def window_ct(hu, level: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]):

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from radsam_jax.inference.cli import add_predictor_options, predictor_option_problem
+
 PROG = "radsam evaluate"
 
 
@@ -70,15 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=8, metavar="N", help="worst objects in worst_cases.png (default 8)")
     p.add_argument("--name", help="model name in tables and plots (default: the checkpoint folder name)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    g = p.add_argument_group("inference")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
-    g.add_argument("--encoder-batch-size", type=int, default=None, metavar="N",
-                   help="slices per encoder call (default: 1 on a CPU, 8 on a GPU/TPU)")
-    g.add_argument("--bucket", type=int, default=32, metavar="N", help="pad slice counts to multiples of N (default 32)")
-    g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
-                   help="when a propagated mask becomes empty before a bound (default stop)")
-    g.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
-                   help="CT window in HU (default: the one the model was trained with, its ct_window)")
+    add_predictor_options(p.add_argument_group("inference"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -199,14 +193,12 @@ def _run(args) -> int:
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
     if not args.edits:
         raise InputError("--edits needs at least one count, e.g. 0 or 0,1,2,5,10,20")
-    for name, v, lo in (("--encoder-batch-size", args.encoder_batch_size, 1), ("--bucket", args.bucket, 1),
-                        ("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
+    problem = predictor_option_problem(args)
+    if problem:
+        raise InputError(problem)
+    for name, v, lo in (("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
         if v is not None and v < lo:  # None: the option's default applies
             raise InputError(f"{name} must be >= {lo}, got {v}")
-    from radsam_jax.model.config import is_valid_ct_window
-
-    if args.window is not None and not is_valid_ct_window(args.window):
-        raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():

@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -32,8 +33,8 @@ class InputError(ValueError):
     pass
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and inference")
+def add_predictor_options(g) -> None:
+    """The VolumePredictor options of segment, segment-batch and evaluate (checked by `predictor_option_problem`)."""
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
     g.add_argument("--encoder-batch-size", type=int, default=None, metavar="N",
                    help="slices per encoder call (default: 1 on a CPU, 8 on a GPU/TPU)")
@@ -43,6 +44,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="when the propagated mask becomes empty: stop (later slices stay empty) or continue (default stop)")
     g.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
                    help="CT window in HU (default: the one the model was trained with, its ct_window)")
+
+
+def predictor_option_problem(args) -> Optional[str]:
+    """What is wrong with the `add_predictor_options` values of `args`, or None."""
+    from radsam_jax.model.config import is_valid_ct_window
+
+    if args.encoder_batch_size is not None and args.encoder_batch_size < 1:
+        return f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}"
+    if args.bucket < 1:
+        return f"--bucket must be >= 1, got {args.bucket}"
+    if args.window is not None and not is_valid_ct_window(args.window):
+        return f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}"
+    return None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and inference")
+    add_predictor_options(g)
     g.add_argument("--world", action="store_true", help="coordinates are RAS millimetres (slice, bounds: z in mm)")
 
 
@@ -103,14 +122,9 @@ def _load_model(checkpoint, dtype: str):
 def _predictor(model, args):
     from radsam_jax.inference.volume_predictor import VolumePredictor
 
-    if args.encoder_batch_size is not None and args.encoder_batch_size < 1:
-        raise InputError(f"--encoder-batch-size must be >= 1, got {args.encoder_batch_size}")
-    if args.bucket < 1:
-        raise InputError(f"--bucket must be >= 1, got {args.bucket}")
-    from radsam_jax.model.config import is_valid_ct_window
-
-    if args.window is not None and not is_valid_ct_window(args.window):
-        raise InputError(f"--window LEVEL WIDTH needs finite values and WIDTH > 0, got {args.window[0]:g} {args.window[1]:g}")
+    problem = predictor_option_problem(args)
+    if problem:
+        raise InputError(problem)
     return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket,
                            window=args.window)
 

@@ -63,11 +63,12 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
     for step, stop in ((1, hi), (-1, lo)):
         prev = logits0
         for k in range(slice_index + step, stop + step, step):
-            if predictor.vanish_policy == "stop" and not (prev > 0).any():
+            on = prev > 0
+            if predictor.vanish_policy == "stop" and not on.any():
                 break  # later slices stay empty
-            if propagation == "mask":  # in the model's encoding (propagation.encode_mask_prompt)
-                mask = (prev > 0).astype(np.float32) if config.mask_prompt == "binary" else prev
-                logits, iou = run(k, *no_pts, None, mask if (prev > 0).any() else None)  # never an empty mask
+            if propagation == "mask":  # in the model's encoding (propagation.encode_mask_prompt), never empty
+                mask = on.astype(np.float32) if config.mask_prompt == "binary" else prev
+                logits, iou = run(k, *no_pts, None, mask if on.any() else None)
             else:
                 b, ok = _np_box_from_mask(prev, config.image_size)
                 logits, iou = run(k, *no_pts, b if ok else None, None)

@@ -74,10 +74,8 @@ def bucket_size(n: int, bucket: Bucket) -> int:
     >= n (sequence; beyond the largest, the next multiple of the largest)."""
     if n < 1:
         raise ValueError(f"need at least one slice, got {n}")
-    if isinstance(bucket, (bool, np.bool_)) or not (
-            isinstance(bucket, (int, np.integer))
-            or (isinstance(bucket, Sequence) and not isinstance(bucket, str)
-                and all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in bucket))):
+    listed = isinstance(bucket, Sequence) and not isinstance(bucket, str)
+    if not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in (bucket if listed else [bucket])):
         raise TypeError(f"bucket must be an int or a sequence of ints (slice counts), got {bucket!r}")
     if isinstance(bucket, (int, np.integer)):
         if bucket < 1:

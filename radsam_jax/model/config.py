@@ -10,6 +10,8 @@ DEFAULT_CT_WINDOW = (40.0, 400.0)
 # How a mask prompt reaches the mask encoder: RadSAM trains on binary 0/1 masks; SAM was trained on
 # its own previous low-resolution logits (SAM, MedSAM and Hugging Face SamModel conversions).
 MASK_PROMPT_ENCODINGS = ("binary", "logits")
+# Input pipelines: "sam" (resize longest side, ImageNet mean/std, pad) and "medsam" (square, [0, 1]).
+PREPROCESSING_MODES = ("sam", "medsam")
 
 
 def is_valid_ct_window(window) -> bool:
@@ -91,7 +93,7 @@ class ModelConfig:
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise ValueError(f"global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
-        if self.preprocessing not in ("sam", "medsam"):
+        if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
         if not is_valid_ct_window(self.ct_window):
             raise ValueError(f"ct_window must be (level, width) in HU with width > 0, got {self.ct_window!r}")

@@ -204,7 +204,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
     if changed:
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
-    return dataclasses.replace(stored, ct_window=wanted.ct_window), None
+    return _as_trained(stored, config), None
 
 
 def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_config: ModelConfig) -> None:
