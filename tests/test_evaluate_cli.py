@@ -326,36 +326,120 @@ def test_label_names_with_a_non_integer_id_is_an_error(checkpoint, tmp_path, cap
     assert f"--label-names {names}: label id 'two' (for 'bone') is not an integer" in err
 
 
-def test_ctrl_c_writes_the_finished_objects_and_keeps_the_earlier_report(checkpoint, tmp_path, capsys, monkeypatch):
-    import csv
+# ------------------------------------------------------------------------------ long runs: stop and continue, shards
 
+
+def _evaluate(checkpoint, data, out, *extra) -> int:
+    return radsam(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--protocol", "volume,slice",
+                   "--prompt", "box,point", "--edits", "0,1", "--worst", "3", "--bucket", str(BUCKET), "--bootstrap", "200",
+                   "--no-progress", "--out", str(out), *extra])
+
+
+def _same_report(a: Path, b: Path) -> None:
+    """The same scores, summary, plots and breakdown (but for its timings) in two report folders."""
+    for name in ("scores.csv", "summary.json", "worst_cases.png", "edits.png", "per_structure.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    without_timings = lambda folder: {k: v for k, v in json.loads((folder / "breakdown.json").read_text()).items() if k != "timings"}
+    assert without_timings(a) == without_timings(b)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts volume-level runs (two per object here: box and point) and case loads; "stop_at": the
+    run that raises KeyboardInterrupt instead."""
+    import radsam_jax.data.datasets
     from radsam_jax.evaluate import runner
 
-    image, labels, names = _synthetic(tmp_path)
-    out = tmp_path / "eval"
-    out.mkdir()
-    (out / "summary.json").write_text("an earlier run's")
-    calls = []
+    state = {"runs": 0, "stop_at": None, "loaded": []}
+    real_run, real_load = runner.run_volume_level, radsam_jax.data.datasets.load_case
 
-    def run_then_interrupt(predictor, gt, setting, checkpoints, rng, box_jitter=None):
-        calls.append(setting)
-        if len(calls) == 2:  # the second object
+    def run(*args, **kw):
+        state["runs"] += 1
+        if state["runs"] == state["stop_at"]:
             raise KeyboardInterrupt
-        return {0: 0.5}, {"initial_slice": 1, "lo": 0, "hi": 2, "clicks": {0: (0, 0)}}, gt
+        return real_run(*args, **kw)
 
-    monkeypatch.setattr(runner, "run_volume_level", run_then_interrupt)
-    try:
-        rc = radsam(["evaluate", "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
-                     "--label-names", str(names), "--bucket", str(BUCKET), "--no-progress", "--out", str(out)])
-    except KeyboardInterrupt:
-        pytest.fail("the interrupt escaped with every finished object's scores")
+    def load(case):
+        state["loaded"].append(case.case_id)
+        return real_load(case)
+
+    monkeypatch.setattr(runner, "run_volume_level", run)
+    monkeypatch.setattr(radsam_jax.data.datasets, "load_case", load)
+    return state
+
+
+def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoint, tmp_path, capsys, counted):
+    """Ctrl-C on the third object, then a kill in the middle of a record line: the same command runs only the
+    objects not finished, loads no finished case again, and reports what an uninterrupted run reports."""
+    from data_fixtures import write_generic
+
+    data = write_generic(tmp_path / "data", ("a", "b"))  # organ and bone in each; "absent" is skipped
+    assert _evaluate(checkpoint, data, tmp_path / "full") == 0, capsys.readouterr().err
+    assert counted["runs"] == 4 * 2
+    out = tmp_path / "stopped"
+    counted.update(runs=0, stop_at=5, loaded=[])  # the first setting of the third object (b's organ)
+    assert _evaluate(checkpoint, data, out) == 130
+    assert "interrupted; the 2 finished object(s) are kept in" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+    with (out / "objects.jsonl").open("a") as f:
+        f.write('{"object": {"case": "b", "structure": "org')  # then killed while writing its record line
+
+    counted.update(runs=0, stop_at=None, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 0
     err = capsys.readouterr().err
-    assert rc == 130, err
-    assert "interrupted; wrote the scores of the 1 finished object(s)" in err
-    rows = list(csv.DictReader((out / "scores.partial.csv").open()))
-    assert [(r["structure"], r["dice"]) for r in rows] == [("organ", "0.500000")]
-    assert (out / "summary.json").read_text() == "an earlier run's"
-    assert sorted(p.name for p in out.iterdir()) == ["scores.partial.csv", "summary.json"]
+    assert f"continuing the run recorded in {out}: 3 of 6 object(s) done" in err
+    assert counted["runs"] == 2 * 2 and counted["loaded"] == ["b"]
+    _same_report(tmp_path / "full", out)
+    lines = (out / "objects.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and json.loads(lines[-1]) == {"complete": True}
+
+
+def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_path, capsys):
+    image, labels, names = _synthetic(tmp_path)
+    single = ["--labels", str(labels), "--label-names", str(names)]
+    out = tmp_path / "eval"
+    assert _evaluate(checkpoint, image, out, *single) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert _evaluate(checkpoint, image, out, *single, "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds the record of another evaluation (run.json): seed 0 there, 1 here" in err and "--restart" in err
+    assert _evaluate(checkpoint, image, out, *single, "--seed", "1", "--restart") == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["identity"]["seed"] == 1
+
+
+def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
+    from data_fixtures import write_generic
+
+    data = write_generic(tmp_path / "data", ("a", "b", "c"))
+    assert _evaluate(checkpoint, data, tmp_path / "full") == 0, capsys.readouterr().err
+    shards = [tmp_path / "shard0", tmp_path / "shard1"]
+    for i, out in enumerate(shards):
+        assert _evaluate(checkpoint, data, out, "--shard", f"{i}/2") == 0, capsys.readouterr().err
+        assert f"shard {i}/2 finished" in capsys.readouterr().err and not (out / "scores.csv").exists()
+    assert {r["case"] for line in (shards[0] / "objects.jsonl").read_text().splitlines()
+            for r in json.loads(line).get("object", {}).get("rows", [])} == {"a", "c"}
+    merged = tmp_path / "merged"
+    assert radsam(["report", str(shards[1]), str(shards[0]), "--bootstrap", "200", "--out", str(merged)]) == 0, capsys.readouterr().err
+    _same_report(tmp_path / "full", merged)
+
+    def refused(*runs) -> str:
+        assert radsam(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 2
+        return capsys.readouterr().err
+
+    assert "shard(s) 1/2 of this 2-shard run are not among the records given" in refused(shards[0])
+    assert "are both shard 0/2" in refused(shards[0], shards[0], shards[1])
+    assert "shards of one run share their count" in refused(shards[0], shards[1], tmp_path / "full")
+    assert "holds no evaluation record" in refused(shards[0], data)
+    lines = (shards[1] / "objects.jsonl").read_text().splitlines()
+    (shards[1] / "objects.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # no {"complete": true}: still running
+    assert f"unfinished evaluation record(s): {shards[1]}" in refused(shards[0], shards[1])
+    assert _evaluate(checkpoint, data, tmp_path / "other", "--shard", "0/2", "--seed", "5") == 0
+    assert "record different evaluations: seed 0 there, 5 here" in refused(shards[0], tmp_path / "other")
+    assert _evaluate(checkpoint, data, tmp_path / "s", "--shard", "3/4") == 2
+    assert "--shard 3/4 has no case: the run has 3 case(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _evaluate(checkpoint, data, tmp_path / "s", "--shard", "2/2")
+    assert "expected I/N with 0 <= I < N" in capsys.readouterr().err
 
 
 def test_table1_puts_slice_level_on_the_mask_propagation_row():
@@ -419,7 +503,14 @@ def test_worst_cases_show_the_ct_window_the_model_saw(checkpoint, tmp_path, caps
     rows = [{"case": "c", "structure": "organ", "label": 1, "known": None, "protocol": "volume", "prompt": "box",
              "propagation": "mask", "edits": 0, "dice": 0.5}]
     worst = [runner.WorstCase(0.5, "c", "organ", "volume/box/mask", 0, 1, np.full((16, 16), -50.0, np.float32), gt, gt, (1.0, 1.0))]
-    monkeypatch.setattr(runner, "evaluate_cases", lambda *a, **kw: runner.EvalResult(rows, worst, [], []))
+
+    def evaluated(*args, record, **kw):
+        record.set_worst(worst)
+        record.add_object("c", "organ", rows)
+        record.mark_complete()
+        return record.result()
+
+    monkeypatch.setattr(runner, "evaluate_cases", evaluated)
     image, labels, names = _synthetic(tmp_path)
     out = tmp_path / "o"
     rc = radsam(["evaluate", "--checkpoint", str(windowed), "--data", str(image), "--labels", str(labels), "--label-names",

@@ -293,6 +293,71 @@ def test_runner_interrupted_keeps_the_rows_of_finished_objects():
     assert [(r["structure"], r["prompt"]) for r in info.value.rows] == [("organ", "box"), ("organ", "point")]
 
 
+def _two_cases():
+    import types
+
+    from radsam_jax.data.datasets import Case
+
+    gt = cube()
+    labels = gt.astype(np.uint8) * 3
+    labels[14:18, 2:6, 4:9] = 5
+    volume = types.SimpleNamespace(array=np.zeros(gt.shape, np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
+    cases = [Case(c, "img", {"organ": 3, "other": 5}, label_path="lab") for c in ("c1", "c2")]
+    return gt, cases, lambda case: (volume, labels)
+
+
+def test_a_record_killed_between_its_writes_continues_to_the_same_result(tmp_path, monkeypatch):
+    """Killed after an object's worst-case slices were saved but before its rows: continuing runs that
+    object again and ends with the rows and worst objects of an uninterrupted run, no object twice."""
+    from radsam_jax.evaluate.record import RunRecord
+
+    gt, cases, load = _two_cases()
+    settings = runner.make_settings(["volume"], ["box", "point"], ["mask"])
+    options = runner.EvalOptions(edits=(0,), oracle=False, worst_count=3)
+    expected = runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False)
+    run = {"identity": {"seed": 0, "worst": 3}, "shard": [0, 1], "report": {}}
+    real_add, added = RunRecord.add_object, []
+
+    def killed_at_the_second_object(self, *args):
+        added.append(args)
+        if len(added) == 2:  # c1's "other": its low Dice entered the worst objects just before
+            raise KeyboardInterrupt
+        real_add(self, *args)
+
+    monkeypatch.setattr(RunRecord, "add_object", killed_at_the_second_object)
+    with pytest.raises(runner.EvaluationInterrupted):
+        runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False,
+                              record=RunRecord.open(tmp_path, run))
+    monkeypatch.undo()
+    assert {w.structure for w in RunRecord.load(tmp_path).worst} == {"organ"}
+    result = runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False,
+                                   record=RunRecord.open(tmp_path, run))
+    assert result.rows == expected.rows
+    worst = lambda r: [(w.case, w.structure, w.setting, w.dice, w.order) for w in r.worst]
+    assert worst(result) == worst(expected) and len(set(worst(result))) == 3
+
+
+def test_damaged_or_foreign_records_are_named(tmp_path):
+    from radsam_jax.evaluate.record import RecordError, RunRecord
+
+    run = {"identity": {"seed": 0, "worst": 3}, "shard": [0, 1], "report": {}}
+    record = RunRecord.open(tmp_path, run)
+    record.add_skipped("c1", "organ", "absent")
+    record.add_timing({"case": "c1", "slices": 3, "encoded": 0, "encode_s": 0.0, "total_s": 0.1, "objects": 0})
+    with pytest.raises(RecordError, match="seed 0 there, 1 here"):
+        RunRecord.open(tmp_path, {**run, "identity": {"seed": 1, "worst": 3}})
+    with pytest.raises(RecordError, match="it is shard 0/1, this run is shard 1/2"):
+        RunRecord.open(tmp_path, {**run, "shard": [1, 2]})
+    lines = (tmp_path / "objects.jsonl").read_text().splitlines()
+    (tmp_path / "objects.jsonl").write_text(f"{lines[0][:-3]}\n{lines[1]}\n")  # a damaged line before a whole one
+    with pytest.raises(RecordError, match="objects.jsonl line 1 is not JSON"):
+        RunRecord.load(tmp_path)
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(RecordError, match="has objects.jsonl but no run.json"):
+        RunRecord.open(tmp_path, run)
+    assert RunRecord.open(tmp_path, run, restart=True).finished() == set()
+
+
 def _report_result(rows, worst):
     return runner.EvalResult(rows, worst, [{"case": "c0", "slices": 9, "encoded": 5, "encode_s": 0.5, "total_s": 1.0, "objects": 2}],
                              [("c0", "aorta", "absent")])
@@ -300,7 +365,7 @@ def _report_result(rows, worst):
 
 def test_report_removes_its_own_stale_outputs_only(tmp_path):
     """--worst 0 into a folder of an earlier run: no worst_cases.png of that run is left to mislead;
-    an interrupted run's scores.partial.csv goes once a run completes; the user's files stay."""
+    the user's files stay."""
     rows = [{"case": "c0", "structure": "liver", "label": 1, "known": None, "protocol": "volume", "prompt": "box",
              "propagation": "mask", "edits": 0, "dice": 0.5}]
     gt = cube()[:, :, 5]
@@ -309,9 +374,6 @@ def test_report_removes_its_own_stale_outputs_only(tmp_path):
     assert (tmp_path / "worst_cases.png").is_file()
     (tmp_path / "notes.txt").write_text("mine")
     expected = ["breakdown.json", "edits.png", "notes.txt", "per_structure.png", "scores.csv", "summary.json", "summary.md"]
-    report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, window=(40.0, 400.0), num_resamples=10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == expected
-    report.write_partial_scores(tmp_path, rows)
     report.write_report(tmp_path, _report_result(rows, []), model="m", options={}, window=(40.0, 400.0), num_resamples=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
 

@@ -11,8 +11,18 @@ NIfTI file or a DICOM folder) with --labels and --label-names (JSON {"label_map"
 A label map on another voxel grid of the same world space is aligned through world coordinates.
 Comma lists of --protocol/--prompt/--propagation run every combination from the same cached
 embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with --propagation box
-(MedSAM's preprocessing comes from its checkpoint config). Exit status: 0 ok, 2 bad input, 1 failure,
-130 interrupted (Ctrl-C: the finished objects' rows go to --out/scores.partial.csv, no report).
+(MedSAM's preprocessing comes from its checkpoint config).
+
+Long runs: every finished object goes into --out at once (run.json, objects.jsonl, worst_cases.npz;
+evaluate/record.py), so after Ctrl-C, a preemption or a crash the same command continues where the
+run stopped, with the scores an uninterrupted run gives. --shard I/N evaluates every N-th case from
+the I-th (one process, GPU or host per shard, each with its own --out); `radsam report` merges the
+shards' folders into one report:
+
+    radsam evaluate ... --shard 0/4 --out eval/0   # ... up to --shard 3/4 --out eval/3
+    radsam report eval/0 eval/1 eval/2 eval/3 --out eval/all
+
+Exit status: 0 ok, 2 bad input, 1 failure, 130 interrupted (the record keeps the finished objects).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the `evaluate` subcommand; dispatch with `args.func(args)`."""
+    """Adds the `evaluate` and `report` subcommands; dispatch with `args.func(args)`."""
     p = subparsers.add_parser(
         "evaluate", help="run the RadSAM benchmark (3D Dice, CIs, tables, plots) with a simulated user",
         description="Volume-level and slice-level prompting with simulated prompts and edits; writes scores.csv, "
@@ -71,11 +81,43 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
     p.add_argument("--worst", type=int, default=8, metavar="N", help="worst objects in worst_cases.png (default 8)")
     p.add_argument("--name", help="model name in tables and plots (default: the checkpoint folder name)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: the report, and the run's record (a stopped run continues from it)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="evaluate cases I, I+N, I+2N, ... (0 <= I < N) and write no report: `radsam report` merges the N folders")
+    p.add_argument("--restart", action="store_true", help="discard the run record in --out and start again")
     add_predictor_options(p.add_argument_group("inference"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    add_report_parser(subparsers)
     return p
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report", help="write the benchmark report of an evaluation, or of all the shards of one",
+        description="Reads the run records that `radsam evaluate` leaves in its --out folders (one finished run, "
+                    "or every shard of one, each finished) and writes scores.csv, summary.json, summary.md, "
+                    "breakdown.json and the plots to --out.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of `radsam evaluate`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (may be a RUN_DIR)")
+    p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
+    p.add_argument("--worst", type=int, metavar="N", help="worst objects in worst_cases.png (default: all the runs kept)")
+    p.add_argument("--name", help="model name in tables and plots (default: the run's)")
+    p.set_defaults(func=run_report)
+    return p
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = str(text).partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
+    return shard
 
 
 # ----------------------------------------------------------------------------------- data
@@ -170,24 +212,41 @@ def _is_dicom_folder(path: Path) -> bool:
 # ----------------------------------------------------------------------------------- run
 
 
-def run(args) -> int:
+def _errors_to_status(function):
+    """Runs a subcommand: bad input (exit 2) and failures (exit 1) as one line on stderr, no traceback."""
     from radsam_jax.checkpoint import CheckpointError
 
-    try:
-        return _run(args)
-    except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    def run(args) -> int:
+        try:
+            return function(args)
+        except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
 
 
-def _run(args) -> int:
+def _identity(model, predictor, cases, settings, args, structures, known) -> dict:
+    """What decides the run's scores (record.py): equal identities give equal rows."""
+    from radsam_jax.evaluate.record import model_fingerprint
+
+    return {"model_sha256": model_fingerprint(model), "cases": [[c.case_id, dict(c.structures)] for c in cases],
+            "settings": [s.key for s in settings], "edits": sorted(set(args.edits)), "seed": args.seed,
+            "min_slices": args.min_slices, "box_jitter": list(args.box_jitter) if args.box_jitter else None,
+            "known_classes": sorted(known) if known is not None else None, "oracle": not args.no_oracle,
+            "structures": structures, "dtype": args.dtype, "window": [float(v) for v in predictor.window],
+            "vanish_policy": args.vanish_policy, "worst": args.worst}
+
+
+def _evaluate(args) -> int:
     from radsam_jax.evaluate.metrics import parse_known_classes
-    from radsam_jax.evaluate.report import write_partial_scores, write_report
+    from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord
+    from radsam_jax.evaluate.report import write_record_report
     from radsam_jax.evaluate.runner import (
-        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings,
+        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings, shard_cases,
     )
 
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
@@ -204,6 +263,9 @@ def _run(args) -> int:
     if not Path(args.checkpoint).exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist")
     cases, fmt, structures, names = read_dataset(args)
+    index, count = args.shard
+    if not shard_cases(cases, args.shard):
+        raise InputError(f"--shard {index}/{count} has no case: the run has {len(cases)} case(s)")
     known = parse_known_classes(args.known_classes, valid=names)
     from radsam_jax.io import check_output_path
 
@@ -226,25 +288,42 @@ def _run(args) -> int:
                                 bucket=args.bucket, max_points=max_points, window=args.window)
     options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
                           box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
-                          oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures)
+                          oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures,
+                          shard=args.shard)
     name = args.name or Path(args.checkpoint).resolve().name
-    print(f"{PROG}: {len(cases)} case(s) ({fmt}), settings {', '.join(s.key for s in settings)}, "
+    shown = {"data": args.data, "checkpoint": args.checkpoint, "seed": args.seed, "min_slices": args.min_slices,
+             "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px" if args.box_jitter else None,
+             "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
+    run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
+           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window]}}
+    record = RunRecord.open(out, run, restart=args.restart)
+    mine = shard_cases(cases, args.shard)
+    shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
+    print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
           f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
           f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
           file=sys.stderr)
+    done = len(record.finished() & {(c.case_id, n) for _, c in mine for n in c.structures})
+    if done:
+        total = sum(len(c.structures) for _, c in mine)
+        print(f"{PROG}: continuing the run recorded in {out}: {done} of {total} object(s) done "
+              f"(--restart starts again)", file=sys.stderr)
     try:
-        result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress)
+        result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
+                                record=record)
     except EvaluationInterrupted as e:
-        path = write_partial_scores(out, e.rows)
-        print(f"{PROG}: interrupted; wrote the scores of the {len({(r['case'], r['structure']) for r in e.rows})} "
-              f"finished object(s) to {path} (no summary: the report needs the whole run)", file=sys.stderr)
+        print(f"{PROG}: interrupted; the {len({(r['case'], r['structure']) for r in e.rows})} finished object(s) are "
+              f"kept in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
         return 130
-    report_options = {"data": args.data, "cases": len(cases), "checkpoint": args.checkpoint, "seed": args.seed,
-                      "min_slices": args.min_slices, "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px"
-                      if args.box_jitter else None, "vanish_policy": args.vanish_policy,
-                      "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
-    summary = write_report(out, result, model=name, options=report_options, window=predictor.window, seed=args.seed,
-                           num_resamples=args.bootstrap)
+    if count > 1:
+        print(f"{PROG}: shard {index}/{count} finished ({len({(r['case'], r['structure']) for r in result.rows})} object(s) "
+              f"in {out}); once every shard is: radsam report <the {count} --out folders> --out DIR", file=sys.stderr)
+        return 0
+    summary, result = write_record_report(out, record, num_resamples=args.bootstrap)
+    return _finish(summary, result, out, args.out)
+
+
+def _finish(summary: dict, result, out: Path, where) -> int:
     for s in summary["settings"]:
         print(f"{s['protocol']:6s} {s['prompt']:5s} {s['propagation']:4s} edits={s['edits']:<3d} "
               f"Dice {s['mean_dice'] * 100:6.2f} [{s['ci_low'] * 100:.2f}, {s['ci_high'] * 100:.2f}] n={s['n']}"
@@ -252,8 +331,29 @@ def _run(args) -> int:
     print(f"wrote {out / 'summary.md'}")
     if result.missing_structures:
         raise InputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case); "
-                         f"the other structures were evaluated and written to {args.out}")
+                         f"the other structures were evaluated and written to {where}")
     return 0
+
+
+def _report(args) -> int:
+    from radsam_jax.evaluate.record import RunRecord, merge_records
+    from radsam_jax.evaluate.report import write_record_report
+    from radsam_jax.io import check_output_path
+
+    for name, v, lo in (("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
+        if v is not None and v < lo:
+            raise InputError(f"{name} must be >= {lo}, got {v}")
+    record = merge_records([RunRecord.load(path) for path in args.runs])
+    try:
+        out = check_output_path(args.out, "--out", folder=True, create=True)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    summary, result = write_record_report(out, record, num_resamples=args.bootstrap, worst=args.worst, model=args.name)
+    return _finish(summary, result, out, args.out)
+
+
+run = _errors_to_status(_evaluate)
+run_report = _errors_to_status(_report)
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,8 @@
 - edits.png (Figure 3: Dice vs number of edits), per_structure.png (Figure 2a), worst_cases.png
   (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects; none
   with --worst 0).
-- scores.partial.csv, instead of all the above, from a run interrupted by Ctrl-C: the scores.csv rows
-  of the objects finished before it.
+Each file is written under a temporary name and renamed, so a stopped run leaves the files of the
+last complete report, never a half-written one.
 Every table and figure but scores.csv (evaluation order) lists structures by label id, then name,
 and settings by SETTING_ORDER (protocol volume then slice, prompt box then point, propagation mask
 then box then none), then edits; intervals are computed over the rows in that order, so the same
@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
+from radsam_jax.io import write_atomically
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -64,15 +65,24 @@ def _report_order(rows: Sequence[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (str(r["case"]), structure(r["structure"]), _setting_sort(_setting(r))))
 
 
+def _write_text(path, text: str) -> Path:
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _save_png(path, img) -> Path:
+    return write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
 def write_scores_csv(path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SCORE_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]))
-                        for k in SCORE_COLUMNS})
-    return path
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SCORE_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]))
+                            for k in SCORE_COLUMNS})
+
+    return write_atomically(path, write)
 
 
 def summarize(rows: Sequence[dict], *, seed: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
@@ -255,9 +265,7 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
                                         jitter=options.get("jitter") or "none", vanish=options.get("vanish_policy", "stop"),
                                         smax=options.get("slice_edits_max", 10),
                                         mask_prompt=options.get("mask_prompt", "binary"))]
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_text(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------- plots (Pillow)
@@ -343,9 +351,7 @@ def plot_edits(path, summary: dict, model: str) -> Path:
         y = margin + 10 + 18 * j
         draw.line([(lx, y), (lx + 20, y)], fill=c, width=3)
         _text(draw, (lx + 26, y), f"{k[0]}, {k[1]} propagation" if k[1] != "none" else f"{k[0]}", anchor="lm")
-    path = Path(path)
-    img.save(path)
-    return path
+    return _save_png(path, img)
 
 
 def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
@@ -387,9 +393,7 @@ def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
         y = top + 18 * j
         draw.rectangle([left + width + 20, y, left + width + 32, y + 10], fill=PALETTE[j % len(PALETTE)])
         _text(draw, (left + width + 38, y + 5), "/".join(map(str, s)) + f" (E={first[s]})", anchor="lm")
-    path = Path(path)
-    img.save(path)
-    return path
+    return _save_png(path, img)
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -432,32 +436,21 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
         img.paste(pic, (x + (tile - size[0]) // 2, y + label_h + (tile - size[1]) // 2))
         _text(draw, (x + 4, y + 2), f"{w.case}: {w.structure} Dice {w.dice * 100:.1f}"[:44])
         _text(draw, (x + 4, y + 15), f"{w.setting} E={w.edits} slice {w.slice}"[:44], fill=(80, 80, 80))
-    path = Path(path)
-    img.save(path)
-    return path
-
-
-PARTIAL_SCORES = "scores.partial.csv"
-
-
-def write_partial_scores(out_dir, rows: Sequence[dict]) -> Path:
-    """scores.partial.csv: the rows of an interrupted run. The report files of an earlier complete run
-    in out_dir stay as they were; the next complete run removes this file."""
-    return write_scores_csv(Path(out_dir) / PARTIAL_SCORES, rows)
+    return _save_png(path, img)
 
 
 def write_report(out_dir, result, *, model: str, options: dict, window: tuple[float, float], seed: int = 0,
                  num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
-    """Writes every output file into out_dir, and removes the report files of an earlier run that
-    this one does not write (worst_cases.png with --worst 0, scores.partial.csv); returns the summary
-    dict. window: the CT (level, width) in HU the model saw (VolumePredictor.window), for the montage."""
+    """Writes every output file into out_dir, and removes the one an earlier report there may have
+    written and this one does not (worst_cases.png with --worst 0); returns the summary dict.
+    window: the CT (level, width) in HU the model saw (VolumePredictor.window), for the montage."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", result.rows)
     summary = summarize(result.rows, seed=seed, num_resamples=num_resamples)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     extra = breakdown(result.rows, seed=seed, num_resamples=num_resamples)
-    (out / "breakdown.json").write_text(json.dumps({**extra, "timings": result.timings,
+    _write_text(out / "breakdown.json", json.dumps({**extra, "timings": result.timings,
                                                     "skipped": [list(s) for s in result.skipped]}, indent=2) + "\n")
     write_summary_md(out / "summary.md", summary, extra, model=model,
                      options={**options, "resamples": num_resamples, "window": window},
@@ -466,5 +459,22 @@ def write_report(out_dir, result, *, model: str, options: dict, window: tuple[fl
     plot_per_structure(out / "per_structure.png", extra["per_structure"], model)
     if plot_worst_cases(out / "worst_cases.png", result.worst, window=window) is None:
         (out / "worst_cases.png").unlink(missing_ok=True)
-    (out / PARTIAL_SCORES).unlink(missing_ok=True)
     return summary
+
+
+def write_record_report(out_dir, record, *, num_resamples: int = DEFAULT_BOOTSTRAP, worst: Optional[int] = None,
+                        model: Optional[str] = None):
+    """The report of a whole run from its record (a finished RunRecord, or `merge_records` of its
+    shards): writes it into out_dir and returns (summary dict, EvalResult). worst: objects in the
+    montage, at most the number the run kept (its --worst); model: a name other than the run's."""
+    identity, shown = record.run["identity"], record.run["report"]
+    result = record.result(identity.get("structures") or ())
+    if worst is not None:
+        if worst > identity["worst"]:
+            raise ValueError(f"--worst {worst}: the run kept its {identity['worst']} worst objects (its --worst)")
+        result.worst = result.worst[:worst]
+    if not result.rows:
+        raise ValueError(f"no object was evaluated in the run's {len(identity['cases'])} case(s)")
+    summary = write_report(out_dir, result, model=model or shown["model"], options={**shown["options"], "cases": len(identity["cases"])},
+                           window=tuple(shown["window"]), seed=identity["seed"], num_resamples=num_resamples)
+    return summary, result

@@ -5,7 +5,8 @@ Per volume the predictor's `set_volume` runs once and the slices an object spans
 and protocol after that re-uses the cached embeddings, so the image encoder runs at most once per
 slice per volume. Randomness (point prompts, correction clicks, optional box jitter) comes from a
 generator seeded by (seed, case, structure, setting), so the same seed gives the same numbers, and
-adding a setting or a structure to a run does not change the others.
+adding a setting or a structure to a run does not change the others. Each finished object goes into
+a `RunRecord` (record.py) at once, so a run can continue after a stop and shards of a run merge.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from radsam_jax.evaluate.metrics import dice, oracle_dice
+from radsam_jax.evaluate.record import EvalResult, RunRecord, WorstCase
 from radsam_jax.evaluate.simulated_user import (
     PROMPT_KINDS, correction_2d, correction_3d, initial_slice, object_bounds, slice_2d, slice_prompt,
 )
@@ -35,7 +37,8 @@ class EvaluationInputError(ValueError):
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `evaluate_cases`; `rows` holds the scores of every object finished before it."""
+    """Ctrl-C during `evaluate_cases`; `rows` holds the scores of every object finished before it
+    (also those of the record it continued)."""
 
     def __init__(self, rows: list):
         super().__init__()
@@ -87,29 +90,15 @@ class EvalOptions:
     oracle: bool = True  # slice-level, no edits: oracle Dice from the secondary masks
     worst_count: int = 8  # worst cases kept for the montage
     requested_structures: Optional[Sequence[str]] = None
+    shard: tuple[int, int] = (0, 1)  # (index, count): this process evaluates cases index, index + count, ...
 
 
-@dataclasses.dataclass
-class WorstCase:
-    dice: float
-    case: str
-    structure: str
-    setting: str
-    edits: int
-    slice: int
-    image: np.ndarray  # 2D HU (rows = y, columns = x)
-    gt: np.ndarray
-    pred: np.ndarray
-    spacing: tuple  # (x, y) mm
-
-
-@dataclasses.dataclass
-class EvalResult:
-    rows: list
-    worst: list
-    timings: list  # per case: {"case", "slices", "encoded", "encode_s", "total_s", "objects"}
-    skipped: list  # (case, structure, reason)
-    missing_structures: list = dataclasses.field(default_factory=list)  # requested, found in no case
+def shard_cases(cases: Sequence, shard: tuple[int, int]) -> list[tuple[int, object]]:
+    """(index in `cases`, case) of the cases shard (index, count) evaluates: every count-th from index."""
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"shard must be INDEX/COUNT with 0 <= INDEX < COUNT, got {index}/{count}")
+    return [(i, case) for i, case in enumerate(cases) if i % count == index]
 
 
 def _rng(seed: int, *parts: str) -> np.random.Generator:
@@ -198,31 +187,44 @@ def _worst_slice(pred: np.ndarray, gt: np.ndarray, lo: int, hi: int) -> int:
 
 
 def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalOptions, *, load_case: Callable,
-                   progress: bool = True, log=print) -> EvalResult:
-    """Runs every setting on every object of every case; see the module docstring."""
+                   progress: bool = True, log=print, record: Optional[RunRecord] = None) -> EvalResult:
+    """Runs every setting on every object of the cases of `options.shard`; see the module docstring.
+
+    record: where each finished object goes at once (default: a new one in memory); the objects it
+    already holds are not run again, and a case all of whose objects it holds is not even loaded.
+    """
     import jax
 
     if not cases:
         raise EvaluationInputError("no case to evaluate: the dataset is empty")
     if options.min_slices < 1:
         raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
+    mine = shard_cases(cases, options.shard)
+    if not mine:
+        raise EvaluationInputError(f"shard {options.shard[0]}/{options.shard[1]} has no case: the dataset has {len(cases)}")
     checkpoints = {s.protocol: edit_checkpoints(options.edits, s.protocol) for s in settings}
     for protocol, cps in checkpoints.items():
         if not cps:
             raise ValueError(f"--edits {list(options.edits)} leaves no checkpoint for the {protocol}-level protocol "
                              f"(slice-level allows at most {SLICE_EDITS_MAX} points per slice)")
+    record = RunRecord() if record is None else record
     requested = list(options.requested_structures or [])
-    found = {name: 0 for name in requested}
-    rows, timings, skipped, heap = [], [], [], []
+    done = record.finished()
+    # The kept worst objects as a min-heap on (-Dice, order): its top is the least bad, replaced first.
+    heap = [(-w.dice, w.order, w) for w in record.worst]
+    heapq.heapify(heap)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(c.structures) for c in cases), unit="object", file=sys.stderr, desc="evaluate")
-    tiebreak = itertools.count()
-    finished = 0  # len(rows) when the last object was complete (all its settings and checkpoints)
+        bar = tqdm(total=sum(len(c.structures) for _, c in mine), unit="object", file=sys.stderr, desc="evaluate",
+                   initial=sum((c.case_id, n) in done for _, c in mine for n in c.structures))
     try:
-        for case in cases:
+        for case_index, case in mine:
+            todo = [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
+                    if (case.case_id, name) not in done]
+            if not todo:
+                continue
             t0 = time.perf_counter()
             volume, labels = load_case(case)
             present_ids = set(np.unique(labels).tolist())
@@ -234,74 +236,77 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
                         f"(no voxel with their label id {[case.structures.get(n) for n in missing]})")
             predictor.set_volume(volume)
             encoded, encode_s, n_objects = 0, 0.0, 0
-            for name, label_id in case.structures.items():
-                if label_id not in present_ids:
-                    skipped.append((case.case_id, name, "absent"))
-                    if bar is not None:
-                        bar.update(1)
-                    continue
+            for structure_index, name, label_id in todo:
                 gt = labels == label_id
-                lo, hi = object_bounds(gt)
-                if hi - lo + 1 < options.min_slices:
-                    skipped.append((case.case_id, name, f"spans {hi - lo + 1} < --min-slices {options.min_slices} slices"))
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                if name in found:
-                    found[name] += 1
-                n_objects += 1
-                te = time.perf_counter()
-                encoded += predictor.encode_slices(lo, hi)  # cached slices are skipped
-                jax.block_until_ready(predictor.embeddings)
-                encode_s += time.perf_counter() - te
-                known = None if options.known_classes is None else name in options.known_classes
-                for setting in settings:
-                    rng = _rng(options.seed, case.case_id, name, setting.key)
-                    cps = checkpoints[setting.protocol]
-                    if setting.protocol == "volume":
-                        scores, info, first = run_volume_level(predictor, gt, setting, cps, rng, options.box_jitter)
-                    else:
-                        scores, info, first = run_slice_level(predictor, gt, setting, cps, rng, options.box_jitter,
-                                                              oracle=options.oracle and cps[0] == 0)
-                    for e in cps:
-                        rows.append({
-                            "case": case.case_id, "structure": name, "label": int(label_id), "known": known,
-                            "protocol": setting.protocol, "prompt": setting.prompt, "propagation": setting.propagation,
-                            "edits": e, "dice": float(scores[e]),
-                            "clicks": info["clicks"][e][0], "clicks_honoured": info["clicks"][e][1],
-                            "oracle_dice": info.get("oracle_dice") if e == 0 else None,
-                            "initial_slice": info["initial_slice"], "lo": info["lo"], "hi": info["hi"],
-                            "voxels": int(np.count_nonzero(gt)),
-                        })
-                    if options.worst_count > 0:
-                        d0 = float(scores[cps[0]])
-                        item = (-d0, next(tiebreak))
-                        if len(heap) < options.worst_count or item > heap[0][:2]:
-                            k = _worst_slice(first, gt, lo, hi)
-                            sx, sy = (float(v) for v in volume.spacing[:2])
-                            wc = WorstCase(d0, case.case_id, name, setting.key, cps[0], k,
-                                           slice_2d(volume.array, k).astype(np.float32), slice_2d(gt, k).copy(),
-                                           slice_2d(first, k).astype(bool), (sx, sy))
-                            if len(heap) < options.worst_count:
-                                heapq.heappush(heap, (*item, wc))
-                            else:
-                                heapq.heapreplace(heap, (*item, wc))
-                finished = len(rows)
+                lo, hi = object_bounds(gt) if label_id in present_ids else (0, -1)
+                if label_id not in present_ids:
+                    record.add_skipped(case.case_id, name, "absent")
+                elif hi - lo + 1 < options.min_slices:
+                    record.add_skipped(case.case_id, name, f"spans {hi - lo + 1} < --min-slices {options.min_slices} slices")
+                else:
+                    te = time.perf_counter()
+                    encoded += predictor.encode_slices(lo, hi)  # cached slices are skipped
+                    jax.block_until_ready(predictor.embeddings)
+                    encode_s += time.perf_counter() - te
+                    n_objects += 1
+                    rows, offered = _evaluate_object(predictor, volume, case, (case_index, structure_index), name,
+                                                     label_id, gt, (lo, hi), settings, checkpoints, options, heap)
+                    if offered:
+                        record.set_worst([w for *_, w in heap])
+                    record.add_object(case.case_id, name, rows)
                 if bar is not None:
                     bar.update(1)
-            timings.append({"case": case.case_id, "slices": int(volume.array.shape[2]), "encoded": int(encoded),
-                            "encode_s": encode_s, "total_s": time.perf_counter() - t0, "objects": n_objects})
+            record.add_timing({"case": case.case_id, "slices": int(volume.array.shape[2]), "encoded": int(encoded),
+                               "encode_s": encode_s, "total_s": time.perf_counter() - t0, "objects": n_objects})
     except KeyboardInterrupt:
-        raise EvaluationInterrupted(rows[:finished]) from None
+        raise EvaluationInterrupted(list(record.rows)) from None
     finally:
         if bar is not None:
             bar.close()
-    never = [n for n, c in found.items() if c == 0]
-    if never and not rows:
-        raise EvaluationInputError(f"structure(s) {never} absent from every label map (no voxel in any case)")
-    if not rows:
-        reasons = sorted({r for _, _, r in skipped})
-        raise EvaluationInputError(f"no object to evaluate in {len(cases)} case(s): every structure was skipped ({'; '.join(reasons) or 'none listed'})")
-    worst = [w for _, _, w in sorted(heap, key=lambda t: (-t[0], t[1]))]
-    worst.sort(key=lambda w: w.dice)
-    return EvalResult(rows, worst, timings, skipped, never)
+    record.mark_complete()
+    result = record.result(requested)
+    if not result.rows and options.shard[1] == 1:  # a shard may hold no object: its run's report decides
+        if result.missing_structures:
+            raise EvaluationInputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case)")
+        reasons = sorted({r for _, _, r in result.skipped})
+        raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every structure was skipped ({'; '.join(reasons) or 'none listed'})")
+    return result
+
+
+def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: str, label_id: int, gt: np.ndarray,
+                     bounds: tuple[int, int], settings: Sequence[Setting], checkpoints: dict, options: EvalOptions,
+                     heap: list) -> tuple[list, bool]:
+    """Every setting on one object (`position`: case and structure index): its score rows, and whether
+    it changed the worst-object `heap`."""
+    lo, hi = bounds
+    known = None if options.known_classes is None else name in options.known_classes
+    rows, offered = [], False
+    for setting_index, setting in enumerate(settings):
+        rng = _rng(options.seed, case.case_id, name, setting.key)
+        cps = checkpoints[setting.protocol]
+        if setting.protocol == "volume":
+            scores, info, first = run_volume_level(predictor, gt, setting, cps, rng, options.box_jitter)
+        else:
+            scores, info, first = run_slice_level(predictor, gt, setting, cps, rng, options.box_jitter,
+                                                  oracle=options.oracle and cps[0] == 0)
+        for e in cps:
+            rows.append({
+                "case": case.case_id, "structure": name, "label": int(label_id), "known": known,
+                "protocol": setting.protocol, "prompt": setting.prompt, "propagation": setting.propagation,
+                "edits": e, "dice": float(scores[e]),
+                "clicks": info["clicks"][e][0], "clicks_honoured": info["clicks"][e][1],
+                "oracle_dice": info.get("oracle_dice") if e == 0 else None,
+                "initial_slice": info["initial_slice"], "lo": info["lo"], "hi": info["hi"],
+                "voxels": int(np.count_nonzero(gt)),
+            })
+        if options.worst_count > 0:
+            d0 = float(scores[cps[0]])
+            order = (*position, setting_index)
+            if len(heap) < options.worst_count or (-d0, order) > heap[0][:2]:
+                k = _worst_slice(first, gt, lo, hi)
+                sx, sy = (float(v) for v in volume.spacing[:2])
+                wc = WorstCase(d0, case.case_id, name, setting.key, cps[0], k, slice_2d(volume.array, k).astype(np.float32),
+                               slice_2d(gt, k).copy(), slice_2d(first, k).astype(bool), (sx, sy), order)
+                (heapq.heappush if len(heap) < options.worst_count else heapq.heapreplace)(heap, (-d0, order, wc))
+                offered = True
+    return rows, offered

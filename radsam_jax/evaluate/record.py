@@ -1,0 +1,329 @@
+"""The record of one evaluation, kept in its --out folder while it runs.
+
+A benchmark over a whole dataset runs for hours. Its record lets a run stopped by Ctrl-C, a
+preemption or a crash continue where it stopped (the same command again), and lets the shards of
+one run (`radsam evaluate --shard I/N`, one process, GPU or host each) merge into one report
+(`radsam report`).
+
+- run.json: the run's identity (what decides its scores: the model's config and weights, the cases
+  and their structures, settings, edits, seed, ...), its shard, and what the report prints (model
+  name, data path, CT window). Written when the run starts.
+- objects.jsonl: one JSON line per finished object (its score rows), per skipped object, per pass
+  over a case (timing), and {"complete": true} at the end; each appended, flushed and synced when it
+  happens. A torn last line (killed while writing) is dropped when the record is read.
+- worst_cases.npz: the worst objects so far with their slices, for the montage; replaced atomically
+  when that set changes.
+
+An object is the unit: one stopped half-way is evaluated again from its start, and as its simulated
+user is seeded by (seed, case, structure, setting), a continued run gives the rows an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+RUN_FILE, OBJECTS_FILE, WORST_FILE = "run.json", "objects.jsonl", "worst_cases.npz"
+RECORD_FILES = (RUN_FILE, OBJECTS_FILE, WORST_FILE)
+RECORD_FORMAT = 1
+
+
+class RecordError(ValueError):
+    """A record that cannot be continued or merged: another run's, damaged or unfinished."""
+
+
+@dataclasses.dataclass
+class WorstCase:
+    dice: float
+    case: str
+    structure: str
+    setting: str
+    edits: int
+    slice: int
+    image: np.ndarray  # 2D HU (rows = y, columns = x)
+    gt: np.ndarray
+    pred: np.ndarray
+    spacing: tuple  # (x, y) mm
+    order: tuple = ()  # (case index, structure index, setting index): breaks ties between equal Dice
+
+
+@dataclasses.dataclass
+class EvalResult:
+    rows: list
+    worst: list
+    timings: list  # per case: {"case", "slices", "encoded", "encode_s", "total_s", "objects"}
+    skipped: list  # (case, structure, reason)
+    missing_structures: list = dataclasses.field(default_factory=list)  # requested, found in no case
+
+
+def keep_worst(candidates: Sequence[WorstCase], count: int) -> list[WorstCase]:
+    """The `count` lowest-Dice objects, ties to the later `order`, listed by Dice then order: the
+    same set whether they were found in one run, in a continued one or across shards."""
+    kept = sorted(candidates, key=lambda w: (-w.dice, w.order), reverse=True)[:count]
+    return sorted(kept, key=lambda w: (w.dice, w.order))
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a RadSam's config and variables: equal for the same weights wherever they are stored."""
+    import jax
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=list).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.variables)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _write_json(path: Path, data) -> None:
+    from radsam_jax.io import write_atomically
+
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=_json_default) + "\n"))
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=_json_default)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def identity_difference(there: dict, here: dict) -> Optional[str]:
+    """The first identity entry in which two runs differ, in words; None when they are the same run."""
+    for key in dict.fromkeys([*there, *here]):
+        a, b = there.get(key), here.get(key)
+        if a == b:
+            continue
+        if key == "cases" and isinstance(a, list) and isinstance(b, list):
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            at = lambda cases: _shown(cases[first]) if first < len(cases) else "nothing"
+            return f"its cases differ ({len(a)} there, {len(b)} here; case {first}: {at(a)} there, {at(b)} here)"
+        return f"{key} {_shown(a)} there, {_shown(b)} here"
+    return None
+
+
+class RunRecord:
+    """What an evaluation has done: the score rows of finished objects, skipped objects, timings and
+    the worst objects, kept in `folder` (None: in memory only). `run` is run.json's content."""
+
+    def __init__(self, folder=None, run: Optional[dict] = None):
+        self.folder = None if folder is None else Path(folder)
+        self.run = run or {}
+        self.rows, self.skipped, self.timings, self.worst = [], [], [], []
+        self.complete = False
+        self._finished = set()  # (case, structure) of every finished or skipped object
+        self._valid_bytes = 0  # length of objects.jsonl up to its last whole line
+
+    # ------------------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, folder, run: dict, *, restart: bool = False) -> "RunRecord":
+        """The record of the run `run` ({"identity", "shard", "report"}) in `folder`: the folder's own,
+        continued, if it holds this run's; a new one if it holds none (or restart, which deletes it).
+        RecordError when the folder holds another run's record."""
+        folder = Path(folder)
+        if restart:
+            for name in RECORD_FILES:
+                (folder / name).unlink(missing_ok=True)
+        if (folder / RUN_FILE).exists():
+            record = cls.load(folder)
+            problem = identity_difference(record.run.get("identity", {}), run["identity"])
+            if problem is None and record.run.get("shard") != run["shard"]:
+                problem = f"it is shard {_shard_text(record.run.get('shard'))}, this run is shard {_shard_text(run['shard'])}"
+            if problem:
+                raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
+                                  f"use another --out, or --restart to discard that record")
+            objects = folder / OBJECTS_FILE
+            if objects.exists() and record._valid_bytes < objects.stat().st_size:
+                os.truncate(objects, record._valid_bytes)  # the torn line of a killed run
+            record.run = {**record.run, "report": run["report"]}  # the name and paths of this invocation
+            _write_json(folder / RUN_FILE, record.run)
+            return record
+        stray = [name for name in (OBJECTS_FILE, WORST_FILE) if (folder / name).exists()]
+        if stray:
+            raise RecordError(f"{folder} has {' and '.join(stray)} but no {RUN_FILE}, so whose run they record is unknown; "
+                              f"--restart discards them")
+        record = cls(folder, {"format": RECORD_FORMAT, **run})
+        _write_json(folder / RUN_FILE, record.run)
+        (folder / OBJECTS_FILE).touch()
+        return record
+
+    @classmethod
+    def load(cls, folder) -> "RunRecord":
+        """Reads the record in `folder`; RecordError naming the file and line of anything damaged."""
+        folder = Path(folder)
+        path = folder / RUN_FILE
+        if not path.is_file():
+            raise RecordError(f"{folder} holds no evaluation record: {RUN_FILE} is missing")
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path} is not JSON: {e}") from None
+        if not isinstance(run, dict) or run.get("format") != RECORD_FORMAT or "identity" not in run:
+            raise RecordError(f"{path} is not a radsam evaluation record of format {RECORD_FORMAT}")
+        record = cls(folder, run)
+        record._read_objects(folder / OBJECTS_FILE)
+        record._read_worst(folder / WORST_FILE)
+        return record
+
+    def _read_objects(self, path: Path) -> None:
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        *lines, tail = data.split(b"\n")  # `tail`: after the last newline, empty unless a write was torn
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path} line {number} is not JSON ({e}); --restart discards the record") from None
+            if not isinstance(entry, dict) or not entry.keys() <= {"object", "skipped", "timing", "complete"} or len(entry) != 1:
+                raise RecordError(f"{path} line {number} is not a record entry: {_shown(entry)}")
+            self._apply(entry)
+        self._valid_bytes = len(data) - len(tail)
+
+    def _apply(self, entry: dict) -> None:
+        if "object" in entry:
+            obj = entry["object"]
+            self.rows.extend(obj["rows"])
+            self._finished.add((obj["case"], obj["structure"]))
+        elif "skipped" in entry:
+            case, structure, reason = entry["skipped"]
+            self.skipped.append((case, structure, reason))
+            self._finished.add((case, structure))
+        elif "timing" in entry:
+            self.timings.append(entry["timing"])
+        else:
+            self.complete = bool(entry["complete"])
+
+    def _read_worst(self, path: Path) -> None:
+        if not path.exists():
+            return
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["meta"]))
+                worst = [WorstCase(m["dice"], m["case"], m["structure"], m["setting"], m["edits"], m["slice"],
+                                   npz[f"image_{i}"], npz[f"gt_{i}"], npz[f"pred_{i}"], tuple(m["spacing"]), tuple(m["order"]))
+                         for i, m in enumerate(meta)]
+        except (OSError, ValueError, KeyError) as e:
+            raise RecordError(f"{path} cannot be read ({type(e).__name__}: {e}); --restart discards the record") from None
+        # An object's candidates are saved just before the object's rows; those of an object whose rows
+        # never came are dropped (the object runs again and offers them again).
+        self.worst = [w for w in worst if (w.case, w.structure) in self._finished]
+
+    # ------------------------------------------------------------------------------ recording
+
+    def finished(self) -> set:
+        """(case, structure) of every object finished or skipped."""
+        return set(self._finished)
+
+    def _append(self, entry: dict) -> None:
+        self._apply(entry)
+        if self.folder is None:
+            return
+        with open(self.folder / OBJECTS_FILE, "a") as f:
+            f.write(json.dumps(entry, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add_object(self, case: str, structure: str, rows: Sequence[dict]) -> None:
+        self._append({"object": {"case": case, "structure": structure, "rows": list(rows)}})
+
+    def add_skipped(self, case: str, structure: str, reason: str) -> None:
+        self._append({"skipped": [case, structure, reason]})
+
+    def add_timing(self, timing: dict) -> None:
+        self._append({"timing": timing})
+
+    def mark_complete(self) -> None:
+        self._append({"complete": True})
+
+    def set_worst(self, worst: Sequence[WorstCase]) -> None:
+        """Replaces the kept worst objects (call before `add_object` of the object that changed them)."""
+        self.worst = list(worst)
+        if self.folder is None:
+            return
+        from radsam_jax.io import write_atomically
+
+        meta = [{"dice": w.dice, "case": w.case, "structure": w.structure, "setting": w.setting, "edits": w.edits,
+                 "slice": w.slice, "spacing": list(w.spacing), "order": list(w.order)} for w in self.worst]
+        arrays = {"meta": np.array(json.dumps(meta, default=_json_default))}
+        for i, w in enumerate(self.worst):
+            arrays.update({f"image_{i}": w.image, f"gt_{i}": w.gt, f"pred_{i}": w.pred})
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        write_atomically(self.folder / WORST_FILE, write)
+
+    # ------------------------------------------------------------------------------ results
+
+    def result(self, requested: Sequence[str] = ()) -> EvalResult:
+        """The rows, the worst objects (kept count: identity "worst"), timings summed per case, the
+        skipped objects, and the requested structures that no object was evaluated for."""
+        timings = {}
+        for t in self.timings:
+            if t["case"] in timings:
+                seen = timings[t["case"]]
+                for key in ("encoded", "encode_s", "total_s", "objects"):
+                    seen[key] += t[key]
+            else:
+                timings[t["case"]] = dict(t)
+        evaluated = {r["structure"] for r in self.rows}
+        count = self.run.get("identity", {}).get("worst", len(self.worst))
+        return EvalResult(list(self.rows), keep_worst(self.worst, count), list(timings.values()), list(self.skipped),
+                          [name for name in requested if name not in evaluated])
+
+
+def _shard_text(shard) -> str:
+    return f"{shard[0]}/{shard[1]}" if isinstance(shard, (list, tuple)) and len(shard) == 2 else str(shard)
+
+
+def merge_records(records: Sequence[RunRecord]) -> RunRecord:
+    """One in-memory record of a whole run from its records: one unsharded run, or every shard of one
+    run exactly once, each complete. Rows in the order of the run's cases, as one process would write them."""
+    if not records:
+        raise RecordError("no evaluation record to report")
+    first = records[0]
+    where = lambda r: str(r.folder)
+    for r in records[1:]:
+        problem = identity_difference(first.run["identity"], r.run["identity"])
+        if problem:
+            raise RecordError(f"{where(r)} and {where(first)} record different evaluations: {problem}")
+    shards = {}
+    for r in records:
+        shard = tuple(r.run.get("shard", (0, 1)))
+        if shard[1] != first.run.get("shard", [0, 1])[1]:
+            raise RecordError(f"{where(r)} is shard {_shard_text(shard)} but {where(first)} is shard "
+                              f"{_shard_text(first.run.get('shard'))}: shards of one run share their count")
+        if shard in shards:
+            raise RecordError(f"{where(r)} and {where(shards[shard])} are both shard {_shard_text(shard)}")
+        shards[shard] = r
+    count = first.run.get("shard", [0, 1])[1]
+    missing = [f"{i}/{count}" for i in range(count) if (i, count) not in shards]
+    if missing:
+        raise RecordError(f"shard(s) {', '.join(missing)} of this {count}-shard run are not among the records given")
+    unfinished = [where(r) for r in records if not r.complete]
+    if unfinished:
+        raise RecordError(f"unfinished evaluation record(s): {', '.join(unfinished)}; run the same "
+                          f"`radsam evaluate` command there again to finish")
+    case_index = {c[0]: i for i, c in enumerate(first.run["identity"].get("cases", []))}
+    merged = RunRecord(None, {**first.run, "shard": [0, 1]})
+    ordered = sorted(records, key=lambda r: r.run.get("shard", [0, 1])[0])
+    merged.rows = sorted((row for r in ordered for row in r.rows), key=lambda row: case_index.get(row["case"], -1))
+    merged.skipped = sorted((s for r in ordered for s in r.skipped), key=lambda s: case_index.get(s[0], -1))
+    merged.timings = sorted((t for r in ordered for t in r.timings), key=lambda t: case_index.get(t["case"], -1))
+    merged.worst = [w for r in ordered for w in r.worst]
+    merged.complete = True
+    return merged
