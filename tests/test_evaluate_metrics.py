@@ -341,7 +341,9 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
     from radsam_jax.evaluate.record import RecordError, RunRecord
 
     run = {"identity": {"seed": 0, "worst": 3}, "shard": [0, 1], "report": {}}
-    record = RunRecord.open(tmp_path, run)
+    RunRecord.open(tmp_path, {**run, "identity": {"seed": 7, "worst": 3}})  # e.g. stopped on bad input at once:
+    record = RunRecord.open(tmp_path, run)  # another run may take its place, nothing is lost
+    assert json.loads((tmp_path / "run.json").read_text())["identity"]["seed"] == 0
     record.add_skipped("c1", "organ", "absent")
     record.add_timing({"case": "c1", "slices": 3, "encoded": 0, "encode_s": 0.0, "total_s": 0.1, "objects": 0})
     with pytest.raises(RecordError, match="seed 0 there, 1 here"):
@@ -351,6 +353,9 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
     lines = (tmp_path / "objects.jsonl").read_text().splitlines()
     (tmp_path / "objects.jsonl").write_text(f"{lines[0][:-3]}\n{lines[1]}\n")  # a damaged line before a whole one
     with pytest.raises(RecordError, match="objects.jsonl line 1 is not JSON"):
+        RunRecord.load(tmp_path)
+    (tmp_path / "objects.jsonl").write_text(f'{lines[1]}\n{{"object": {{"case": "c1"}}}}\n')
+    with pytest.raises(RecordError, match='objects.jsonl line 2 is not a record entry: {"object": {"case": "c1"}}'):
         RunRecord.load(tmp_path)
     (tmp_path / "run.json").unlink()
     with pytest.raises(RecordError, match="has objects.jsonl but no run.json"):

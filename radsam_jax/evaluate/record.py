@@ -130,8 +130,9 @@ class RunRecord:
     @classmethod
     def open(cls, folder, run: dict, *, restart: bool = False) -> "RunRecord":
         """The record of the run `run` ({"identity", "shard", "report"}) in `folder`: the folder's own,
-        continued, if it holds this run's; a new one if it holds none (or restart, which deletes it).
-        RecordError when the folder holds another run's record."""
+        continued, if it holds this run's; a new one if it holds none, or another run's with nothing
+        recorded yet, or with restart (which deletes it). RecordError when the folder holds another
+        run's record with something in it."""
         folder = Path(folder)
         if restart:
             for name in RECORD_FILES:
@@ -141,6 +142,8 @@ class RunRecord:
             problem = identity_difference(record.run.get("identity", {}), run["identity"])
             if problem is None and record.run.get("shard") != run["shard"]:
                 problem = f"it is shard {_shard_text(record.run.get('shard'))}, this run is shard {_shard_text(run['shard'])}"
+            if problem and not (record.rows or record.skipped or record.timings):
+                return cls.open(folder, run, restart=True)  # e.g. a run that stopped on bad input: nothing to lose
             if problem:
                 raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
                                   f"use another --out, or --restart to discard that record")
@@ -187,12 +190,15 @@ class RunRecord:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordError(f"{path} line {number} is not JSON ({e}); --restart discards the record") from None
-            if not isinstance(entry, dict) or not entry.keys() <= {"object", "skipped", "timing", "complete"} or len(entry) != 1:
-                raise RecordError(f"{path} line {number} is not a record entry: {_shown(entry)}")
-            self._apply(entry)
+            try:
+                self._apply(entry)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise RecordError(f"{path} line {number} is not a record entry: {_shown(entry)}") from None
         self._valid_bytes = len(data) - len(tail)
 
     def _apply(self, entry: dict) -> None:
+        if len(entry) != 1:
+            raise ValueError(f"one entry per line, got {len(entry)}")
         if "object" in entry:
             obj = entry["object"]
             self.rows.extend(obj["rows"])
@@ -203,8 +209,10 @@ class RunRecord:
             self._finished.add((case, structure))
         elif "timing" in entry:
             self.timings.append(entry["timing"])
-        else:
+        elif entry.keys() == {"complete"}:
             self.complete = bool(entry["complete"])
+        else:
+            raise ValueError(f"unknown entry {list(entry)}")
 
     def _read_worst(self, path: Path) -> None:
         if not path.exists():

@@ -263,7 +263,8 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     finally:
         if bar is not None:
             bar.close()
-    record.mark_complete()
+    if not record.complete:
+        record.mark_complete()
     result = record.result(requested)
     if not result.rows and options.shard[1] == 1:  # a shard may hold no object: its run's report decides
         if result.missing_structures:
