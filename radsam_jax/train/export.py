@@ -7,7 +7,6 @@ data.window_level / data.window_width), which inference then uses by default.
 """
 
 import argparse
-import dataclasses
 import pathlib
 import sys
 from typing import Optional
@@ -17,7 +16,7 @@ import ml_collections
 from radsam_jax.checkpoint import save_model
 from radsam_jax.model import ModelConfig
 from radsam_jax.train import checkpointing
-from radsam_jax.train.loop import configured_model_config, training_window
+from radsam_jax.train.loop import as_trained, configured_model_config
 
 
 def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
@@ -37,8 +36,7 @@ def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
         if stored is not None:
             model_config = ModelConfig.from_mapping(stored)
             if "ct_window" not in stored:  # stored before ct_window existed: the run's data config gives it
-                model_config = dataclasses.replace(
-                    model_config, ct_window=training_window(ml_collections.ConfigDict(train_config)))
+                model_config = as_trained(model_config, ml_collections.ConfigDict(train_config))
         else:  # an older radsam-jax did not store it: the run's config gives it, as it did then
             try:
                 model_config = configured_model_config(ml_collections.ConfigDict(train_config))

@@ -138,7 +138,7 @@ def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
     return windows["data"]
 
 
-def _as_trained(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+def as_trained(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
     """`model_config` as this training leaves it: the training CT window, and binary mask prompts (the
     prompt simulation's), also for a converted SAM-family init that read logits before."""
     return dataclasses.replace(model_config, ct_window=training_window(config), mask_prompt="binary")
@@ -146,26 +146,26 @@ def _as_trained(model_config: ModelConfig, config: ml_collections.ConfigDict) ->
 
 def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The model `config` asks for, reading no weights: the init checkpoint's header, or the named
-    preset with the model.* overrides, as trained here (`_as_trained`)."""
+    preset with the model.* overrides, as trained here (`as_trained`)."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_config
 
-        return _as_trained(load_config(resolve_path(config.init_checkpoint)), config)
+        return as_trained(load_config(resolve_path(config.init_checkpoint)), config)
     model_config = load_model_config(config.model.name)
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if overrides:
         model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
-    return _as_trained(model_config, config)
+    return as_trained(model_config, config)
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional[dict]]:
     """(model config, initial variables or None): a converted checkpoint, or a named preset from
-    scratch, as trained here (`_as_trained`)."""
+    scratch, as trained here (`as_trained`)."""
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_checkpoint
 
         model = load_checkpoint(resolve_path(config.init_checkpoint))
-        return _as_trained(model.config, config), jax.device_get(model.variables)
+        return as_trained(model.config, config), jax.device_get(model.variables)
     return configured_model_config(config), None
 
 
@@ -188,7 +188,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
             raise ConfigError(f"cannot build the model{old}: {e}") from e
         # The init checkpoint was moved or deleted (resuming does not read it): the run's record decides.
         try:
-            return _as_trained(stored, config), None
+            return as_trained(stored, config), None
         except ValueError as e2:
             raise ConfigError(f"cannot build the model: {e2}") from e2
     except ValueError as e:  # CheckpointError is a ValueError
@@ -204,7 +204,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
     if changed:
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
-    return _as_trained(stored, config), None
+    return as_trained(stored, config), None
 
 
 def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_config: ModelConfig) -> None:
