@@ -392,6 +392,9 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     _same_report(tmp_path / "full", out)
     lines = (out / "objects.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines) and json.loads(lines[-1]) == {"complete": True}
+    counted.update(runs=0)  # a finished run runs again from the start (e.g. after a code change)
+    assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 4 * 2
+    assert "continuing" not in capsys.readouterr().err
 
 
 def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_path, capsys):

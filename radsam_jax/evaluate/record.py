@@ -1,7 +1,8 @@
 """The record of one evaluation, kept in its --out folder while it runs.
 
 A benchmark over a whole dataset runs for hours. Its record lets a run stopped by Ctrl-C, a
-preemption or a crash continue where it stopped (the same command again), and lets the shards of
+preemption or a crash continue where it stopped (the same command again; a finished run run again
+starts over), and lets the shards of
 one run (`radsam evaluate --shard I/N`, one process, GPU or host each) merge into one report
 (`radsam report`).
 
@@ -130,9 +131,10 @@ class RunRecord:
     @classmethod
     def open(cls, folder, run: dict, *, restart: bool = False) -> "RunRecord":
         """The record of the run `run` ({"identity", "shard", "report"}) in `folder`: the folder's own,
-        continued, if it holds this run's; a new one if it holds none, or another run's with nothing
-        recorded yet, or with restart (which deletes it). RecordError when the folder holds another
-        run's record with something in it."""
+        continued, if it holds this run's, stopped before its end; else a new one, replacing this run's
+        finished record (running a finished run again computes it again, e.g. after a code change), a
+        record with nothing in it, or any with restart. RecordError when the folder holds another
+        run's record with something in it (a stopped run, or a finished shard: hours of work)."""
         folder = Path(folder)
         if restart:
             for name in RECORD_FILES:
@@ -142,8 +144,8 @@ class RunRecord:
             problem = identity_difference(record.run.get("identity", {}), run["identity"])
             if problem is None and record.run.get("shard") != run["shard"]:
                 problem = f"it is shard {_shard_text(record.run.get('shard'))}, this run is shard {_shard_text(run['shard'])}"
-            if problem and not (record.rows or record.skipped or record.timings):
-                return cls.open(folder, run, restart=True)  # e.g. a run that stopped on bad input: nothing to lose
+            if (record.complete and not problem) or not (record.rows or record.skipped or record.timings):
+                return cls.open(folder, run, restart=True)
             if problem:
                 raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
                                   f"use another --out, or --restart to discard that record")
