@@ -155,6 +155,23 @@ def test_segment_batch(image, checkpoint, tmp_path, capsys):
     assert "0 done, 2 skipped" in capsys.readouterr().out
 
 
+def test_segment_batch_shards_share_a_manifest_and_an_out_dir(image, checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"slice": 10, "box": [12, 9, 28, 23], "bounds": [6, 14]}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("id,image,prompts\n" + "".join(f"{c},{image},p.json\n" for c in "abc"))
+    out_dir = tmp_path / "out"
+    for shard, ids in (("0/2", ["a", "c"]), ("1/2", ["b"])):
+        rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--shard", shard, "--no-progress")
+        assert rc == 0, capsys.readouterr()
+        name = f"segment-batch-summary-{shard.replace('/', '-of-')}.json"
+        assert [d["id"] for d in json.loads((out_dir / name).read_text())["done"]] == ids
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "segment-batch-summary-0-of-2.json",
+                                                         "segment-batch-summary-1-of-2.json"]
+    masks = [np.asanyarray(nib.load(str(out_dir / f"{c}.nii.gz")).dataobj) for c in "ab"]
+    assert masks[0].any() and np.array_equal(*masks)  # same image, same prompt
+
+
 def _truncated_copy(src: Path, dst: Path) -> Path:
     raw = src.read_bytes()
     dst.write_bytes(raw[: len(raw) // 2])

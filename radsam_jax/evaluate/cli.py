@@ -31,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from radsam_jax.inference.cli import add_predictor_options, predictor_option_problem
+from radsam_jax.inference.cli import add_predictor_options, parse_shard, predictor_option_problem
 
 PROG = "radsam evaluate"
 
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in tables and plots (default: the checkpoint folder name)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: the report, and the run's record (a stopped run continues from it)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                    help="evaluate cases I, I+N, I+2N, ... (0 <= I < N) and write no report: `radsam report` merges the N folders")
     p.add_argument("--restart", action="store_true", help="discard the run record in --out and start again")
     add_predictor_options(p.add_argument_group("inference"))
@@ -107,17 +107,6 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in tables and plots (default: the run's)")
     p.set_defaults(func=run_report)
     return p
-
-
-def _shard(text: str) -> tuple[int, int]:
-    index, sep, count = str(text).partition("/")
-    try:
-        shard = int(index), int(count)
-    except ValueError:
-        shard = None
-    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
-    return shard
 
 
 # ----------------------------------------------------------------------------------- data

@@ -12,7 +12,9 @@ failing case is reported and skipped; a re-run skips cases whose output already 
 written atomically, and a case's mask last, so an existing mask is a finished case). Ids must be plain
 file names; an output that would replace an input (an image in OUT_DIR named <id>.nii.gz, the
 manifest, ...) is refused before anything runs. A summary is printed and written to
-OUT_DIR/segment-batch-summary.json; the exit status is 1 if any case failed.
+OUT_DIR/segment-batch-summary.json; the exit status is 1 if any case failed. With --shard I/N a process
+segments cases I, I+N, ... and writes segment-batch-summary-I-of-N.json, so N processes (GPUs, hosts)
+share one manifest and one OUT_DIR.
 """
 
 from __future__ import annotations
@@ -145,14 +147,22 @@ def read_manifest(path) -> list[Case]:
 SUMMARY_NAME = "segment-batch-summary.json"
 
 
-def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, manifest=None) -> None:
+def summary_name(shard: tuple[int, int] = (0, 1)) -> str:
+    """segment-batch-summary.json, or segment-batch-summary-I-of-N.json for shard I/N: shards sharing
+    an --out-dir each keep their own."""
+    return SUMMARY_NAME if shard[1] == 1 else SUMMARY_NAME.replace(".json", f"-{shard[0]}-of-{shard[1]}.json")
+
+
+def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, manifest=None,
+                  shard: tuple[int, int] = (0, 1)) -> None:
     """Raises ValueError unless every output can be written without destroying anything: --out-dir
     is (or can be made) a folder, no output is a folder, and no output is an input of any case (e.g.
-    an image in --out-dir whose id is its own name) or the manifest. Run before the model loads."""
+    an image in --out-dir whose id is its own name) or the manifest. Run before the model loads; every
+    case is checked, also those of other shards."""
     from radsam_jax.io import check_output_path, check_outputs_spare_inputs
 
     out_dir = check_output_path(out_dir, "--out-dir", folder=True)
-    outputs = [("segment-batch summary", out_dir / SUMMARY_NAME)]
+    outputs = [("segment-batch summary", out_dir / summary_name(shard))]
     for c in cases:
         outputs.append((f"the output of case {c.id!r}", out_dir / f"{c.id}.nii.gz"))
         if previews:
@@ -174,18 +184,19 @@ def _load_case(case: Case, world: bool, max_points: int):
 
 
 def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False, previews: bool = False,
-              log=print, progress: bool = True) -> dict:
-    """Segments every case not yet done; returns the summary dict (also written to out_dir).
+              log=print, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Segments every case of `shard` (I, N: cases I, I+N, ...) not yet done; returns the summary dict
+    (also written to out_dir, `summary_name(shard)`).
 
     A case's mask is written last, once everything else for it (its preview) succeeded: an existing
     mask marks the case done on a re-run. Raises ValueError (nothing run) where `check_out_dir` does."""
     from radsam_jax.io import save_label_map, write_atomically
 
     out_dir = Path(out_dir)
-    check_out_dir(cases, out_dir, previews=previews)
+    check_out_dir(cases, out_dir, previews=previews, shard=shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], []
-    for case in cases:
+    for case in cases[shard[0]::shard[1]]:
         (skipped if (out_dir / f"{case.id}.nii.gz").exists() else todo).append(case)
     for case in skipped:
         log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
@@ -234,5 +245,5 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     log(f"segment-batch: {len(done)} done, {len(skipped)} skipped (output exists), {len(failed)} failed")
     for f in failed:
         log(f"  failed {f['id']}: {f['error']}")
-    write_atomically(out_dir / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_atomically(out_dir / summary_name(shard), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     return summary

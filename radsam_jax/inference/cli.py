@@ -46,6 +46,18 @@ def add_predictor_options(g) -> None:
                    help="CT window in HU (default: the one the model was trained with, its ct_window)")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """argparse type of --shard I/N (segment-batch, evaluate): (I, N) with 0 <= I < N."""
+    index, sep, count = str(text).partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
+    return shard
+
+
 def predictor_option_problem(args) -> Optional[str]:
     """What is wrong with the `add_predictor_options` values of `args`, or None."""
     from radsam_jax.model.config import is_valid_ct_window
@@ -98,6 +110,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--checkpoint", required=True, help="model checkpoint directory")
     b.add_argument("--out-dir", required=True, help="folder for <id>.nii.gz outputs and segment-batch-summary.json")
     b.add_argument("--previews", action="store_true", help="also write <id>.png montages")
+    b.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                   help="segment cases I, I+N, I+2N, ... of the manifest (one process, GPU or host per shard, the same "
+                        "--out-dir); the summary goes to segment-batch-summary-I-of-N.json")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
     b.set_defaults(radsam_command="segment-batch", func=run)
@@ -253,10 +268,11 @@ def run_batch_command(args) -> int:
     from radsam_jax.inference.batch import check_out_dir, read_manifest, run_batch
 
     cases = read_manifest(args.manifest)
-    check_out_dir(cases, args.out_dir, previews=args.previews, manifest=args.manifest)
+    check_out_dir(cases, args.out_dir, previews=args.previews, manifest=args.manifest, shard=args.shard)
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
-    summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews, progress=not args.no_progress)
+    summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews, progress=not args.no_progress,
+                        shard=args.shard)
     return 1 if summary["failed"] else 0
 
 
