@@ -383,11 +383,14 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     assert not (out / "summary.json").exists()
     with (out / "objects.jsonl").open("a") as f:
         f.write('{"object": {"case": "b", "structure": "org')  # then killed while writing its record line
+    started = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**started, "code_sha256": "0" * 64}))  # and the code changed
 
     counted.update(runs=0, stop_at=None, loaded=[])
     assert _evaluate(checkpoint, data, out) == 0
     err = capsys.readouterr().err
     assert f"continuing the run recorded in {out}: 3 of 6 object(s) done" in err
+    assert "warning: radsam-jax's code differs from the code that started this run" in err
     assert counted["runs"] == 2 * 2 and counted["loaded"] == ["b"]
     _same_report(tmp_path / "full", out)
     lines = (out / "objects.jsonl").read_text().splitlines()
@@ -424,6 +427,11 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert radsam(["report", str(shards[1]), str(shards[0]), "--bootstrap", "200", "--out", str(merged)]) == 0, capsys.readouterr().err
     _same_report(tmp_path / "full", merged)
+    assert "warning" not in capsys.readouterr().err
+    run1 = json.loads((shards[1] / "run.json").read_text())
+    (shards[1] / "run.json").write_text(json.dumps({**run1, "code_sha256": "0" * 64}))
+    assert radsam(["report", str(shards[0]), str(shards[1]), "--bootstrap", "200", "--out", str(merged)]) == 0
+    assert "warning: the records were written by different radsam-jax code" in capsys.readouterr().err
 
     def refused(*runs) -> str:
         assert radsam(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 2

@@ -232,7 +232,7 @@ def _identity(model, predictor, cases, settings, args, structures, known) -> dic
 
 def _evaluate(args) -> int:
     from radsam_jax.evaluate.metrics import parse_known_classes
-    from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord
+    from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord, code_fingerprint
     from radsam_jax.evaluate.report import write_record_report
     from radsam_jax.evaluate.runner import (
         SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings, shard_cases,
@@ -284,7 +284,8 @@ def _evaluate(args) -> int:
              "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px" if args.box_jitter else None,
              "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
     run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
-           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window]}}
+           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window]},
+           "code_sha256": code_fingerprint()}
     record = RunRecord.open(out, run, restart=args.restart)
     mine = shard_cases(cases, args.shard)
     shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
@@ -297,6 +298,9 @@ def _evaluate(args) -> int:
         total = sum(len(c.structures) for _, c in mine)
         print(f"{PROG}: continuing the run recorded in {out}: {done} of {total} object(s) done "
               f"(--restart starts again)", file=sys.stderr)
+        if record.run.get("code_sha256") != run["code_sha256"]:
+            print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
+                  f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
     try:
         result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
                                 record=record)
@@ -332,7 +336,11 @@ def _report(args) -> int:
     for name, v, lo in (("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
         if v is not None and v < lo:
             raise InputError(f"{name} must be >= {lo}, got {v}")
-    record = merge_records([RunRecord.load(path) for path in args.runs])
+    records = [RunRecord.load(path) for path in args.runs]
+    record = merge_records(records)
+    if len({r.run.get("code_sha256") for r in records}) > 1:
+        print("radsam report: warning: the records were written by different radsam-jax code (its Python files "
+              "differ between them): the report mixes scores of both", file=sys.stderr)
     try:
         out = check_output_path(args.out, "--out", folder=True, create=True)
     except ValueError as e:

@@ -7,8 +7,9 @@ one run (`radsam evaluate --shard I/N`, one process, GPU or host each) merge int
 (`radsam report`).
 
 - run.json: the run's identity (what decides its scores: the model's config and weights, the cases
-  and their structures, settings, edits, seed, ...), its shard, and what the report prints (model
-  name, data path, CT window). Written when the run starts.
+  and their structures, settings, edits, seed, ...), its shard, what the report prints (model name,
+  data path, CT window) and the code that started it (`code_fingerprint`; a continuation with other
+  code is warned about, not refused). Written when the run starts.
 - objects.jsonl: one JSON line per finished object (its score rows), per skipped object, per pass
   over a case (timing), and {"complete": true} at the end; each appended, flushed and synced when it
   happens. A torn last line (killed while writing) is dropped when the record is read.
@@ -80,6 +81,16 @@ def model_fingerprint(model) -> str:
         array = np.ascontiguousarray(np.asarray(leaf))
         digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
         digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of radsam_jax's Python files: a run continued after they changed mixes two versions' scores."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(f"{path.relative_to(package).as_posix()}\n".encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
