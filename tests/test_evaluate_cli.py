@@ -453,6 +453,49 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     assert "expected I/N with 0 <= I < N" in capsys.readouterr().err
 
 
+def test_compare_pairs_the_shared_objects_across_propagations(checkpoint, tmp_path, capsys):
+    """Model B (other weights, mask and box propagation, every structure) against A (mask propagation,
+    organ only): only the organs are scored, and each difference is the mean of B - A over them, for
+    B's mask and box propagation alike against A's mask propagation."""
+    import csv
+
+    from data_fixtures import write_generic
+
+    from radsam_jax.checkpoint import save_model
+
+    other = tmp_path / "other_weights"
+    save_model(other, tiny_config(), jax.jit(init_variables, static_argnums=0)(tiny_config(), jax.random.key(1)))
+    data = write_generic(tmp_path / "data", ("a", "b"))
+    volume = ["--protocol", "volume", "--prompt", "box", "--edits", "0,1"]
+    assert _evaluate(checkpoint, data, tmp_path / "A", *volume, "--structures", "organ") == 0, capsys.readouterr().err
+    assert _evaluate(other, data, tmp_path / "B", *volume, "--propagation", "mask,box") == 0, capsys.readouterr().err
+    out = tmp_path / "cmp"
+    assert radsam(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--paper", "--bootstrap", "200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "(2 shared object(s))" in printed
+
+    def dice(folder):
+        return {(r["case"], r["structure"], r["propagation"], int(r["edits"])): float(r["dice"])
+                for r in csv.DictReader((tmp_path / folder / "scores.csv").open())}
+
+    a, b = dice("A"), dice("B")
+    result = json.loads((out / "compare.json").read_text())
+    assert result["shared_objects"] == 2 and result["models"][1]["not_shared"] == ["a:bone", "b:bone"]
+    differences = {(d["propagation"], d["edits"]): d for d in result["models"][1]["differences"]}
+    assert set(differences) == {("mask", 0), ("mask", 1), ("box", 0), ("box", 1)}
+    for (prop, e), d in differences.items():
+        expected = [b[(c, "organ", prop, e)] - a[(c, "organ", "mask", e)] for c in "ab"]
+        assert d["baseline_propagation"] == "mask" and d["n"] == 2
+        assert d["difference"] == pytest.approx(np.mean(expected), abs=1e-6)  # scores.csv keeps 6 decimals
+        assert d["better"] + d["equal"] + d["worse"] == 2 and d["ci_low"] <= d["difference"] <= d["ci_high"]
+    md = (out / "compare.md").read_text()
+    assert "| A | 3 | - |" in md and "| B | 3 | - |" in md and "| B (box propagation) | 3 | 1 |" in md
+    assert "| paper: RadSAM | 3 | 20 | 91.11 | 90.63 | n | 10n | 96.73 | 96.78 |" in md
+    assert (out / "compare_edits.png").is_file()
+    assert radsam(["compare", str(tmp_path / "A"), str(data), "--out", str(out)]) == 2
+    assert f"{data} has no scores.csv" in capsys.readouterr().err
+
+
 def test_table1_puts_slice_level_on_the_mask_propagation_row():
     from radsam_jax.evaluate.report import table1
 

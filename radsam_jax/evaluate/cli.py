@@ -52,7 +52,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the `evaluate` and `report` subcommands; dispatch with `args.func(args)`."""
+    """Adds the `evaluate`, `report` and `compare` subcommands; dispatch with `args.func(args)`."""
     p = subparsers.add_parser(
         "evaluate", help="run the RadSAM benchmark (3D Dice, CIs, tables, plots) with a simulated user",
         description="Volume-level and slice-level prompting with simulated prompts and edits; writes scores.csv, "
@@ -90,6 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     add_report_parser(subparsers)
+    add_compare_parser(subparsers)
     return p
 
 
@@ -106,6 +107,25 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, metavar="N", help="worst objects in worst_cases.png (default: all the runs kept)")
     p.add_argument("--name", help="model name in tables and plots (default: the run's)")
     p.set_defaults(func=run_report)
+    return p
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compare", help="compare several models' benchmark reports (Table 1, paired differences with CIs)",
+        description="Reads scores.csv from report folders (`radsam evaluate` / `radsam report` --out) and writes "
+                    "compare.md (Table 1 of every model, and per setting the paired Dice difference of each model "
+                    "against the first with a bootstrap CI), compare.json and compare_edits.png to --out. Only the "
+                    "objects every report evaluated are scored.",
+    )
+    p.add_argument("reports", nargs="+", metavar="REPORT_DIR", help="report folders; the first is the baseline")
+    p.add_argument("--names", metavar="a,b", help="model names, one per folder (default: the folder names)")
+    p.add_argument("--paper", action="store_true",
+                   help="add the paper's Table 1 rows (AMOS validation, ViT-B; other data, for orientation)")
+    p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=run_compare)
     return p
 
 
@@ -349,8 +369,31 @@ def _report(args) -> int:
     return _finish(summary, result, out, args.out)
 
 
+def _compare(args) -> int:
+    from radsam_jax.evaluate.compare import compare, write_comparison
+    from radsam_jax.io import check_output_path
+
+    if args.bootstrap < 1:
+        raise InputError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    result = compare(args.reports, _csv(args.names) if args.names else None, seed=args.seed, num_resamples=args.bootstrap)
+    try:
+        out = check_output_path(args.out, "--out", folder=True, create=True)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    path = write_comparison(out, result, paper=args.paper)
+    base = result["models"][0]["name"]
+    for m in result["models"][1:]:
+        for d in m["differences"]:
+            print(f"{m['name']} - {base}: {d['protocol']:6s} {d['prompt']:5s} edits={d['edits']:<3d} "
+                  f"{d['propagation']}/{d['baseline_propagation']} {d['difference'] * 100:+6.2f} "
+                  f"[{d['ci_low'] * 100:+.2f}, {d['ci_high'] * 100:+.2f}] n={d['n']}")
+    print(f"wrote {path} ({result['shared_objects']} shared object(s))")
+    return 0
+
+
 run = _errors_to_status(_evaluate)
 run_report = _errors_to_status(_report)
+run_compare = _errors_to_status(_compare)
 
 
 def main(argv=None) -> int:

@@ -310,34 +310,31 @@ def _panel(draw, box, xlim, ylim, xticks, yticks, title, xlabel, ylabel):
     return lambda x, y: (sx(x), sy(y))
 
 
-def plot_edits(path, summary: dict, model: str) -> Path:
-    """Figure 3: mean Dice (x100, with 95% CI whiskers) vs number of edits, one panel per protocol."""
+EDIT_UNITS = {"volume": "edit points per volume", "slice": "points per slice"}
+
+
+def plot_dice_vs_edits(path, panels: Sequence[tuple]) -> Path:
+    """Mean Dice (x100, with 95% CI whiskers) against the number of edits. panels: (title, protocol,
+    {legend label: [summary settings]}) each; a label keeps its colour in every panel."""
     from PIL import Image, ImageDraw
 
-    protocols = [p for p in ("volume", "slice") if any(s["protocol"] == p for s in summary["settings"])]
     pw, ph, margin = 420, 300, 60
-    img = Image.new("RGB", (margin + len(protocols) * (pw + margin) + 170, ph + 2 * margin + 10), "white")
+    labels = list(dict.fromkeys(label for _, _, lines in panels for label in lines))
+    colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    legend_w = max([170] + [int(6.5 * len(label)) + 50 for label in labels])
+    img = Image.new("RGB", (margin + len(panels) * (pw + margin) + legend_w, max(ph + 2 * margin + 10, 2 * margin + 18 * len(labels))),
+                    "white")
     draw = ImageDraw.Draw(img)
-    lines = {}
-    for s in summary["settings"]:
-        lines.setdefault((s["protocol"], s["prompt"], s["propagation"]), []).append(s)
-    colors = {k: PALETTE[i % len(PALETTE)]
-              for i, k in enumerate(sorted({k[1:] for k in lines}, key=lambda k: _setting_sort(k, SETTING_FIELDS[1:3])))}
-    for i, protocol in enumerate(protocols):
-        ss = [s for s in summary["settings"] if s["protocol"] == protocol]
+    for i, (title, protocol, lines) in enumerate(panels):
+        ss = [s for pts in lines.values() for s in pts]
         xmax = max(1, max(s["edits"] for s in ss))
-        lo = min(s["ci_low"] for s in ss) * 100
-        ymin = max(0.0, math.floor(lo / 10) * 10)
-        xticks = sorted({s["edits"] for s in ss})
+        ymin = max(0.0, math.floor(min(s["ci_low"] for s in ss) * 100 / 10) * 10)
         box = (margin + i * (pw + margin), margin, margin + i * (pw + margin) + pw, margin + ph)
-        unit = "points per slice" if protocol == "slice" else "edit points per volume"
-        to_px = _panel(draw, box, (0, xmax), (ymin, 100), xticks, list(range(int(ymin), 101, 10)),
-                       f"{model}: {protocol}-level", f"number of edits ({unit})", "Dice")
-        for key, pts in lines.items():
-            if key[0] != protocol:
-                continue
+        to_px = _panel(draw, box, (0, xmax), (ymin, 100), sorted({s["edits"] for s in ss}), list(range(int(ymin), 101, 10)),
+                       title, f"number of edits ({EDIT_UNITS[protocol]})", "Dice")
+        for label, pts in lines.items():
             pts = sorted(pts, key=lambda s: s["edits"])
-            c = colors[key[1:]]
+            c = colors[label]
             xy = [to_px(s["edits"], s["mean_dice"] * 100) for s in pts]
             if len(xy) > 1:
                 draw.line(xy, fill=c, width=2)
@@ -346,12 +343,27 @@ def plot_edits(path, summary: dict, model: str) -> Path:
                 _, yhi = to_px(s["edits"], s["ci_high"] * 100)
                 draw.line([(px, ylo), (px, yhi)], fill=c, width=1)
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-    lx = margin + len(protocols) * (pw + margin) - 40
-    for j, (k, c) in enumerate(colors.items()):
+    lx = margin + len(panels) * (pw + margin) - 40
+    for j, label in enumerate(labels):
         y = margin + 10 + 18 * j
-        draw.line([(lx, y), (lx + 20, y)], fill=c, width=3)
-        _text(draw, (lx + 26, y), f"{k[0]}, {k[1]} propagation" if k[1] != "none" else f"{k[0]}", anchor="lm")
+        draw.line([(lx, y), (lx + 20, y)], fill=colors[label], width=3)
+        _text(draw, (lx + 26, y), label, anchor="lm")
     return _save_png(path, img)
+
+
+def plot_edits(path, summary: dict, model: str) -> Path:
+    """Figure 3: one model's Dice against edits, a panel per protocol, a line per prompt and propagation."""
+    panels = []
+    for protocol in ("volume", "slice"):
+        ss = sorted((s for s in summary["settings"] if s["protocol"] == protocol),
+                    key=lambda s: _setting_sort(_setting(s)))
+        lines = {}
+        for s in ss:
+            label = s["prompt"] if s["propagation"] == "none" else f"{s['prompt']}, {s['propagation']} propagation"
+            lines.setdefault(label, []).append(s)
+        if lines:
+            panels.append((f"{model}: {protocol}-level", protocol, lines))
+    return plot_dice_vs_edits(path, panels)
 
 
 def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
