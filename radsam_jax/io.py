@@ -454,8 +454,9 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
 
 def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> Path:
     """Calls `write(tmp)` for a temporary file beside `path` (name ending in `suffix`, which writers
-    such as nib.save read the format from), then renames it to `path`: a reader never sees a
-    half-written file, and a failure leaves no temporary file and the old `path`, if any, untouched.
+    such as nib.save read the format from), syncs it to disk, then renames it to `path`: a reader never
+    sees a half-written file (nor, after a crash of the machine, an empty one), and a failure leaves no
+    temporary file and the old `path`, if any, untouched.
 
     The file keeps the permissions of the file it replaces, else gets those of a plain open().
     """
@@ -465,6 +466,11 @@ def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> 
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         try:
             mode = path.stat().st_mode & 0o7777
         except FileNotFoundError:
@@ -478,6 +484,11 @@ def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> 
             os.remove(tmp)
         raise
     return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    """`path` holding `text`, written as `write_atomically` does."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_output_path(path, what: str, *, folder: bool = False, create: bool = False) -> Path:

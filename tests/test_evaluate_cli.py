@@ -371,6 +371,8 @@ def counted(monkeypatch):
 def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoint, tmp_path, capsys, counted):
     """Ctrl-C on the third object, then a kill in the middle of a record line: the same command runs only the
     objects not finished, loads no finished case again, and reports what an uninterrupted run reports."""
+    import shutil
+
     from data_fixtures import write_generic
 
     data = write_generic(tmp_path / "data", ("a", "b"))  # organ and bone in each; "absent" is skipped
@@ -379,25 +381,33 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     out = tmp_path / "stopped"
     counted.update(runs=0, stop_at=5, loaded=[])  # the first setting of the third object (b's organ)
     assert _evaluate(checkpoint, data, out) == 130
-    assert "interrupted; the 2 finished object(s) are kept in" in capsys.readouterr().err
+    assert "interrupted; 3 of 6 object(s) finished and kept in" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
     with (out / "objects.jsonl").open("a") as f:
         f.write('{"object": {"case": "b", "structure": "org')  # then killed while writing its record line
     started = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**started, "code_sha256": "0" * 64}))  # and the code changed
+    (out / "run.json").write_text(json.dumps({**started, "code_sha256": ["0" * 64]}))  # and the code changed
 
+    moved = shutil.copytree(data, tmp_path / "moved")  # and the data moved
     counted.update(runs=0, stop_at=None, loaded=[])
-    assert _evaluate(checkpoint, data, out) == 0
+    assert _evaluate(checkpoint, moved, out) == 0
     err = capsys.readouterr().err
     assert f"continuing the run recorded in {out}: 3 of 6 object(s) done" in err
     assert "warning: radsam-jax's code differs from the code that started this run" in err
+    assert f"warning: this run started on {{'data': '{data}'}}, this command reads {{'data': '{moved}'}}" in err
     assert counted["runs"] == 2 * 2 and counted["loaded"] == ["b"]
     _same_report(tmp_path / "full", out)
     lines = (out / "objects.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines) and json.loads(lines[-1]) == {"complete": True}
-    counted.update(runs=0)  # a finished run runs again from the start (e.g. after a code change)
+    # Finished, partly by other code: the same command computes it again, with this code only.
+    counted.update(runs=0)
     assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 4 * 2
-    assert "continuing" not in capsys.readouterr().err
+    assert "this run finished with other radsam-jax code (its Python files changed): it is computed again" in capsys.readouterr().err
+    # Finished by this code (e.g. a requeued job): nothing to evaluate, the report is written again.
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 0 and counted["loaded"] == []
+    assert f"{out} holds this run, finished: nothing to evaluate (--restart computes it again)" in capsys.readouterr().err
+    _same_report(tmp_path / "full", out)
 
 
 def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_path, capsys):
@@ -411,6 +421,24 @@ def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_
     assert f"{out} holds the record of another evaluation (run.json): seed 0 there, 1 here" in err and "--restart" in err
     assert _evaluate(checkpoint, image, out, *single, "--seed", "1", "--restart") == 0, capsys.readouterr().err
     assert json.loads((out / "run.json").read_text())["identity"]["seed"] == 1
+
+
+def test_ctrl_c_while_writing_the_report_keeps_the_finished_run(checkpoint, tmp_path, capsys, monkeypatch):
+    from radsam_jax.evaluate import report
+
+    image, labels, names = _synthetic(tmp_path)
+    single = ["--labels", str(labels), "--label-names", str(names)]
+    out = tmp_path / "eval"
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "plot_per_structure", interrupted)
+        assert _evaluate(checkpoint, image, out, *single) == 130
+    assert f"interrupted while writing the report; the run is finished and recorded in {out}" in capsys.readouterr().err
+    assert _evaluate(checkpoint, image, out, *single) == 0
+    assert "finished: nothing to evaluate" in capsys.readouterr().err and (out / "per_structure.png").is_file()
 
 
 def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
@@ -429,7 +457,7 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     _same_report(tmp_path / "full", merged)
     assert "warning" not in capsys.readouterr().err
     run1 = json.loads((shards[1] / "run.json").read_text())
-    (shards[1] / "run.json").write_text(json.dumps({**run1, "code_sha256": "0" * 64}))
+    (shards[1] / "run.json").write_text(json.dumps({**run1, "code_sha256": ["0" * 64]}))
     assert radsam(["report", str(shards[0]), str(shards[1]), "--bootstrap", "200", "--out", str(merged)]) == 0
     assert "warning: the records were written by different radsam-jax code" in capsys.readouterr().err
 

@@ -325,13 +325,13 @@ def test_a_record_killed_between_its_writes_continues_to_the_same_result(tmp_pat
         real_add(self, *args)
 
     monkeypatch.setattr(RunRecord, "add_object", killed_at_the_second_object)
-    with pytest.raises(runner.EvaluationInterrupted):
-        runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False,
-                              record=RunRecord.open(tmp_path, run))
+    with RunRecord.open(tmp_path, run) as record, pytest.raises(runner.EvaluationInterrupted):
+        runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False, record=record)
     monkeypatch.undo()
     assert {w.structure for w in RunRecord.load(tmp_path).worst} == {"organ"}
-    result = runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False,
-                                   record=RunRecord.open(tmp_path, run))
+    with RunRecord.open(tmp_path, run) as record:
+        result = runner.evaluate_cases(cases, ScriptedPredictor(gt), settings, options, load_case=load, progress=False,
+                                       record=record)
     assert result.rows == expected.rows
     worst = lambda r: [(w.case, w.structure, w.setting, w.dice, w.order) for w in r.worst]
     assert worst(result) == worst(expected) and len(set(worst(result))) == 3
@@ -341,11 +341,16 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
     from radsam_jax.evaluate.record import RecordError, RunRecord
 
     run = {"identity": {"seed": 0, "worst": 3}, "shard": [0, 1], "report": {}}
-    RunRecord.open(tmp_path, {**run, "identity": {"seed": 7, "worst": 3}})  # e.g. stopped on bad input at once:
+    RunRecord.open(tmp_path, {**run, "identity": {"seed": 7, "worst": 3}}).close()  # e.g. stopped on bad input at once:
     record = RunRecord.open(tmp_path, run)  # another run may take its place, nothing is lost
     assert json.loads((tmp_path / "run.json").read_text())["identity"]["seed"] == 0
     record.add_skipped("c1", "organ", "absent")
     record.add_timing({"case": "c1", "slices": 3, "encoded": 0, "encode_s": 0.0, "total_s": 0.1, "objects": 0})
+    with pytest.raises(RecordError, match="another process is evaluating into"):  # the lock: one writer per folder
+        RunRecord.open(tmp_path, run)
+    with pytest.raises(RecordError, match="c1:organ is recorded a second time"):
+        record.add_skipped("c1", "organ", "absent")
+    record.close()
     with pytest.raises(RecordError, match="seed 0 there, 1 here"):
         RunRecord.open(tmp_path, {**run, "identity": {"seed": 1, "worst": 3}})
     with pytest.raises(RecordError, match="it is shard 0/1, this run is shard 1/2"):
@@ -357,10 +362,15 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
     (tmp_path / "objects.jsonl").write_text(f'{lines[1]}\n{{"object": {{"case": "c1"}}}}\n')
     with pytest.raises(RecordError, match='objects.jsonl line 2 is not a record entry: {"object": {"case": "c1"}}'):
         RunRecord.load(tmp_path)
+    (tmp_path / "objects.jsonl").write_text(f"{lines[1]}\n")
+    (tmp_path / "worst_cases.npz").write_bytes(b"PK\x03\x04 cut")  # a zip file cut short
+    with pytest.raises(RecordError, match="worst_cases.npz cannot be read .*delete it to keep the scores"):
+        RunRecord.load(tmp_path)
     (tmp_path / "run.json").unlink()
-    with pytest.raises(RecordError, match="has objects.jsonl but no run.json"):
+    with pytest.raises(RecordError, match="has objects.jsonl and worst_cases.npz but no run.json"):
         RunRecord.open(tmp_path, run)
-    assert RunRecord.open(tmp_path, run, restart=True).finished() == set()
+    with RunRecord.open(tmp_path, run, restart=True) as record:
+        assert record.finished() == set()
 
 
 def _report_result(rows, worst):

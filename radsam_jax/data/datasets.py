@@ -276,6 +276,14 @@ def select_structures(cases: Iterable[Case], names: Sequence[str]) -> list[Case]
     return out
 
 
+def select_shard(items: Sequence, shard: tuple[int, int]) -> list:
+    """Items I, I + N, I + 2N, ... of shard (I, N): how N processes (GPUs, hosts) split a list of cases."""
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"a shard is I/N with 0 <= I < N, got {index}/{count}")
+    return list(items)[index::count]
+
+
 def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndarray]:
     """(volume, integer label map on the volume's grid), both in RAS voxel order when canonical.
 

@@ -15,7 +15,8 @@ embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with -
 
 Long runs: every finished object goes into --out at once (run.json, objects.jsonl, worst_cases.npz;
 evaluate/record.py), so after Ctrl-C, a preemption or a crash the same command continues where the
-run stopped, with the scores an uninterrupted run gives (a finished run starts over). --shard I/N evaluates every N-th case from
+run stopped, with the scores an uninterrupted run gives; once finished, it evaluates nothing and
+writes the report again (other radsam-jax code, or --restart: computed again). --shard I/N evaluates every N-th case from
 the I-th (one process, GPU or host per shard, each with its own --out); `radsam report` merges the
 shards' folders into one report:
 
@@ -250,12 +251,30 @@ def _identity(model, predictor, cases, settings, args, structures, known) -> dic
             "vanish_policy": args.vanish_policy, "worst": args.worst}
 
 
+def _check_counts(args, minimums: dict) -> None:
+    """InputError for an option below its minimum ({"--bootstrap": 1, ...}; None: the option's default)."""
+    for flag, lo in minimums.items():
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is not None and v < lo:
+            raise InputError(f"{flag} must be >= {lo}, got {v}")
+
+
+def _output_folder(path) -> Path:
+    """--out created and writable now, not found unwritable after a run of hours."""
+    from radsam_jax.io import check_output_path
+
+    try:
+        return check_output_path(path, "--out", folder=True, create=True)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _evaluate(args) -> int:
     from radsam_jax.evaluate.metrics import parse_known_classes
     from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord, code_fingerprint
     from radsam_jax.evaluate.report import write_record_report
     from radsam_jax.evaluate.runner import (
-        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings, shard_cases,
+        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings,
     )
 
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
@@ -264,24 +283,20 @@ def _evaluate(args) -> int:
     problem = predictor_option_problem(args)
     if problem:
         raise InputError(problem)
-    for name, v, lo in (("--min-slices", args.min_slices, 1), ("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
-        if v is not None and v < lo:  # None: the option's default applies
-            raise InputError(f"{name} must be >= {lo}, got {v}")
+    _check_counts(args, {"--min-slices": 1, "--bootstrap": 1, "--worst": 0})
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist")
     cases, fmt, structures, names = read_dataset(args)
+    from radsam_jax.data.datasets import select_shard
+
     index, count = args.shard
-    if not shard_cases(cases, args.shard):
+    mine = select_shard(cases, args.shard)
+    if not mine:
         raise InputError(f"--shard {index}/{count} has no case: the run has {len(cases)} case(s)")
     known = parse_known_classes(args.known_classes, valid=names)
-    from radsam_jax.io import check_output_path
-
-    try:  # created and writable now, not found unwritable after a run of hours
-        out = check_output_path(args.out, "--out", folder=True, create=True)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    out = _output_folder(args.out)
 
     import jax.numpy as jnp
 
@@ -303,36 +318,50 @@ def _evaluate(args) -> int:
     shown = {"data": args.data, "checkpoint": args.checkpoint, "seed": args.seed, "min_slices": args.min_slices,
              "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px" if args.box_jitter else None,
              "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
+    inputs = {what: str(Path(v).resolve()) for what, v in (("data", args.data), ("labels", args.labels)) if v}
     run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
            "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window]},
-           "code_sha256": code_fingerprint()}
-    record = RunRecord.open(out, run, restart=args.restart)
-    mine = shard_cases(cases, args.shard)
-    shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
-    print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
-          f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
-          f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
-          file=sys.stderr)
-    done = len(record.finished() & {(c.case_id, n) for _, c in mine for n in c.structures})
-    if done:
-        total = sum(len(c.structures) for _, c in mine)
-        print(f"{PROG}: continuing the run recorded in {out}: {done} of {total} object(s) done "
-              f"(--restart starts again)", file=sys.stderr)
-        if record.run.get("code_sha256") != run["code_sha256"]:
-            print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
-                  f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
-    try:
-        result = evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
-                                record=record)
-    except EvaluationInterrupted as e:
-        print(f"{PROG}: interrupted; the {len({(r['case'], r['structure']) for r in e.rows})} finished object(s) are "
-              f"kept in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
-        return 130
-    if count > 1:
-        print(f"{PROG}: shard {index}/{count} finished ({len({(r['case'], r['structure']) for r in result.rows})} object(s) "
-              f"in {out}); once every shard is: radsam report <the {count} --out folders> --out DIR", file=sys.stderr)
-        return 0
-    summary, result = write_record_report(out, record, num_resamples=args.bootstrap)
+           "code_sha256": [code_fingerprint()], "inputs": inputs}
+    with RunRecord.open(out, run, restart=args.restart) as record:
+        shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
+        print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
+              f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
+              f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
+              file=sys.stderr)
+        objects = {(c.case_id, n) for c in mine for n in c.structures}
+        if record.replaced:
+            print(f"{PROG}: {out}: {record.replaced}", file=sys.stderr)
+        elif record.complete:
+            print(f"{PROG}: {out} holds this run, finished: nothing to evaluate (--restart computes it again)", file=sys.stderr)
+        elif record.finished() & objects:
+            print(f"{PROG}: continuing the run recorded in {out}: {len(record.finished() & objects)} of {len(objects)} "
+                  f"object(s) done (--restart starts again)", file=sys.stderr)
+            if len(record.run["code_sha256"]) > 1:
+                print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
+                      f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
+            if record.run.get("inputs") != inputs:
+                print(f"{PROG}: warning: this run started on {record.run.get('inputs')}, this command reads {inputs} "
+                      f"(same cases and structures)", file=sys.stderr)
+        try:
+            evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
+                           record=record)
+        except EvaluationInterrupted:
+            print(f"{PROG}: interrupted; {len(record.finished() & objects)} of {len(objects)} object(s) finished and kept "
+                  f"in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
+            return 130
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n(the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
+                               f"the same command continues the run)") from e
+        if count > 1:
+            print(f"{PROG}: shard {index}/{count} finished ({len(objects)} object(s) in {out}); once every shard is: "
+                  f"radsam report <the {count} --out folders> --out DIR", file=sys.stderr)
+            return 0
+        try:
+            summary, result = write_record_report(out, record, num_resamples=args.bootstrap)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted while writing the report; the run is finished and recorded in {out}: "
+                  f"the same command (or radsam report {out} --out {out}) writes it", file=sys.stderr)
+            return 130
     return _finish(summary, result, out, args.out)
 
 
@@ -351,35 +380,24 @@ def _finish(summary: dict, result, out: Path, where) -> int:
 def _report(args) -> int:
     from radsam_jax.evaluate.record import RunRecord, merge_records
     from radsam_jax.evaluate.report import write_record_report
-    from radsam_jax.io import check_output_path
 
-    for name, v, lo in (("--bootstrap", args.bootstrap, 1), ("--worst", args.worst, 0)):
-        if v is not None and v < lo:
-            raise InputError(f"{name} must be >= {lo}, got {v}")
+    _check_counts(args, {"--bootstrap": 1, "--worst": 0})
     records = [RunRecord.load(path) for path in args.runs]
     record = merge_records(records)
-    if len({r.run.get("code_sha256") for r in records}) > 1:
+    if len({code for r in records for code in r.run.get("code_sha256") or []}) > 1:
         print("radsam report: warning: the records were written by different radsam-jax code (its Python files "
               "differ between them): the report mixes scores of both", file=sys.stderr)
-    try:
-        out = check_output_path(args.out, "--out", folder=True, create=True)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    out = _output_folder(args.out)
     summary, result = write_record_report(out, record, num_resamples=args.bootstrap, worst=args.worst, model=args.name)
     return _finish(summary, result, out, args.out)
 
 
 def _compare(args) -> int:
     from radsam_jax.evaluate.compare import compare, write_comparison
-    from radsam_jax.io import check_output_path
 
-    if args.bootstrap < 1:
-        raise InputError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    _check_counts(args, {"--bootstrap": 1})
     result = compare(args.reports, _csv(args.names) if args.names else None, seed=args.seed, num_resamples=args.bootstrap)
-    try:
-        out = check_output_path(args.out, "--out", folder=True, create=True)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    out = _output_folder(args.out)
     path = write_comparison(out, result, paper=args.paper)
     base = result["models"][0]["name"]
     for m in result["models"][1:]:

@@ -26,19 +26,20 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_ci
+from radsam_jax.io import write_text_atomically
 from radsam_jax.evaluate.report import (
-    SETTING_ORDER, _setting, _setting_sort, _write_text, plot_dice_vs_edits, summarize, table1,
+    SETTING_ORDER, _setting, _setting_sort, plot_dice_vs_edits, summarize, table1,
 )
 
-# The paper's Table 1 (AMOS validation, 100 CT volumes, ViT-B; Dice x100): (model, |E| volume, box,
-# point, |E| slice, box, point). Other data than any run here: a reference point, not a comparison.
+# The paper's Table 1 (AMOS validation, 100 CT volumes, ViT-B; Dice x100): (model, volume |P|, |E|,
+# box, point, slice |P|, |E|, box, point). Other data than any run here: a reference point, not a comparison.
 PAPER_TABLE1 = (
-    ("nnU-Net (no prompt)", "-", 88.87, 88.87, "-", 88.87, 88.87),
-    ("SAM (box propagation)", "-", 50.93, 38.78, "-", 70.20, 33.07),
-    ("SAM (box propagation)", "20", 60.60, 47.16, "10n", 85.43, 84.31),
-    ("MedSAM (box propagation)", "-", 53.19, None, "-", 81.36, None),
-    ("RadSAM", "-", 84.99, 84.05, "-", 91.08, 85.09),
-    ("RadSAM", "20", 91.11, 90.63, "10n", 96.73, 96.78),
+    ("nnU-Net (no prompt)", "-", "-", 88.87, 88.87, "-", "-", 88.87, 88.87),
+    ("SAM (box propagation)", "3", "-", 50.93, 38.78, "n", "-", 70.20, 33.07),
+    ("SAM (box propagation)", "3", "20", 60.60, 47.16, "n", "10n", 85.43, 84.31),
+    ("MedSAM (box propagation)", "3", "-", 53.19, None, "n", "-", 81.36, None),
+    ("RadSAM", "3", "-", 84.99, 84.05, "n", "-", 91.08, 85.09),
+    ("RadSAM", "3", "20", 91.11, 90.63, "n", "10n", 96.73, 96.78),
 )
 
 
@@ -82,12 +83,12 @@ def paired_differences(base: Sequence[dict], other: Sequence[dict], *, seed: int
         for prop in base_props.get(key, ()):
             b = base_dice.get((_object(r), r["protocol"], r["prompt"], prop, r["edits"]))
             if b is not None:
-                pairs.setdefault((*key, r["propagation"], prop), []).append(r["dice"] - b)
+                pairs.setdefault((*key, r["propagation"], prop), []).append((_object(r), r["dice"] - b))
     out = []
     order = lambda k: (*_setting_sort((k[0], k[1], k[3], k[2])), SETTING_ORDER["propagation"].index(k[4]))
-    for (protocol, prompt, edits, prop, base_prop), d in sorted(pairs.items(), key=lambda kv: order(kv[0])):
+    for (protocol, prompt, edits, prop, base_prop), pairs_of in sorted(pairs.items(), key=lambda kv: order(kv[0])):
+        d = np.asarray([diff for _, diff in sorted(pairs_of)])  # object order: the CI does not depend on row order
         mean, lo, hi = bootstrap_ci(d, seed=seed, num_resamples=num_resamples)
-        d = np.asarray(d)
         out.append({"protocol": protocol, "prompt": prompt, "edits": edits, "propagation": prop,
                     "baseline_propagation": base_prop, "difference": mean, "ci_low": lo, "ci_high": hi, "n": int(d.size),
                     "better": int((d > 0).sum()), "equal": int((d == 0).sum()), "worse": int((d < 0).sum())})
@@ -122,8 +123,8 @@ def compare(folders: Sequence, names: Optional[Sequence[str]] = None, *, seed: i
 
 def _paper_rows() -> list[str]:
     cell = lambda v: "-" if v is None else f"{v:.2f}"
-    return [f"| paper: {m} | 3 | {ev} | {cell(vb)} | {cell(vp)} | n | {es} | {cell(sb)} | {cell(sp)} |"
-            for m, ev, vb, vp, es, sb, sp in PAPER_TABLE1]
+    return [f"| paper: {m} | {vp_} | {ev} | {cell(vb)} | {cell(vp)} | {sp_} | {es} | {cell(sb)} | {cell(sp)} |"
+            for m, vp_, ev, vb, vp, sp_, es, sb, sp in PAPER_TABLE1]
 
 
 def write_comparison(out_dir, result: dict, *, paper: bool = False) -> Path:
@@ -153,10 +154,10 @@ def write_comparison(out_dir, result: dict, *, paper: bool = False) -> Path:
             lines.append(f"| {m['name']} | {d['protocol']} | {d['prompt']} | {d['edits']} | {d['propagation']} | "
                          f"{d['baseline_propagation']} | {d['difference'] * 100:+.2f} [{d['ci_low'] * 100:+.2f}, "
                          f"{d['ci_high'] * 100:+.2f}] | {d['n']} | {d['better']} / {d['equal']} / {d['worse']} |")
-    _write_text(out / "compare.md", "\n".join(lines) + "\n")
+    write_text_atomically(out / "compare.md", "\n".join(lines) + "\n")
     data = {"shared_objects": result["shared_objects"],
             "models": [{k: v for k, v in m.items() if k != "rows"} for m in models]}
-    _write_text(out / "compare.json", json.dumps(data, indent=2) + "\n")
+    write_text_atomically(out / "compare.json", json.dumps(data, indent=2) + "\n")
     panels = []
     for protocol in ("volume", "slice"):
         for prompt in ("box", "point"):

@@ -1,20 +1,21 @@
 """The record of one evaluation, kept in its --out folder while it runs.
 
 A benchmark over a whole dataset runs for hours. Its record lets a run stopped by Ctrl-C, a
-preemption or a crash continue where it stopped (the same command again; a finished run run again
-starts over), and lets the shards of
-one run (`radsam evaluate --shard I/N`, one process, GPU or host each) merge into one report
-(`radsam report`).
+preemption or a crash continue where it stopped (the same command again; once finished, nothing is
+evaluated again), and lets the shards of one run (`radsam evaluate --shard I/N`, one process, GPU or
+host each) merge into one report (`radsam report`).
 
 - run.json: the run's identity (what decides its scores: the model's config and weights, the cases
   and their structures, settings, edits, seed, ...), its shard, what the report prints (model name,
-  data path, CT window) and the code that started it (`code_fingerprint`; a continuation with other
-  code is warned about, not refused). Written when the run starts.
+  data path, CT window), the input paths it started with, and the code that wrote it
+  (`code_fingerprint` of each invocation; continuing with other code is warned about, not refused).
+  Written when the run starts, updated when it continues.
 - objects.jsonl: one JSON line per finished object (its score rows), per skipped object, per pass
   over a case (timing), and {"complete": true} at the end; each appended, flushed and synced when it
   happens. A torn last line (killed while writing) is dropped when the record is read.
 - worst_cases.npz: the worst objects so far with their slices, for the montage; replaced atomically
   when that set changes.
+- run.lock: flock-ed by the process writing the record, so that no two processes write into it.
 
 An object is the unit: one stopped half-way is evaluated again from its start, and as its simulated
 user is seeded by (seed, case, structure, setting), a continued run gives the rows an uninterrupted
@@ -34,6 +35,7 @@ import numpy as np
 
 RUN_FILE, OBJECTS_FILE, WORST_FILE = "run.json", "objects.jsonl", "worst_cases.npz"
 RECORD_FILES = (RUN_FILE, OBJECTS_FILE, WORST_FILE)
+LOCK_FILE = "run.lock"
 RECORD_FORMAT = 1
 
 
@@ -101,9 +103,9 @@ def _json_default(x):
 
 
 def _write_json(path: Path, data) -> None:
-    from radsam_jax.io import write_atomically
+    from radsam_jax.io import write_text_atomically
 
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=_json_default) + "\n"))
+    write_text_atomically(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _shown(value) -> str:
@@ -134,46 +136,88 @@ class RunRecord:
         self.run = run or {}
         self.rows, self.skipped, self.timings, self.worst = [], [], [], []
         self.complete = False
+        self.replaced = None  # why `open` started this record afresh over the folder's, if it did
         self._finished = set()  # (case, structure) of every finished or skipped object
         self._valid_bytes = 0  # length of objects.jsonl up to its last whole line
+        self._lock = None
 
     # ------------------------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, folder, run: dict, *, restart: bool = False) -> "RunRecord":
-        """The record of the run `run` ({"identity", "shard", "report"}) in `folder`: the folder's own,
-        continued, if it holds this run's, stopped before its end; else a new one, replacing this run's
-        finished record (running a finished run again computes it again, e.g. after a code change), a
-        record with nothing in it, or any with restart. RecordError when the folder holds another
-        run's record with something in it (a stopped run, or a finished shard: hours of work)."""
+        """The record of the run `run` ({"identity", "shard", "report", "code_sha256": [hash],
+        "inputs"}) in `folder`, held with an exclusive lock on folder/run.lock until `close`:
+
+        - the folder's own if it holds this run's: to continue a stopped run, or a finished one (its
+          objects are all done; evaluating it again needs restart); this code's hash is added to its
+          "code_sha256" list, its "inputs" stay those it started with;
+        - a new one if the folder holds no record, an empty one, one this run finished with other
+          code (computed again; `replaced` says so), or with restart (which deletes the old one).
+        RecordError when another process holds the lock, or the folder holds another run's record
+        with something in it (a stopped run, or a finished shard: hours of work)."""
         folder = Path(folder)
+        lock = _lock(folder)
+        try:
+            record = cls._open(folder, run, restart)
+        except BaseException:
+            lock.close()
+            raise
+        record._lock = lock
+        return record
+
+    @classmethod
+    def _open(cls, folder: Path, run: dict, restart: bool) -> "RunRecord":
         if restart:
             for name in RECORD_FILES:
                 (folder / name).unlink(missing_ok=True)
-        if (folder / RUN_FILE).exists():
-            record = cls.load(folder)
-            problem = identity_difference(record.run.get("identity", {}), run["identity"])
-            if problem is None and record.run.get("shard") != run["shard"]:
-                problem = f"it is shard {_shard_text(record.run.get('shard'))}, this run is shard {_shard_text(run['shard'])}"
-            if (record.complete and not problem) or not (record.rows or record.skipped or record.timings):
-                return cls.open(folder, run, restart=True)
-            if problem:
-                raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
-                                  f"use another --out, or --restart to discard that record")
-            objects = folder / OBJECTS_FILE
-            if objects.exists() and record._valid_bytes < objects.stat().st_size:
-                os.truncate(objects, record._valid_bytes)  # the torn line of a killed run
-            record.run = {**record.run, "report": run["report"]}  # the name and paths of this invocation
-            _write_json(folder / RUN_FILE, record.run)
-            return record
-        stray = [name for name in (OBJECTS_FILE, WORST_FILE) if (folder / name).exists()]
-        if stray:
-            raise RecordError(f"{folder} has {' and '.join(stray)} but no {RUN_FILE}, so whose run they record is unknown; "
-                              f"--restart discards them")
+        if not (folder / RUN_FILE).exists():
+            stray = [name for name in (OBJECTS_FILE, WORST_FILE) if (folder / name).exists()]
+            if stray:
+                raise RecordError(f"{folder} has {' and '.join(stray)} but no {RUN_FILE}, so whose run they record is "
+                                  f"unknown; --restart discards them")
+            return cls._new(folder, run)
+        record = cls.load(folder)
+        if not (record.rows or record.skipped or record.timings):
+            return cls._new(folder, run)  # e.g. a run that stopped on bad input at once: nothing to lose
+        problem = identity_difference(record.run.get("identity", {}), run["identity"])
+        if problem is None and record.run.get("shard") != run["shard"]:
+            problem = f"it is shard {_shard_text(record.run.get('shard'))}, this run is shard {_shard_text(run['shard'])}"
+        if problem:
+            raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
+                              f"use another --out, or --restart to discard that record")
+        codes, current = list(record.run.get("code_sha256") or []), list(run.get("code_sha256") or [])
+        if record.complete and codes != current:
+            new = cls._new(folder, run)
+            new.replaced = "this run finished with other radsam-jax code (its Python files changed): it is computed again"
+            return new
+        objects = folder / OBJECTS_FILE
+        if objects.exists() and record._valid_bytes < objects.stat().st_size:
+            os.truncate(objects, record._valid_bytes)  # the torn line of a killed run
+        record.run = {**record.run, "report": run["report"],  # the name and paths of this invocation
+                      "code_sha256": codes + [c for c in current if c not in codes]}
+        _write_json(folder / RUN_FILE, record.run)
+        return record
+
+    @classmethod
+    def _new(cls, folder: Path, run: dict) -> "RunRecord":
+        for name in RECORD_FILES:
+            (folder / name).unlink(missing_ok=True)
         record = cls(folder, {"format": RECORD_FORMAT, **run})
         _write_json(folder / RUN_FILE, record.run)
         (folder / OBJECTS_FILE).touch()
         return record
+
+    def close(self) -> None:
+        """Releases the folder's lock (also released when the process ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "RunRecord":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def load(cls, folder) -> "RunRecord":
@@ -205,6 +249,8 @@ class RunRecord:
                 raise RecordError(f"{path} line {number} is not JSON ({e}); --restart discards the record") from None
             try:
                 self._apply(entry)
+            except RecordError as e:
+                raise RecordError(f"{path} line {number}: {e}") from None
             except (AttributeError, KeyError, TypeError, ValueError):
                 raise RecordError(f"{path} line {number} is not a record entry: {_shown(entry)}") from None
         self._valid_bytes = len(data) - len(tail)
@@ -212,13 +258,15 @@ class RunRecord:
     def _apply(self, entry: dict) -> None:
         if len(entry) != 1:
             raise ValueError(f"one entry per line, got {len(entry)}")
-        if "object" in entry:
-            obj = entry["object"]
-            self.rows.extend(obj["rows"])
-            self._finished.add((obj["case"], obj["structure"]))
-        elif "skipped" in entry:
-            case, structure, reason = entry["skipped"]
-            self.skipped.append((case, structure, reason))
+        if "object" in entry or "skipped" in entry:
+            obj = entry.get("object")
+            case, structure, reason = (obj["case"], obj["structure"], None) if obj else entry["skipped"]
+            if (case, structure) in self._finished:  # two processes in one folder, or a bug: never count it twice
+                raise RecordError(f"{case}:{structure} is recorded a second time")
+            if obj:
+                self.rows.extend(obj["rows"])
+            else:
+                self.skipped.append((case, structure, reason))
             self._finished.add((case, structure))
         elif "timing" in entry:
             self.timings.append(entry["timing"])
@@ -236,8 +284,9 @@ class RunRecord:
                 worst = [WorstCase(m["dice"], m["case"], m["structure"], m["setting"], m["edits"], m["slice"],
                                    npz[f"image_{i}"], npz[f"gt_{i}"], npz[f"pred_{i}"], tuple(m["spacing"]), tuple(m["order"]))
                          for i, m in enumerate(meta)]
-        except (OSError, ValueError, KeyError) as e:
-            raise RecordError(f"{path} cannot be read ({type(e).__name__}: {e}); --restart discards the record") from None
+        except Exception as e:  # numpy, zipfile and the OS raise many kinds for a damaged file
+            raise RecordError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to keep the scores and lose "
+                              f"only the worst objects found so far (the montage), or --restart") from None
         # An object's candidates are saved just before the object's rows; those of an object whose rows
         # never came are dropped (the object runs again and offers them again).
         self.worst = [w for w in worst if (w.case, w.structure) in self._finished]
@@ -305,6 +354,23 @@ class RunRecord:
         count = self.run.get("identity", {}).get("worst", len(self.worst))
         return EvalResult(list(self.rows), keep_worst(self.worst, count), list(timings.values()), list(self.skipped),
                           [name for name in requested if name not in evaluated])
+
+
+def _lock(folder: Path):
+    """An open file on folder/run.lock holding an exclusive flock (released when it is closed or the
+    process ends): two processes never write into one record. Where flock is missing, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return open(os.devnull)
+    handle = open(folder / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RecordError(f"another process is evaluating into {folder} ({LOCK_FILE} is locked): wait for it to end, "
+                          f"or give this one another --out") from None
+    return handle
 
 
 def _shard_text(shard) -> str:

@@ -10,8 +10,8 @@
 - edits.png (Figure 3: Dice vs number of edits), per_structure.png (Figure 2a), worst_cases.png
   (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects; none
   with --worst 0).
-Each file is written under a temporary name and renamed, so a stopped run leaves the files of the
-last complete report, never a half-written one.
+Each file is written under a temporary name and renamed: no file is ever half-written (a report
+stopped part-way may leave some files of the earlier report beside new ones).
 Every table and figure but scores.csv (evaluation order) lists structures by label id, then name,
 and settings by SETTING_ORDER (protocol volume then slice, prompt box then point, propagation mask
 then box then none), then edits; intervals are computed over the rows in that order, so the same
@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
-from radsam_jax.io import write_atomically
+from radsam_jax.io import write_atomically, write_text_atomically
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -63,10 +63,6 @@ def _report_order(rows: Sequence[dict]) -> list[dict]:
     interval, then do not depend on the order in which the evaluation produced the rows."""
     structure = _structure_sort(rows)
     return sorted(rows, key=lambda r: (str(r["case"]), structure(r["structure"]), _setting_sort(_setting(r))))
-
-
-def _write_text(path, text: str) -> Path:
-    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _save_png(path, img) -> Path:
@@ -265,7 +261,7 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
                                         jitter=options.get("jitter") or "none", vanish=options.get("vanish_policy", "stop"),
                                         smax=options.get("slice_edits_max", 10),
                                         mask_prompt=options.get("mask_prompt", "binary"))]
-    return _write_text(path, "\n".join(lines) + "\n")
+    return write_text_atomically(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------- plots (Pillow)
@@ -460,9 +456,9 @@ def write_report(out_dir, result, *, model: str, options: dict, window: tuple[fl
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", result.rows)
     summary = summarize(result.rows, seed=seed, num_resamples=num_resamples)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     extra = breakdown(result.rows, seed=seed, num_resamples=num_resamples)
-    _write_text(out / "breakdown.json", json.dumps({**extra, "timings": result.timings,
+    write_text_atomically(out / "breakdown.json", json.dumps({**extra, "timings": result.timings,
                                                     "skipped": [list(s) for s in result.skipped]}, indent=2) + "\n")
     write_summary_md(out / "summary.md", summary, extra, model=model,
                      options={**options, "resamples": num_resamples, "window": window},

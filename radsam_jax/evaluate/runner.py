@@ -90,15 +90,7 @@ class EvalOptions:
     oracle: bool = True  # slice-level, no edits: oracle Dice from the secondary masks
     worst_count: int = 8  # worst cases kept for the montage
     requested_structures: Optional[Sequence[str]] = None
-    shard: tuple[int, int] = (0, 1)  # (index, count): this process evaluates cases index, index + count, ...
-
-
-def shard_cases(cases: Sequence, shard: tuple[int, int]) -> list[tuple[int, object]]:
-    """(index in `cases`, case) of the cases shard (index, count) evaluates: every count-th from index."""
-    index, count = shard
-    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
-        raise ValueError(f"shard must be INDEX/COUNT with 0 <= INDEX < COUNT, got {index}/{count}")
-    return [(i, case) for i, case in enumerate(cases) if i % count == index]
+    shard: tuple[int, int] = (0, 1)  # (I, N): this process evaluates cases I, I + N, ... (datasets.select_shard)
 
 
 def _rng(seed: int, *parts: str) -> np.random.Generator:
@@ -199,7 +191,9 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         raise EvaluationInputError("no case to evaluate: the dataset is empty")
     if options.min_slices < 1:
         raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
-    mine = shard_cases(cases, options.shard)
+    from radsam_jax.data.datasets import select_shard
+
+    mine = select_shard(list(enumerate(cases)), options.shard)  # (index in cases, case)
     if not mine:
         raise EvaluationInputError(f"shard {options.shard[0]}/{options.shard[1]} has no case: the dataset has {len(cases)}")
     checkpoints = {s.protocol: edit_checkpoints(options.edits, s.protocol) for s in settings}
@@ -237,11 +231,14 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
             predictor.set_volume(volume)
             encoded, encode_s, n_objects = 0, 0.0, 0
             for structure_index, name, label_id in todo:
-                gt = labels == label_id
-                lo, hi = object_bounds(gt) if label_id in present_ids else (0, -1)
                 if label_id not in present_ids:
                     record.add_skipped(case.case_id, name, "absent")
-                elif hi - lo + 1 < options.min_slices:
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                gt = labels == label_id
+                lo, hi = object_bounds(gt)
+                if hi - lo + 1 < options.min_slices:
                     record.add_skipped(case.case_id, name, f"spans {hi - lo + 1} < --min-slices {options.min_slices} slices")
                 else:
                     te = time.perf_counter()

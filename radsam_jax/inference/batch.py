@@ -190,13 +190,18 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
 
     A case's mask is written last, once everything else for it (its preview) succeeded: an existing
     mask marks the case done on a re-run. Raises ValueError (nothing run) where `check_out_dir` does."""
-    from radsam_jax.io import save_label_map, write_atomically
+    from radsam_jax.io import save_label_map, write_text_atomically
 
     out_dir = Path(out_dir)
+    from radsam_jax.data.datasets import select_shard
+
     check_out_dir(cases, out_dir, previews=previews, shard=shard)
+    mine = select_shard(cases, shard)
+    if not mine:
+        raise ValueError(f"shard {shard[0]}/{shard[1]} has no case: the manifest has {len(cases)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], []
-    for case in cases[shard[0]::shard[1]]:
+    for case in mine:
         (skipped if (out_dir / f"{case.id}.nii.gz").exists() else todo).append(case)
     for case in skipped:
         log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
@@ -245,5 +250,5 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     log(f"segment-batch: {len(done)} done, {len(skipped)} skipped (output exists), {len(failed)} failed")
     for f in failed:
         log(f"  failed {f['id']}: {f['error']}")
-    write_atomically(out_dir / summary_name(shard), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_text_atomically(out_dir / summary_name(shard), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -48,12 +48,15 @@ def add_predictor_options(g) -> None:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """argparse type of --shard I/N (segment-batch, evaluate): (I, N) with 0 <= I < N."""
+    from radsam_jax.data.datasets import select_shard
+
     index, sep, count = str(text).partition("/")
     try:
         shard = int(index), int(count)
+        select_shard((), shard)  # checks 0 <= I < N
     except ValueError:
-        shard = None
-    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}") from None
+    if not sep:
         raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
     return shard
 
