@@ -371,6 +371,7 @@ def counted(monkeypatch):
 def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoint, tmp_path, capsys, counted):
     """Ctrl-C on the third object, then a kill in the middle of a record line: the same command runs only the
     objects not finished, loads no finished case again, and reports what an uninterrupted run reports."""
+    import csv
     import shutil
 
     from data_fixtures import write_generic
@@ -383,6 +384,12 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     assert _evaluate(checkpoint, data, out) == 130
     assert "interrupted; 3 of 6 object(s) finished and kept in" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+    so_far = tmp_path / "so_far"
+    assert radsam(["report", str(out), "--bootstrap", "200", "--out", str(so_far)]) == 2
+    assert "(or --partial for a report so far)" in capsys.readouterr().err
+    assert radsam(["report", str(out), "--partial", "--bootstrap", "200", "--out", str(so_far)]) == 0
+    assert "Partial report of an unfinished run: 3 of 6 objects finished" in (so_far / "summary.md").read_text()
+    assert {r["case"] for r in csv.DictReader((so_far / "scores.csv").open())} == {"a"}
     with (out / "objects.jsonl").open("a") as f:
         f.write('{"object": {"case": "b", "structure": "org')  # then killed while writing its record line
     started = json.loads((out / "run.json").read_text())

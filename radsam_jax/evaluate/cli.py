@@ -107,6 +107,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
     p.add_argument("--worst", type=int, metavar="N", help="worst objects in worst_cases.png (default: all the runs kept)")
     p.add_argument("--name", help="model name in tables and plots (default: the run's)")
+    p.add_argument("--partial", action="store_true",
+                   help="also from unfinished runs: the objects finished so far (summary.md says how many)")
     p.set_defaults(func=run_report)
     return p
 
@@ -383,7 +385,7 @@ def _report(args) -> int:
 
     _check_counts(args, {"--bootstrap": 1, "--worst": 0})
     records = [RunRecord.load(path) for path in args.runs]
-    record = merge_records(records)
+    record = merge_records(records, partial=args.partial)
     if len({code for r in records for code in r.run.get("code_sha256") or []}) > 1:
         print("radsam report: warning: the records were written by different radsam-jax code (its Python files "
               "differ between them): the report mixes scores of both", file=sys.stderr)

@@ -377,9 +377,10 @@ def _shard_text(shard) -> str:
     return f"{shard[0]}/{shard[1]}" if isinstance(shard, (list, tuple)) and len(shard) == 2 else str(shard)
 
 
-def merge_records(records: Sequence[RunRecord]) -> RunRecord:
+def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> RunRecord:
     """One in-memory record of a whole run from its records: one unsharded run, or every shard of one
-    run exactly once, each complete. Rows in the order of the run's cases, as one process would write them."""
+    run exactly once, each complete (partial: or not). Rows in the order of the run's cases, as one
+    process would write them."""
     if not records:
         raise RecordError("no evaluation record to report")
     first = records[0]
@@ -402,9 +403,9 @@ def merge_records(records: Sequence[RunRecord]) -> RunRecord:
     if missing:
         raise RecordError(f"shard(s) {', '.join(missing)} of this {count}-shard run are not among the records given")
     unfinished = [where(r) for r in records if not r.complete]
-    if unfinished:
+    if unfinished and not partial:
         raise RecordError(f"unfinished evaluation record(s): {', '.join(unfinished)}; run the same "
-                          f"`radsam evaluate` command there again to finish")
+                          f"`radsam evaluate` command there again to finish (or --partial for a report so far)")
     case_index = {c[0]: i for i, c in enumerate(first.run["identity"].get("cases", []))}
     merged = RunRecord(None, {**first.run, "shard": [0, 1]})
     ordered = sorted(records, key=lambda r: r.run.get("shard", [0, 1])[0])
@@ -412,5 +413,6 @@ def merge_records(records: Sequence[RunRecord]) -> RunRecord:
     merged.skipped = sorted((s for r in ordered for s in r.skipped), key=lambda s: case_index.get(s[0], -1))
     merged.timings = sorted((t for r in ordered for t in r.timings), key=lambda t: case_index.get(t["case"], -1))
     merged.worst = [w for r in ordered for w in r.worst]
-    merged.complete = True
+    merged._finished = set().union(*(r._finished for r in records))
+    merged.complete = not unfinished
     return merged

@@ -202,8 +202,10 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
     level, width = options["window"]
     lines = [f"# RadSAM benchmark: {model}", "",
              f"Data: `{options.get('data')}` ({options.get('cases')} volume(s)); checkpoint `{options.get('checkpoint')}`; "
-             f"seed {options.get('seed')}; CT window {level:g}/{width:g} HU (model input and worst_cases.png).", "",
-             "## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
+             f"seed {options.get('seed')}; CT window {level:g}/{width:g} HU (model input and worst_cases.png).", ""]
+    if options.get("partial"):
+        lines += [f"**Partial report of an unfinished run: {options['partial']} (evaluated or skipped).**", ""]
+    lines += ["## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
     lines += table1(summary, model)
     lines += ["", "## Every setting (Dice x100, mean [95% CI], n objects)", "",
               "| protocol | prompt | propagation | edits | Dice | n | clicks honoured |", "|---|---|---|---|---|---|---|"]
@@ -477,12 +479,15 @@ def write_record_report(out_dir, record, *, num_resamples: int = DEFAULT_BOOTSTR
     montage, at most the number the run kept (its --worst); model: a name other than the run's."""
     identity, shown = record.run["identity"], record.run["report"]
     result = record.result(identity.get("structures") or ())
+    objects = sum(len(structures) for _, structures in identity["cases"])
+    partial = None if record.complete else f"{len(record.finished())} of {objects} objects finished"
     if worst is not None:
         if worst > identity["worst"]:
             raise ValueError(f"--worst {worst}: the run kept its {identity['worst']} worst objects (its --worst)")
         result.worst = result.worst[:worst]
     if not result.rows:
         raise ValueError(f"no object was evaluated in the run's {len(identity['cases'])} case(s)")
-    summary = write_report(out_dir, result, model=model or shown["model"], options={**shown["options"], "cases": len(identity["cases"])},
+    options = {**shown["options"], "cases": len(identity["cases"]), "partial": partial}
+    summary = write_report(out_dir, result, model=model or shown["model"], options=options,
                            window=tuple(shown["window"]), seed=identity["seed"], num_resamples=num_resamples)
     return summary, result
