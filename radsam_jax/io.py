@@ -15,6 +15,7 @@ Conventions, shared with `radsam_jax.preprocess`:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import tempfile
 import warnings
@@ -466,9 +467,12 @@ def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> 
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDWR)  # Windows fsyncs only writable descriptors
         try:
             os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: rename regardless
+                raise
         finally:
             os.close(fd)
         try:

@@ -406,11 +406,12 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     _same_report(tmp_path / "full", out)
     lines = (out / "objects.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines) and json.loads(lines[-1]) == {"complete": True}
-    # Finished, partly by other code: the same command computes it again, with this code only.
-    counted.update(runs=0)
-    assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 4 * 2
-    assert "this run finished with other radsam-jax code (its Python files changed): it is computed again" in capsys.readouterr().err
-    # Finished by this code (e.g. a requeued job): nothing to evaluate, the report is written again.
+    # Finished (partly by other code): the same command, e.g. a requeued job, evaluates nothing; --restart does.
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 0 and counted["loaded"] == []
+    assert (f"{out} holds this run, finished (partly) by other radsam-jax code: nothing to evaluate "
+            f"(--restart computes it again with this code)") in capsys.readouterr().err
+    assert _evaluate(checkpoint, data, out, "--restart") == 0 and counted["runs"] == 4 * 2
     counted.update(runs=0, loaded=[])
     assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 0 and counted["loaded"] == []
     assert f"{out} holds this run, finished: nothing to evaluate (--restart computes it again)" in capsys.readouterr().err

@@ -373,6 +373,42 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
         assert record.finished() == set()
 
 
+def test_partial_reports_and_what_runs_no_case(tmp_path, monkeypatch):
+    """A partial report (a shard missing, another unfinished) counts the finished objects and does not call the
+    structures not evaluated yet absent; duplicate case ids stop before any case runs; a file system without
+    flock runs unlocked with a warning."""
+    import errno
+    import fcntl
+
+    from radsam_jax.data.datasets import Case
+    from radsam_jax.evaluate.record import RunRecord, merge_records
+
+    identity = {"cases": [["c1", {"organ": 3, "other": 5}], ["c2", {"organ": 3, "other": 5}]],
+                "structures": ["organ", "other"], "worst": 0, "seed": 0}
+    run = {"identity": identity, "shard": [0, 2], "report": {"model": "m", "options": {}, "window": [40, 400]}}
+    rows = [{"case": "c1", "structure": "organ", "label": 3, "known": None, "protocol": "volume", "prompt": "box",
+             "propagation": "mask", "edits": 0, "dice": 0.5}]
+    with RunRecord.open(tmp_path / "s0", run) as record:
+        record.add_object("c1", "organ", rows)
+    with pytest.raises(ValueError, match=r"shard\(s\) 1/2 .* not among the records given \(--partial reports without them\)"):
+        merge_records([RunRecord.load(tmp_path / "s0")])
+    merged = merge_records([RunRecord.load(tmp_path / "s0")], partial=True)
+    summary, result = report.write_record_report(tmp_path / "r", merged, num_resamples=10)
+    assert result.missing_structures == [] and summary["settings"][0]["n"] == 1
+    assert "Partial report of an unfinished run: 1 of 4 objects finished" in (tmp_path / "r" / "summary.md").read_text()
+
+    twice = [Case("x", "a.nii", {"organ": 3}, label_path="l"), Case("x", "a.nii.gz", {"organ": 3}, label_path="l")]
+    with pytest.raises(runner.EvaluationInputError, match=r"case id\(s\) \['x'\] name more than one case"):
+        runner.evaluate_cases(twice, None, [], runner.EvalOptions(), load_case=None, progress=False)
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock .*run.lock \\(Function not implemented\\)"):
+        RunRecord.open(tmp_path / "s1", {**run, "shard": [1, 2]}).close()
+
+
 def _report_result(rows, worst):
     return runner.EvalResult(rows, worst, [{"case": "c0", "slices": 9, "encoded": 5, "encode_s": 0.5, "total_s": 1.0, "objects": 2}],
                              [("c0", "aorta", "absent")])

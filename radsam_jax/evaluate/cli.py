@@ -331,17 +331,18 @@ def _evaluate(args) -> int:
               f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
               file=sys.stderr)
         objects = {(c.case_id, n) for c in mine for n in c.structures}
-        if record.replaced:
-            print(f"{PROG}: {out}: {record.replaced}", file=sys.stderr)
-        elif record.complete:
-            print(f"{PROG}: {out} holds this run, finished: nothing to evaluate (--restart computes it again)", file=sys.stderr)
+        if record.complete:
+            other_code = record.run["code_sha256"] != run["code_sha256"]  # it lists every invocation's code
+            print(f"{PROG}: {out} holds this run, finished" + (" (partly) by other radsam-jax code" if other_code else "")
+                  + ": nothing to evaluate (--restart computes it again" + (" with this code)" if other_code else ")"),
+                  file=sys.stderr)
         elif record.finished() & objects:
             print(f"{PROG}: continuing the run recorded in {out}: {len(record.finished() & objects)} of {len(objects)} "
                   f"object(s) done (--restart starts again)", file=sys.stderr)
             if len(record.run["code_sha256"]) > 1:
                 print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
                       f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
-            if record.run.get("inputs") != inputs:
+            if record.run.get("inputs", inputs) != inputs:
                 print(f"{PROG}: warning: this run started on {record.run.get('inputs')}, this command reads {inputs} "
                       f"(same cases and structures)", file=sys.stderr)
         try:
@@ -351,9 +352,11 @@ def _evaluate(args) -> int:
             print(f"{PROG}: interrupted; {len(record.finished() & objects)} of {len(objects)} object(s) finished and kept "
                   f"in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
             return 130
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\n(the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
-                               f"the same command continues the run)") from e
+        except Exception:
+            if record.finished() & objects:
+                print(f"{PROG}: the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
+                      f"the same command continues the run", file=sys.stderr)
+            raise
         if count > 1:
             print(f"{PROG}: shard {index}/{count} finished ({len(objects)} object(s) in {out}); once every shard is: "
                   f"radsam report <the {count} --out folders> --out DIR", file=sys.stderr)

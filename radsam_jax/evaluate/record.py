@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -136,7 +137,6 @@ class RunRecord:
         self.run = run or {}
         self.rows, self.skipped, self.timings, self.worst = [], [], [], []
         self.complete = False
-        self.replaced = None  # why `open` started this record afresh over the folder's, if it did
         self._finished = set()  # (case, structure) of every finished or skipped object
         self._valid_bytes = 0  # length of objects.jsonl up to its last whole line
         self._lock = None
@@ -149,13 +149,14 @@ class RunRecord:
         "inputs"}) in `folder`, held with an exclusive lock on folder/run.lock until `close`:
 
         - the folder's own if it holds this run's: to continue a stopped run, or a finished one (its
-          objects are all done; evaluating it again needs restart); this code's hash is added to its
-          "code_sha256" list, its "inputs" stay those it started with;
-        - a new one if the folder holds no record, an empty one, one this run finished with other
-          code (computed again; `replaced` says so), or with restart (which deletes the old one).
+          objects are all done, also if other code finished it: evaluating it again needs restart);
+          a stopped one adds this code's hash to its "code_sha256" list; "inputs" stay those it started with;
+        - a new one if the folder holds no record, an empty one, or with restart (which deletes the
+          old one first).
         RecordError when another process holds the lock, or the folder holds another run's record
         with something in it (a stopped run, or a finished shard: hours of work)."""
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         lock = _lock(folder)
         try:
             record = cls._open(folder, run, restart)
@@ -186,15 +187,12 @@ class RunRecord:
             raise RecordError(f"{folder} holds the record of another evaluation ({RUN_FILE}): {problem}; "
                               f"use another --out, or --restart to discard that record")
         codes, current = list(record.run.get("code_sha256") or []), list(run.get("code_sha256") or [])
-        if record.complete and codes != current:
-            new = cls._new(folder, run)
-            new.replaced = "this run finished with other radsam-jax code (its Python files changed): it is computed again"
-            return new
         objects = folder / OBJECTS_FILE
         if objects.exists() and record._valid_bytes < objects.stat().st_size:
             os.truncate(objects, record._valid_bytes)  # the torn line of a killed run
-        record.run = {**record.run, "report": run["report"],  # the name and paths of this invocation
-                      "code_sha256": codes + [c for c in current if c not in codes]}
+        if not record.complete:  # the code of every invocation that evaluates into it
+            codes += [c for c in current if c not in codes]
+        record.run = {**record.run, "report": run["report"], "code_sha256": codes}  # report: this invocation's name, paths
         _write_json(folder / RUN_FILE, record.run)
         return record
 
@@ -366,10 +364,12 @@ def _lock(folder: Path):
     handle = open(folder / LOCK_FILE, "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.close()
         raise RecordError(f"another process is evaluating into {folder} ({LOCK_FILE} is locked): wait for it to end, "
                           f"or give this one another --out") from None
+    except OSError as e:  # a file system without flock (some network or parallel ones)
+        warnings.warn(f"cannot lock {folder / LOCK_FILE} ({e.strerror or e}): nothing keeps a second process out of {folder}")
     return handle
 
 
@@ -379,8 +379,8 @@ def _shard_text(shard) -> str:
 
 def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> RunRecord:
     """One in-memory record of a whole run from its records: one unsharded run, or every shard of one
-    run exactly once, each complete (partial: or not). Rows in the order of the run's cases, as one
-    process would write them."""
+    run exactly once, each complete (partial: shards unfinished or not started may be among them or
+    missing). Rows in the order of the run's cases, as one process would write them."""
     if not records:
         raise RecordError("no evaluation record to report")
     first = records[0]
@@ -400,8 +400,9 @@ def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> Run
         shards[shard] = r
     count = first.run.get("shard", [0, 1])[1]
     missing = [f"{i}/{count}" for i in range(count) if (i, count) not in shards]
-    if missing:
-        raise RecordError(f"shard(s) {', '.join(missing)} of this {count}-shard run are not among the records given")
+    if missing and not partial:
+        raise RecordError(f"shard(s) {', '.join(missing)} of this {count}-shard run are not among the records given "
+                          f"(--partial reports without them)")
     unfinished = [where(r) for r in records if not r.complete]
     if unfinished and not partial:
         raise RecordError(f"unfinished evaluation record(s): {', '.join(unfinished)}; run the same "
@@ -414,5 +415,5 @@ def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> Run
     merged.timings = sorted((t for r in ordered for t in r.timings), key=lambda t: case_index.get(t["case"], -1))
     merged.worst = [w for r in ordered for w in r.worst]
     merged._finished = set().union(*(r._finished for r in records))
-    merged.complete = not unfinished
+    merged.complete = not (unfinished or missing)
     return merged

@@ -481,6 +481,8 @@ def write_record_report(out_dir, record, *, num_resamples: int = DEFAULT_BOOTSTR
     result = record.result(identity.get("structures") or ())
     objects = sum(len(structures) for _, structures in identity["cases"])
     partial = None if record.complete else f"{len(record.finished())} of {objects} objects finished"
+    if partial:
+        result.missing_structures = []  # not evaluated yet, rather than absent
     if worst is not None:
         if worst > identity["worst"]:
             raise ValueError(f"--worst {worst}: the run kept its {identity['worst']} worst objects (its --worst)")

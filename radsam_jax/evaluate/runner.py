@@ -11,6 +11,7 @@ a `RunRecord` (record.py) at once, so a run can continue after a stop and shards
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -189,6 +190,10 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
 
     if not cases:
         raise EvaluationInputError("no case to evaluate: the dataset is empty")
+    twice = sorted(i for i, n in collections.Counter(c.case_id for c in cases).items() if n > 1)
+    if twice:
+        raise EvaluationInputError(f"case id(s) {twice} name more than one case (e.g. x.nii beside x.nii.gz): "
+                                   f"their scores could not be told apart")
     if options.min_slices < 1:
         raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
     from radsam_jax.data.datasets import select_shard
