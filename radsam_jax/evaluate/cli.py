@@ -16,7 +16,7 @@ embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with -
 Long runs: every finished object goes into --out at once (run.json, objects.jsonl, worst_cases.npz;
 evaluate/record.py), so after Ctrl-C, a preemption or a crash the same command continues where the
 run stopped, with the scores an uninterrupted run gives; once finished, it evaluates nothing and
-writes the report again (other radsam-jax code, or --restart: computed again). --shard I/N evaluates every N-th case from
+writes the report again (--restart computes it again). --shard I/N evaluates every N-th case from
 the I-th (one process, GPU or host per shard, each with its own --out); `radsam report` merges the
 shards' folders into one report:
 
