@@ -389,6 +389,9 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     assert "(or --partial for a report so far)" in capsys.readouterr().err
     assert radsam(["report", str(out), "--partial", "--bootstrap", "200", "--out", str(so_far)]) == 0
     assert "Partial report of an unfinished run: 3 of 6 objects finished" in (so_far / "summary.md").read_text()
+    assert radsam(["compare", str(tmp_path / "full"), str(so_far), "--bootstrap", "50", "--out", str(tmp_path / "cmp")]) == 0
+    assert f"warning: {so_far} is a partial report (3 of 6 objects finished)" in capsys.readouterr().err
+    assert "**(partial report: 3 of 6 objects finished)**" in (tmp_path / "cmp" / "compare.md").read_text()
     assert {r["case"] for r in csv.DictReader((so_far / "scores.csv").open())} == {"a"}
     with (out / "objects.jsonl").open("a") as f:
         f.write('{"object": {"case": "b", "structure": "org')  # then killed while writing its record line

@@ -410,6 +410,9 @@ def _compare(args) -> int:
             print(f"{m['name']} - {base}: {d['protocol']:6s} {d['prompt']:5s} edits={d['edits']:<3d} "
                   f"{d['propagation']}/{d['baseline_propagation']} {d['difference'] * 100:+6.2f} "
                   f"[{d['ci_low'] * 100:+.2f}, {d['ci_high'] * 100:+.2f}] n={d['n']}")
+    for m in result["models"]:
+        if m["partial"]:
+            print(f"radsam compare: warning: {m['folder']} is a partial report ({m['partial']})", file=sys.stderr)
     print(f"wrote {path} ({result['shared_objects']} shared object(s))")
     return 0
 

@@ -64,6 +64,15 @@ def read_scores(folder) -> list[dict]:
     return rows
 
 
+def partial_note(folder) -> Optional[str]:
+    """"k of n objects finished" when folder holds a partial report (breakdown.json says so), else None."""
+    path = Path(folder) / "breakdown.json"
+    try:
+        return json.loads(path.read_text()).get("partial") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        raise CompareError(f"{path} is not a breakdown.json of radsam evaluate") from None
+
+
 def _object(r: dict) -> tuple:
     return r["case"], r["structure"]
 
@@ -113,7 +122,7 @@ def compare(folders: Sequence, names: Optional[Sequence[str]] = None, *, seed: i
     models = []
     for name, folder, rows, own in zip(names, folders, scores, objects):
         kept = [r for r in rows if _object(r) in shared]
-        models.append({"name": name, "folder": str(folder), "objects": len(own),
+        models.append({"name": name, "folder": str(folder), "objects": len(own), "partial": partial_note(folder),
                        "not_shared": sorted(f"{c}:{s}" for c, s in own - shared), "rows": kept,
                        "summary": summarize(kept, seed=seed, num_resamples=num_resamples)})
     for m in models[1:]:
@@ -136,7 +145,8 @@ def write_comparison(out_dir, result: dict, *, paper: bool = False) -> Path:
              f"Scored on the {result['shared_objects']} object(s) (case, structure) that every report evaluated."]
     for m in models:
         extra = f"; {len(m['not_shared'])} more not scored here: {', '.join(m['not_shared'][:8])}" if m["not_shared"] else ""
-        lines.append(f"- {m['name']}: `{m['folder']}`, {m['objects']} object(s){extra}")
+        partial = f" **(partial report: {m['partial']})**" if m["partial"] else ""
+        lines.append(f"- {m['name']}: `{m['folder']}`, {m['objects']} object(s){extra}{partial}")
     lines += ["", "## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
     for i, m in enumerate(models):
         lines += table1(m["summary"], m["name"])[(0 if i == 0 else 2):]

@@ -6,7 +6,8 @@
 - summary.md: a table shaped like the paper's Table 1 (x100, mean +- CI half-width), then every
   setting with its interval, per-structure scores, known/unknown classes (Table 2), the oracle
   (Table 3d), timing, and the protocol choices.
-- breakdown.json: per-structure, known/unknown and oracle numbers (machine-readable summary.md).
+- breakdown.json: per-structure, known/unknown and oracle numbers (machine-readable summary.md), and
+  "partial": null, or "k of n objects finished" for a report of an unfinished run (`radsam report --partial`).
 - edits.png (Figure 3: Dice vs number of edits), per_structure.png (Figure 2a), worst_cases.png
   (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects; none
   with --worst 0).
@@ -461,7 +462,8 @@ def write_report(out_dir, result, *, model: str, options: dict, window: tuple[fl
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     extra = breakdown(result.rows, seed=seed, num_resamples=num_resamples)
     write_text_atomically(out / "breakdown.json", json.dumps({**extra, "timings": result.timings,
-                                                    "skipped": [list(s) for s in result.skipped]}, indent=2) + "\n")
+                                                    "skipped": [list(s) for s in result.skipped],
+                                                    "partial": options.get("partial")}, indent=2) + "\n")
     write_summary_md(out / "summary.md", summary, extra, model=model,
                      options={**options, "resamples": num_resamples, "window": window},
                      timings=result.timings, skipped=result.skipped)
