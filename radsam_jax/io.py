@@ -495,6 +495,11 @@ def write_text_atomically(path, text: str) -> Path:
     return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def save_png_atomically(path, image) -> Path:
+    """A Pillow image saved as PNG at `path`, written as `write_atomically` does."""
+    return write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def check_output_path(path, what: str, *, folder: bool = False, create: bool = False) -> Path:
     """Raises ValueError unless `path` can be written as a file (folder=True: used as a folder):
     nothing of the other kind is there and its nearest existing parent is a folder. Called before

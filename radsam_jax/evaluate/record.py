@@ -339,7 +339,8 @@ class RunRecord:
 
     def result(self, requested: Sequence[str] = ()) -> EvalResult:
         """The rows, the worst objects (kept count: identity "worst"), timings summed per case, the
-        skipped objects, and the requested structures that no object was evaluated for."""
+        skipped objects, and, once complete, the requested structures that no object was evaluated
+        for (before, they may just not have been reached)."""
         timings = {}
         for t in self.timings:
             if t["case"] in timings:
@@ -350,8 +351,8 @@ class RunRecord:
                 timings[t["case"]] = dict(t)
         evaluated = {r["structure"] for r in self.rows}
         count = self.run.get("identity", {}).get("worst", len(self.worst))
-        return EvalResult(list(self.rows), keep_worst(self.worst, count), list(timings.values()), list(self.skipped),
-                          [name for name in requested if name not in evaluated])
+        missing = [name for name in requested if name not in evaluated] if self.complete else []
+        return EvalResult(list(self.rows), keep_worst(self.worst, count), list(timings.values()), list(self.skipped), missing)
 
 
 def _lock(folder: Path):

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
-from radsam_jax.io import write_atomically, write_text_atomically
+from radsam_jax.io import save_png_atomically, write_atomically, write_text_atomically
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -64,10 +64,6 @@ def _report_order(rows: Sequence[dict]) -> list[dict]:
     interval, then do not depend on the order in which the evaluation produced the rows."""
     structure = _structure_sort(rows)
     return sorted(rows, key=lambda r: (str(r["case"]), structure(r["structure"]), _setting_sort(_setting(r))))
-
-
-def _save_png(path, img) -> Path:
-    return write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def write_scores_csv(path, rows: Sequence[dict]) -> Path:
@@ -347,7 +343,7 @@ def plot_dice_vs_edits(path, panels: Sequence[tuple]) -> Path:
         y = margin + 10 + 18 * j
         draw.line([(lx, y), (lx + 20, y)], fill=colors[label], width=3)
         _text(draw, (lx + 26, y), label, anchor="lm")
-    return _save_png(path, img)
+    return save_png_atomically(path, img)
 
 
 def plot_edits(path, summary: dict, model: str) -> Path:
@@ -404,7 +400,7 @@ def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
         y = top + 18 * j
         draw.rectangle([left + width + 20, y, left + width + 32, y + 10], fill=PALETTE[j % len(PALETTE)])
         _text(draw, (left + width + 38, y + 5), "/".join(map(str, s)) + f" (E={first[s]})", anchor="lm")
-    return _save_png(path, img)
+    return save_png_atomically(path, img)
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -447,7 +443,7 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
         img.paste(pic, (x + (tile - size[0]) // 2, y + label_h + (tile - size[1]) // 2))
         _text(draw, (x + 4, y + 2), f"{w.case}: {w.structure} Dice {w.dice * 100:.1f}"[:44])
         _text(draw, (x + 4, y + 15), f"{w.setting} E={w.edits} slice {w.slice}"[:44], fill=(80, 80, 80))
-    return _save_png(path, img)
+    return save_png_atomically(path, img)
 
 
 def write_report(out_dir, result, *, model: str, options: dict, window: tuple[float, float], seed: int = 0,
@@ -483,8 +479,6 @@ def write_record_report(out_dir, record, *, num_resamples: int = DEFAULT_BOOTSTR
     result = record.result(identity.get("structures") or ())
     objects = sum(len(structures) for _, structures in identity["cases"])
     partial = None if record.complete else f"{len(record.finished())} of {objects} objects finished"
-    if partial:
-        result.missing_structures = []  # not evaluated yet, rather than absent
     if worst is not None:
         if worst > identity["worst"]:
             raise ValueError(f"--worst {worst}: the run kept its {identity['worst']} worst objects (its --worst)")

@@ -180,7 +180,7 @@ def _worst_slice(pred: np.ndarray, gt: np.ndarray, lo: int, hi: int) -> int:
 
 
 def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalOptions, *, load_case: Callable,
-                   progress: bool = True, log=print, record: Optional[RunRecord] = None) -> EvalResult:
+                   progress: bool = True, record: Optional[RunRecord] = None) -> EvalResult:
     """Runs every setting on every object of the cases of `options.shard`; see the module docstring.
 
     record: where each finished object goes at once (default: a new one in memory); the objects it

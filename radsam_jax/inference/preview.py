@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from radsam_jax.io import write_atomically
+from radsam_jax.io import save_png_atomically
 
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (200, 64, 255), (0, 220, 160), (255, 128, 0), (160, 255, 64)]
 
@@ -88,4 +88,4 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
     for p in panels:
         montage.paste(p, (x, 0))
         x += p.width + gap
-    return write_atomically(path, lambda tmp: montage.save(tmp, format="PNG"), ".png")
+    return save_png_atomically(path, montage)
