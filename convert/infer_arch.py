@@ -27,7 +27,7 @@ from radsam_jax.model.config import ModelConfig, load_model_config
 
 PRESETS = ("vit_b", "vit_l", "vit_h", "small")
 # Fields that describe preprocessing, not the weights: ignored when matching presets.
-_NON_ARCH_FIELDS = ("name", "preprocessing", "pixel_mean", "pixel_std", "ct_window", "mask_prompt")
+_NON_ARCH_FIELDS = ("name", "preprocessing", "pixel_mean", "pixel_std", "ct_window", "intensity", "mask_prompt")
 
 
 class ArchitectureError(ValueError):

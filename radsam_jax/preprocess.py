@@ -1,8 +1,11 @@
-"""Pre- and post-processing between CT slices and the model's square input, in jnp so it runs on device.
+"""Pre- and post-processing between CT/MR slices and the model's square input, in jnp so it runs on device.
 
 Conventions: a 2D image is (H, W) = (rows, columns); a point is (x, y) = (column, row). For a volume
 array (X, Y, Z) the axial slice k is shown as `array[:, :, k].T`, so x indexes the first array axis
 and y the second, as `radsam segment` documents.
+
+Slices arrive in the units of ModelConfig.intensity: CT Hounsfield units, or MR volumes rescaled by
+their own percentiles (radsam_jax/intensity.py); the window (ModelConfig.ct_window) is in those units.
 
 Two input conventions:
 - "sam": resize the longest side to S (new side = int(old * S / longest + 0.5)), normalise with the

@@ -159,6 +159,7 @@ class ScriptedPredictor:
     def set_volume(self, volume):
         self.calls.append("set_volume")
         self.num_slices = volume.array.shape[2]
+        self.intensities = volume.array
 
     def encode_slices(self, lo, hi):
         return hi - lo + 1

@@ -426,4 +426,4 @@ def test_previews_show_the_ct_window_the_model_saw(image, checkpoint, tmp_path, 
             rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
         grey = rgb[(rgb[:, 0] == rgb[:, 1]) & (rgb[:, 1] == rgb[:, 2]), 0]  # not the contours or the box
         assert np.bincount(grey).argmax() == background, png
-    assert texts.count(f"window {level:g}/{width:g} HU") == 2
+    assert texts.count(f"CT window {level:g}/{width:g} HU") == 2

@@ -4,10 +4,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from radsam_jax.data import pipeline
+from radsam_jax.data import datasets, pipeline
 from radsam_jax.model.config import ModelConfig
 from data_fixtures import write_amos, write_generic
 
@@ -235,15 +236,52 @@ def test_training_validation_reads_the_smaller_of_both_caps(amos_root):
     assert count(0, -1) == total
 
 
-def test_mri_is_refused(amos_root, tmp_path):
+def test_mri_needs_percentile_intensities(amos_root, tmp_path):
     for modality in ("MRI", "all"):
         with pytest.raises(ValueError, match="Hounsfield"):
             pipeline.make_data_iterator(_config(amos_root, modality=modality), MODEL, split="train", batch_size=2,
                                         seed=0, shard_index=0, shard_count=1)
-    with pytest.raises(ValueError, match="data.modality 'MRI': only 'CT'"):
+    with pytest.raises(ValueError, match="data.modality 'MRI' with data.intensity 'hu'.*data.intensity=\"percentile\""):
         pipeline.check_modality(_config(amos_root, modality="MRI"))
+    pipeline.check_modality(_config(amos_root, modality="MRI", intensity="percentile"))
+    with pytest.raises(ValueError, match="data.intensity 'zscore' is not one of hu, percentile"):
+        pipeline.check_modality(_config(amos_root, intensity="zscore"))
     root = write_generic(tmp_path / "gen")
     meta = json.loads((root / "b" / "labels.json").read_text())
     (root / "b" / "labels.json").write_text(json.dumps({**meta, "modality": "MR"}))
-    with pytest.raises(ValueError, match=r"case\(s\) b under .* are not CT"):
+    with pytest.raises(ValueError, match=r"case\(s\) b \(MR\) under .* are not CT"):
         next(pipeline.iterate_slices(_config(root, format="generic"), MODEL, split="val", batch_size=2))
+    next(pipeline.iterate_slices(_config(root, format="generic", intensity="percentile", window_level=500.0,
+                                         window_width=1000.0), MODEL, split="val", batch_size=2))
+
+
+def _mr_amos(root, scale: float):
+    """The AMOS fixture's MR cases (> 500) as MR-like data: HU + 1000 (background 0) times `scale`."""
+    write_amos(root, train=(501, 503), val=(502,))
+    for image in root.glob("images*/*.nii.gz"):
+        nii = nib.load(str(image))
+        mr = np.clip(np.asarray(nii.dataobj, np.float32) + 1000.0, 0, None) * np.float32(scale)
+        nib.save(nib.Nifti1Image(mr, nii.affine), str(image))
+    return root
+
+
+def test_percentile_intensities_make_batches_independent_of_the_mr_scale(tmp_path):
+    """MR values have no absolute scale: the same scans stored at another scale give the same batches,
+    and each cached volume is the percentile-normalised one (p0.5..p99.5 of voxels > 0 -> 0..1000)."""
+    batches = []
+    for scale in (1.0, 3.7):
+        cfg = _config(_mr_amos(tmp_path / f"mr{scale}", scale), modality="MRI", intensity="percentile",
+                      window_level=500.0, window_width=1000.0)
+        it = pipeline.make_data_iterator(cfg, MODEL, split="train", batch_size=2, seed=0, shard_index=0,
+                                         shard_count=1)
+        batches.append(_take(it, 3))
+        cases, _ = pipeline.load_split(cfg, "train")
+        cached, _ = pipeline.VolumeCache(cases, 1, "percentile").get(0)
+        raw = datasets.load_case(cases[0], canonical=True)[0].array
+        np.testing.assert_allclose(np.percentile(cached[raw > 0], (0.5, 99.5)), (0.0, 1000.0), atol=1e-2)
+    for a, b in zip(*batches):
+        assert a.keys() == b.keys()
+        for k in a:
+            # float32 rounding of a rescaled volume only (images are mean/std-normalised, |x| < 3)
+            np.testing.assert_allclose(a[k], b[k], atol=1e-4, err_msg=k)
+    assert np.ptp(batches[0][0]["image"]) > 1.0  # not a blank window

@@ -95,7 +95,8 @@ def test_cli_refuses_mri(tmp_path):
     r = _train_cli(tmp_path / "run", "--config.data.modality=all", "--config.data.root=/data/amos",
                    config="configs/train/amos_vit_b.py:runlocal")
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "radsam train: error: data.modality 'all': only 'CT'" in r.stderr and "Hounsfield" in r.stderr, r.stderr
+    assert "radsam train: error: data.modality 'all' with data.intensity 'hu'" in r.stderr and "Hounsfield" in r.stderr, r.stderr
+    assert 'set data.intensity="percentile"' in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -146,20 +147,29 @@ def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
     assert len(lines) == 2 and all("--config.batch_size=4" in line for line in lines), lines
 
 
-def test_training_window_is_the_models_ct_window():
+def test_training_intensity_and_window_are_the_models():
     from radsam_jax.train import loop
 
     c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.window_level=60", "data.window_width=350"])
-    assert loop.training_window(c) == (60.0, 350.0)
+    assert loop.training_intensity(c) == ("hu", (60.0, 350.0))
     assert loop.configured_model_config(c).ct_window == (60.0, 350.0)
     assert loop.configured_model_config(load_config_file(str(REPO / "configs/train/example_cpu.py"))).ct_window == (40.0, 400.0)
+    mri = loop.configured_model_config(load_config_file(str(REPO / "configs/train/amos_mri_vit_b.py:runlocal")))
+    assert (mri.intensity, mri.ct_window) == ("percentile", (500.0, 1000.0))
     # A mixture whose datasets are windowed differently cannot record one window: a config error.
     mixed = apply_overrides(load_config_file(str(REPO / "configs/train/amos_totalseg_vit_b.py")), ["datasets.totalseg.window_level=60"])
-    with pytest.raises(ConfigError, match="datasets.totalseg 60/400 HU"):
+    with pytest.raises(ConfigError, match="datasets.totalseg hu 60/400"):
+        loop.check_config(mixed)
+    mixed = apply_overrides(load_config_file(str(REPO / "configs/train/amos_totalseg_vit_b.py")),
+                            ["datasets.amos.intensity=percentile"])
+    with pytest.raises(ConfigError, match="datasets.amos percentile 40/400"):
         loop.check_config(mixed)
     zero = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.window_width=0"])
     with pytest.raises(ConfigError, match="width must be > 0"):
         loop.check_config(zero)
+    unknown = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.intensity=zscore"])
+    with pytest.raises(ConfigError, match="data.intensity 'zscore' is not one of hu, percentile"):
+        loop.check_config(unknown)
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +198,11 @@ TOTALSEG = "a TotalSegmentator folder (subject folders with ct.nii.gz and segmen
     ("example_cpu", ["data.val_root={missing}"],
      "data.val_root: {missing} does not exist; expected a case folder with labels.json, or a folder of them"),
     ("amos_vit_b", ["data.root={amos}"], None),
+    ("amos_mri_vit_b", ["data.root={amos}"], None),
     ("totalseg_vit_b", ["data.root={ts}"], None),
     ("amos_totalseg_vit_b", ["datasets.amos.root={amos}", "datasets.totalseg.root={ts}"], None),
-], ids=["unset", "missing", "file", "no_layout", "other_layout", "mixture", "val_root", "amos", "totalseg", "both"])
+], ids=["unset", "missing", "file", "no_layout", "other_layout", "mixture", "val_root", "amos", "amos_mri", "totalseg",
+         "both"])
 def test_dataset_folders_are_checked_with_the_config(roots, config, overrides, message):
     from radsam_jax.train import loop
 

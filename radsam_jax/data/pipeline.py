@@ -3,6 +3,8 @@
 Flow per sample (all numpy, in Grain worker processes; no JAX on the data path):
   canonical volume (RAS, from a per-worker LRU cache) -> axial slice k shown as array[:, :, k].T
   -> augment (affine on image + label, Gaussian noise) -> jittered window (the "HU clipping")
+  (MRI, data.intensity "percentile": the cached volume is first rescaled by its own percentiles,
+  radsam_jax.preprocess.volume_intensities, and every intensity setting below is in those units)
   -> resize + normalise + pad to S x S exactly like radsam_jax.preprocess (numpy port, same weights)
   -> target = GT mask in the same S x S frame -> simulated prompt from a mixture
   -> fixed-shape fields (P point slots padded with label -1).
@@ -41,6 +43,7 @@ import numpy as np
 from radsam_jax.data import augment as augment_lib
 from radsam_jax.data import datasets
 from radsam_jax.data import prompt_simulation as ps
+from radsam_jax.intensity import INTENSITY_MODES, volume_intensities
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +64,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.val_root = ""  # folder read for split == val_split ('' = root); lets generic data train/val on separate folders
     c.train_split = "train"  # split name given to the reader when make_data_iterator(split="train")
     c.val_split = "val"  # split name for validation ("val" for AMOS imagesVa/labelsVa and TotalSegmentator meta.csv)
-    c.modality = "CT"  # AMOS: "CT" (cases <= 500) only; "MRI" / "all" are refused: intensities are windowed in CT HU
+    c.modality = "CT"  # AMOS: "CT" (cases <= 500), "MRI" (> 500) or "all"; MRI needs intensity "percentile"
     c.structures = ()  # structure names to train on; empty = every structure of the dataset
     c.min_area = 10  # a (structure, slice) is a sample only if its mask has >= this many pixels on the original slice
     # --- intensity
-    c.window_level = 40.0  # CT window centre in HU (soft tissue)
-    c.window_width = 400.0  # CT window width in HU; HU outside the window are clipped
-    c.window_level_jitter = 20.0  # training: level += U(-j, j) HU per sample
+    c.intensity = "hu"  # "hu": CT Hounsfield units; "percentile": MRI, each volume's p0.5..p99.5 (voxels > 0) -> 0..1000
+    c.window_level = 40.0  # window centre in the intensity's units (CT: HU, soft tissue; percentile: 500)
+    c.window_width = 400.0  # window width (CT: HU; percentile: 1000); values outside the window are clipped
+    c.window_level_jitter = 20.0  # training: level += U(-j, j) (HU, or percentile units) per sample
     c.window_width_jitter = 0.2  # training: width *= U(1 - j, 1 + j) per sample
     # --- augmentation (training split only; see radsam_jax/data/augment.py)
     c.augment = ml_collections.ConfigDict()
@@ -77,8 +81,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.augment.shear_deg = 5.0  # shear angle in [-s, s] degrees
     c.augment.zoom = 0.15  # zoom factor in [1 - z, 1 + z]
     c.augment.translation = 0.1  # shift in [-t, t] x slice width / height
-    c.augment.noise_std_hu = 20.0  # Gaussian noise, std drawn in [0, n] HU
-    c.augment.fill_hu = -1024.0  # HU of pixels brought in from outside the slice (air)
+    c.augment.noise_std_hu = 20.0  # Gaussian noise, std drawn in [0, n] HU (percentile units for MRI: 2% of p0.5..p99.5)
+    c.augment.fill_hu = -1024.0  # value of pixels brought in from outside the slice (air in HU; below 0, black, for MRI)
     # --- prompts (see radsam_jax/data/prompt_simulation.py)
     c.prompts = ml_collections.ConfigDict()
     c.prompts.mixture = ml_collections.ConfigDict(
@@ -377,13 +381,15 @@ def build_slice_index(cases: Sequence[datasets.Case], min_area: int = 1, cache_d
 
 
 class VolumeCache:
-    """LRU of decoded canonical (HU array, label map) per case; one per worker process, thread-safe.
+    """LRU of decoded canonical (intensity array, label map) per case, the array in the units of
+    `intensity` (HU, or percentile-normalised MR); one per worker process, thread-safe.
 
     Pickling drops the contents (each spawned Grain worker starts empty)."""
 
-    def __init__(self, cases: Sequence[datasets.Case], size: int):
+    def __init__(self, cases: Sequence[datasets.Case], size: int, intensity: str = "hu"):
         self.cases = list(cases)
         self.size = max(1, int(size))
+        self.intensity = intensity
         self._init()
 
     def _init(self):
@@ -392,7 +398,7 @@ class VolumeCache:
         self._loading: dict = {}
 
     def __getstate__(self):
-        return {"cases": self.cases, "size": self.size}
+        return {"cases": self.cases, "size": self.size, "intensity": self.intensity}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -411,8 +417,9 @@ class VolumeCache:
             event.wait()
             return self.get(case_index)
         try:
-            volume, labels = datasets.load_case(self.cases[case_index], canonical=True)
-            value = (volume.array, labels)
+            case = self.cases[case_index]
+            volume, labels = datasets.load_case(case, canonical=True)
+            value = (volume_intensities(volume.array, self.intensity, f"case {case.case_id} ({case.image_path})"), labels)
             with self._lock:
                 self._data[case_index] = value
                 while len(self._data) > self.size:
@@ -435,7 +442,7 @@ class SampleTransform:
 
     def __init__(self, cases, index: SliceIndex, spec: InputSpec, data_config, *, train: bool,
                  seed: int, shard_index: int, prompt_override: Optional[str] = None):
-        self.cache = VolumeCache(cases, data_config.cache_size)
+        self.cache = VolumeCache(cases, data_config.cache_size, data_config.get("intensity", "hu"))
         self.index = index
         self.spec = spec
         self.train = train
@@ -554,13 +561,20 @@ def _structures(data_config) -> tuple:
     return tuple(s or ())
 
 
+# What to set to train on MR data (in the errors that refuse MR cases with intensity "hu").
+MR_SETTINGS = 'data.intensity="percentile", data.window_level=500, data.window_width=1000'
+
+
 def check_modality(data_config) -> None:
-    """ValueError unless the data is CT. Every intensity step (window, its jitter, noise, fill) is in
-    Hounsfield units, which MRI signal is not (arbitrary, scanner-dependent scale), and the paper
-    trains on AMOS CT only; MRI would need its own normalisation, which this pipeline does not have."""
-    if data_config.format == "amos" and str(data_config.modality).upper() != "CT":
-        raise ValueError(f"data.modality {data_config.modality!r}: only 'CT' can be trained on; the pipeline "
-                         "windows intensities in CT Hounsfield units, which MRI cases (AMOS > 500) are not")
+    """ValueError unless data_config.intensity is known and fits the modality: with "hu" every
+    intensity step (window, its jitter, noise, fill) is in Hounsfield units, which MRI signal is not
+    (arbitrary, scanner-dependent scale), so MR cases need "percentile" (the paper trains on AMOS CT)."""
+    intensity = data_config.get("intensity", "hu")
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"data.intensity {intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
+    if intensity == "hu" and data_config.format == "amos" and str(data_config.modality).upper() != "CT":
+        raise ValueError(f"data.modality {data_config.modality!r} with data.intensity 'hu': MRI cases (AMOS > 500) "
+                         f"are not in Hounsfield units; set {MR_SETTINGS}")
 
 
 def check_root(data_config, split: str, name: str = "data") -> None:
@@ -576,15 +590,16 @@ def check_root(data_config, split: str, name: str = "data") -> None:
 
 def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
     """Cases and slice index of a split (see build_slice_index); errors if the split's folder is not a
-    dataset of data_config.format (see check_root), no sample is left or a case is not CT (see check_modality)."""
+    dataset of data_config.format (see check_root), no sample is left or, with intensity "hu", a case is
+    not CT (see check_modality)."""
     check_root(data_config, split)
     _, root, reader_split = _split_name(data_config, split)
     cases = datasets.read_cases(data_config.format, root, reader_split, modality=data_config.modality,
                                 structures=_structures(data_config))
-    not_ct = [c.case_id for c in cases if c.modality.upper() != "CT"]
-    if not_ct:  # generic cases may declare another modality in labels.json
-        raise ValueError(f"case(s) {', '.join(not_ct[:5])} under {root} are not CT (labels.json \"modality\"); "
-                         "the pipeline windows intensities in CT Hounsfield units")
+    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT"]
+    if not_ct and data_config.get("intensity", "hu") == "hu":  # generic cases may declare one in labels.json
+        raise ValueError(f"case(s) {', '.join(not_ct[:5])} under {root} are not CT (labels.json \"modality\"), "
+                         f"so not in Hounsfield units (data.intensity 'hu'); set {MR_SETTINGS}")
     index = build_slice_index(cases, int(data_config.min_area), data_config.index_cache_dir)
     if len(index) == 0:
         raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "

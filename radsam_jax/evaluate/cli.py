@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="LABELS.nii.gz", help="label map of the single image given as --data")
     p.add_argument("--label-names", metavar="NAMES.json", help='{"label_map": {"1": "spleen", ...}} for --labels')
     p.add_argument("--split", default="auto", help="dataset split (default: AMOS val, TotalSegmentator test if meta.csv else all, generic all)")
-    p.add_argument("--modality", default="CT", help="AMOS modality: CT, MRI or all (default CT)")
+    p.add_argument("--modality", default="CT",
+                   help="AMOS modality: CT, MRI or all (default CT; MRI needs intensity 'percentile')")
     p.add_argument("--protocol", default="volume", help="volume, slice, or both comma-separated (default volume)")
     p.add_argument("--prompt", default="box", help="box, point, or both comma-separated (default box)")
     p.add_argument("--propagation", default="mask", help="volume-level: mask (RadSAM), box (SAM/MedSAM), or both comma-separated (default mask)")
@@ -250,6 +251,7 @@ def _identity(model, predictor, cases, settings, args, structures, known) -> dic
             "min_slices": args.min_slices, "box_jitter": list(args.box_jitter) if args.box_jitter else None,
             "known_classes": sorted(known) if known is not None else None, "oracle": not args.no_oracle,
             "structures": structures, "dtype": args.dtype, "window": [float(v) for v in predictor.window],
+            "intensity": predictor.intensity,
             "vanish_policy": args.vanish_policy, "worst": args.worst}
 
 
@@ -275,6 +277,7 @@ def _evaluate(args) -> int:
     from radsam_jax.evaluate.metrics import parse_known_classes
     from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord, code_fingerprint
     from radsam_jax.evaluate.report import write_record_report
+    from radsam_jax.intensity import window_caption
     from radsam_jax.evaluate.runner import (
         SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings,
     )
@@ -311,7 +314,13 @@ def _evaluate(args) -> int:
     # Every click of a volume-level run may land on the same slice (plus the initial point).
     max_points = max(16, 2 + volume_edits, 2 + SLICE_EDITS_MAX)
     predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
-                                bucket=args.bucket, max_points=max_points, window=args.window)
+                                bucket=args.bucket, max_points=max_points, window=args.window,
+                                intensity=args.intensity)
+    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT"]
+    if not_ct and predictor.intensity == "hu":
+        raise InputError(f"case(s) {', '.join(not_ct[:5])} are not CT, but the model windows Hounsfield units "
+                         f"(intensity 'hu'): evaluate MR cases with a model trained on them (intensity "
+                         f"'percentile') or pass --intensity percentile")
     options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
                           box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
                           oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures,
@@ -322,13 +331,14 @@ def _evaluate(args) -> int:
              "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
     inputs = {what: str(Path(v).resolve()) for what, v in (("data", args.data), ("labels", args.labels)) if v}
     run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
-           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window]},
+           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window],
+                      "intensity": predictor.intensity},
            "code_sha256": [code_fingerprint()], "inputs": inputs}
     with RunRecord.open(out, run, restart=args.restart) as record:
         shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
         print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
               f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
-              f"CT window {predictor.window[0]:g}/{predictor.window[1]:g} HU, {model.config.mask_prompt} mask prompts)",
+              f"{window_caption(predictor.window, predictor.intensity)}, {model.config.mask_prompt} mask prompts)",
               file=sys.stderr)
         objects = {(c.case_id, n) for c in mine for n in c.structures}
         if record.complete:

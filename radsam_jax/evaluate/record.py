@@ -52,7 +52,7 @@ class WorstCase:
     setting: str
     edits: int
     slice: int
-    image: np.ndarray  # 2D HU (rows = y, columns = x)
+    image: np.ndarray  # 2D, in the units of the run's intensity (HU for CT; rows = y, columns = x)
     gt: np.ndarray
     pred: np.ndarray
     spacing: tuple  # (x, y) mm

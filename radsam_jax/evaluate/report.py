@@ -32,6 +32,7 @@ import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
 from radsam_jax.io import save_png_atomically, write_atomically, write_text_atomically
+from radsam_jax.intensity import window_caption
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -196,10 +197,10 @@ PROTOCOL_NOTES = """\
 
 def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: dict, timings: Sequence[dict],
                      skipped: Sequence[tuple]) -> Path:
-    level, width = options["window"]
+    window = window_caption(options["window"], options.get("intensity", "hu"))
     lines = [f"# RadSAM benchmark: {model}", "",
              f"Data: `{options.get('data')}` ({options.get('cases')} volume(s)); checkpoint `{options.get('checkpoint')}`; "
-             f"seed {options.get('seed')}; CT window {level:g}/{width:g} HU (model input and worst_cases.png).", ""]
+             f"seed {options.get('seed')}; {window} (model input and worst_cases.png).", ""]
     if options.get("partial"):
         lines += [f"**Partial report of an unfinished run: {options['partial']} (evaluated or skipped).**", ""]
     lines += ["## Table 1 (Dice x100, mean ± 95% CI half-width)", ""]
@@ -411,8 +412,8 @@ def _contour(mask: np.ndarray) -> np.ndarray:
 
 
 def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile: int = 256) -> Optional[Path]:
-    """Montage of the worst objects: the slice with the most errors through `window` (the CT level, width
-    in HU the model saw), radiological view (patient right on the left, anterior up), ground truth
+    """Montage of the worst objects: the slice with the most errors through `window` (the level, width
+    the model saw, in the units of its intensity), radiological view (patient right on the left, anterior up), ground truth
     green, prediction red, overlap yellow."""
     from PIL import Image, ImageDraw
 
@@ -447,10 +448,11 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
 
 
 def write_report(out_dir, result, *, model: str, options: dict, window: tuple[float, float], seed: int = 0,
-                 num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
+                 num_resamples: int = DEFAULT_BOOTSTRAP, intensity: str = "hu") -> dict:
     """Writes every output file into out_dir, and removes the one an earlier report there may have
     written and this one does not (worst_cases.png with --worst 0); returns the summary dict.
-    window: the CT (level, width) in HU the model saw (VolumePredictor.window), for the montage."""
+    window: the (level, width) the model saw (VolumePredictor.window), in the units of `intensity`
+    (VolumePredictor.intensity), for the montage."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", result.rows)
@@ -461,7 +463,7 @@ def write_report(out_dir, result, *, model: str, options: dict, window: tuple[fl
                                                     "skipped": [list(s) for s in result.skipped],
                                                     "partial": options.get("partial")}, indent=2) + "\n")
     write_summary_md(out / "summary.md", summary, extra, model=model,
-                     options={**options, "resamples": num_resamples, "window": window},
+                     options={**options, "resamples": num_resamples, "window": window, "intensity": intensity},
                      timings=result.timings, skipped=result.skipped)
     plot_edits(out / "edits.png", summary, model)
     plot_per_structure(out / "per_structure.png", extra["per_structure"], model)
@@ -487,5 +489,6 @@ def write_record_report(out_dir, record, *, num_resamples: int = DEFAULT_BOOTSTR
         raise ValueError(f"no object was evaluated in the run's {len(identity['cases'])} case(s)")
     options = {**shown["options"], "cases": len(identity["cases"]), "partial": partial}
     summary = write_report(out_dir, result, model=model or shown["model"], options=options,
-                           window=tuple(shown["window"]), seed=identity["seed"], num_resamples=num_resamples)
+                           window=tuple(shown["window"]), seed=identity["seed"], num_resamples=num_resamples,
+                           intensity=shown.get("intensity", "hu"))
     return summary, result

@@ -308,8 +308,9 @@ def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: s
             if len(heap) < options.worst_count or (-d0, order) > heap[0][:2]:
                 k = _worst_slice(first, gt, lo, hi)
                 sx, sy = (float(v) for v in volume.spacing[:2])
-                wc = WorstCase(d0, case.case_id, name, setting.key, cps[0], k, slice_2d(volume.array, k).astype(np.float32),
-                               slice_2d(gt, k).copy(), slice_2d(first, k).astype(bool), (sx, sy), order)
+                image = slice_2d(predictor.intensities, k).astype(np.float32)  # in the units its window is in
+                wc = WorstCase(d0, case.case_id, name, setting.key, cps[0], k, image, slice_2d(gt, k).copy(),
+                               slice_2d(first, k).astype(bool), (sx, sy), order)
                 (heapq.heappush if len(heap) < options.worst_count else heapq.heapreplace)(heap, (-d0, order, wc))
                 offered = True
     return rows, offered

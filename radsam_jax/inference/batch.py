@@ -230,7 +230,8 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 if previews:
                     from radsam_jax.inference.preview import save_preview
 
-                    save_preview(out_dir / f"{case.id}.png", volume.array, labels, objects, window=predictor.window)
+                    save_preview(out_dir / f"{case.id}.png", predictor.intensities, labels, objects,
+                                 window=predictor.window, intensity=predictor.intensity)
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start

@@ -42,8 +42,12 @@ def add_predictor_options(g) -> None:
                    help="pad slice counts to multiples of N so new volumes reuse compiled functions (default 32)")
     g.add_argument("--vanish-policy", choices=("stop", "continue"), default="stop",
                    help="when the propagated mask becomes empty: stop (later slices stay empty) or continue (default stop)")
+    g.add_argument("--intensity", choices=("hu", "percentile"),
+                   help="intensity units: hu (CT) or percentile (MRI: each volume's 0.5-99.5th percentiles of "
+                        "voxels above 0 -> 0-1000); default: the model's")
     g.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
-                   help="CT window in HU (default: the one the model was trained with, its ct_window)")
+                   help="intensity window in those units (default: the one the model was trained with, its "
+                        "ct_window; with another --intensity than the model's, 40 400 for hu, 500 1000 for percentile)")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -144,7 +148,7 @@ def _predictor(model, args):
     if problem:
         raise InputError(problem)
     return VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy, bucket=args.bucket,
-                           window=args.window)
+                           window=args.window, intensity=args.intensity)
 
 
 def _objects_from_args(args, volume):
@@ -232,7 +236,8 @@ def run_segment(args) -> int:
     if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
         from radsam_jax.inference.preview import save_preview
 
-        save_preview(args.preview, volume.array, labels, objects, window=predictor.window)
+        save_preview(args.preview, predictor.intensities, labels, objects, window=predictor.window,
+                     intensity=predictor.intensity)
     save_label_map(out, labels, like=volume)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):

@@ -1,8 +1,8 @@
 """A PNG montage to eyeball a segmentation: the prompted slice and its neighbours.
 
 Each panel is the slice `array[:, :, k].T` (the same frame as the voxel coordinates of
-`radsam segment`: x to the right along the first array axis, y down along the second), grey CT
-through the CT window the model saw (the caller's resolved window, stated on the first panel), every
+`radsam segment`: x to the right along the first array axis, y down along the second), grey,
+through the window the model saw (the caller's resolved window, stated on the first panel), every
 object's mask contour in its colour, and the prompt (box in yellow, positive points green, negative
 points red; edit points on their slices). Small slices are enlarged (nearest neighbour) so that
 panels are at least 256 pixels wide.
@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.io import save_png_atomically
+from radsam_jax.intensity import window_caption
 
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (200, 64, 255), (0, 220, 160), (255, 128, 0), (160, 255, 64)]
 
@@ -38,9 +39,10 @@ def preview_slices(center: int, bounds: tuple[int, int], count: int = 5) -> list
 
 
 def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Sequence, *, window: tuple[float, float],
-                 slices: Optional[Sequence[int]] = None, min_panel: int = 256) -> Path:
+                 intensity: str = "hu", slices: Optional[Sequence[int]] = None, min_panel: int = 256) -> Path:
     """Writes the montage PNG atomically; `objects` are prompt_file.ObjectPrompt (label, slice, prompts);
-    `window`: CT (level, width) in HU, the one the model was given (VolumePredictor.window)."""
+    `volume_array` in the units of `intensity` ("hu", or "percentile": VolumePredictor.intensities) and
+    `window` (level, width) in them, the one the model was given (VolumePredictor.window)."""
     from PIL import Image, ImageDraw
 
     first = objects[0]
@@ -78,7 +80,7 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
                 draw.ellipse([c(x) - r, c(y) - r, c(x) + r, c(y) + r], outline=(255, 255, 255), fill=colour)
         draw.text((4, 4), f"slice {k}" + (" (prompt)" if k == first.slice else ""), fill=(255, 255, 255))
         if not panels:  # the window once, on the first panel
-            draw.text((4, 16), f"window {level:g}/{width:g} HU", fill=(255, 255, 255))
+            draw.text((4, 16), window_caption(window, intensity), fill=(255, 255, 255))
         panels.append(pil)
     gap = 4
     w = sum(p.width for p in panels) + gap * (len(panels) - 1)

@@ -47,7 +47,7 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
 
     def run(k, p, lab, b, mask):
         t = time.perf_counter()
-        image = preprocess_ct_slices(predictor._hu[k][None], config, predictor.window)
+        image = preprocess_ct_slices(predictor._slices[k][None], config, predictor.window)
         emb = jax.block_until_ready(model.encode_image(image))
         timings["encode_s"] += time.perf_counter() - t
         t = time.perf_counter()

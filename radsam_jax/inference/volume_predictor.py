@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -47,6 +48,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
     start_prompt,
 )
+from radsam_jax.intensity import DEFAULT_WINDOWS, INTENSITY_MODES, volume_intensities
 from radsam_jax.model.config import ModelConfig, is_valid_ct_window
 from radsam_jax.model.sam import RadSam, Sam, check_compute_dtype
 from radsam_jax.preprocess import Geometry, geometry, logits_to_mask, preprocess_ct_slices
@@ -175,13 +177,14 @@ class VolumePredictor:
     (None = the model's; jnp.bfloat16 halves activation and embedding memory). vanish_policy:
     "stop" or "continue" (see `radsam_jax.inference.propagation`). bucket: slice-count padding
     (int multiple or sequence of sizes). max_points: point slots per prompt and stored corrections
-    per slice (static). window: CT (level, width) in HU (None: the model's `config.ct_window`, the
-    window it was trained with).
+    per slice (static). intensity: "hu" or "percentile" (None: the model's `config.intensity`; see
+    `radsam_jax.preprocess`). window: (level, width) in those units (None: the model's
+    `config.ct_window`, the window it was trained with, or the default window of another intensity).
     """
 
     def __init__(self, model: RadSam, *, encoder_batch_size: Optional[int] = None, dtype=None, vanish_policy: str = "stop",
                  bucket: Bucket = 32, max_points: int = DEFAULT_MAX_POINTS,
-                 window: Optional[tuple[float, float]] = None):
+                 window: Optional[tuple[float, float]] = None, intensity: Optional[str] = None):
         if not (hasattr(model, "config") and hasattr(model, "variables")):
             raise TypeError(f"model must be a RadSam (e.g. load_checkpoint(path)), got {type(model).__name__} {model!r:.80}")
         if dtype is not None:
@@ -202,10 +205,15 @@ class VolumePredictor:
         self.vanish_policy = vanish_policy
         self.bucket = bucket
         self.max_points = int(max_points)
+        if intensity is None:
+            intensity = model.config.intensity
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
         if window is None:
-            window = model.config.ct_window
+            window = model.config.ct_window if intensity == model.config.intensity else DEFAULT_WINDOWS[intensity]
         if not is_valid_ct_window(window):
-            raise ValueError(f"window must be (level, width) in HU with width > 0, got {window!r}")
+            raise ValueError(f"window must be (level, width) with width > 0, got {window!r}")
+        self.intensity = intensity
         self.window = (float(window[0]), float(window[1]))
         self.decode_fn = sam_decoder(self.config, self.dtype)
         self.volume = None
@@ -216,10 +224,13 @@ class VolumePredictor:
     # ------------------------------------------------------------------------------------------
 
     def set_volume(self, volume, *, encode: str = "lazy", progress: Optional[Callable[[int], Any]] = None) -> None:
-        """Takes a `radsam_jax.io.Volume` (or anything with `.array` (X, Y, Z) HU and `.affine`).
+        """Takes a `radsam_jax.io.Volume` (or anything with `.array` (X, Y, Z) and `.affine`): HU, or
+        MR intensities for intensity "percentile".
 
-        Uploads the reoriented HU slices to the device once; encode="all" encodes every slice now,
-        "lazy" (default) only when a call needs them. Forgets the previous volume and object.
+        Uploads the reoriented slices, in the units of `self.intensity` (also kept as
+        `self.intensities` on the file's grid, for previews), to the device once; encode="all" encodes
+        every slice now, "lazy" (default) only when a call needs them. Forgets the previous volume and
+        object; a volume that cannot be normalised (ValueError) keeps the current one.
         """
         if encode not in ("lazy", "all"):  # before anything changes: a bad call keeps the current volume
             raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
@@ -231,20 +242,27 @@ class VolumePredictor:
             raise ValueError(f"the volume must be 3D (X, Y, Z), got shape {array.shape}")
         if min(array.shape) < 1:
             raise ValueError(f"the volume is empty: shape {array.shape}")
+        name = getattr(volume, "path", "") or "the volume"
+        values = volume_intensities(array, self.intensity, name)
+        if self.intensity == "hu" and array.min() >= 0:  # CT in HU has air near -1000
+            warnings.warn(f"{name} has no value below 0, so it does not look like CT in Hounsfield units, which this "
+                          f"model's window ({self.window[0]:g}/{self.window[1]:g}) expects; for MRI use intensity "
+                          f"'percentile' (--intensity percentile)", stacklevel=2)
         affine = getattr(volume, "affine", None)
         frame = SliceFrame.identity(array.shape) if affine is None else SliceFrame.from_affine(affine, array.shape)
-        canon = frame.to_canonical(array)  # (N0 = R, N1 = A, Z)
+        canon = frame.to_canonical(values)  # (N0 = R, N1 = A, Z)
         z = array.shape[2]
         zp = bucket_size(z, self.bucket)
         # Model-frame slice k is canon[:, :, k].T: (H = N1 rows, W = N0 columns).
         slices = np.full((zp, canon.shape[1], canon.shape[0]), -1000.0, np.float32)
         slices[:z] = np.transpose(canon, (2, 1, 0))
         self.volume = volume
+        self.intensities = values
         self.frame = frame
         self.num_slices = z
         self.padded_slices = zp
         self.geo = geometry(self.config, slices.shape[1], slices.shape[2])
-        self._hu = jnp.asarray(slices)
+        self._slices = jnp.asarray(slices)
         e, c = self.config.embedding_size, self.config.prompt_embed_dim
         self._embeddings = jnp.zeros((zp, e, e, c), self._embedding_dtype)
         m = self.config.mask_size
@@ -279,7 +297,7 @@ class VolumePredictor:
             chunk = todo[start: start + b]
             # A short last chunk repeats its last slice: same shape, same compiled function.
             idx = np.concatenate([chunk, np.full(b - len(chunk), chunk[-1])]).astype(np.int32)
-            self._embeddings = _encode_into(self.variables, self._embeddings, self._hu, jnp.asarray(idx),
+            self._embeddings = _encode_into(self.variables, self._embeddings, self._slices, jnp.asarray(idx),
                                             config=self.config, dtype=self.dtype, window=self.window,
                                             attention=self.attention)
             self._encoded[chunk] = True

@@ -4,9 +4,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-# Soft-tissue abdominal CT window (level, width) in HU: the default of training and inference, and
-# the window of converted SAM/MedSAM checkpoints and of model files written before `ct_window` existed.
-DEFAULT_CT_WINDOW = (40.0, 400.0)
+from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES
+
 # How a mask prompt reaches the mask encoder: RadSAM trains on binary 0/1 masks; SAM was trained on
 # its own previous low-resolution logits (SAM, MedSAM and Hugging Face SamModel conversions).
 MASK_PROMPT_ENCODINGS = ("binary", "logits")
@@ -48,9 +47,13 @@ class ModelConfig:
     preprocessing: str = "sam"
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    # CT intensity window (level, width) in HU that turns a slice into the image the model was trained
-    # on: preprocessing, not architecture. Set from data.window_level / data.window_width by training.
+    # Intensity window (level, width) that turns a slice into the image the model was trained on, in
+    # the units of `intensity` (HU for CT): preprocessing, not architecture. Set from
+    # data.window_level / data.window_width by training.
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
+    # One of INTENSITY_MODES: how a volume's values become the units ct_window is in ("hu" for CT,
+    # "percentile" for MRI). Set from data.intensity by training.
+    intensity: str = "hu"
     # One of MASK_PROMPT_ENCODINGS: "binary" for models trained here, "logits" for SAM-family conversions.
     mask_prompt: str = "binary"
 
@@ -96,7 +99,9 @@ class ModelConfig:
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
         if not is_valid_ct_window(self.ct_window):
-            raise ValueError(f"ct_window must be (level, width) in HU with width > 0, got {self.ct_window!r}")
+            raise ValueError(f"ct_window must be (level, width) with width > 0, got {self.ct_window!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.mask_prompt not in MASK_PROMPT_ENCODINGS:
             raise ValueError(f"mask_prompt must be one of {', '.join(MASK_PROMPT_ENCODINGS)}, got {self.mask_prompt!r}")
 

@@ -130,14 +130,9 @@ def resolve_path(path: str) -> str:
 
 
 def pipeline_data_config(**values) -> ml_collections.ConfigDict:
-    """The data pipeline's `default_data_config()` with `values` set (each must be an existing key).
+    """The data pipeline's `default_data_config()` with `values` set (each must be an existing key)."""
+    from radsam_jax.data.pipeline import default_data_config
 
-    Until `radsam_jax.data.pipeline` exists, a plain ConfigDict of `values` stands in for it.
-    """
-    try:
-        from radsam_jax.data.pipeline import default_data_config
-    except ImportError:
-        return ml_collections.ConfigDict(values)
     data = default_data_config()
     for key, value in values.items():
         if key not in data:

@@ -2,8 +2,9 @@
 
 A training checkpoint holds the whole TrainState (optimiser moments, RNG, data-iterator state);
 inference needs only the variables and the architecture, in the format `load_checkpoint` reads. The
-exported model records the CT window the run trained with (ModelConfig.ct_window, from the run's
-data.window_level / data.window_width), which inference then uses by default.
+exported model records the intensity units and window the run trained with (ModelConfig.intensity and
+.ct_window, from the run's data.intensity, data.window_level and data.window_width), which inference
+then uses by default.
 """
 
 import argparse

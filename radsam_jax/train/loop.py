@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_caption
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
@@ -112,36 +113,40 @@ class CompiledInStep:
         return self.compiled(*args)
 
 
-def training_window(config: ml_collections.ConfigDict) -> tuple[float, float]:
-    """The CT window (level, width) in HU around which the run's data pipeline draws its jittered
-    training windows: `data.window_level` / `data.window_width`. The trained model records it as
-    ModelConfig.ct_window, the window inference uses. ValueError if a mixture's datasets disagree
-    with `data` (a model records one window)."""
-    from radsam_jax.model.config import DEFAULT_CT_WINDOW, is_valid_ct_window
+def training_intensity(config: ml_collections.ConfigDict) -> tuple[str, tuple[float, float]]:
+    """(intensity units, window (level, width)) around which the run's data pipeline draws its
+    jittered training windows: `data.intensity`, `data.window_level` / `data.window_width`. The
+    trained model records them as ModelConfig.intensity and .ct_window, which inference uses.
+    ValueError if a mixture's datasets disagree with `data` (a model records one of each)."""
+    from radsam_jax.model.config import is_valid_ct_window
 
-    def window(data) -> tuple[float, float]:
+    def setting(data) -> tuple[str, tuple[float, float]]:
         if data is None:
-            return DEFAULT_CT_WINDOW
-        return (float(data.get("window_level", DEFAULT_CT_WINDOW[0])), float(data.get("window_width", DEFAULT_CT_WINDOW[1])))
+            return "hu", DEFAULT_CT_WINDOW
+        return (str(data.get("intensity", "hu")),
+                (float(data.get("window_level", DEFAULT_CT_WINDOW[0])), float(data.get("window_width", DEFAULT_CT_WINDOW[1]))))
 
-    windows = {"data": window(config.get("data"))}
+    settings = {"data": setting(config.get("data"))}
     if config.get("data_source") == "mixture":
         for name in dict(config.data_mixture):
-            windows[f"datasets.{name}"] = window(config.datasets[name])
-    for key, (level, width) in windows.items():
+            settings[f"datasets.{name}"] = setting(config.datasets[name])
+    for key, (intensity, (level, width)) in settings.items():
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"{key}.intensity {intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
         if not is_valid_ct_window((level, width)):
-            raise ValueError(f"{key}.window_level / window_width {level:g} / {width:g}: the width must be > 0 HU")
-    if len(set(windows.values())) > 1:
-        raise ValueError("the datasets are windowed differently, but a model records one CT window: "
-                         + "; ".join(f"{k} {lw[0]:g}/{lw[1]:g} HU" for k, lw in windows.items())
-                         + " (set the same window_level and window_width on each)")
-    return windows["data"]
+            raise ValueError(f"{key}.window_level / window_width {level:g} / {width:g}: the width must be > 0")
+    if len(set(settings.values())) > 1:
+        raise ValueError("the datasets are windowed differently, but a model records one intensity and window: "
+                         + "; ".join(f"{k} {i} {lw[0]:g}/{lw[1]:g}" for k, (i, lw) in settings.items())
+                         + " (set the same intensity, window_level and window_width on each)")
+    return settings["data"]
 
 
 def as_trained(model_config: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
-    """`model_config` as this training leaves it: the training CT window, and binary mask prompts (the
-    prompt simulation's), also for a converted SAM-family init that read logits before."""
-    return dataclasses.replace(model_config, ct_window=training_window(config), mask_prompt="binary")
+    """`model_config` as this training leaves it: the training intensity and window, and binary mask
+    prompts (the prompt simulation's), also for a converted SAM-family init that read logits before."""
+    intensity, window = training_intensity(config)
+    return dataclasses.replace(model_config, intensity=intensity, ct_window=window, mask_prompt="binary")
 
 
 def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -174,7 +179,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
     if it cannot be built. A new run loads `config`'s model; a resumed one takes the ModelConfig stored
     with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another (one of
     an older radsam-jax, which stored none, takes the config's, which its saved arrays must fit);
-    its ct_window, preprocessing and not architecture, follows the config (the window trained from now on)."""
+    its intensity and ct_window, preprocessing and not architecture, follow the config (trained from now on)."""
     step = ckpt.latest_step()
     stored = None if step is None else ckpt.restore_model_config(step)
     try:
@@ -200,7 +205,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
         return wanted, None
     have, want = stored.to_dict(), wanted.to_dict()
     changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have
-               if have[k] != want[k] and k != "ct_window"]
+               if have[k] != want[k] and k not in ("ct_window", "intensity")]
     if changed:
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
@@ -387,7 +392,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         try:
             for _, data_config, _ in reads:
                 check_modality(data_config)
-            training_window(config)
+            training_intensity(config)
             for name, data_config, split in reads:
                 check_root(data_config, split, name)
         except ValueError as e:
@@ -446,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start_step = int(state.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}, "
-                 f"CT window {model_config.ct_window[0]:g}/{model_config.ct_window[1]:g} HU")
+                 f"{window_caption(model_config.ct_window, model_config.intensity)}")
 
     # ---------------------------------------------------------------- Update step
     train_step = CompiledInStep("train_step", make_train_step(model_config, config, tx, mesh, schedule))

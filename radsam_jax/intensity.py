@@ -1,0 +1,48 @@
+"""The units a volume's intensities are windowed in (ModelConfig.intensity), in numpy only so the
+data pipeline's worker processes can use it without importing JAX.
+
+- "hu": CT Hounsfield units, as stored.
+- "percentile": MRI, whose scale is arbitrary per scanner and sequence: each volume is rescaled
+  linearly so that the PERCENTILES of its voxels above 0 become 0 and PERCENTILE_SCALE. The window
+  (500, 1000) then clips to that percentile range and scales it to 0..255 with the background (0)
+  black: MedSAM's MR normalisation.
+"""
+
+import numpy as np
+
+INTENSITY_MODES = ("hu", "percentile")
+PERCENTILES = (0.5, 99.5)
+PERCENTILE_SCALE = 1000.0
+# Soft-tissue abdominal CT window (level, width) in HU: the default of training and inference, and
+# the window of converted SAM/MedSAM checkpoints and of model files written before `ct_window` existed.
+DEFAULT_CT_WINDOW = (40.0, 400.0)
+# The window of each mode when nothing sets one: for "percentile" exactly the percentile range.
+DEFAULT_WINDOWS = {"hu": DEFAULT_CT_WINDOW, "percentile": (PERCENTILE_SCALE / 2, PERCENTILE_SCALE)}
+
+
+def volume_intensities(array, intensity: str, name: str = "the volume") -> np.ndarray:
+    """A volume's values in the units its window is in: as stored for "hu"; for "percentile" rescaled
+    so the PERCENTILES of its voxels above 0 become 0 and PERCENTILE_SCALE (float32). ValueError naming
+    `name` when a "percentile" volume has no voxel above 0 or its percentiles coincide."""
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+    if intensity == "hu":
+        return array
+    array = np.asarray(array, np.float32)
+    foreground = array[array > 0]  # MR background is 0: it would pull the low percentile to 0
+    if foreground.size == 0:
+        raise ValueError(f"{name} has no voxel above 0, so its intensities cannot be normalised by percentiles "
+                         f"(intensity 'percentile' expects MR intensities >= 0 with a background of 0)")
+    lo, hi = (float(v) for v in np.percentile(foreground, PERCENTILES))
+    if not hi > lo:
+        raise ValueError(f"{name}: the {PERCENTILES[0]:g}th and {PERCENTILES[1]:g}th percentiles of its voxels "
+                         f"above 0 are both {lo:g}: nearly constant intensities cannot be normalised by percentiles")
+    return (array - np.float32(lo)) * np.float32(PERCENTILE_SCALE / (hi - lo))
+
+
+def window_caption(window, intensity: str) -> str:
+    """'CT window 40/400 HU', or in "percentile" units 'window 500/1000 (p0.5-p99.5 = 0-1000)'."""
+    text = f"window {window[0]:g}/{window[1]:g}"
+    if intensity == "hu":
+        return f"CT {text} HU"
+    return f"{text} (p{PERCENTILES[0]:g}-p{PERCENTILES[1]:g} = 0-{PERCENTILE_SCALE:g})"
