@@ -59,6 +59,8 @@ def test_segment_writes_label_map_on_input_grid(image, checkpoint, tmp_path, cap
     assert set(np.unique(data)) <= {0, 1} and not data[:, :, :5].any() and not data[:, :, 16:].any()
     stdout = capsys.readouterr().out
     assert "dice object 1 vs reference label 7:" in stdout
+    n = int(data.sum())  # voxels of 1.5 x 1.5 x 3 mm = 6.75 mm^3
+    assert f"object 1: {n} voxels ({n * 6.75 / 1000:.1f} mL) on slices" in stdout, stdout
     from PIL import Image
 
     with Image.open(png) as im:
@@ -149,6 +151,10 @@ def test_segment_batch(image, checkpoint, tmp_path, capsys):
     np.testing.assert_allclose(nib.load(str(out_dir / "b.nii.gz")).affine, np.diag([1.5, 1.5, 3.0, 1.0]))
     summary = json.loads((out_dir / "segment-batch-summary.json").read_text())
     assert [d["id"] for d in summary["done"]] == ["a", "b"] and len(summary["failed"]) == 2
+    for d in summary["done"]:  # each object's volume in the written label map, voxels of 6.75 mm^3
+        written = np.asarray(nib.load(d["output"]).dataobj)
+        assert d["volumes_ml"] and all(ml == round(np.count_nonzero(written == int(label)) * 6.75e-3, 3)
+                                       for label, ml in d["volumes_ml"].items()), d
     # A re-run skips finished cases.
     rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
     assert rc == 1

@@ -235,8 +235,11 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start
+                voxel_ml = float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
-                             "objects": len(objects), "slices": int(volume.array.shape[2])})
+                             "objects": len(objects), "slices": int(volume.array.shape[2]),
+                             "volumes_ml": {str(o.label): round(int(np.count_nonzero(labels == o.label)) * voxel_ml, 3)
+                                            for o in objects}})
                 log(f"done {case.id}: {len(objects)} object(s), {volume.array.shape[2]} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"

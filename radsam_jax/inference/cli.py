@@ -243,7 +243,9 @@ def run_segment(args) -> int:
     for o, r in zip(objects, results):
         n = int((r.mask > 0).sum())
         lo, hi = r.bounds
-        print(f"{o.title}: {n} voxels on slices {lo}..{hi}, mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
+        ml = n * float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
+        print(f"{o.title}: {n} voxels ({ml:.1f} mL) on slices {lo}..{hi}, "
+              f"mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
         if reference is not None and o.reference_label is not None:
             ref = reference == o.reference_label
             if not ref.any():
