@@ -85,8 +85,10 @@ def preprocess_images(images_0_255, config: ModelConfig):
 
 
 def preprocess_ct_slices(hu_slices, config: ModelConfig, window=None):
-    """(B, H, W) Hounsfield units -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise);
-    window (level, width) in HU, default the one the model was trained with (config.ct_window)."""
+    """(B, H, W) slices -> (B, S, S, 3) model input (window, grey to RGB, resize, normalise); window
+    (level, width), default the one the model was trained with (config.ct_window). The slices are in
+    the units of config.intensity: Hounsfield units for "hu"; for "percentile" (MRI) slices of
+    `radsam_jax.intensity.volume_intensities(volume, "percentile")`, taken over the whole volume."""
     if np.ndim(hu_slices) != 3:
         raise ValueError(f"hu_slices must have shape (N, H, W) (a batch of slices; one slice: x[None]), "
                          f"got shape {np.shape(hu_slices)}")

@@ -163,15 +163,19 @@ def test_segment_takes_mr_volumes_with_percentile_intensities(checkpoints, tmp_p
     assert png.stat().st_size > 0
 
 
-def test_evaluate_needs_percentile_intensities_for_mr_cases(checkpoints, tmp_path, capsys):
+def test_evaluate_needs_percentile_intensities_for_mr_cases(checkpoints, tmp_path, capsys, monkeypatch):
+    import radsam_jax.checkpoint
+
     data = tmp_path / "data"
     _mr_case(data / "case1")
     common = ["evaluate", "--data", str(data), "--protocol", "volume", "--prompt", "box", "--edits", "0",
               "--bootstrap", "10", "--worst", "1", "--no-progress"]
-    assert radsam([*common, "--checkpoint", str(checkpoints["ct"]), "--out", str(tmp_path / "hu")]) == 2
+    with monkeypatch.context() as m:  # refused from the checkpoint's header, before the weights are read
+        m.setattr(radsam_jax.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert radsam([*common, "--checkpoint", str(checkpoints["ct"]), "--out", str(tmp_path / "hu")]) == 2
     err = capsys.readouterr().err
     assert "case(s) case1 (MR) are not CT" in err and "--intensity percentile" in err, err
-    assert not (tmp_path / "hu" / "objects.jsonl").exists()
+    assert not (tmp_path / "hu").exists()
     out = tmp_path / "mr"
     assert radsam([*common, "--checkpoint", str(checkpoints["mr"]), "--out", str(out)]) == 0, capsys.readouterr().err
     assert "window 500/1000 (p0.5-p99.5 = 0-1000)" in (out / "summary.md").read_text()
@@ -180,3 +184,28 @@ def test_evaluate_needs_percentile_intensities_for_mr_cases(checkpoints, tmp_pat
     # The report re-rendered from the record states the same units.
     assert radsam(["report", str(out), "--out", str(tmp_path / "again")]) == 0, capsys.readouterr().err
     assert "window 500/1000 (p0.5-p99.5 = 0-1000)" in (tmp_path / "again" / "summary.md").read_text()
+
+
+def test_evaluate_warns_about_ct_cases_normalised_by_percentiles(checkpoints, tmp_path, capsys):
+    data = tmp_path / "data"
+    _mr_case(data / "ct1", modality="CT")
+    out = tmp_path / "out"
+    assert radsam(["evaluate", "--data", str(data), "--protocol", "volume", "--prompt", "box", "--edits", "0",
+                   "--bootstrap", "10", "--no-progress", "--checkpoint", str(checkpoints["mr"]), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 CT case(s) (ct1) are normalised by their percentiles" in err, err
+    # A CT run records no intensity, as runs did before the field existed, so their records continue.
+    assert radsam(["evaluate", "--data", str(data), "--protocol", "volume", "--prompt", "box", "--edits", "0",
+                   "--bootstrap", "10", "--no-progress", "--checkpoint", str(checkpoints["ct"]),
+                   "--intensity", "hu", "--out", str(tmp_path / "hu")]) == 0
+    assert "intensity" not in json.loads((tmp_path / "hu" / "run.json").read_text())["identity"]
+
+
+def test_ct_models_keep_the_fingerprint_of_records_written_before_the_intensity_field(models):
+    """Run records identify the model by this hash; the value below is what radsam-jax computed for
+    this model before ModelConfig.intensity existed (commit 812d850), so those records still continue."""
+    from radsam_jax.evaluate.record import model_fingerprint
+
+    ct_model, mr_model = models
+    assert model_fingerprint(ct_model) == "1dede5f1960a1599ee5001a22e678aec1e3a35ec00211e9fb2e45813e7811d91"
+    assert model_fingerprint(mr_model) != model_fingerprint(ct_model)

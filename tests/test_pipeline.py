@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -236,7 +237,7 @@ def test_training_validation_reads_the_smaller_of_both_caps(amos_root):
     assert count(0, -1) == total
 
 
-def test_mri_needs_percentile_intensities(amos_root, tmp_path):
+def test_mri_needs_percentile_intensities(amos_root, tmp_path, caplog):
     for modality in ("MRI", "all"):
         with pytest.raises(ValueError, match="Hounsfield"):
             pipeline.make_data_iterator(_config(amos_root, modality=modality), MODEL, split="train", batch_size=2,
@@ -251,8 +252,14 @@ def test_mri_needs_percentile_intensities(amos_root, tmp_path):
     (root / "b" / "labels.json").write_text(json.dumps({**meta, "modality": "MR"}))
     with pytest.raises(ValueError, match=r"case\(s\) b \(MR\) under .* are not CT"):
         next(pipeline.iterate_slices(_config(root, format="generic"), MODEL, split="val", batch_size=2))
-    next(pipeline.iterate_slices(_config(root, format="generic", intensity="percentile", window_level=500.0,
-                                         window_width=1000.0), MODEL, split="val", batch_size=2))
+    with caplog.at_level(logging.WARNING, logger="radsam_jax.data.pipeline"):
+        next(pipeline.iterate_slices(_config(root, format="generic", intensity="percentile", window_level=500.0,
+                                             window_width=1000.0), MODEL, split="val", batch_size=2))
+    # Case a is still CT: normalising it by percentiles is allowed, with a warning.
+    assert "1 CT case(s) under" in caplog.text and "(a) are normalised by their percentiles" in caplog.text
+    with pytest.raises(ValueError, match="datasets.amos.modality 'all' with datasets.amos.intensity 'hu'.*"
+                                         "set datasets.amos.modality=\"MRI\" and datasets.amos.intensity="):
+        pipeline.check_modality(_config(amos_root, modality="all"), "datasets.amos")
 
 
 def _mr_amos(root, scale: float):

@@ -96,7 +96,7 @@ def test_cli_refuses_mri(tmp_path):
                    config="configs/train/amos_vit_b.py:runlocal")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "radsam train: error: data.modality 'all' with data.intensity 'hu'" in r.stderr and "Hounsfield" in r.stderr, r.stderr
-    assert 'set data.intensity="percentile"' in r.stderr, r.stderr
+    assert 'set data.modality="MRI" and data.intensity="percentile"' in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -221,3 +221,26 @@ def test_cli_bad_dataset_folder_exits_2_before_the_workdir_exists(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"radsam train: error: data.root: {tmp_path / 'amos22'} does not exist; expected an AMOS folder" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_keeps_its_intensity_units():
+    """Resuming may move the window (preprocessing) but not the units it is in: the input would change meaning."""
+    from radsam_jax.train import loop
+
+    def config(*overrides):
+        return apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), list(overrides))
+
+    stored = loop.configured_model_config(config()).to_dict()
+
+    class Checkpoints:  # a run with a checkpoint at step 5 that recorded `stored`
+        directory = "runs/small/checkpoints"
+
+        def latest_step(self):
+            return 5
+
+        def restore_model_config(self, step):
+            return stored
+
+    with pytest.raises(ConfigError, match=r"intensity 'hu' \(checkpoint\) != 'percentile' \(config\)"):
+        loop.run_model(config("data.intensity=percentile"), Checkpoints())
+    assert loop.run_model(config("data.window_level=60"), Checkpoints())[0].ct_window == (60.0, 400.0)

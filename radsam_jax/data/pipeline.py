@@ -561,20 +561,25 @@ def _structures(data_config) -> tuple:
     return tuple(s or ())
 
 
-# What to set to train on MR data (in the errors that refuse MR cases with intensity "hu").
-MR_SETTINGS = 'data.intensity="percentile", data.window_level=500, data.window_width=1000'
+def mr_settings(name: str = "data") -> str:
+    """What to set on the data config `name` to train on MR data (errors that refuse MR cases with "hu")."""
+    return f'{name}.intensity="percentile", {name}.window_level=500, {name}.window_width=1000'
 
 
-def check_modality(data_config) -> None:
-    """ValueError unless data_config.intensity is known and fits the modality: with "hu" every
-    intensity step (window, its jitter, noise, fill) is in Hounsfield units, which MRI signal is not
-    (arbitrary, scanner-dependent scale), so MR cases need "percentile" (the paper trains on AMOS CT)."""
+def check_modality(data_config, name: str = "data") -> None:
+    """ValueError (naming the data config `name`) unless data_config.intensity is known and fits the
+    modality: with "hu" every intensity step (window, its jitter, noise, fill) is in Hounsfield units,
+    which MRI signal is not (arbitrary, scanner-dependent scale), so MR cases need "percentile" (the
+    paper trains on AMOS CT)."""
     intensity = data_config.get("intensity", "hu")
     if intensity not in INTENSITY_MODES:
-        raise ValueError(f"data.intensity {intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
-    if intensity == "hu" and data_config.format == "amos" and str(data_config.modality).upper() != "CT":
-        raise ValueError(f"data.modality {data_config.modality!r} with data.intensity 'hu': MRI cases (AMOS > 500) "
-                         f"are not in Hounsfield units; set {MR_SETTINGS}")
+        raise ValueError(f"{name}.intensity {intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
+    modality = str(data_config.modality).upper()
+    if intensity == "hu" and data_config.format == "amos" and modality != "CT":
+        instead = f"{name}.modality=\"MRI\" and " if modality == "ALL" else ""
+        raise ValueError(f"{name}.modality {data_config.modality!r} with {name}.intensity 'hu': MRI cases (AMOS > 500) "
+                         f"are not in Hounsfield units; set {instead}{mr_settings(name)}"
+                         + (f", or {name}.modality=\"CT\"" if modality == "ALL" else ""))
 
 
 def check_root(data_config, split: str, name: str = "data") -> None:
@@ -596,10 +601,16 @@ def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
     _, root, reader_split = _split_name(data_config, split)
     cases = datasets.read_cases(data_config.format, root, reader_split, modality=data_config.modality,
                                 structures=_structures(data_config))
+    intensity = data_config.get("intensity", "hu")
     not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT"]
-    if not_ct and data_config.get("intensity", "hu") == "hu":  # generic cases may declare one in labels.json
+    if not_ct and intensity == "hu":  # generic cases may declare one in labels.json
         raise ValueError(f"case(s) {', '.join(not_ct[:5])} under {root} are not CT (labels.json \"modality\"), "
-                         f"so not in Hounsfield units (data.intensity 'hu'); set {MR_SETTINGS}")
+                         f"so not in Hounsfield units (intensity 'hu'); set {mr_settings()}")
+    ct = [c.case_id for c in cases if c.modality.upper() == "CT"]
+    if ct and intensity == "percentile":
+        log.warning("%d CT case(s) under %s (%s) are normalised by their percentiles (intensity 'percentile'), "
+                    "which discards what Hounsfield units mean; CT is windowed in HU (intensity 'hu')",
+                    len(ct), root, ", ".join(ct[:5]))
     index = build_slice_index(cases, int(data_config.min_area), data_config.index_cache_dir)
     if len(index) == 0:
         raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "

@@ -35,6 +35,8 @@ from pathlib import Path
 from radsam_jax.inference.cli import add_predictor_options, parse_shard, predictor_option_problem
 
 PROG = "radsam evaluate"
+# The modality of a single --data IMAGE --labels volume: nothing says it (only datasets' layouts do).
+UNKNOWN_MODALITY = "unknown"
 
 
 class InputError(ValueError):
@@ -183,7 +185,7 @@ def _single_image_case(args):
         raise InputError(f"--label-names {args.label_names} names no structure besides background")
     image = Path(args.data)
     case_id = image.name.split(".nii")[0] if image.is_file() else image.name
-    return Case(case_id, str(image), structures, label_path=str(args.labels))
+    return Case(case_id, str(image), structures, label_path=str(args.labels), modality=UNKNOWN_MODALITY)
 
 
 def read_dataset(args):
@@ -251,8 +253,26 @@ def _identity(model, predictor, cases, settings, args, structures, known) -> dic
             "min_slices": args.min_slices, "box_jitter": list(args.box_jitter) if args.box_jitter else None,
             "known_classes": sorted(known) if known is not None else None, "oracle": not args.no_oracle,
             "structures": structures, "dtype": args.dtype, "window": [float(v) for v in predictor.window],
-            "intensity": predictor.intensity,
-            "vanish_policy": args.vanish_policy, "worst": args.worst}
+            "vanish_policy": args.vanish_policy, "worst": args.worst,
+            # Recorded only for MR units: records written before it existed hold CT runs and stay continuable.
+            **({"intensity": predictor.intensity} if predictor.intensity != "hu" else {})}
+
+
+def _check_intensity(cases, args) -> None:
+    """InputError for MR cases evaluated in Hounsfield units, a warning for CT cases normalised by
+    percentiles; from the checkpoint's header (the weights are not read yet) or --intensity."""
+    from radsam_jax.checkpoint import load_config
+
+    intensity = args.intensity or load_config(args.checkpoint).intensity
+    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT" and c.modality != UNKNOWN_MODALITY]
+    if not_ct and intensity == "hu":
+        raise InputError(f"case(s) {', '.join(not_ct[:5])} are not CT, but the model windows Hounsfield units "
+                         f"(intensity 'hu'): evaluate MR cases with a model trained on them (intensity "
+                         f"'percentile') or pass --intensity percentile")
+    ct = [c.case_id for c in cases if c.modality.upper() == "CT"]
+    if ct and intensity == "percentile":
+        print(f"{PROG}: warning: {len(ct)} CT case(s) ({', '.join(ct[:5])}) are normalised by their percentiles "
+              f"(intensity 'percentile'), which discards what Hounsfield units mean", file=sys.stderr)
 
 
 def _check_counts(args, minimums: dict) -> None:
@@ -301,6 +321,7 @@ def _evaluate(args) -> int:
     if not mine:
         raise InputError(f"--shard {index}/{count} has no case: the run has {len(cases)} case(s)")
     known = parse_known_classes(args.known_classes, valid=names)
+    _check_intensity(cases, args)
     out = _output_folder(args.out)
 
     import jax.numpy as jnp
@@ -316,11 +337,6 @@ def _evaluate(args) -> int:
     predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
                                 bucket=args.bucket, max_points=max_points, window=args.window,
                                 intensity=args.intensity)
-    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT"]
-    if not_ct and predictor.intensity == "hu":
-        raise InputError(f"case(s) {', '.join(not_ct[:5])} are not CT, but the model windows Hounsfield units "
-                         f"(intensity 'hu'): evaluate MR cases with a model trained on them (intensity "
-                         f"'percentile') or pass --intensity percentile")
     options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
                           box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
                           oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures,

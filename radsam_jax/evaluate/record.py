@@ -7,7 +7,7 @@ host each) merge into one report (`radsam report`).
 
 - run.json: the run's identity (what decides its scores: the model's config and weights, the cases
   and their structures, settings, edits, seed, ...), its shard, what the report prints (model name,
-  data path, CT window), the input paths it started with, and the code that wrote it
+  data path, intensity window), the input paths it started with, and the code that wrote it
   (`code_fingerprint` of each invocation; continuing with other code is warned about, not refused).
   Written when the run starts, updated when it continues.
 - objects.jsonl: one JSON line per finished object (its score rows), per skipped object, per pass
@@ -75,11 +75,17 @@ def keep_worst(candidates: Sequence[WorstCase], count: int) -> list[WorstCase]:
     return sorted(kept, key=lambda w: (w.dice, w.order))
 
 
+# ModelConfig fields added after run records existed, with the value every model had before: left
+# out of the fingerprint at that value, so records of those models can still be continued and merged.
+_LATER_CONFIG_FIELDS = {"intensity": "hu"}
+
+
 def model_fingerprint(model) -> str:
     """sha256 of a RadSam's config and variables: equal for the same weights wherever they are stored."""
     import jax
 
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=list).encode())
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if _LATER_CONFIG_FIELDS.get(k, object()) != v}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.variables)[0]:
         array = np.ascontiguousarray(np.asarray(leaf))
         digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())

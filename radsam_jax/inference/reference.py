@@ -28,7 +28,7 @@ def _np_box_from_mask(mask: np.ndarray, image_size: int):
 
 def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=None, bounds=None, propagation="mask"):
     """Volume-level segmentation slice by slice on the host. `predictor` has a volume set (its
-    frame, geometry and device HU slices are used; its embedding cache is not).
+    frame, geometry and device slices (in its intensity's units) are used; its embedding cache is not).
 
     Returns (logits (Z, m, m) np.float32 in the model frame, EMPTY_LOGIT where not segmented,
     iou (Z,), timings {"encode_s", "decode_s", "total_s"}).

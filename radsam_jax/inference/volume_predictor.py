@@ -235,7 +235,7 @@ class VolumePredictor:
         if encode not in ("lazy", "all"):  # before anything changes: a bad call keeps the current volume
             raise ValueError(f"encode must be 'lazy' or 'all', got {encode!r}")
         if not hasattr(volume, "array"):
-            raise TypeError(f"volume must be a radsam_jax.io.Volume (anything with .array (X, Y, Z) HU and .affine; "
+            raise TypeError(f"volume must be a radsam_jax.io.Volume (anything with .array (X, Y, Z) and .affine; "
                             f"e.g. load_volume(path) or Volume(array, affine)), got {type(volume).__name__}")
         array = np.asarray(volume.array)
         if array.ndim != 3:

@@ -14,7 +14,7 @@ PREPROCESSING_MODES = ("sam", "medsam")
 
 
 def is_valid_ct_window(window) -> bool:
-    """Whether `window` is a CT window (level, width) in HU: two finite numbers, width > 0."""
+    """Whether `window` is an intensity window (level, width): two finite numbers, width > 0."""
     try:
         level, width = (float(v) for v in window)
     except (TypeError, ValueError):
@@ -80,7 +80,7 @@ class ModelConfig:
             try:
                 values["ct_window"] = tuple(float(v) for v in values["ct_window"])
             except (TypeError, ValueError) as e:
-                raise ValueError(f"ct_window must be [level, width] in HU, got {values['ct_window']!r}") from e
+                raise ValueError(f"ct_window must be [level, width], got {values['ct_window']!r}") from e
         config = cls(**values)
         config.validate()
         return config

@@ -179,7 +179,8 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
     if it cannot be built. A new run loads `config`'s model; a resumed one takes the ModelConfig stored
     with its checkpoint (its init_checkpoint need not exist any more) and must not ask for another (one of
     an older radsam-jax, which stored none, takes the config's, which its saved arrays must fit);
-    its intensity and ct_window, preprocessing and not architecture, follow the config (trained from now on)."""
+    its ct_window, preprocessing and not architecture, follows the config (the window trained from now
+    on); its intensity units may not change (the input would mean something else)."""
     step = ckpt.latest_step()
     stored = None if step is None else ckpt.restore_model_config(step)
     try:
@@ -205,7 +206,7 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
         return wanted, None
     have, want = stored.to_dict(), wanted.to_dict()
     changed = [f"{k} {have[k]!r} (checkpoint) != {want[k]!r} (config)" for k in have
-               if have[k] != want[k] and k not in ("ct_window", "intensity")]
+               if have[k] != want[k] and k != "ct_window"]
     if changed:
         raise ConfigError(f"{ckpt.directory}/{step} was trained with another model than the config gives: "
                           f"{'; '.join(changed)}; resume with the run's own model settings or use a new --workdir")
@@ -390,8 +391,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             (f"datasets.{name}", config.datasets[name], "train") for name in dict(config.data_mixture)]
         reads.append(("data", config.data, config.eval.split))
         try:
-            for _, data_config, _ in reads:
-                check_modality(data_config)
+            for name, data_config, _ in reads:
+                check_modality(data_config, name)
             training_intensity(config)
             for name, data_config, split in reads:
                 check_root(data_config, split, name)
