@@ -244,3 +244,12 @@ def test_a_resumed_run_keeps_its_intensity_units():
     with pytest.raises(ConfigError, match=r"intensity 'hu' \(checkpoint\) != 'percentile' \(config\)"):
         loop.run_model(config("data.intensity=percentile"), Checkpoints())
     assert loop.run_model(config("data.window_level=60"), Checkpoints())[0].ct_window == (60.0, 400.0)
+
+
+def test_volume_validation_needs_volumes():
+    from radsam_jax.train import loop
+
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")),
+                        ["data_source=synthetic", "eval.volume_cases=2"])
+    with pytest.raises(ConfigError, match="eval.volume_cases 2: volume validation needs volumes"):
+        loop.check_config(c)

@@ -32,5 +32,6 @@ def get_config(arg: str = ""):
     c.data = c.datasets.amos  # validation data (AMOS imagesVa), as in the paper's tables
     c.eval.split = "val"  # AMOS validation
     c.eval.every_steps = 5000  # validate every 5000 steps
+    c.eval.volume_cases = 4  # and score 4 AMOS validation volumes in 3D (one box, mask propagation)
     c.checkpoint.every_steps = 5000  # save every 5000 steps
     return c

@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
     )
     c.eval.split = "val"  # imagesVa / labelsVa
     c.eval.every_steps = 2000  # validate every 2000 steps
+    c.eval.volume_cases = 4  # and score 4 validation volumes in 3D (one box, mask propagation), the paper's metric
     c.checkpoint.every_steps = 2000  # save every 2000 steps
     if arg == "runlocal":
         c.model.name = "small"  # the CPU-sized model

@@ -7,5 +7,6 @@ Where to look:
 - `train_step.py`: `make_train_step` / `make_eval_step` / `create_sharded_state` (the jitted sharded step).
 - `checkpointing.py`: `Checkpointer` (Orbax manager with the Grain iterator state) and the SIGTERM hook.
 - `loop.py`: `train_and_evaluate(config, workdir)`.
+- `volume_validation.py`: `volume_validation` (the benchmark's 3D Dice on a few validation volumes).
 - `cli.py`: `radsam train` (`add_parser`, `run`) with `--config.key=value` overrides.
 """

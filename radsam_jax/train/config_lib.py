@@ -212,6 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
     # <= 0 is no cap; both <= 0: the whole split), spread evenly over the split. Synthetic: max_batches only.
     c.eval.max_batches = 50  # cap on validation batches per evaluation (<= 0: no cap)
     c.eval.at_start = False  # also validate before the first step (the baseline for "did it learn")
+    # Volume validation (train/volume_validation.py): the paper's 3D Dice from one box, propagated.
+    c.eval.volume_cases = 0  # validation volumes scored in 3D at each validation (pipeline data; 0 = off)
+    c.eval.volume_min_slices = 1  # objects spanning fewer slices are not scored (the benchmark's --min-slices)
     # ---- logging and checkpoints
     c.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress line every this many steps (<= 0: last step only)
     c.checkpoint = ml_collections.ConfigDict()

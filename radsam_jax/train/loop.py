@@ -27,6 +27,7 @@ from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_capt
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
+from radsam_jax.train.volume_validation import volume_validation
 from radsam_jax.train.train_step import (
     abstract_train_state,
     create_sharded_state,
@@ -381,6 +382,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if batch <= 0 or batch % n:
             raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
                               f"(batch sizes are global; set num_devices or a divisible batch size)")
+    if config.eval.volume_cases > 0 and config.data_source == "synthetic":
+        raise ConfigError(f"eval.volume_cases {config.eval.volume_cases}: volume validation needs volumes "
+                          f"(data_source 'pipeline' or 'mixture'), the synthetic source has slices only")
     if config.num_train_steps <= 0 and config.optim.schedule != "constant":
         raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
     if config.data_source in ("pipeline", "mixture"):
@@ -469,9 +473,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def validate():
         m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch)
+        volume = ""
+        if config.eval.volume_cases > 0:
+            m.update(volume_validation(state.variables, model_config, config))
+            volume = f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
         writer.write(step, m, prefix="validation_")
         writer.print(f"step {step}: validation loss {m['loss']:.4f} dice {m['dice']:.4f} "
-                     f"({int(m['num_examples'])} slices)")
+                     f"({int(m['num_examples'])} slices){volume}")
         return m
 
     last = {}
