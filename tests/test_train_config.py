@@ -253,3 +253,7 @@ def test_volume_validation_needs_volumes():
                         ["data_source=synthetic", "eval.volume_cases=2"])
     with pytest.raises(ConfigError, match="eval.volume_cases 2: volume validation needs volumes"):
         loop.check_config(c)
+    zero = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")),
+                           ["eval.volume_cases=2", "eval.volume_min_slices=0"])
+    with pytest.raises(ConfigError, match="eval.volume_min_slices must be >= 1, got 0"):
+        loop.check_config(zero)

@@ -594,8 +594,20 @@ def check_root(data_config, split: str, name: str = "data") -> None:
 
 
 def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
-    """Cases and slice index of a split (see build_slice_index); errors if the split's folder is not a
-    dataset of data_config.format (see check_root), no sample is left or, with intensity "hu", a case is
+    """Cases and slice index of a split (see build_slice_index); errors as `load_cases`, and if no
+    sample is left."""
+    cases = load_cases(data_config, split)
+    _, root, _ = _split_name(data_config, split)
+    index = build_slice_index(cases, int(data_config.min_area), data_config.index_cache_dir)
+    if len(index) == 0:
+        raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "
+                         f"{data_config.min_area} pixels")
+    return cases, index
+
+
+def load_cases(data_config, split: str) -> list:
+    """The cases of a split with the selected structures, reading no volume; errors if the split's
+    folder is not a dataset of data_config.format (see check_root) or, with intensity "hu", a case is
     not CT (see check_modality)."""
     check_root(data_config, split)
     _, root, reader_split = _split_name(data_config, split)
@@ -611,11 +623,7 @@ def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
         log.warning("%d CT case(s) under %s (%s) are normalised by their percentiles (intensity 'percentile'), "
                     "which discards what Hounsfield units mean; CT is windowed in HU (intensity 'hu')",
                     len(ct), root, ", ".join(ct[:5]))
-    index = build_slice_index(cases, int(data_config.min_area), data_config.index_cache_dir)
-    if len(index) == 0:
-        raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "
-                         f"{data_config.min_area} pixels")
-    return cases, index
+    return cases
 
 
 def _ensure_absl_flags_parsed():

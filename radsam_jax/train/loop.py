@@ -382,6 +382,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if batch <= 0 or batch % n:
             raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
                               f"(batch sizes are global; set num_devices or a divisible batch size)")
+    if config.eval.volume_cases > 0 and config.eval.volume_min_slices < 1:
+        raise ConfigError(f"eval.volume_min_slices must be >= 1, got {config.eval.volume_min_slices}")
     if config.eval.volume_cases > 0 and config.data_source == "synthetic":
         raise ConfigError(f"eval.volume_cases {config.eval.volume_cases}: volume validation needs volumes "
                           f"(data_source 'pipeline' or 'mixture'), the synthetic source has slices only")
@@ -476,7 +478,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         volume = ""
         if config.eval.volume_cases > 0:
             m.update(volume_validation(state.variables, model_config, config))
-            volume = f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
+            volume = (f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
+                      if m["volume_objects"] else f"; no object of the first {config.eval.volume_cases} validation "
+                      f"volume(s) spans >= {config.eval.volume_min_slices} slices (eval.volume_min_slices)")
         writer.write(step, m, prefix="validation_")
         writer.print(f"step {step}: validation loss {m['loss']:.4f} dice {m['dice']:.4f} "
                      f"({int(m['num_examples'])} slices){volume}")

@@ -7,8 +7,10 @@ ground truth's bottom and top slices, mask propagation, no edits) on the first `
 volumes of the validation split, and logs the mean 3D Dice over their objects
 ("validation_volume_dice") and per structure ("validation_volume_dice/<structure>").
 
-The model's parameters are replicated, so every process holds them whole and runs the same volumes
-on its own first device (identical results, no collective to wait on); process 0 writes them.
+The parameters are replicated, so every process holds them whole: each runs the same volumes on its
+own first device, in a one-device mesh of its own (inside the training mesh, arrays would be spread
+over every device of the job, every process repeating the work in one program), and process 0 writes
+the result. The weights are taken from that device's replica, not copied.
 """
 
 from __future__ import annotations
@@ -23,37 +25,38 @@ import numpy as np
 from radsam_jax.model.config import ModelConfig
 
 
-def host_variables(variables: Mapping[str, Any]) -> dict:
-    """Numpy copies of replicated (possibly multi-process) arrays, from this process's own shard."""
-    def fetch(x):
+def first_device_weights(variables: Mapping[str, Any]) -> dict:
+    """This process's replica on its first device of each (replicated, possibly multi-process) array."""
+    def replica(x):
         if not x.sharding.is_fully_replicated:
             raise ValueError(f"volume validation needs replicated parameters, got sharding {x.sharding}")
-        return np.asarray(x.addressable_data(0))
+        return x.addressable_data(0)
 
-    return jax.tree.map(fetch, dict(variables))
+    return jax.tree.map(replica, dict(variables))
 
 
 def volume_validation(variables: Mapping[str, Any], model_config: ModelConfig,
                       config: ml_collections.ConfigDict) -> dict:
     """{"volume_dice": mean 3D Dice, "volume_objects": objects scored, "volume_dice/<structure>": ...}
-    of the volume-level setting on the first `config.eval.volume_cases` cases of the validation split."""
+    of the volume-level setting on the first `config.eval.volume_cases` cases of the validation split;
+    {"volume_objects": 0.0} when none of their objects can be scored (eval.volume_min_slices)."""
     from radsam_jax.data import datasets, pipeline
-    from radsam_jax.evaluate.runner import EvalOptions, evaluate_cases, make_settings
+    from radsam_jax.evaluate.runner import EvalOptions, EvaluationInputError, evaluate_cases, make_settings
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.model.sam import RadSam
 
-    cases, _ = pipeline.load_split(config.data, config.eval.split)
-    cases = cases[: int(config.eval.volume_cases)]
+    cases = pipeline.load_cases(config.data, config.eval.split)[: int(config.eval.volume_cases)]
     dtype = "bfloat16" if config.precision == "bfloat16" else "float32"  # float16 (V100): validate in float32
-    with jax.default_device(jax.local_devices()[0]):
-        predictor = VolumePredictor(RadSam(model_config, host_variables(variables), dtype=dtype))
-        result = evaluate_cases(cases, predictor, make_settings(["volume"], ["box"], ["mask"]),
-                                EvalOptions(edits=(0,), seed=int(config.seed), min_slices=int(config.eval.volume_min_slices),
-                                            oracle=False, worst_count=0),
-                                load_case=datasets.load_case, progress=False)
-    if not result.rows:
-        raise ValueError(f"volume validation: no object in the first {len(cases)} case(s) of split {config.eval.split!r} "
-                         f"spans >= {config.eval.volume_min_slices} slices (eval.volume_min_slices)")
+    own_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+    with jax.set_mesh(own_device):
+        predictor = VolumePredictor(RadSam(model_config, first_device_weights(variables), dtype=dtype))
+        try:
+            result = evaluate_cases(cases, predictor, make_settings(["volume"], ["box"], ["mask"]),
+                                    EvalOptions(edits=(0,), seed=int(config.seed), oracle=False, worst_count=0,
+                                                min_slices=int(config.eval.volume_min_slices)),
+                                    load_case=datasets.load_case, progress=False)
+        except EvaluationInputError:  # every object skipped (absent, or fewer slices than volume_min_slices)
+            return {"volume_objects": 0.0}
     by_structure = collections.defaultdict(list)
     for row in result.rows:
         by_structure[row["structure"]].append(row["dice"])
