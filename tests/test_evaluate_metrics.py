@@ -203,6 +203,40 @@ class ScriptedPredictor:
         return self._res()
 
 
+def test_runner_reads_the_next_case_while_evaluating_this_one():
+    """Case c2 is read (in the background) before the evaluation of c1 ends, and rows keep case order."""
+    import threading
+    import types
+
+    from radsam_jax.data.datasets import Case
+
+    gt = cube()
+    labels = gt.astype(np.uint8) * 3
+    volume = types.SimpleNamespace(array=np.zeros(gt.shape, np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
+    reading = {}
+
+    def load_case(case):
+        reading[case.case_id] = threading.current_thread().name
+        if case.case_id == "c2":
+            c2_started.set()
+        return volume, labels
+
+    c2_started = threading.Event()
+
+    class WaitingPredictor(ScriptedPredictor):
+        def segment(self, *args, **kw):
+            if self.calls.count("set_volume") == 1:  # evaluating c1: c2 must be on its way already
+                assert c2_started.wait(timeout=30), "case c2 was not read while c1 was evaluated"
+            return super().segment(*args, **kw)
+
+    cases = [Case(f"c{i}", "img", {"organ": 3}, label_path="lab") for i in (1, 2)]
+    res = runner.evaluate_cases(cases, WaitingPredictor(gt), runner.make_settings(["volume"], ["box"], ["mask"]),
+                                runner.EvalOptions(edits=(0,), oracle=False, worst_count=0), load_case=load_case,
+                                progress=False)
+    assert [r["case"] for r in res.rows] == ["c1", "c2"]
+    assert threading.current_thread().name not in reading.values()  # not read by the evaluating thread
+
+
 def test_runner_scores_a_synthetic_case_exactly():
     import types
 

@@ -3,7 +3,7 @@
 Per volume the predictor's `set_volume` runs once and the slices an object spans are encoded once
 (`encode_slices`, which skips cached slices); every structure, prompt kind, propagation mode, edit
 and protocol after that re-uses the cached embeddings, so the image encoder runs at most once per
-slice per volume. Randomness (point prompts, correction clicks, optional box jitter) comes from a
+slice per volume; the next volume is read in a background thread meanwhile. Randomness (point prompts, correction clicks, optional box jitter) comes from a
 generator seeded by (seed, case, structure, setting), so the same seed gives the same numbers, and
 adding a setting or a structure to a run does not change the others. Each finished object goes into
 a `RunRecord` (record.py) at once, so a run can continue after a stop and shards of a run merge.
@@ -12,6 +12,7 @@ a `RunRecord` (record.py) at once, so a run can continue after a stop and shards
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import heapq
 import itertools
@@ -218,14 +219,17 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
 
         bar = tqdm(total=sum(len(c.structures) for _, c in mine), unit="object", file=sys.stderr, desc="evaluate",
                    initial=sum((c.case_id, n) in done for _, c in mine for n in c.structures))
+    work = [(case_index, case, todo) for case_index, case in mine
+            if (todo := [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
+                         if (case.case_id, name) not in done])]
+    # The next case is read and decoded in a background thread while this one is evaluated.
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        for case_index, case in mine:
-            todo = [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
-                    if (case.case_id, name) not in done]
-            if not todo:
-                continue
+        pending = reader.submit(load_case, work[0][1]) if work else None
+        for position, (case_index, case, todo) in enumerate(work):
             t0 = time.perf_counter()
-            volume, labels = load_case(case)
+            volume, labels = pending.result()
+            pending = reader.submit(load_case, work[position + 1][1]) if position + 1 < len(work) else None
             present_ids = set(np.unique(labels).tolist())
             if requested and len(cases) == 1:
                 missing = [n for n in requested if case.structures.get(n) not in present_ids]
@@ -263,6 +267,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     except KeyboardInterrupt:
         raise EvaluationInterrupted(list(record.rows)) from None
     finally:
+        reader.shutdown(wait=False, cancel_futures=True)
         if bar is not None:
             bar.close()
     if not record.complete:
