@@ -3,6 +3,7 @@ through the runner with a scripted predictor), bootstrap CI vs. the normal appro
 correction clicks only on error voxels with the right label, report schema."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,25 @@ def test_parse_known_classes(tmp_path):
     t.write_text("aorta\nliver\n")
     assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}
     assert metrics.parse_known_classes("liver,spleen", valid=["aorta", "liver", "spleen"]) == {"liver", "spleen"}
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data absent")
+def test_the_amos_known_classes_preset_finds_amos_classes_under_each_naming():
+    amos = ["spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver", "stomach", "arota",
+            "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
+            "prostate/uterus"]  # AMOS22 dataset.json
+    assert metrics.parse_known_classes("amos", valid=amos + ["background"]) == set(amos)
+    # TotalSegmentator v2 (the DICOM case's label map) has all 15; v1 has no prostate.
+    for case, count in (("ct-thorax-abdomen-dicom", 15), ("ct-abdomen-3mm", 14)):
+        names = json.loads((SHARED / case / "labels.json").read_text())["label_map"].values()
+        known = metrics.parse_known_classes("amos", valid=names)
+        assert len(known) == count and {"liver", "kidney_left", "inferior_vena_cava", "urinary_bladder"} <= known
+        assert not known & {"colon", "portal_vein_and_splenic_vein", "lung_upper_lobe_left", "heart"}
+    with pytest.raises(ValueError, match="--known-classes amos: none of its classes"):
+        metrics.parse_known_classes("amos", valid=["brain", "skull"])
 
 
 def test_known_classes_mistyped_path_or_name_is_an_error(tmp_path):

@@ -2,7 +2,7 @@
 
     radsam evaluate --checkpoint CKPT --data PATH --protocol volume,slice --prompt box,point
                     --edits 0,1,2,5,10,20 [--propagation mask,box] [--structures a,b] [--seed N]
-                    [--min-slices N] [--known-classes FILE|a,b] --out DIR
+                    [--min-slices N] [--known-classes FILE|a,b|amos] --out DIR
     radsam evaluate --checkpoint CKPT --data IMAGE --labels LABELS.nii.gz --label-names NAMES.json ...
 
 PATH: a dataset in the AMOS layout (dataset.json), the TotalSegmentator layout (meta.csv or
@@ -74,8 +74,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edits", type=_int_list, default=[0], metavar="0,1,2,5,10,20",
                    help="edit counts to record in one cumulative run (slice-level: points per slice, at most 10; default 0)")
     p.add_argument("--structures", metavar="a,b", help="only these structures (names from the label map)")
-    p.add_argument("--known-classes", metavar="FILE|a,b",
-                   help="classes the model was trained on, each a structure of the label maps: adds the known/unknown split (Table 2)")
+    p.add_argument("--known-classes", metavar="FILE|a,b|amos",
+                   help="classes the model was trained on, each a structure of the label maps, or 'amos' (AMOS's "
+                        "15 classes under their AMOS and TotalSegmentator names): adds the known/unknown split (Table 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated user and the bootstrap (default 0)")
     p.add_argument("--min-slices", type=int, default=1, metavar="N", help="skip objects spanning fewer than N slices (default 1)")
     p.add_argument("--box-jitter", type=float, nargs=2, metavar=("LO", "HI"),

@@ -102,11 +102,23 @@ def normal_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float,
 
 # A --known-classes value that looks like a file name is never taken for a list of class names.
 _LIST_SUFFIXES = (".json", ".txt", ".csv", ".tsv", ".lst", ".list")
+# Named --known-classes sets. "amos": the 15 AMOS classes (the paper's training data) under their
+# AMOS names ("arota" as AMOS's dataset.json spells the aorta) and TotalSegmentator v1/v2 names, for
+# the paper's transfer table: an AMOS-trained model evaluated on TotalSegmentator, known vs unknown.
+KNOWN_CLASS_PRESETS = {
+    "amos": (
+        "spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver", "stomach", "aorta", "arota",
+        "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder", "prostate/uterus",
+        "kidney_right", "kidney_left", "gallbladder", "inferior_vena_cava", "adrenal_gland_right",
+        "adrenal_gland_left", "urinary_bladder", "prostate",
+    ),
+}
 
 
 def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = None) -> Optional[set[str]]:
-    """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line)
-    or a comma-separated list. None/empty -> None (no known/unknown split).
+    """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line),
+    a comma-separated list, or a KNOWN_CLASS_PRESETS name ("amos": those of its classes among `valid`).
+    None/empty -> None (no known/unknown split).
 
     A value that looks like a path (a path separator, or a list file's suffix) must be a file, so a
     mistyped path is an error, not one class name. With `valid` (the evaluated structures), every name
@@ -131,6 +143,13 @@ def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = No
                 names = [str(v) for k, v in data.items() if str(k) != "0"] if isinstance(data, Mapping) else list(data)
             else:
                 names = [str(v) for v in data]
+    elif spec.lower() in KNOWN_CLASS_PRESETS:
+        preset = set(KNOWN_CLASS_PRESETS[spec.lower()])
+        names = preset if valid is None else preset.intersection(valid)
+        if not names:
+            raise ValueError(f"--known-classes {spec}: none of its classes ({', '.join(sorted(preset))}) is a "
+                             f"structure of the evaluated label maps")
+        return names
     elif any(sep and sep in spec for sep in (os.sep, os.altsep)) or path.suffix.lower() in _LIST_SUFFIXES:
         raise ValueError(f"--known-classes {spec}: " + ("a folder, not a file" if path.is_dir() else "no such file"))
     else:
