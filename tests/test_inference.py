@@ -283,10 +283,32 @@ def test_slice_frame_matches_nibabel_canonical():
         np.testing.assert_allclose(frame.points_from_canonical([cx, cy]), [x, y])
 
 
-def test_slice_frame_rejects_non_axial_slice_axis():
-    affine = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # third axis points A
-    with pytest.raises(ValueError, match="third array axis.*points A"):
-        SliceFrame.from_affine(affine, (4, 4, 4))
+def test_slice_frame_of_a_coronal_file_slices_along_its_s_axis():
+    affine = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # axes R, S, A
+    array = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    frame = SliceFrame.from_affine(affine, array.shape)
+    assert frame.slice_axis == 1 and frame.shape == (4, 6)
+    canon = frame.to_canonical(array)  # (R, A, S)
+    assert canon.shape == (4, 6, 5) and canon[1, 2, 3] == array[1, 3, 2]
+    np.testing.assert_array_equal(frame.from_canonical(canon), array)
+
+
+def test_predictor_segments_a_sagittal_file_as_its_axial_twin(tiny_model):
+    """The same voxels stored sagittally, (A, S, R): slices index S, x runs along A and y along R; the
+    mask comes back on the sagittal grid, equal to the axial result re-indexed."""
+    vol = synthetic_volume()
+    stored = np.ascontiguousarray(np.transpose(vol.array, (1, 2, 0)))  # stored[a, s, r] = array[r, a, s]
+    sagittal = Volume(stored, vol.affine[:, [1, 2, 0, 3]], "sagittal")
+    assert "".join(nib.aff2axcodes(sagittal.affine)) == "ASR"
+    p = VolumePredictor(tiny_model, bucket=32, vanish_policy="continue")
+    p.set_volume(vol)
+    r1 = p.segment(10, points=[[20, 16]], point_labels=[1], box=[12, 9, 28, 23], bounds=(4, 15))
+    p.set_volume(sagittal)
+    assert p.num_slices == vol.array.shape[2]
+    r2 = p.segment(10, points=[[16, 20]], point_labels=[1], box=[9, 12, 23, 28], bounds=(4, 15))
+    assert r1.mask.any() and r2.mask.shape == stored.shape
+    np.testing.assert_array_equal(r2.mask, np.transpose(r1.mask, (1, 2, 0)))
+    np.testing.assert_allclose(r1.iou, r2.iou, rtol=1e-5, equal_nan=True)
 
 
 def test_predictor_is_orientation_invariant(tiny_model):

@@ -91,6 +91,27 @@ def test_segment_prompts_file_world_and_edits(image, checkpoint, tmp_path, capsy
     assert "object 3 (ball)" in capsys.readouterr().out
 
 
+def test_segment_a_sagittal_file_gives_its_axial_twins_mask(image, checkpoint, tmp_path, capsys):
+    """The same voxels stored sagittally: the same world prompt gives the same mask, on the file's grid."""
+    nii = nib.load(str(image))
+    sagittal = tmp_path / "sagittal.nii.gz"  # stored[a, s, r] = array[r, a, s]
+    nib.save(nib.Nifti1Image(np.transpose(np.asarray(nii.dataobj), (1, 2, 0)), nii.affine[:, [1, 2, 0, 3]]), sagittal)
+    wz = (nii.affine @ [20, 16, 10, 1])[2]  # the ball's centre slice, in millimetres
+    (x0, y0), (x1, y1) = (nii.affine @ [12, 9, 10, 1])[:2], (nii.affine @ [28, 23, 10, 1])[:2]  # a box around it
+    lo, hi = (nii.affine @ [20, 16, 6, 1])[2], (nii.affine @ [20, 16, 14, 1])[2]
+    masks = []
+    for path, name in ((image, "axial"), (sagittal, "sagittal")):
+        out = tmp_path / f"{name}_mask.nii.gz"
+        rc = run_cli("segment", path, "--checkpoint", checkpoint, "--world", "--slice", wz, "--box", min(x0, x1), min(y0, y1),
+                     max(x0, x1), max(y0, y1), "--bounds", lo, hi, "--out", out, "--preview", tmp_path / f"{name}.png", "--no-progress")
+        assert rc == 0, capsys.readouterr().err
+        img = nib.load(str(out))
+        np.testing.assert_allclose(img.affine, nib.load(str(path)).affine)
+        masks.append(np.asarray(img.dataobj))
+    assert masks[0].any()
+    np.testing.assert_array_equal(masks[1], np.transpose(masks[0], (1, 2, 0)))
+
+
 def _bad(capsys, out, *argv, match):
     rc = run_cli(*argv, "--out", out, "--no-progress")
     err = capsys.readouterr().err
@@ -118,9 +139,6 @@ def test_bad_input(image, checkpoint, tmp_path, capsys):
     _bad(capsys, out, "segment", image, *ck, "--slice", 10, match="a prompt is required")
     _bad(capsys, out, "segment", image, *ck, "--slice", 10, "--point", 5, 5, "--encoder-batch-size", 0,
          match="--encoder-batch-size must be >= 1, got 0")
-    sagittal = tmp_path / "sagittal.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])), sagittal)
-    _bad(capsys, out, "segment", sagittal, *ck, "--slice", 1, "--point", 5, 5, match="third array axis")
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps({"objects": [{"slice": 10, "points": [[5, 5]], "colour": "red"}]}))
     _bad(capsys, out, "segment", image, *ck, "--prompts", bad_json, match="unknown keys ['colour']")

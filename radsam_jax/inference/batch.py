@@ -230,17 +230,18 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 if previews:
                     from radsam_jax.inference.preview import save_preview
 
-                    save_preview(out_dir / f"{case.id}.png", predictor.intensities, labels, objects,
+                    axial = predictor.frame.axial  # the grid the prompts address (slice axis last)
+                    save_preview(out_dir / f"{case.id}.png", axial(predictor.intensities), axial(labels), objects,
                                  window=predictor.window, intensity=predictor.intensity)
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start
                 voxel_ml = float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
-                             "objects": len(objects), "slices": int(volume.array.shape[2]),
+                             "objects": len(objects), "slices": predictor.num_slices,
                              "volumes_ml": {str(o.label): round(int(np.count_nonzero(labels == o.label)) * voxel_ml, 3)
                                             for o in objects}})
-                log(f"done {case.id}: {len(objects)} object(s), {volume.array.shape[2]} slices, {seconds:.2f} s -> {out}")
+                log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 failed.append({"id": case.id, "image": str(case.image), "prompts": str(case.prompts), "error": msg})

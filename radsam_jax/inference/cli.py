@@ -6,8 +6,9 @@ executes one and returns the exit status (0 ok, 1 a case failed or an unexpected
                    [--labels LABELS.nii.gz --label-id N]
     radsam segment-batch MANIFEST --checkpoint CKPT --out-dir DIR
 
-Coordinates are voxel indices of IMAGE (x = first array axis, y = second, K = third; the slice is
-shown as `array[:, :, K].T`); with --world, X Y are RAS millimetres and K, LO, HI the z coordinate in
+Coordinates are voxel indices of IMAGE: K along its S/I axis, X and Y along its other two axes in
+array order (for the usual axial file X = first array axis, Y = second, K = third, the slice shown as
+`array[:, :, K].T`; sagittal and coronal files are sliced along S/I too); with --world, X Y are RAS millimetres and K, LO, HI the z coordinate in
 millimetres. The --prompts schema is in `radsam_jax.inference.prompt_file`. Every input, and every
 destination (--out, --preview, --out-dir: the right kind of path, never an input file), is checked
 before the model runs; the label map is written atomically at the very end (after the preview), so a
@@ -92,7 +93,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("image", help="NIfTI file (.nii, .nii.gz) or DICOM series folder")
     p.add_argument("--checkpoint", help=f"model checkpoint directory (default: the bundled {DEFAULT_CHECKPOINT.name}/ if present)")
-    p.add_argument("--slice", type=float, metavar="K", help="prompted slice index (third array axis)")
+    p.add_argument("--slice", type=float, metavar="K", help="prompted slice index (along the S/I axis: the third array axis of an axial file)")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt on the slice")
     p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point (repeatable)")
     p.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point (repeatable)")
@@ -236,7 +237,8 @@ def run_segment(args) -> int:
     if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
         from radsam_jax.inference.preview import save_preview
 
-        save_preview(args.preview, predictor.intensities, labels, objects, window=predictor.window,
+        axial = predictor.frame.axial  # the grid the prompts address (slice axis last)
+        save_preview(args.preview, axial(predictor.intensities), axial(labels), objects, window=predictor.window,
                      intensity=predictor.intensity)
     save_label_map(out, labels, like=volume)
     seconds = time.perf_counter() - t0

@@ -9,7 +9,7 @@ Schema of a prompts file (a bare list is taken as "objects"):
         {
           "label": 1,                  # value written in the output label map (default: position + 1)
           "name": "liver",             # optional, used in messages
-          "slice": 56,                 # prompted slice (third array axis); world: z in mm
+          "slice": 56,                 # prompted slice (index along the S/I axis); world: z in mm
           "bounds": [30, 80],          # top/bottom slices, inclusive; optional, default the whole volume
           "box": [40, 30, 80, 70],     # x0, y0, x1, y1  \  at least one of box / points
           "points": [[60, 50]],        # (x, y) each     /
@@ -23,8 +23,10 @@ Schema of a prompts file (a bare list is taken as "objects"):
       ]
     }
 
-Voxel coordinates: x = first array axis index, y = second, slice = third (the slice shown as
-`array[:, :, k].T`). World coordinates: x, y are RAS millimetres and slice / bounds are the z (S)
+Voxel coordinates: slice = index along the file's S/I array axis, x and y = indices along its
+other two axes in array order; for the usual axial file x = first array axis, y = second, slice =
+third (the slice shown as `array[:, :, k].T`), for a sagittal file stored (A, S, R) x runs along A,
+y along R and slices along S (`orientation.axial_grid`). World coordinates: x, y are RAS millimetres and slice / bounds are the z (S)
 coordinate in millimetres; each is converted with the inverse affine (points at their slice's
 height; slice heights at the prompt's x, y) and slices are rounded to the nearest index.
 Objects are written in order; where two overlap, the later one wins. A slice holds at most
@@ -40,6 +42,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from radsam_jax.inference.orientation import axial_grid
 from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 
 OBJECT_KEYS = {"label", "name", "slice", "bounds", "box", "points", "point_labels", "propagation", "reference_label", "edits"}
@@ -295,7 +298,9 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
 def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = False,
                   max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
     """Parsed JSON (schema above) -> validated objects. `world=True` forces world coordinates;
-    `max_points`: see `parse_object`."""
+    `max_points`: see `parse_object`. `shape` and `affine` are the file's; slices index its S/I axis
+    and x, y its other two axes in array order (orientation.axial_grid)."""
+    shape, affine = axial_grid(shape, affine)
     if isinstance(data, list):
         data = {"objects": data}
     if not isinstance(data, dict):

@@ -10,10 +10,11 @@
     result = predictor.segment_slices({40: {"box": (30, 40, 70, 80)}, 41: {...}}, all_masks=True)
     result = predictor.edit_slices({40: ([(50, 61)], [0]), 41: ([(52, 60)], [1])})  # one batched decode
 
-Coordinates are the file's voxel indices: x = first array axis, y = second, slice = third (the
-slice shown is `array[:, :, k].T`). Internally the volume is reoriented in-plane to canonical R, A
-(see `orientation.SliceFrame`), which is how the model was trained; results come back on the file's
-own grid. Slice counts are padded to buckets (`bucket`, default multiples of 32), so every compiled
+Coordinates are the file's voxel indices: slice = along its S/I axis, x and y = along its other two
+axes in array order (for the usual axial file x = first array axis, y = second, slice = third, the
+slice shown being `array[:, :, k].T`; a sagittal or coronal file works the same way, see
+`orientation.SliceFrame`). Internally the volume is reoriented to canonical R, A, S, which is how
+the model was trained; results come back on the file's own grid. Slice counts are padded to buckets (`bucket`, default multiples of 32), so every compiled
 function (encoder chunk, propagation, upscaling) is reused by the next volume of the same in-plane
 size; the propagation itself depends only on the bucket.
 
@@ -251,7 +252,7 @@ class VolumePredictor:
         affine = getattr(volume, "affine", None)
         frame = SliceFrame.identity(array.shape) if affine is None else SliceFrame.from_affine(affine, array.shape)
         canon = frame.to_canonical(values)  # (N0 = R, N1 = A, Z)
-        z = array.shape[2]
+        z = array.shape[frame.slice_axis]
         zp = bucket_size(z, self.bucket)
         # Model-frame slice k is canon[:, :, k].T: (H = N1 rows, W = N0 columns).
         slices = np.full((zp, canon.shape[1], canon.shape[0]), -1000.0, np.float32)
