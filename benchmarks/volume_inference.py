@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.inference import SliceFrame, VolumePredictor
     from radsam_jax.inference.reference import per_slice_loop
     from radsam_jax.inference.volume_predictor import default_encoder_batch_size
     from radsam_jax.io import load_label_map, load_volume
@@ -64,8 +64,9 @@ def main(argv=None) -> int:
             abstract_variables(config))
         model = RadSam(config, variables, dtype=dtype)
     volume = load_volume(args.image)
-    nz = volume.array.shape[2]
-    ref = load_label_map(args.labels, like=volume) == args.label_id
+    # Slices and the box are on the grid the predictor's prompts address: the S/I axis last.
+    ref = SliceFrame.from_affine(volume.affine, volume.array.shape).axial(load_label_map(args.labels, like=volume) == args.label_id)
+    nz = ref.shape[2]
     zs = np.flatnonzero(ref.any(axis=(0, 1)))
     lo, hi = (0, nz - 1) if args.whole_volume or zs.size == 0 else (int(zs[0]), int(zs[-1]))
     k = int(np.argmax(ref.sum(axis=(0, 1))))  # the slice with the largest area

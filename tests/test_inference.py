@@ -311,6 +311,17 @@ def test_predictor_segments_a_sagittal_file_as_its_axial_twin(tiny_model):
     np.testing.assert_allclose(r1.iou, r2.iou, rtol=1e-5, equal_nan=True)
 
 
+def test_thick_sagittal_slices_draw_a_warning(tiny_model):
+    """A 2D sagittal series (4 mm between sagittal slices, 0.5 mm in plane) gives axial slices of
+    0.5 x 4 mm pixels: set_volume says so (nothing is resampled)."""
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = 0.5, 0.5, 4.0, 1.0  # axes A, S, R
+    p = VolumePredictor(tiny_model, bucket=32)
+    with pytest.warns(UserWarning, match=r"mr_sag: its axial slices have pixels of 0.5 x 4 mm"):
+        p.set_volume(Volume(synthetic_volume().array, affine, "mr_sag"))
+    assert p.frame.slice_axis == 1
+
+
 def test_predictor_is_orientation_invariant(tiny_model):
     """The same anatomy stored transposed and flipped (L, P in-plane) gives the same mask, mapped back."""
     vol = synthetic_volume()

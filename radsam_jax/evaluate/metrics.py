@@ -117,8 +117,8 @@ KNOWN_CLASS_PRESETS = {
 
 def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = None) -> Optional[set[str]]:
     """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line),
-    a comma-separated list, or a KNOWN_CLASS_PRESETS name ("amos": those of its classes among `valid`).
-    None/empty -> None (no known/unknown split).
+    a comma-separated list, or a KNOWN_CLASS_PRESETS name ("amos": those of its classes among `valid`;
+    a file of that name in the working folder is read instead). None/empty -> None (no known/unknown split).
 
     A value that looks like a path (a path separator, or a list file's suffix) must be a file, so a
     mistyped path is an error, not one class name. With `valid` (the evaluated structures), every name

@@ -12,11 +12,11 @@ a `RunRecord` (record.py) at once, so a run can continue after a stop and shards
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import heapq
 import itertools
 import sys
+import threading
 import time
 import zlib
 from typing import Callable, Optional, Sequence
@@ -222,14 +222,12 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     work = [(case_index, case, todo) for case_index, case in mine
             if (todo := [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
                          if (case.case_id, name) not in done])]
-    # The next case is read and decoded in a background thread while this one is evaluated.
-    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        pending = reader.submit(load_case, work[0][1]) if work else None
+        pending = _Reading(load_case, work[0][1]) if work else None
         for position, (case_index, case, todo) in enumerate(work):
-            t0 = time.perf_counter()
-            volume, labels = pending.result()
-            pending = reader.submit(load_case, work[position + 1][1]) if position + 1 < len(work) else None
+            (volume, labels), read_s = pending.result()
+            t0 = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
+            pending = _Reading(load_case, work[position + 1][1]) if position + 1 < len(work) else None
             present_ids = set(np.unique(labels).tolist())
             if requested and len(cases) == 1:
                 missing = [n for n in requested if case.structures.get(n) not in present_ids]
@@ -267,7 +265,6 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     except KeyboardInterrupt:
         raise EvaluationInterrupted(list(record.rows)) from None
     finally:
-        reader.shutdown(wait=False, cancel_futures=True)
         if bar is not None:
             bar.close()
     if not record.complete:
@@ -279,6 +276,30 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         reasons = sorted({r for _, _, r in result.skipped})
         raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every structure was skipped ({'; '.join(reasons) or 'none listed'})")
     return result
+
+
+class _Reading:
+    """load_case(case) in a daemon thread: the next case is read and decoded while this one is
+    evaluated, and a stop (Ctrl-C) does not wait for a read in progress. `result()` gives
+    (load_case's value, seconds it took) or raises its exception."""
+
+    def __init__(self, load_case: Callable, case):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(load_case, case), daemon=True)
+        self._thread.start()
+
+    def _run(self, load_case, case):
+        t0 = time.perf_counter()
+        try:
+            self._value = (load_case(case), time.perf_counter() - t0)
+        except BaseException as e:  # re-raised in the evaluating thread, at this case
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: str, label_id: int, gt: np.ndarray,

@@ -1,7 +1,8 @@
 """A PNG montage to eyeball a segmentation: the prompted slice and its neighbours.
 
-Each panel is the slice `array[:, :, k].T` (the same frame as the voxel coordinates of
-`radsam segment`: x to the right along the first array axis, y down along the second), grey,
+Each panel is the slice `array[:, :, k].T` of the array it is given, the file's with its S/I axis
+last (`SliceFrame.axial`: the frame of the voxel coordinates of `radsam segment`, x to the right,
+y down), grey,
 through the window the model saw (the caller's resolved window, stated on the first panel), every
 object's mask contour in its colour, and the prompt (box in yellow, positive points green, negative
 points red; edit points on their slices). Small slices are enlarged (nearest neighbour) so that

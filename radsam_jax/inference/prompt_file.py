@@ -300,7 +300,8 @@ def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = Fals
     """Parsed JSON (schema above) -> validated objects. `world=True` forces world coordinates;
     `max_points`: see `parse_object`. `shape` and `affine` are the file's; slices index its S/I axis
     and x, y its other two axes in array order (orientation.axial_grid)."""
-    shape, affine = axial_grid(shape, affine)
+    if affine is not None:  # voxel prompts of an array without an affine: its third axis is the slice axis
+        shape, affine = axial_grid(shape, affine)
     if isinstance(data, list):
         data = {"objects": data}
     if not isinstance(data, dict):

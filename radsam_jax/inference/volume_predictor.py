@@ -251,6 +251,12 @@ class VolumePredictor:
                           f"'percentile' (--intensity percentile)", stacklevel=2)
         affine = getattr(volume, "affine", None)
         frame = SliceFrame.identity(array.shape) if affine is None else SliceFrame.from_affine(affine, array.shape)
+        if affine is not None:  # nothing is resampled: a thick-slice sagittal/coronal series gives thin, long pixels
+            sides = [float(np.linalg.norm(np.asarray(affine)[:3, a])) for a in range(3) if a != frame.slice_axis]
+            if max(sides) > 2 * min(sides):
+                warnings.warn(f"{name}: its axial slices have pixels of {sides[0]:.2g} x {sides[1]:.2g} mm, far from "
+                              f"square (a thick-slice sagittal or coronal series?); the model was trained on square "
+                              f"pixels: resample the volume first for better masks", stacklevel=2)
         canon = frame.to_canonical(values)  # (N0 = R, N1 = A, Z)
         z = array.shape[frame.slice_axis]
         zp = bucket_size(z, self.bucket)
