@@ -18,15 +18,32 @@ PERCENTILE_SCALE = 1000.0
 DEFAULT_CT_WINDOW = (40.0, 400.0)
 # The window of each mode when nothing sets one: for "percentile" exactly the percentile range.
 DEFAULT_WINDOWS = {"hu": DEFAULT_CT_WINDOW, "percentile": (PERCENTILE_SCALE / 2, PERCENTILE_SCALE)}
+# The modality of a volume nothing declares (a single `radsam evaluate --data IMAGE --labels` volume).
+UNKNOWN_MODALITY = "unknown"
+
+
+def check_intensity(intensity: str) -> str:
+    """`intensity` if it is one of INTENSITY_MODES, else a ValueError naming the value."""
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+    return intensity
+
+
+def modality_mismatches(cases, intensity: str) -> tuple[list[str], list[str]]:
+    """Among `cases` (anything with .case_id and .modality): "case (modality)" of those not CT, which
+    "hu" cannot window, and the ids of the CT ones, which "percentile" would normalise (each list empty
+    unless `intensity` is that mode). A modality of "unknown" (nothing declares it) is neither."""
+    known = [c for c in cases if c.modality != UNKNOWN_MODALITY]
+    not_ct = [f"{c.case_id} ({c.modality})" for c in known if c.modality.upper() != "CT"] if intensity == "hu" else []
+    ct = [c.case_id for c in known if c.modality.upper() == "CT"] if intensity == "percentile" else []
+    return not_ct, ct
 
 
 def volume_intensities(array, intensity: str, name: str = "the volume") -> np.ndarray:
     """A volume's values in the units its window is in: as stored for "hu"; for "percentile" rescaled
     so the PERCENTILES of its voxels above 0 become 0 and PERCENTILE_SCALE (float32). ValueError naming
     `name` when a "percentile" volume has no voxel above 0 or its percentiles coincide."""
-    if intensity not in INTENSITY_MODES:
-        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
-    if intensity == "hu":
+    if check_intensity(intensity) == "hu":
         return array
     array = np.asarray(array, np.float32)
     foreground = array[array > 0]  # MR background is 0: it would pull the low percentile to 0

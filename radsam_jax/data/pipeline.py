@@ -4,7 +4,7 @@ Flow per sample (all numpy, in Grain worker processes; no JAX on the data path):
   canonical volume (RAS, from a per-worker LRU cache) -> axial slice k shown as array[:, :, k].T
   -> augment (affine on image + label, Gaussian noise) -> jittered window (the "HU clipping")
   (MRI, data.intensity "percentile": the cached volume is first rescaled by its own percentiles,
-  radsam_jax.preprocess.volume_intensities, and every intensity setting below is in those units)
+  radsam_jax.intensity.volume_intensities, and every intensity setting below is in those units)
   -> resize + normalise + pad to S x S exactly like radsam_jax.preprocess (numpy port, same weights)
   -> target = GT mask in the same S x S frame -> simulated prompt from a mixture
   -> fixed-shape fields (P point slots padded with label -1).
@@ -43,7 +43,7 @@ import numpy as np
 from radsam_jax.data import augment as augment_lib
 from radsam_jax.data import datasets
 from radsam_jax.data import prompt_simulation as ps
-from radsam_jax.intensity import INTENSITY_MODES, volume_intensities
+from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, volume_intensities
 
 log = logging.getLogger(__name__)
 
@@ -613,13 +613,11 @@ def load_cases(data_config, split: str) -> list:
     _, root, reader_split = _split_name(data_config, split)
     cases = datasets.read_cases(data_config.format, root, reader_split, modality=data_config.modality,
                                 structures=_structures(data_config))
-    intensity = data_config.get("intensity", "hu")
-    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT"]
-    if not_ct and intensity == "hu":  # generic cases may declare one in labels.json
+    not_ct, ct = modality_mismatches(cases, data_config.get("intensity", "hu"))
+    if not_ct:  # generic cases may declare a modality in labels.json
         raise ValueError(f"case(s) {', '.join(not_ct[:5])} under {root} are not CT (labels.json \"modality\"), "
                          f"so not in Hounsfield units (intensity 'hu'); set {mr_settings()}")
-    ct = [c.case_id for c in cases if c.modality.upper() == "CT"]
-    if ct and intensity == "percentile":
+    if ct:
         log.warning("%d CT case(s) under %s (%s) are normalised by their percentiles (intensity 'percentile'), "
                     "which discards what Hounsfield units mean; CT is windowed in HU (intensity 'hu')",
                     len(ct), root, ", ".join(ct[:5]))

@@ -35,8 +35,6 @@ from pathlib import Path
 from radsam_jax.inference.cli import add_predictor_options, parse_shard, predictor_option_problem
 
 PROG = "radsam evaluate"
-# The modality of a single --data IMAGE --labels volume: nothing says it (only datasets' layouts do).
-UNKNOWN_MODALITY = "unknown"
 
 
 class InputError(ValueError):
@@ -161,6 +159,7 @@ def _single_image_case(args):
     import json
 
     from radsam_jax.data.datasets import Case
+    from radsam_jax.intensity import UNKNOWN_MODALITY
 
     if not args.labels or not args.label_names:
         raise InputError("one image as --data needs both --labels LABELS.nii.gz and --label-names NAMES.json")
@@ -186,7 +185,8 @@ def _single_image_case(args):
         raise InputError(f"--label-names {args.label_names} names no structure besides background")
     image = Path(args.data)
     case_id = image.name.split(".nii")[0] if image.is_file() else image.name
-    return Case(case_id, str(image), structures, label_path=str(args.labels), modality=UNKNOWN_MODALITY)
+    return Case(case_id, str(image), structures, label_path=str(args.labels),
+                modality=UNKNOWN_MODALITY)  # only datasets' layouts declare one
 
 
 def read_dataset(args):
@@ -263,15 +263,15 @@ def _check_intensity(cases, args) -> None:
     """InputError for MR cases evaluated in Hounsfield units, a warning for CT cases normalised by
     percentiles; from the checkpoint's header (the weights are not read yet) or --intensity."""
     from radsam_jax.checkpoint import load_config
+    from radsam_jax.intensity import modality_mismatches
 
     intensity = args.intensity or load_config(args.checkpoint).intensity
-    not_ct = [f"{c.case_id} ({c.modality})" for c in cases if c.modality.upper() != "CT" and c.modality != UNKNOWN_MODALITY]
-    if not_ct and intensity == "hu":
+    not_ct, ct = modality_mismatches(cases, intensity)
+    if not_ct:
         raise InputError(f"case(s) {', '.join(not_ct[:5])} are not CT, but the model windows Hounsfield units "
                          f"(intensity 'hu'): evaluate MR cases with a model trained on them (intensity "
                          f"'percentile') or pass --intensity percentile")
-    ct = [c.case_id for c in cases if c.modality.upper() == "CT"]
-    if ct and intensity == "percentile":
+    if ct:
         print(f"{PROG}: warning: {len(ct)} CT case(s) ({', '.join(ct[:5])}) are normalised by their percentiles "
               f"(intensity 'percentile'), which discards what Hounsfield units mean", file=sys.stderr)
 

@@ -228,11 +228,9 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                     raise error
                 labels, _ = segment_objects(predictor, volume, objects)
                 if previews:
-                    from radsam_jax.inference.preview import save_preview
+                    from radsam_jax.inference.preview import save_predictor_preview
 
-                    axial = predictor.frame.axial  # the grid the prompts address (slice axis last)
-                    save_preview(out_dir / f"{case.id}.png", axial(predictor.intensities), axial(labels), objects,
-                                 window=predictor.window, intensity=predictor.intensity)
+                    save_predictor_preview(out_dir / f"{case.id}.png", predictor, labels, objects)
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start

@@ -235,11 +235,9 @@ def run_segment(args) -> int:
         if bar is not None:
             bar.close()
     if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
-        from radsam_jax.inference.preview import save_preview
+        from radsam_jax.inference.preview import save_predictor_preview
 
-        axial = predictor.frame.axial  # the grid the prompts address (slice axis last)
-        save_preview(args.preview, axial(predictor.intensities), axial(labels), objects, window=predictor.window,
-                     intensity=predictor.intensity)
+        save_predictor_preview(args.preview, predictor, labels, objects)
     save_label_map(out, labels, like=volume)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):

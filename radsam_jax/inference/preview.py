@@ -39,6 +39,14 @@ def preview_slices(center: int, bounds: tuple[int, int], count: int = 5) -> list
     return picks
 
 
+def save_predictor_preview(path, predictor, labels: np.ndarray, objects: Sequence) -> Path:
+    """`save_preview` of the predictor's volume as the model saw it (its intensities and window) and
+    `labels` on the file's grid, on the grid its prompts address (the slice axis last)."""
+    axial = predictor.frame.axial
+    return save_preview(path, axial(predictor.intensities), axial(labels), objects, window=predictor.window,
+                        intensity=predictor.intensity)
+
+
 def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Sequence, *, window: tuple[float, float],
                  intensity: str = "hu", slices: Optional[Sequence[int]] = None, min_panel: int = 256) -> Path:
     """Writes the montage PNG atomically; `objects` are prompt_file.ObjectPrompt (label, slice, prompts);

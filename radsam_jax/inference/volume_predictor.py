@@ -49,7 +49,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
     start_prompt,
 )
-from radsam_jax.intensity import DEFAULT_WINDOWS, INTENSITY_MODES, volume_intensities
+from radsam_jax.intensity import DEFAULT_WINDOWS, check_intensity, volume_intensities
 from radsam_jax.model.config import ModelConfig, is_valid_ct_window
 from radsam_jax.model.sam import RadSam, Sam, check_compute_dtype
 from radsam_jax.preprocess import Geometry, geometry, logits_to_mask, preprocess_ct_slices
@@ -206,10 +206,7 @@ class VolumePredictor:
         self.vanish_policy = vanish_policy
         self.bucket = bucket
         self.max_points = int(max_points)
-        if intensity is None:
-            intensity = model.config.intensity
-        if intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+        intensity = check_intensity(model.config.intensity if intensity is None else intensity)
         if window is None:
             window = model.config.ct_window if intensity == model.config.intensity else DEFAULT_WINDOWS[intensity]
         if not is_valid_ct_window(window):

@@ -4,7 +4,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES
+from radsam_jax.intensity import DEFAULT_CT_WINDOW, check_intensity
 
 # How a mask prompt reaches the mask encoder: RadSAM trains on binary 0/1 masks; SAM was trained on
 # its own previous low-resolution logits (SAM, MedSAM and Hugging Face SamModel conversions).
@@ -100,8 +100,7 @@ class ModelConfig:
             raise ValueError(f"preprocessing must be 'sam' or 'medsam', got {self.preprocessing!r}")
         if not is_valid_ct_window(self.ct_window):
             raise ValueError(f"ct_window must be (level, width) with width > 0, got {self.ct_window!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        check_intensity(self.intensity)
         if self.mask_prompt not in MASK_PROMPT_ENCODINGS:
             raise ValueError(f"mask_prompt must be one of {', '.join(MASK_PROMPT_ENCODINGS)}, got {self.mask_prompt!r}")
 
