@@ -247,16 +247,14 @@ def _errors_to_status(function):
 
 def _identity(model, predictor, cases, settings, args, structures, known) -> dict:
     """What decides the run's scores (record.py): equal identities give equal rows."""
-    from radsam_jax.evaluate.record import model_fingerprint
+    from radsam_jax.evaluate.record import model_fingerprint, without_later_defaults
 
-    return {"model_sha256": model_fingerprint(model), "cases": [[c.case_id, dict(c.structures)] for c in cases],
+    return without_later_defaults({"model_sha256": model_fingerprint(model), "cases": [[c.case_id, dict(c.structures)] for c in cases],
             "settings": [s.key for s in settings], "edits": sorted(set(args.edits)), "seed": args.seed,
             "min_slices": args.min_slices, "box_jitter": list(args.box_jitter) if args.box_jitter else None,
             "known_classes": sorted(known) if known is not None else None, "oracle": not args.no_oracle,
             "structures": structures, "dtype": args.dtype, "window": [float(v) for v in predictor.window],
-            "vanish_policy": args.vanish_policy, "worst": args.worst,
-            # Recorded only for MR units: records written before it existed hold CT runs and stay continuable.
-            **({"intensity": predictor.intensity} if predictor.intensity != "hu" else {})}
+            "vanish_policy": args.vanish_policy, "worst": args.worst, "intensity": predictor.intensity})
 
 
 def _check_intensity(cases, args) -> None:

@@ -75,16 +75,22 @@ def keep_worst(candidates: Sequence[WorstCase], count: int) -> list[WorstCase]:
     return sorted(kept, key=lambda w: (w.dice, w.order))
 
 
-# ModelConfig fields added after run records existed, with the value every model had before: left
-# out of the fingerprint at that value, so records of those models can still be continued and merged.
-_LATER_CONFIG_FIELDS = {"intensity": "hu"}
+# Model config fields and run identity entries added after run records existed, with the value every
+# run had before: left out at that value, so records written before can still be continued and merged.
+_LATER_DEFAULTS = {"intensity": "hu"}
+
+
+def without_later_defaults(values: dict) -> dict:
+    """`values` without the entries added after run records existed that hold the value every run had
+    before (_LATER_DEFAULTS): model configs and run identities then hash and compare as they did."""
+    return {k: v for k, v in values.items() if _LATER_DEFAULTS.get(k, object()) != v}
 
 
 def model_fingerprint(model) -> str:
     """sha256 of a RadSam's config and variables: equal for the same weights wherever they are stored."""
     import jax
 
-    config = {k: v for k, v in dataclasses.asdict(model.config).items() if _LATER_CONFIG_FIELDS.get(k, object()) != v}
+    config = without_later_defaults(dataclasses.asdict(model.config))
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.variables)[0]:
         array = np.ascontiguousarray(np.asarray(leaf))

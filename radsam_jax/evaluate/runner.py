@@ -309,6 +309,7 @@ def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: s
     it changed the worst-object `heap`."""
     lo, hi = bounds
     known = None if options.known_classes is None else name in options.known_classes
+    voxels = int(np.count_nonzero(gt))
     rows, offered = [], False
     for setting_index, setting in enumerate(settings):
         rng = _rng(options.seed, case.case_id, name, setting.key)
@@ -326,7 +327,7 @@ def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: s
                 "clicks": info["clicks"][e][0], "clicks_honoured": info["clicks"][e][1],
                 "oracle_dice": info.get("oracle_dice") if e == 0 else None,
                 "initial_slice": info["initial_slice"], "lo": info["lo"], "hi": info["hi"],
-                "voxels": int(np.count_nonzero(gt)),
+                "voxels": voxels,
             })
         if options.worst_count > 0:
             d0 = float(scores[cps[0]])

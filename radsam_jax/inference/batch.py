@@ -41,6 +41,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
 
 
+def voxel_ml(volume) -> float:
+    """The volume of one voxel of `volume` in mL (its spacing in mm)."""
+    return float(np.prod(volume.spacing)) / 1000.0
+
+
 def segment_objects(predictor, volume, objects: Sequence[ObjectPrompt], progress: Optional[Callable[[int], None]] = None):
     """Runs every object (segment, then its edits in order) on `volume`; returns (label map
     (X, Y, Z) uint8/uint16 on the volume's grid, list of per-object VolumeResult). Later objects
@@ -234,10 +239,10 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
                 seconds = time.perf_counter() - start
-                voxel_ml = float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
+                counts = np.bincount(labels.ravel(), minlength=max(o.label for o in objects) + 1)  # per label, as written
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
                              "objects": len(objects), "slices": predictor.num_slices,
-                             "volumes_ml": {str(o.label): round(int(np.count_nonzero(labels == o.label)) * voxel_ml, 3)
+                             "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
                                             for o in objects}})
                 log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:

@@ -55,14 +55,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     """argparse type of --shard I/N (segment-batch, evaluate): (I, N) with 0 <= I < N."""
     from radsam_jax.data.datasets import select_shard
 
-    index, sep, count = str(text).partition("/")
+    index, _, count = str(text).partition("/")  # no "/": int("") fails
     try:
         shard = int(index), int(count)
         select_shard((), shard)  # checks 0 <= I < N
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}") from None
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
     return shard
 
 
@@ -202,7 +200,7 @@ def _check_destinations(args) -> None:
 
 def run_segment(args) -> int:
     from radsam_jax.io import load_label_map, load_volume, save_label_map
-    from radsam_jax.inference.batch import dice
+    from radsam_jax.inference.batch import dice, voxel_ml
 
     out = Path(args.out)
     _check_destinations(args)
@@ -243,7 +241,7 @@ def run_segment(args) -> int:
     for o, r in zip(objects, results):
         n = int((r.mask > 0).sum())
         lo, hi = r.bounds
-        ml = n * float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
+        ml = n * voxel_ml(volume)
         print(f"{o.title}: {n} voxels ({ml:.1f} mL) on slices {lo}..{hi}, "
               f"mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
         if reference is not None and o.reference_label is not None:
