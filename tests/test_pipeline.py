@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -292,3 +293,25 @@ def test_percentile_intensities_make_batches_independent_of_the_mr_scale(tmp_pat
             # float32 rounding of a rescaled volume only (images are mean/std-normalised, |x| < 3)
             np.testing.assert_allclose(a[k], b[k], atol=1e-4, err_msg=k)
     assert np.ptp(batches[0][0]["image"]) > 1.0  # not a blank window
+
+
+def test_slice_index_cache_is_reused_and_rebuilt_when_a_file_changes(amos_root, tmp_path, monkeypatch):
+    cases = pipeline.load_cases(_config(amos_root), "train")
+    cache = tmp_path / "index_cache"
+    built = pipeline.build_slice_index(cases, 4, str(cache))
+    assert [p.name for p in cache.iterdir()] == [f"slice-index-{pipeline._index_key(cases, 4)}.npz"]  # no temp left
+    reads = []
+    real_load = datasets.load_case
+    monkeypatch.setattr(datasets, "load_case", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    cached = pipeline.build_slice_index(cases, 4, str(cache))
+    assert reads == []  # from the cache, no volume read
+    for field in dataclasses.fields(built):
+        np.testing.assert_array_equal(getattr(cached, field.name), getattr(built, field.name))
+    image = Path(cases[0].image_path)
+    stat = image.stat()
+    os.utime(image, (stat.st_atime, stat.st_mtime + 60))  # a rewritten case file: another key, a rebuild
+    try:
+        pipeline.build_slice_index(cases, 4, str(cache))
+    finally:
+        os.utime(image, (stat.st_atime, stat.st_mtime))
+    assert len(reads) == len(cases) and len(list(cache.iterdir())) == 2

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -44,6 +43,7 @@ from radsam_jax.data import augment as augment_lib
 from radsam_jax.data import datasets
 from radsam_jax.data import prompt_simulation as ps
 from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, volume_intensities
+from radsam_jax.io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +370,8 @@ def build_slice_index(cases: Sequence[datasets.Case], min_area: int = 1, cache_d
     else:
         index = SliceIndex(*(np.zeros((0,), t) for t in (np.int32, np.int32, np.int32, np.int64)))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, case=index.case, label=index.label, slice=index.slice, area=index.area)
-        os.replace(tmp, cache_file)
+        write_atomically(cache_file, lambda tmp: np.savez(tmp, case=index.case, label=index.label,
+                                                          slice=index.slice, area=index.area), suffix=".npz")
     return index
 
 
