@@ -4,23 +4,16 @@ end with the parameters of 1 process x 8 devices fed the same global batches; th
 resumes from its Orbax checkpoint (written by both processes into one shared directory) for one more
 step, still equal to the single process. Also: only process 0 logs and writes metrics.
 
-Every process this test starts is stopped by it: the launcher runs in its own process group, gets
-SIGTERM (which it forwards to its children) and then SIGKILL on failure or timeout, and its
-children die with it (PR_SET_PDEATHSIG)."""
+Every process this test starts is stopped by it (train_testlib.launch_processes)."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
-import pytest
+from train_testlib import check, launch_processes, run_python
 
-from train_testlib import CACHE, FAST_XLA, REPO, check, run_python
-
-LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.py")
-TESTS = os.path.join(REPO, "tests")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # The config every run uses (a file, as `radsam train --config` wants). Global batch 8 = 1 row per
 # device in both topologies. Adam with eps=1 is ~ lr * gradient for these small gradients: with the
@@ -102,46 +95,11 @@ print(json.dumps(out))
 """
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = FAST_XLA
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
-    env["RADSAM_TEST_JAX_CACHE"] = CACHE
-    return env
-
-
 def launch(config_path, workdir, num_train_steps: int, log_path, timeout: float = 480) -> str:
-    """2 processes x 4 CPU devices running TRAIN; the launcher's output (also in `log_path`).
-    Always stops what it started."""
-    cmd = [sys.executable, LAUNCHER, "-n", "2", "-k", "4", "--timeout", str(timeout), "--grace", "10", "--",
-           sys.executable, "-c", TRAIN, "--config", str(config_path), "--workdir", str(workdir),
-           f"--config.num_train_steps={num_train_steps}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout + 60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the launcher forwards it to the training processes
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own group; its children die with it
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    out = out or ""
-    log_path.write_text(out)
-    if proc.returncode != 0:
-        # The first error is what matters; the end is usually the other process being stopped.
-        lines = [l for l in out.splitlines() if "WARNING" not in l and "[Gloo]" not in l]
-        first = next((i for i, l in enumerate(lines) if "Error" in l or "Traceback" in l), max(len(lines) - 40, 0))
-        pytest.fail(f"launcher exit {proc.returncode} (full output: {log_path})\n"
-                    + "\n".join(lines[max(first - 20, 0): first + 40]) + "\n...\n" + "\n".join(lines[-15:]))
-    return out
+    """2 processes x 4 CPU devices running TRAIN; the launcher's output (also in `log_path`)."""
+    return launch_processes([sys.executable, "-c", TRAIN, "--config", str(config_path), "--workdir", str(workdir),
+                             f"--config.num_train_steps={num_train_steps}"], processes=2, devices=4,
+                            log_path=log_path, timeout=timeout)
 
 
 def test_two_processes_equal_one_process_and_resume(tmp_path):

@@ -1,12 +1,15 @@
 """Volume validation during training (eval.volume_cases): the 3D Dice the run logs is the one
-`radsam evaluate` gives its exported model on the same volume with the same setting, computed on
-one device of the process whatever the training mesh."""
+`radsam evaluate` gives its exported model on the same volumes with the same setting, computed on
+one device of the process whatever the training mesh; with several processes each scores its share
+of the volumes and the logged means are those of all of them."""
 
+import csv
 import json
+import sys
 
 import pytest
 
-from train_testlib import check, run_python
+from train_testlib import check, launch_processes, run_python
 
 TRAIN_AND_EVALUATE = r"""
 import json, sys
@@ -55,3 +58,59 @@ def test_volume_validation_is_the_benchmarks_volume_dice(tmp_path, devices):
     assert logged["validation_volume_objects"] == setting["n"] == 1
     assert logged["validation_volume_dice"] == pytest.approx(setting["mean_dice"], abs=1e-9)
     assert logged["validation_volume_dice/organ"] == logged["validation_volume_dice"]
+
+
+# Each of 2 processes (1 CPU device each) trains the same 2 steps; the volume validation's spy records
+# which validation volumes this process scored.
+TWO_PROCESS_TRAIN = r"""
+import json, sys
+from pathlib import Path
+import jax
+from radsam_jax.evaluate import runner
+from radsam_jax.train import loop
+from radsam_jax.train.config_lib import pipeline_data_config
+from train_testlib import tiny_config
+
+scored = []
+evaluate_cases = runner.evaluate_cases
+def spy(cases, *args, **kwargs):
+    scored.extend(case.case_id for case in cases)
+    return evaluate_cases(cases, *args, **kwargs)
+runner.evaluate_cases = spy
+
+tmp = Path(sys.argv[1])
+c = tiny_config(**{"data_source": "pipeline", "num_train_steps": 2, "eval.volume_cases": 3, "eval.max_batches": 1,
+                   "batch_size": 2, "eval.batch_size": 2})
+c.data = pipeline_data_config(format="generic", root=str(tmp / "train"), val_root=str(tmp / "val"), min_area=4,
+                              read_threads=1, structures=("organ", "bone"))
+result = loop.train_and_evaluate(c, str(tmp / "run"))
+(tmp / f"process_{jax.process_index()}.json").write_text(json.dumps(
+    {"scored": scored, "logged": {k: v for k, v in result.items() if k.startswith("validation_volume")}}))
+"""
+
+
+def test_two_processes_share_the_volumes_and_log_the_benchmarks_means(tmp_path):
+    from data_fixtures import write_generic
+    from radsam_jax.cli import main as radsam
+
+    write_generic(tmp_path / "train", ("a",))
+    val = write_generic(tmp_path / "val", ("b", "c", "d"))
+    launch_processes([sys.executable, "-c", TWO_PROCESS_TRAIN, str(tmp_path)], processes=2, devices=1,
+                     log_path=tmp_path / "launch.log", timeout=600)
+    processes = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+    assert [p["scored"] for p in processes] == [["b", "d"], ["c"]]  # volumes p, p + 2, ... of the first 3
+    assert processes[0]["logged"] == processes[1]["logged"]  # every process holds the gathered result
+    logged = processes[0]["logged"]
+
+    assert radsam(["export", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
+    assert radsam(["evaluate", "--checkpoint", str(tmp_path / "model"), "--data", str(val), "--protocol", "volume",
+                   "--prompt", "box", "--propagation", "mask", "--edits", "0", "--min-slices", "1", "--bootstrap", "10",
+                   "--structures", "organ,bone", "--max-cases", "3", "--worst", "0", "--no-progress",
+                   "--out", str(tmp_path / "eval")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    assert logged["validation_volume_objects"] == len(rows) == 6  # 3 volumes x (organ, bone)
+    # scores.csv holds 6 decimals
+    assert logged["validation_volume_dice"] == pytest.approx(sum(float(r["dice"]) for r in rows) / 6, abs=1e-6)
+    for name in ("organ", "bone"):
+        dice = [float(r["dice"]) for r in rows if r["structure"] == name]
+        assert logged[f"validation_volume_dice/{name}"] == pytest.approx(sum(dice) / len(dice), abs=1e-6)

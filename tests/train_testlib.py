@@ -2,9 +2,12 @@
 children share a persistent XLA compilation cache (compiles dominate these tests on 2 CPU cores)."""
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("RADSAM_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "radsam_jax_test_cache"))
@@ -56,3 +59,43 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600, env_extra=Non
 def check(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
     return result.stdout
+
+
+def launch_processes(command: list, *, processes: int, devices: int, log_path, timeout: float = 480) -> str:
+    """`command` in `processes` cooperating JAX processes of `devices` CPU devices each
+    (launch/local_multiprocess.py: coordinator on 127.0.0.1, Gloo collectives); the launcher's output
+    (every line prefixed "[pI]"), also written to `log_path`. Fails the test, showing the first error,
+    if any process fails. Always stops what it started: the launcher runs in its own process group,
+    gets SIGTERM (which it forwards to its children) and then SIGKILL, and its children die with it."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = FAST_XLA
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.path.join(REPO, "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    env["RADSAM_TEST_JAX_CACHE"] = CACHE
+    cmd = [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "-n", str(processes),
+           "-k", str(devices), "--timeout", str(timeout), "--grace", "10", "--", *command]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout + 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the launcher forwards it to its processes
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own group; its children die with it
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    out = out or ""
+    log_path.write_text(out)
+    if proc.returncode != 0:
+        # The first error is what matters; the end is usually the other process being stopped.
+        lines = [l for l in out.splitlines() if "WARNING" not in l and "[Gloo]" not in l]
+        first = next((i for i, l in enumerate(lines) if "Error" in l or "Traceback" in l), max(len(lines) - 40, 0))
+        pytest.fail(f"launcher exit {proc.returncode} (full output: {log_path})\n"
+                    + "\n".join(lines[max(first - 20, 0): first + 40]) + "\n...\n" + "\n".join(lines[-15:]))
+    return out

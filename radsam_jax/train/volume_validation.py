@@ -7,15 +7,15 @@ ground truth's bottom and top slices, mask propagation, no edits) on the first `
 volumes of the validation split, and logs the mean 3D Dice over their objects
 ("validation_volume_dice") and per structure ("validation_volume_dice/<structure>").
 
-The parameters are replicated, so every process holds them whole: each runs the same volumes on its
-own first device, in a one-device mesh of its own (inside the training mesh, arrays would be spread
-over every device of the job, every process repeating the work in one program), and process 0 writes
-the result. The weights are taken from that device's replica, not copied.
+The parameters are replicated, so every process holds them whole: process p scores volumes p, p + P,
+p + 2P, ... of the N (P processes) on its own first device, in a one-device mesh of its own (inside
+the training mesh, arrays would be spread over every device of the job), with the weights of that
+device's replica (not copied). The per-structure sums of Dice and object counts are then gathered
+from every process, so each process holds the result and process 0 writes it.
 """
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Mapping
 
 import jax
@@ -35,31 +35,52 @@ def first_device_weights(variables: Mapping[str, Any]) -> dict:
     return jax.tree.map(replica, dict(variables))
 
 
+def gather_sums(sums: np.ndarray) -> np.ndarray:
+    """The sum over processes of each process's float64 `sums`, exactly: sent as their bit patterns,
+    since the transfer would round float64 to float32 (JAX's default precision)."""
+    if jax.process_count() == 1:
+        return sums
+    from jax.experimental import multihost_utils
+
+    bits = np.ascontiguousarray(sums, np.float64).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(bits))  # (processes, *bits.shape)
+    return np.ascontiguousarray(gathered).view(np.float64).sum(axis=0)
+
+
 def volume_validation(variables: Mapping[str, Any], model_config: ModelConfig,
                       config: ml_collections.ConfigDict) -> dict:
     """{"volume_dice": mean 3D Dice, "volume_objects": objects scored, "volume_dice/<structure>": ...}
-    of the volume-level setting on the first `config.eval.volume_cases` cases of the validation split;
-    {"volume_objects": 0.0} when none of their objects can be scored (eval.volume_min_slices)."""
+    of the volume-level setting on the first `config.eval.volume_cases` cases of the validation split,
+    shared out over the processes; {"volume_objects": 0.0} when none of their objects can be scored
+    (eval.volume_min_slices). Every process must call it (it gathers from all of them)."""
     from radsam_jax.data import datasets, pipeline
     from radsam_jax.evaluate.runner import EvalOptions, EvaluationInputError, evaluate_cases, make_settings
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.model.sam import RadSam
 
     cases = pipeline.load_cases(config.data, config.eval.split)[: int(config.eval.volume_cases)]
-    dtype = "bfloat16" if config.precision == "bfloat16" else "float32"  # float16 (V100): validate in float32
-    own_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
-    with jax.set_mesh(own_device):
-        predictor = VolumePredictor(RadSam(model_config, first_device_weights(variables), dtype=dtype))
-        try:
-            result = evaluate_cases(cases, predictor, make_settings(["volume"], ["box"], ["mask"]),
-                                    EvalOptions(edits=(0,), seed=int(config.seed), oracle=False, worst_count=0,
-                                                min_slices=int(config.eval.volume_min_slices)),
-                                    load_case=datasets.load_case, progress=False)
-        except EvaluationInputError:  # every object skipped (absent, or fewer slices than volume_min_slices)
-            return {"volume_objects": 0.0}
-    by_structure = collections.defaultdict(list)
-    for row in result.rows:
-        by_structure[row["structure"]].append(row["dice"])
-    out = {"volume_dice": float(np.mean([row["dice"] for row in result.rows])), "volume_objects": float(len(result.rows))}
-    out.update({f"volume_dice/{name}": float(np.mean(d)) for name, d in sorted(by_structure.items())})
+    names = sorted({name for case in cases for name in case.structures})
+    sums = np.zeros((len(names), 2), np.float64)  # per structure: sum of 3D Dice, objects scored
+    mine = cases[jax.process_index()::jax.process_count()]
+    if mine:
+        dtype = "bfloat16" if config.precision == "bfloat16" else "float32"  # float16 (V100): validate in float32
+        own_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+        with jax.set_mesh(own_device):
+            predictor = VolumePredictor(RadSam(model_config, first_device_weights(variables), dtype=dtype))
+            try:
+                result = evaluate_cases(mine, predictor, make_settings(["volume"], ["box"], ["mask"]),
+                                        EvalOptions(edits=(0,), seed=int(config.seed), oracle=False, worst_count=0,
+                                                    min_slices=int(config.eval.volume_min_slices)),
+                                        load_case=datasets.load_case, progress=False)
+                rows = result.rows
+            except EvaluationInputError:  # every object skipped (absent, or fewer slices than volume_min_slices)
+                rows = []
+        for row in rows:
+            sums[names.index(row["structure"])] += (row["dice"], 1.0)
+    sums = gather_sums(sums)
+    objects = float(sums[:, 1].sum())
+    if objects == 0:
+        return {"volume_objects": 0.0}
+    out = {"volume_dice": float(sums[:, 0].sum() / objects), "volume_objects": objects}
+    out.update({f"volume_dice/{name}": float(total / count) for name, (total, count) in zip(names, sums) if count > 0})
     return out
