@@ -3,6 +3,7 @@ checkpoint), same losses after the resume, same final parameters. A fake incompl
 directory left by a "killed mid-save" run must be ignored (and cleaned up) on restart."""
 
 import json
+import math
 
 import pytest
 
@@ -148,6 +149,8 @@ stage("window_resume_changed", lambda: train(windowed, num_train_steps=2, **wind
 stage("window_export_changed", lambda: export_window("exported_window_changed", 2))
 # The old run resumes with the config's own architecture (after the exports above, which read step 3).
 stage("old_run_same_model", lambda: train(run, num_train_steps=5, init_checkpoint=""))
+# Gradient accumulation is not part of the state: a run resumes with another number of microbatches.
+stage("resume_accumulated", lambda: train(run, num_train_steps=6, init_checkpoint="", grad_accum_steps=2))
 # SIGTERM during the last step: that step is saved, not validated; the next start only validates.
 def stopped_at_the_last_step(steps):
     real, calls = checkpointing.stop_requested_anywhere, []
@@ -265,3 +268,12 @@ def test_export_of_a_missing_run_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nonexistent"):
         export_model(tmp_path / "nonexistent", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_resumes_with_gradient_accumulation(run_record):
+    _, r = run_record
+    rows = _ok(r["resume_accumulated"])
+    assert "global batch 4 in 2 microbatches of 2" in r["resume_accumulated"]["stdout"]
+    assert "resumed from" in r["resume_accumulated"]["stdout"]
+    step6 = [row for row in rows if row["step"] == 6 and "loss" in row]
+    assert len(step6) == 1 and math.isfinite(step6[0]["loss"]), rows[-3:]

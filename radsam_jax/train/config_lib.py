@@ -162,10 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.iou_head_hidden_dim = None  # IoU head width
     c.init_checkpoint = ""  # converted SAM/MedSAM checkpoint to start from ("" = from scratch); relative = repo-relative
     c.precision = "float32"  # "float32", "bfloat16" (bf16 compute, f32 params) or "float16" (dynamic loss scaling)
-    c.remat = False  # rematerialise encoder blocks (less activation memory, ~30% more compute)
+    c.remat = False  # rematerialise encoder blocks (GPU/TPU: less activation memory, more compute; saves no memory on CPU)
     # ---- run length, batch, seed
     c.seed = 0  # model init, data order, augmentation and prompt simulation
     c.batch_size = 32  # global batch over all devices and processes (paper: batch size 2 on 16 GPUs, read as 2 per GPU)
+    c.grad_accum_steps = 1  # run each batch as this many microbatches, one update (memory / k; batch_size unchanged)
     c.num_epochs = 7  # passes over the training slices (paper: 7); -1 = repeat forever
     c.num_train_steps = -1  # stop after this many steps (-1 = when the epochs are done)
     c.num_devices = -1  # devices in the mesh (-1 = all of them)

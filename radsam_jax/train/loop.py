@@ -382,6 +382,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if batch <= 0 or batch % n:
             raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
                               f"(batch sizes are global; set num_devices or a divisible batch size)")
+    accum = config.grad_accum_steps
+    if accum < 1:
+        raise ConfigError(f"grad_accum_steps must be >= 1, got {accum}")
+    if config.batch_size % (n * accum):
+        raise ConfigError(f"grad_accum_steps {accum}: batch_size {config.batch_size} does not split into {accum} "
+                          f"microbatches over the {n} devices of the mesh (it must be a multiple of {n} x {accum})")
     if config.eval.volume_cases > 0 and config.eval.volume_min_slices < 1:
         raise ConfigError(f"eval.volume_min_slices must be >= 1, got {config.eval.volume_min_slices}")
     if config.eval.volume_cases > 0 and config.data_source == "synthetic":
@@ -442,7 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     writer = MetricWriter(workdir)
     writer.print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-                 f"{num_processes} process(es); global batch {config.batch_size}")
+                 f"{num_processes} process(es); global batch {config.batch_size}"
+                 + (f" in {config.grad_accum_steps} microbatches of {config.batch_size // config.grad_accum_steps}"
+                    if config.grad_accum_steps > 1 else ""))
 
     # ---------------------------------------------------------------- Shard & transfer (or restore)
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,

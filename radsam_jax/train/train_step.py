@@ -146,6 +146,22 @@ def abstract_train_state(model_config: ModelConfig, config: ml_collections.Confi
 # --------------------------------------------------------------------------------------------------
 # Update step
 # --------------------------------------------------------------------------------------------------
+def split_microbatches(batch: dict, accum: int, mesh) -> dict:
+    """(B, ...) arrays -> (accum, B / accum, ...): microbatch j holds rows j, j + accum, j + 2 accum, ...
+
+    Interleaved rather than contiguous so that each device's rows divide evenly among the
+    microbatches (B / devices is a multiple of accum): every microbatch is spread over the whole
+    mesh and no row changes device.
+    """
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+
+    def split(x):
+        x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(
     model_config: ModelConfig,
     config: ml_collections.ConfigDict,
@@ -156,12 +172,15 @@ def make_train_step(
     """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
     batch: global arrays from `to_global_batch`. metrics: replicated float32 scalars (loss terms,
-    dice, grad_norm, lr, loss_scale, finite).
+    dice, grad_norm, lr, loss_scale, finite). With `config.grad_accum_steps` k > 1 the batch is run
+    as k microbatches in a `lax.scan` and their gradients averaged before one update: the same
+    update as k = 1 (to float32 rounding) with about 1/k of the activation memory.
     """
     dtype = compute_dtype(config.precision)
     model = Sam(model_config, dtype=dtype, remat=config.remat)
     weights = loss_weights(config)
     use_loss_scale = config.precision == "float16"
+    accum = int(config.grad_accum_steps)
 
     def loss_fn(params, buffers, batch):
         # Only params are differentiated: buffers enter as a constant of this function.
@@ -172,11 +191,24 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict):
         scale = state.loss_scale.scale
 
-        def scaled_loss(params):
-            loss, metrics = loss_fn(params, state.buffers, batch)
-            return loss * scale, metrics
+        def scaled_grads(batch):
+            def scaled_loss(params):
+                loss, metrics = loss_fn(params, state.buffers, batch)
+                return loss * scale, metrics
+            return jax.grad(scaled_loss, has_aux=True)(state.params)
 
-        grads, metrics = jax.grad(scaled_loss, has_aux=True)(state.params)
+        if accum == 1:
+            grads, metrics = scaled_grads(batch)
+        else:
+            # The loss is a mean over equal microbatches, so the mean of their gradients is the whole
+            # batch's gradient; only one microbatch's activations are alive at a time.
+            def add(total, micro):
+                return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, scaled_grads(micro)), None
+            micro_batches = split_microbatches(batch, accum, mesh)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                                 jax.eval_shape(scaled_grads, jax.tree.map(lambda x: x[0], micro_batches)))
+            total, _ = jax.lax.scan(add, zeros, micro_batches)
+            grads, metrics = jax.tree.map(lambda t: t / accum, total)
         grads = jax.tree.map(lambda g: (g / scale).astype(jnp.float32), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
