@@ -110,6 +110,43 @@ def vit_b_memory_rows(batch: int, precision: str = "bfloat16") -> list[tuple]:
     return rows
 
 
+def attention_backward_rows(batch: int = 1, repeats: int = 3) -> list[tuple]:
+    """A ViT-B global block's attention (12 heads, 64 x 64 tokens, head dim 64, float32) differentiated
+    with respect to q, k, v and the relative-position tables, each chunk's scores stored for the
+    backward pass against recomputed there (`recompute_in_backward`): XLA's temporaries for this
+    machine's chunk plan and the accelerators' one, and on this machine the median seconds of
+    `repeats` timed calls after a warm-up."""
+    import jax.numpy as jnp
+    from radsam_jax.model import image_encoder as ie
+
+    heads, (h, w), hd = 12, (64, 64), 64
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v = (jax.random.normal(key, (batch, heads, h * w, hd), jnp.float32) for key in keys[:3])
+    rel_h, rel_w = (0.1 * jax.random.normal(key, (n, n, hd), jnp.float32) for key, n in zip(keys[3:], (h, w)))
+    rows, stored = [], {}
+    for backend in (jax.default_backend(), "gpu" if jax.default_backend() == "cpu" else "cpu"):
+        plan = ie.chunk_plan(batch, heads, (h, w), backend)
+        for recompute in (False, True):
+            loss = lambda *a: jnp.sum(ie.attention_query_chunked(*a, (h, w), hd**-0.5, plan, recompute))
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(q, k, v, rel_h, rel_w).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+            seconds = "-"
+            if backend == jax.default_backend():
+                jax.block_until_ready(compiled(q, k, v, rel_h, rel_w))
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    jax.block_until_ready(compiled(q, k, v, rel_h, rel_w))
+                    times.append(time.perf_counter() - t)
+                seconds = float(np.median(times))
+            base = stored.setdefault(backend, (temp, seconds))
+            rows.append((f"{backend} {plan}", batch, "recomputed" if recompute else "stored", f"{temp:.3f}",
+                         f"{temp / base[0]:.3f}x", "-" if seconds == "-" else f"{seconds:.3f}",
+                         "-" if seconds == "-" else f"{seconds / base[1]:.3f}x"))
+            print(f"attention backward: {rows[-1]}", flush=True)
+    return rows
+
+
 def markdown_table(header: tuple, rows: list[tuple]) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
@@ -145,6 +182,12 @@ def main():
     lines += markdown_table(header, rows)
     lines += ["", "FLOPs: `jax.jit(train_step).lower(abstract state, abstract batch).compile().cost_analysis()['flops']`,"
               " forward + backward + Adam update of one global batch (XLA's count: a multiply-add is 2 FLOPs)."]
+    header = ("chunk plan (images, heads, query rows)", "batch", "chunk scores", "temporaries GiB", "ratio",
+              "s fwd+bwd", "time ratio")
+    lines += ["", f"ViT-B global attention, float32, differentiated (gradient of q, k, v and the relative-position "
+              f"tables); seconds on {dev.platform}, median of 3 after a warm-up; the other backend's plan is "
+              "compiled here, not run:", ""]
+    lines += markdown_table(header, attention_backward_rows())
     if args.memory_batch > 0 and not args.skip_vit_b:
         header = ("global batch", "microbatches", "remat", "temporaries GiB", "arguments GiB", "temporaries ratio",
                   "compile s")
