@@ -24,13 +24,14 @@ from radsam_jax.train.synthetic import make_synthetic_iterator
 from radsam_jax.train.train_step import BATCH_DTYPES, abstract_train_state, create_sharded_state, make_mesh, make_train_step, to_global_batch
 
 
-def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False):
+def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1):
     """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
     config = base_config()
     config.model.name = name
     config.precision = precision
     config.batch_size = batch
     config.remat = remat
+    config.grad_accum_steps = accum
     mc = load_model_config(name)
     mesh = make_mesh()
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])

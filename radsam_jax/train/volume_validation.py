@@ -61,7 +61,7 @@ def volume_validation(variables: Mapping[str, Any], model_config: ModelConfig,
     cases = pipeline.load_cases(config.data, config.eval.split)[: int(config.eval.volume_cases)]
     names = sorted({name for case in cases for name in case.structures})
     sums = np.zeros((len(names), 2), np.float64)  # per structure: sum of 3D Dice, objects scored
-    mine = cases[jax.process_index()::jax.process_count()]
+    mine = datasets.select_shard(cases, (jax.process_index(), jax.process_count()))
     if mine:
         dtype = "bfloat16" if config.precision == "bfloat16" else "float32"  # float16 (V100): validate in float32
         own_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
