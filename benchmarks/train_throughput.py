@@ -58,15 +58,17 @@ def images_per_s(steps: int, batch: int, precision: str, name: str = "small") ->
     return {"images_per_s": steps * batch / dt, "step_s": dt / steps, "compile_s": compile_s}
 
 
-def compile_abstract_train_step(name: str, batch: int, precision: str, accum: int = 1, remat: bool = False):
+def compile_abstract_train_step(name: str, batch: int, precision: str, accum: int = 1, remat: bool = False,
+                                frozen: tuple = ()):
     """(compiled train step of preset `name` on one device, compile seconds), lowered with abstract
-    ShapeDtypeStructs: nothing is allocated or run."""
+    ShapeDtypeStructs: nothing is allocated or run. `frozen`: optim.frozen regexes."""
     config = base_config()
     config.model.name = name
     config.precision = precision
     config.batch_size = batch
     config.grad_accum_steps = accum
     config.remat = remat
+    config.optim.frozen = frozen
     mc = load_model_config(name)
     mesh = make_mesh(1)
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
@@ -91,23 +93,27 @@ def vit_b_flops(batch: int = 2, precision: str = "bfloat16") -> dict:
     return {"flops": float(cost.get("flops", float("nan"))), "compile_s": compile_s}
 
 
-# (microbatches, remat) of the memory table: accumulation alone, then with rematerialisation.
-MEMORY_SETTINGS = ((1, False), (4, False), (8, False), (1, True), (8, True))
+# (microbatches, remat, frozen) of the memory table: accumulation alone, then with rematerialisation,
+# then the image encoder frozen (MedSAM-style fine-tuning of the prompt encoder and decoder).
+MEMORY_SETTINGS = ((1, False, ()), (4, False, ()), (8, False, ()), (1, True, ()), (8, True, ()),
+                   (1, False, ("image_encoder/.*",)))
 
 
 def vit_b_memory_rows(batch: int, precision: str = "bfloat16") -> list[tuple]:
     """XLA's memory plan of the ViT-B train step for each of MEMORY_SETTINGS: the temporaries
     (activations kept for the backward pass, workspace) against the arguments (parameters, Adam
-    moments, batch), and the ratio of temporaries to the first setting's."""
+    moments, batch), the ratio of temporaries to the first setting's, and XLA's FLOP count of the
+    step where it is whole (one microbatch: XLA counts a loop body once)."""
     rows, base = [], None
-    for accum, remat in MEMORY_SETTINGS:
-        compiled, compile_s = compile_abstract_train_step("vit_b", batch, precision, accum, remat)
+    for accum, remat, frozen in MEMORY_SETTINGS:
+        compiled, compile_s = compile_abstract_train_step("vit_b", batch, precision, accum, remat, frozen)
         mem = compiled.memory_analysis()
         temp, args = mem.temp_size_in_bytes / 2**30, mem.argument_size_in_bytes / 2**30
         base = base or temp
-        rows.append((batch, accum, "on" if remat else "off", f"{temp:.2f}", f"{args:.2f}", f"{temp / base:.3f}x",
-                     f"{compile_s:.1f}"))
-        print(f"memory: batch {batch}, {accum} microbatch(es), remat {remat}: temp {temp:.2f} GiB", flush=True)
+        tflop = f"{compiled.cost_analysis()['flops'] / 1e12:.2f}" if accum == 1 else "-"
+        rows.append((batch, accum, "on" if remat else "off", ", ".join(frozen) or "-", f"{temp:.2f}", f"{args:.2f}",
+                     f"{temp / base:.3f}x", tflop, f"{compile_s:.1f}"))
+        print(f"memory: {rows[-1]}", flush=True)
     return rows
 
 
@@ -190,21 +196,22 @@ def main():
               "compiled here, not run:", ""]
     lines += markdown_table(header, attention_backward_rows())
     if args.memory_batch > 0 and not args.skip_vit_b:
-        header = ("global batch", "microbatches", "remat", "temporaries GiB", "arguments GiB", "temporaries ratio",
-                  "compile s")
+        header = ("global batch", "microbatches", "remat", "frozen", "temporaries GiB", "arguments GiB",
+                  "temporaries ratio", "TFLOP/step (XLA)", "compile s")
         lines += ["", f"ViT-B train step memory, bfloat16, one device (XLA's compiled memory plan on {dev.platform}; "
                   "lowered, not run):", ""]
         lines += markdown_table(header, vit_b_memory_rows(args.memory_batch))
         lines += ["", "Temporaries: activations kept for the backward pass and workspace, what gradient accumulation "
                   "(`grad_accum_steps`) and `remat` reduce; arguments: parameters, Adam moments and the batch (the "
-                  "state is donated, so the updated state reuses its buffers). Every setting is the same update of "
-                  "the same global batch."]
+                  "state is donated, so the updated state reuses its buffers). Every setting without a frozen part is "
+                  "the same update of the same global batch; a frozen part is not differentiated and has no Adam "
+                  "moments."]
         if dev.platform == "cpu":
-            lines += ["", "On the CPU, `remat` saves no memory: the remat rows equal the others, as does the peak "
-                      "memory of a remat'd chain of matrix products actually run, whose optimised HLO has the "
-                      "operations of the plain chain (XLA's CPU compiler merges the recomputation back into the "
-                      "forward pass). Gradient accumulation is a loop over microbatches and holds on every "
-                      "backend. Run this on a GPU for remat's effect there."]
+            lines += ["", "On the CPU, `remat` saves no memory: the remat rows' temporaries equal the others' "
+                      "although the step recomputes (more FLOPs), and a remat'd chain of matrix products actually "
+                      "run peaks as high as the plain one: XLA's CPU backend does not turn the recomputation into a "
+                      "lower peak. Gradient accumulation is a loop over microbatches and holds on every backend. "
+                      "Run this on a GPU for remat's effect there."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = pathlib.Path(args.out)

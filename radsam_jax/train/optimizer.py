@@ -4,7 +4,8 @@ clipping, and a choice of trainable parameters by regexes over their paths.
 Parameter paths are the "/"-joined keys under "params", e.g. "image_encoder/blocks_0/attn/qkv/kernel"
 or "prompt_encoder/mask_conv1/kernel". A parameter is trained when it matches (re.fullmatch) one of
 `config.trainable` and none of `config.frozen`; the others go through `optax.set_to_zero`, which keeps
-no Adam moments for them, so a frozen ViT-H encoder costs no optimiser memory. The "buffers"
+no Adam moments for them, so a frozen ViT-H encoder costs no optimiser memory, and the train step
+differentiates only the trainable ones (`partition`), so it costs no backward pass either. The "buffers"
 collection is never given to the optimiser (nor differentiated) at all.
 """
 
@@ -35,6 +36,19 @@ def trainable_labels(params, trainable: Sequence[str], frozen: Sequence[str] = (
         return TRAIN if ok else FREEZE
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def partition(params, labels) -> tuple:
+    """(trainable, frozen): two trees shaped like `params`, each holding its leaves and None for the
+    other's; `combine` puts them back together."""
+    trainable = jax.tree.map(lambda label, x: x if label == TRAIN else None, labels, params)
+    frozen = jax.tree.map(lambda label, x: None if label == TRAIN else x, labels, params)
+    return trainable, frozen
+
+
+def combine(trainable, frozen):
+    """The inverse of `partition`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

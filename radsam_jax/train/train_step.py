@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from radsam_jax.model import ModelConfig, Sam, init_variables
 from radsam_jax.prompts import Prompts
+from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.loss import LossWeights, radsam_loss, radsam_loss_per_sample
 from radsam_jax.train.state import DynamicLossScale, TrainState
 
@@ -172,7 +173,7 @@ def make_train_step(
     """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
     batch: global arrays from `to_global_batch`. metrics: replicated float32 scalars (loss terms,
-    dice, grad_norm, lr, loss_scale, finite). With `config.grad_accum_steps` k > 1 the batch is run
+    dice, grad_norm of the trainable parameters, lr, loss_scale, finite). With `config.grad_accum_steps` k > 1 the batch is run
     as k microbatches in a `lax.scan` and their gradients averaged before one update: the same
     update as k = 1 (to float32 rounding) with about 1/k of the activation memory.
     """
@@ -190,12 +191,17 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict):
         scale = state.loss_scale.scale
+        # Only the trainable parameters are differentiated: frozen parts (optim.frozen, e.g. the image
+        # encoder) enter as constants, so no backward pass runs through them and none of their
+        # activations is kept for one.
+        labels = optimizer_lib.trainable_labels(state.params, config.optim.trainable, config.optim.frozen)
+        trainable, frozen = optimizer_lib.partition(state.params, labels)
 
         def scaled_grads(batch):
-            def scaled_loss(params):
-                loss, metrics = loss_fn(params, state.buffers, batch)
+            def scaled_loss(trainable):
+                loss, metrics = loss_fn(optimizer_lib.combine(trainable, frozen), state.buffers, batch)
                 return loss * scale, metrics
-            return jax.grad(scaled_loss, has_aux=True)(state.params)
+            return jax.grad(scaled_loss, has_aux=True)(trainable)
 
         if accum == 1:
             grads, metrics = scaled_grads(batch)
@@ -210,6 +216,7 @@ def make_train_step(
             total, _ = jax.lax.scan(add, zeros, micro_batches)
             grads, metrics = jax.tree.map(lambda t: t / accum, total)
         grads = jax.tree.map(lambda g: (g / scale).astype(jnp.float32), grads)
+        grads = optimizer_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimiser zeroes those
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if use_loss_scale:
