@@ -11,7 +11,7 @@ import json
 from train_testlib import check, run_python
 
 WORKER = r"""
-import json, jax, numpy as np
+import json, re, jax, numpy as np
 import jax.numpy as jnp
 jax.config.update("jax_compilation_cache_dir", __import__("train_testlib").CACHE)
 from train_testlib import tiny_config
@@ -34,7 +34,7 @@ batch = next(make_synthetic_iterator(mc, split="train", batch_size=8, seed=0))
 # trained in the resume and example tests.
 batch["has_mask"][:] = False
 SETUPS = [(1, 1), (8, 1), (1, 4), (2, 4)]  # (devices, microbatches); the first is the reference
-out = {}
+out, all_reduces = {}, {}
 for n, accum in SETUPS:
     mesh = ts.make_mesh(n)
     with jax.set_mesh(mesh):
@@ -44,11 +44,12 @@ for n, accum in SETUPS:
         step = ts.make_train_step(mc, c, tx, mesh)
         gb = ts.to_global_batch(batch, mesh)
         assert len(gb["image"].sharding.device_set) == n
-        if accum > 1:  # microbatch j = rows j, j + accum, ...; each one split over all n devices
-            micro = jax.jit(lambda b: ts.split_microbatches(b, accum, mesh))(gb)["image"]
-            for j in range(accum):
-                np.testing.assert_array_equal(np.asarray(micro[j]), batch["image"][j::accum])
-            assert {s.data.shape[:2] for s in micro.addressable_shards} == {(accum, 8 // accum // n)}
+        if n > 1:  # gradients all-reduced once per step, not once per microbatch inside the loop
+            hlo = step.lower(state, gb).compile().as_text()
+            computations = {re.match(r"(?:ENTRY )?%?([\w.-]+)", c.strip()).group(1): c for c in hlo.split("\n\n") if c.strip()}
+            loop_bodies = set(re.findall(r"body=%?([\w.-]+)", hlo))
+            all_reduces[f"{n}x{accum}"] = (hlo.count(" all-reduce("),
+                                           sum(computations[b].count(" all-reduce(") for b in loop_bodies))
         state, m = step(state, gb)
         assert len(state.params["mask_decoder"]["iou_token"].sharding.device_set) == n
         out[(n, accum)] = ({k: float(v) for k, v in m.items()}, jax.device_get(state.params))
@@ -71,6 +72,7 @@ def compare(m1, p1, m2, p2):
 
 m1, p1 = out[(1, 1)]
 results = {f"{n}x{accum}": compare(m1, p1, *out[(n, accum)]) for n, accum in SETUPS[1:]}
+results["all_reduces"] = all_reduces  # (in the step, in its loop bodies) per sharded setup
 
 # A frozen image encoder: its parameters stay, the others get the same update as when everything
 # trains (their gradients do not depend on it), and the step has no backward pass through it.
@@ -101,7 +103,10 @@ def test_sharded_and_accumulated_steps_equal_one_device_step():
     out = check(run_python(WORKER, devices=8))
     results = json.loads(out.strip().splitlines()[-1])
     print(results)
-    assert set(results) == {"8x1", "1x4", "2x4", "frozen_encoder"}, results
+    assert set(results) == {"8x1", "1x4", "2x4", "frozen_encoder", "all_reduces"}, results
+    all_reduces = results.pop("all_reduces")
+    assert all_reduces["8x1"][0] >= 1 and all_reduces["2x4"][0] >= 1, all_reduces  # the gradients are reduced
+    assert all_reduces["2x4"][1] == 0, all_reduces  # ... after the microbatch loop, not in it
     frozen = results["frozen_encoder"]
     assert frozen["encoder_moved"] == 0.0, frozen
     # No backward pass through the encoder: the step is cheaper by more than one encoder forward pass

@@ -147,41 +147,35 @@ def abstract_train_state(model_config: ModelConfig, config: ml_collections.Confi
 # --------------------------------------------------------------------------------------------------
 # Update step
 # --------------------------------------------------------------------------------------------------
-def split_microbatches(batch: dict, accum: int, mesh) -> dict:
-    """(B, ...) arrays -> (accum, B / accum, ...): microbatch j holds rows j, j + accum, j + 2 accum, ...
-
-    Interleaved rather than contiguous so that each device's rows divide evenly among the
-    microbatches (B / devices is a multiple of accum): every microbatch is spread over the whole
-    mesh and no row changes device.
-    """
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-
-    def split(x):
-        x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
-        return jax.lax.with_sharding_constraint(x, sharding)
-
-    return jax.tree.map(split, batch)
-
-
 def make_train_step(
     model_config: ModelConfig,
     config: ml_collections.ConfigDict,
     tx: optax.GradientTransformation,
     mesh,
     schedule: Optional[optax.Schedule] = None,
+    attention: str = "chunked",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
     batch: global arrays from `to_global_batch`. metrics: replicated float32 scalars (loss terms,
-    dice, grad_norm of the trainable parameters, lr, loss_scale, finite). With `config.grad_accum_steps` k > 1 the batch is run
-    as k microbatches in a `lax.scan` and their gradients averaged before one update: the same
-    update as k = 1 (to float32 rounding) with about 1/k of the activation memory.
+    dice, grad_norm of the trainable parameters, lr, loss_scale, finite). `attention`: the encoder's
+    implementation (image_encoder.ATTENTION_IMPLEMENTATIONS; the chunked one keeps one step's scores
+    at a time in the backward pass too).
+
+    Only the trainable parameters (config.optim's) are differentiated: frozen parts (optim.frozen,
+    e.g. the image encoder) enter as constants, so they get no weight gradients and, when no
+    trainable parameter lies upstream of them, no backward pass and no activations kept for one.
+
+    With `config.grad_accum_steps` k > 1 each device runs its rows as k microbatches in a `lax.scan`
+    (in a `shard_map`), sums their gradients and all-reduces once: the same update as k = 1 (to
+    float32 rounding) with about 1/k of the activation memory and one gradient all-reduce per step.
     """
     dtype = compute_dtype(config.precision)
-    model = Sam(model_config, dtype=dtype, remat=config.remat)
+    model = Sam(model_config, dtype=dtype, remat=config.remat, attention=attention)
     weights = loss_weights(config)
     use_loss_scale = config.precision == "float16"
     accum = int(config.grad_accum_steps)
+    microbatches = accum * mesh.shape[DATA_AXIS]  # equal parts of the global batch
 
     def loss_fn(params, buffers, batch):
         # Only params are differentiated: buffers enter as a constant of this function.
@@ -189,48 +183,57 @@ def make_train_step(
                                             batch["image"], batch_prompts(batch))
         return radsam_loss(mask_logits, iou_pred, batch["target"], weights)
 
+    def grads_and_metrics(trainable, frozen, buffers, scale, batch, parts: int):
+        """Gradients of scale x loss / parts with respect to `trainable`, and metrics / parts."""
+        def scaled_loss(trainable):
+            loss, metrics = loss_fn(optimizer_lib.combine(trainable, frozen), buffers, batch)
+            return loss * (scale / parts), jax.tree.map(lambda m: m / parts, metrics)
+        return jax.grad(scaled_loss, has_aux=True)(trainable)
+
+    def accumulated(trainable, frozen, buffers, scale, local_batch):
+        """Inside shard_map: this device's rows as `accum` microbatches. The loss and metrics are
+        means over equal microbatches, so the sum over all of them of their gradients / metrics,
+        each divided by their number, is the whole batch's; the sum is one psum after the loop."""
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), local_batch)
+
+        def add(total, one):
+            part = grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches)
+            return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, part), None
+
+        shapes = jax.eval_shape(lambda one: grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches),
+                                jax.tree.map(lambda x: x[0], micro))
+        total, _ = jax.lax.scan(add, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes), micro)
+        return jax.lax.psum(total, DATA_AXIS)
+
     def train_step(state: TrainState, batch: dict):
         scale = state.loss_scale.scale
-        # Only the trainable parameters are differentiated: frozen parts (optim.frozen, e.g. the image
-        # encoder) enter as constants, so no backward pass runs through them and none of their
-        # activations is kept for one.
         labels = optimizer_lib.trainable_labels(state.params, config.optim.trainable, config.optim.frozen)
         trainable, frozen = optimizer_lib.partition(state.params, labels)
-
-        def scaled_grads(batch):
-            def scaled_loss(trainable):
-                loss, metrics = loss_fn(optimizer_lib.combine(trainable, frozen), state.buffers, batch)
-                return loss * scale, metrics
-            return jax.grad(scaled_loss, has_aux=True)(trainable)
-
-        if accum == 1:
-            grads, metrics = scaled_grads(batch)
+        if accum == 1:  # XLA splits the batch over the mesh and all-reduces the gradients itself
+            grads, metrics = grads_and_metrics(trainable, frozen, state.buffers, scale, batch, 1)
         else:
-            # The loss is a mean over equal microbatches, so the mean of their gradients is the whole
-            # batch's gradient; only one microbatch's activations are alive at a time.
-            def add(total, micro):
-                return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, scaled_grads(micro)), None
-            micro_batches = split_microbatches(batch, accum, mesh)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
-                                 jax.eval_shape(scaled_grads, jax.tree.map(lambda x: x[0], micro_batches)))
-            total, _ = jax.lax.scan(add, zeros, micro_batches)
-            grads, metrics = jax.tree.map(lambda t: t / accum, total)
+            grads, metrics = jax.shard_map(
+                accumulated, mesh=mesh, in_specs=(P(), P(), P(), P(), P(DATA_AXIS)), out_specs=P(), check_vma=False,
+            )(trainable, frozen, state.buffers, scale, batch)
         grads = jax.tree.map(lambda g: (g / scale).astype(jnp.float32), grads)
+        if use_loss_scale:
+            # Non-finite grads (fp16 overflow): keep the old params / moments, halve the scale.
+            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        else:
+            finite = jnp.asarray(True)
+        grad_norm = optax.global_norm(grads)
         grads = optimizer_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimiser zeroes those
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if use_loss_scale:
-            # Non-finite grads (fp16 overflow): keep the old params / moments, halve the scale.
-            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             loss_scale = state.loss_scale.update(finite)
         else:
-            finite = jnp.asarray(True)
             loss_scale = state.loss_scale
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = jnp.asarray(schedule(state.step) if schedule is not None else 0.0, jnp.float32)
         metrics["loss_scale"] = scale
         metrics["finite"] = finite.astype(jnp.float32)
