@@ -114,3 +114,30 @@ def test_two_processes_share_the_volumes_and_log_the_benchmarks_means(tmp_path):
     for name in ("organ", "bone"):
         dice = [float(r["dice"]) for r in rows if r["structure"] == name]
         assert logged[f"validation_volume_dice/{name}"] == pytest.approx(sum(dice) / len(dice), abs=1e-6)
+
+
+def test_the_gather_is_exact_and_a_failure_on_one_process_stops_the_others(monkeypatch):
+    """gather_sums as 2 processes see it (the all-gather stubbed with process 1's share): float64 sums
+    are exact (a float32 transfer would round 0.1), and a failure on process 1 raises on process 0
+    instead of leaving it waiting."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from radsam_jax.train.volume_validation import VolumeValidationError, gather_sums
+
+    other = {"sums": np.array([[0.1, 1.0], [0.2, 1.0]]), "failed": 0.0}
+
+    def allgather(bits):
+        rows = np.concatenate([other["sums"], [[other["failed"], 0.0]]]).view(np.uint32)
+        return np.stack([bits, rows])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    mine = np.array([[1 / 3, 1.0], [0.0, 0.0]])
+    total = gather_sums(mine)
+    assert total.dtype == np.float64 and total.tolist() == [[1 / 3 + 0.1, 2.0], [0.2, 1.0]]
+    other["failed"] = 1.0
+    with pytest.raises(VolumeValidationError, match="failed on 1 other process"):
+        gather_sums(mine)
+    other["failed"] = 0.0
+    gather_sums(mine, failed=True)  # only this process failed: it raises its own error after the gather
