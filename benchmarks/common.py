@@ -70,6 +70,7 @@ def peak_device_bytes() -> int | None:
 
 
 def compiled_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled or lowered computation (a loop body counted once)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}

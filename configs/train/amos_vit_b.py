@@ -5,8 +5,8 @@ training (section 3.2 of the paper).
     radsam train --config configs/train/amos_vit_b.py --workdir runs/amos_vit_b \\
         --config.init_checkpoint=checkpoints/sam_vit_b.radsam --config.data.root=/data/amos22
 
-On fewer devices, keep the global batch and add --config.grad_accum_steps=K (the same updates; one
-device then runs 32 / K images at a time: K = 8 on one GPU, see benchmarks/results/train_throughput.md).
+On fewer devices, keep the global batch and add --config.grad_accum_steps=K (the same updates; each
+device then runs 32 / (devices x K) images at a time; memory per image: benchmarks/results/train_throughput.md).
 """
 
 from radsam_jax.train.config_lib import base_config, pipeline_data_config

@@ -5,7 +5,8 @@ Parameter paths are the "/"-joined keys under "params", e.g. "image_encoder/bloc
 or "prompt_encoder/mask_conv1/kernel". A parameter is trained when it matches (re.fullmatch) one of
 `config.trainable` and none of `config.frozen`; the others go through `optax.set_to_zero`, which keeps
 no Adam moments for them, so a frozen ViT-H encoder costs no optimiser memory, and the train step
-differentiates only the trainable ones (`partition`), so it costs no backward pass either. The "buffers"
+differentiates only the trainable ones (`partition`): frozen parameters get no weight gradients, and
+a frozen part with no trainable parameter upstream of it (the image encoder) no backward pass at all. The "buffers"
 collection is never given to the optimiser (nor differentiated) at all.
 """
 
