@@ -1,5 +1,6 @@
 """Multi-host training on this machine: 2 processes x 4 CPU devices (launch/local_multiprocess.py,
-coordinator on 127.0.0.1, Gloo collectives) train the tiny model through `radsam train`'s entry and
+coordinator on 127.0.0.1, Gloo collectives) train the tiny model through `radsam train`'s entry (with
+gradient accumulation) and
 end with the parameters of 1 process x 8 devices fed the same global batches; then the 2-process run
 resumes from its Orbax checkpoint (written by both processes into one shared directory) for one more
 step, still equal to the single process. Also: only process 0 logs and writes metrics.
@@ -15,8 +16,9 @@ from train_testlib import check, launch_processes, run_python
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# The config every run uses (a file, as `radsam train --config` wants). Global batch 8 = 1 row per
-# device in both topologies. Adam with eps=1 is ~ lr * gradient for these small gradients: with the
+# The config every run uses (a file, as `radsam train --config` wants). Global batch 16 = 2 rows per
+# device in both topologies, run as 2 microbatches (gradient accumulation over a mesh that spans the
+# processes; accumulation against none: test_train_sharding.py). Adam with eps=1 is ~ lr * gradient for these small gradients: with the
 # default eps the first Adam step is ~ lr * sign(g), and gradients that are zero up to float rounding
 # (attention key biases) would flip sign between the two reduction orders, which is not what this
 # test checks (see test_train_sharding.py).
@@ -26,7 +28,8 @@ sys.path.insert(0, TESTS)
 from train_testlib import tiny_config
 
 def get_config():
-    c = tiny_config(batch_size=8)
+    c = tiny_config(batch_size=16)
+    c.grad_accum_steps = 2
     c.optim.learning_rate = 0.1
     c.optim.eps = 1.0
     c.eval.max_batches = 1
@@ -68,7 +71,7 @@ jax.config.update("jax_compilation_cache_dir", c.compilation_cache_dir)
 mc, _ = loop.load_model(c)
 abstract = jax.eval_shape(lambda: ts.init_variables(mc, jax.random.PRNGKey(0))["params"])
 tx = optimizer_lib.make_optimizer(c.optim, abstract, 1)
-shards = [make_synthetic_iterator(mc, split="train", batch_size=4, seed=c.seed, num_examples=c.synthetic.num_train,
+shards = [make_synthetic_iterator(mc, split="train", batch_size=8, seed=c.seed, num_examples=c.synthetic.num_train,
                                   shard_index=i, shard_count=2) for i in range(2)]
 mesh = ts.make_mesh(8)
 ckpt = checkpointing.Checkpointer(workdir + "/checkpoints", async_save=False)
