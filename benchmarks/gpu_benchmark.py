@@ -316,11 +316,14 @@ def train_rows(args) -> list[dict]:
 
     rows = []
     name = "small" if args.small else "vit_b"
-    settings = (("float32", 8, False, 1), ("bfloat16", 8, False, 1), ("bfloat16", 32, True, 1), ("bfloat16", 32, False, 4))
-    for precision, batch, remat, accum in settings:
-        row = {"model": name, "precision": precision, "batch": batch, "remat": remat, "microbatches": accum}
+    # (precision, batch, remat, microbatches, attention); "auto" is cuDNN's fused attention on a GPU in bf16
+    settings = (("float32", 8, False, 1, "chunked"), ("bfloat16", 8, False, 1, "chunked"), ("bfloat16", 8, False, 1, "auto"),
+                ("bfloat16", 32, True, 1, "chunked"), ("bfloat16", 32, False, 4, "chunked"))
+    for precision, batch, remat, accum, attention in settings:
+        row = {"model": name, "precision": precision, "batch": batch, "remat": remat, "microbatches": accum,
+               "attention": attention}
         try:
-            state, step, batches, mesh = synthetic_training_setup(name, precision, batch, remat, accum)
+            state, step, batches, mesh = synthetic_training_setup(name, precision, batch, remat, accum, attention)
             with jax.set_mesh(mesh):
                 t0 = time.perf_counter()
                 compiled = step.lower(state, batches[0]).compile()

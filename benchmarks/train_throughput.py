@@ -24,7 +24,8 @@ from radsam_jax.train.synthetic import make_synthetic_iterator
 from radsam_jax.train.train_step import BATCH_DTYPES, abstract_train_state, create_sharded_state, make_mesh, make_train_step, to_global_batch
 
 
-def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1):
+def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1,
+                             attention: str = "chunked"):
     """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
     config = base_config()
     config.model.name = name
@@ -32,6 +33,7 @@ def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool 
     config.batch_size = batch
     config.remat = remat
     config.grad_accum_steps = accum
+    config.attention = attention
     mc = load_model_config(name)
     mesh = make_mesh()
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
@@ -69,6 +71,7 @@ def lower_abstract_train_step(name: str, batch: int, precision: str, accum: int 
     config.grad_accum_steps = accum
     config.remat = remat
     config.optim.frozen = frozen
+    config.attention = attention
     mc = load_model_config(name)
     mesh = make_mesh(1)
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
@@ -79,7 +82,7 @@ def lower_abstract_train_step(name: str, batch: int, precision: str, accum: int 
               "box": (batch, 4), "has_box": (batch,), "mask": (batch, m, m), "has_mask": (batch,)}
     bs = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     batch_abs = {k: jax.ShapeDtypeStruct(shapes[k], np.dtype(BATCH_DTYPES[k]), sharding=bs) for k in shapes}
-    step = make_train_step(mc, config, tx, mesh, attention=attention)
+    step = make_train_step(mc, config, tx, mesh)
     with jax.set_mesh(mesh):
         return step.lower(state, batch_abs)
 

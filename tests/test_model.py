@@ -66,19 +66,25 @@ def test_chunked_attention_any_plan_matches_materialized(plan):
         attention_query_chunked(q, k, v, rel_h, rel_w, grid, hd**-0.5, (4, 1, 16))
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_chunked_attention_gradients_match_materialized(recompute):
-    """Training differentiates the chunked path: its gradients (of q, k, v and both relative-position
-    tables), with each step's scores recomputed in the backward pass or stored, are the reference's."""
+@pytest.mark.parametrize("path", ["chunked", "chunked_stored", "fused"])
+def test_attention_gradients_match_materialized(path):
+    """Training differentiates the attention: the gradients (of q, k, v and both relative-position
+    tables) of the chunked path, with each step's scores recomputed in the backward pass or stored,
+    and of the fused one (XLA's here, cuDNN's on GPUs) are the reference's."""
     grid, hd = (16, 12), 8
     inputs = _attention_inputs(2, 4, grid, hd, 1)
     weights = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, grid[0] * grid[1], hd)), jnp.float32)
     grads = lambda attention: jax.grad(lambda *a: jnp.sum(attention(*a) * weights), argnums=(0, 1, 2, 3, 4))(*inputs)
+    attention = {
+        "chunked": lambda *a: attention_query_chunked(*a, grid, hd**-0.5, (1, 2, 4)),
+        "chunked_stored": lambda *a: attention_query_chunked(*a, grid, hd**-0.5, (1, 2, 4), recompute_in_backward=False),
+        "fused": lambda *a: attention_with_rel_pos(*a, grid, hd**-0.5, "fused"),
+    }[path]
     with jax.default_matmul_precision("highest"):
         reference = grads(lambda *a: attention_materialized(*a, grid, hd**-0.5))
-        chunked = grads(lambda *a: attention_query_chunked(*a, grid, hd**-0.5, (1, 2, 4), recompute))
-    for name, got, want in zip(("q", "k", "v", "rel_h", "rel_w"), chunked, reference):
-        assert relative_error(got, want) < 1e-5, name
+        got = grads(attention)
+    for name, g, want in zip(("q", "k", "v", "rel_h", "rel_w"), got, reference):
+        assert relative_error(g, want) < 1e-5, name
 
 
 def test_chunk_plans():

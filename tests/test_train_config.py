@@ -83,10 +83,11 @@ def _train_cli(workdir, *overrides, devices=1, config="configs/train/example_cpu
     (["--config.batch_size=3"], "batch_size 3 is not a positive multiple of the 2 devices"),
     (["--config.eval.batch_size=5"], "eval.batch_size 5 is not a positive multiple of the 2 devices"),
     (["--config.num_devices=4"], "num_devices 4 is more than the 2 cpu device(s)"),
+    (["--config.attention=flash"], "attention: unknown attention implementation 'flash'"),
     (["--config.grad_accum_steps=8"], "grad_accum_steps 8: batch_size 8 does not split into 8 microbatches "
                                       "over the 2 devices of the mesh (it must be a multiple of 2 x 8)"),
     (["--config.init_checkpoint=/nonexistent/ckpt"], "cannot build the model: no model checkpoint at /nonexistent/ckpt"),
-], ids=["batch", "eval_batch", "num_devices", "grad_accum", "init_checkpoint"])
+], ids=["batch", "eval_batch", "num_devices", "attention", "grad_accum", "init_checkpoint"])
 def test_cli_config_mistakes_exit_2_before_the_workdir_exists(tmp_path, overrides, message):
     r = _train_cli(tmp_path / "run", *overrides, devices=2)
     assert r.returncode == 2 and f"radsam train: error: {message}" in r.stderr, r.stderr[-3000:]

@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.iou_head_hidden_dim = None  # IoU head width
     c.init_checkpoint = ""  # converted SAM/MedSAM checkpoint to start from ("" = from scratch); relative = repo-relative
     c.precision = "float32"  # "float32", "bfloat16" (bf16 compute, f32 params) or "float16" (dynamic loss scaling)
+    c.attention = "chunked"  # encoder attention: "chunked", "auto" (cuDNN fused on GPUs in bf16/fp16), "fused", "materialized"
     c.remat = False  # rematerialise encoder blocks (GPU/TPU: less activation memory, more compute; saves no memory on CPU)
     # ---- run length, batch, seed
     c.seed = 0  # model init, data order, augmentation and prompt simulation

@@ -35,6 +35,7 @@ from radsam_jax.train.train_step import (
     make_mesh,
     make_train_step,
     to_global_batch,
+    training_attention,
 )
 
 
@@ -382,6 +383,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if batch <= 0 or batch % n:
             raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
                               f"(batch sizes are global; set num_devices or a divisible batch size)")
+    try:
+        training_attention(config)
+    except ValueError as e:
+        raise ConfigError(f"attention: {e}") from e
     accum = config.grad_accum_steps
     if accum < 1:
         raise ConfigError(f"grad_accum_steps must be >= 1, got {accum}")

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from radsam_jax.model import ModelConfig, Sam, init_variables
+from radsam_jax.model.image_encoder import resolve_attention
 from radsam_jax.prompts import Prompts
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.loss import LossWeights, radsam_loss, radsam_loss_per_sample
@@ -36,6 +37,14 @@ BATCH_DTYPES = {
 }
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def training_attention(config: ml_collections.ConfigDict) -> str:
+    """The encoder's attention implementation for `config.attention` at the run's precision: "auto"
+    is cuDNN's fused kernel on GPUs in bfloat16/float16, else the chunked path, whose backward pass
+    also holds one step's scores at a time (image_encoder.attention_query_chunked). ValueError for an
+    unknown name."""
+    return resolve_attention(config.get("attention", "chunked"), compute_dtype(config.precision))
 
 
 def compute_dtype(precision: str):
@@ -153,14 +162,12 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh,
     schedule: Optional[optax.Schedule] = None,
-    attention: str = "chunked",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
     batch: global arrays from `to_global_batch`. metrics: replicated float32 scalars (loss terms,
-    dice, grad_norm of the trainable parameters, lr, loss_scale, finite). `attention`: the encoder's
-    implementation (image_encoder.ATTENTION_IMPLEMENTATIONS; the chunked one keeps one step's scores
-    at a time in the backward pass too).
+    dice, grad_norm of the trainable parameters, lr, loss_scale, finite). The encoder's attention is
+    `config.attention` (see `training_attention`).
 
     Only the trainable parameters (config.optim's) are differentiated: frozen parts (optim.frozen,
     e.g. the image encoder) enter as constants, so they get no weight gradients and, when no
@@ -171,7 +178,7 @@ def make_train_step(
     float32 rounding) with about 1/k of the activation memory and one gradient all-reduce per step.
     """
     dtype = compute_dtype(config.precision)
-    model = Sam(model_config, dtype=dtype, remat=config.remat, attention=attention)
+    model = Sam(model_config, dtype=dtype, remat=config.remat, attention=training_attention(config))
     weights = loss_weights(config)
     use_loss_scale = config.precision == "float16"
     accum = int(config.grad_accum_steps)
@@ -250,7 +257,7 @@ def make_eval_step(model_config: ModelConfig, config: ml_collections.ConfigDict,
     batch additionally holds "weight" (B,): 1 for real rows, 0 for padding rows of a short last
     batch. Sums (not means) so the caller can average over a whole split exactly.
     """
-    model = Sam(model_config, dtype=compute_dtype(config.precision))
+    model = Sam(model_config, dtype=compute_dtype(config.precision), attention=training_attention(config))
     weights = loss_weights(config)
 
     def eval_step(variables, batch):
