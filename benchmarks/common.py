@@ -69,6 +69,12 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def lowered_flops(lowered) -> float | None:
+    """XLA's FLOP count of a lowered computation (a loop body counted once): from the lowered HLO
+    where the backend can (CPU), else from the compiled one (GPU plugins count compiled code only)."""
+    return compiled_flops(lowered) or compiled_flops(lowered.compile())
+
+
 def compiled_flops(compiled) -> float | None:
     """XLA's FLOP count of a compiled or lowered computation (a loop body counted once)."""
     analysis = compiled.cost_analysis()

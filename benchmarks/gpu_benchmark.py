@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (CPU_NO_YNNPACK, blocking, compiled_flops, device_name, encoder_block, interleaved,
-                               op_time_breakdown, peak_device_bytes, time_call, write_table)
+                               lowered_flops, op_time_breakdown, peak_device_bytes, time_call, write_table)
 from radsam_jax.model import RadSam, init_variables, load_model_config
 from radsam_jax.model.sam import _encode
 
@@ -37,7 +37,7 @@ def matmul_rate(n: int, dtype) -> float:
 
 
 def encoder_rows(args, peak_bf16: float) -> list[dict]:
-    rows = []
+    rows, per_slice_flops = [], {}
     plan = args.encoder_plan
     for name, dtype_name, attention, batches in plan:
         config = load_model_config(name)
@@ -53,15 +53,18 @@ def encoder_rows(args, peak_bf16: float) -> list[dict]:
                 compiled = _encode.lower(variables, images, config=config, dtype=dtype, attention=attention).compile()
                 row["compile_s"] = time.perf_counter() - t0
                 seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
-                # Counted on the materialised attention (lowered, not compiled): the same maths without
-                # the chunked path's loops, whose bodies XLA counts once.
-                flops = compiled_flops(_encode.lower(variables, images, config=config, dtype=dtype,
-                                                     attention="materialized"))
                 row["ms_per_batch"] = seconds * 1e3
                 row["slices_per_s"] = batch / seconds
+                row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+                # Counted once per model and dtype, on one slice with the attention materialised: the
+                # same maths without the chunked path's loops, whose bodies XLA counts once.
+                key = (config.name, dtype_name)
+                if key not in per_slice_flops:
+                    per_slice_flops[key] = lowered_flops(_encode.lower(variables, images[:1], config=config,
+                                                                       dtype=dtype, attention="materialized"))
+                flops = per_slice_flops[key] * batch if per_slice_flops[key] else None
                 row["tflops_per_s"] = flops / seconds / 1e12 if flops else None
                 row["of_matmul_peak"] = flops / seconds / peak_bf16 if flops else None
-                row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
             except Exception as e:  # keep going: one OOM must not lose the other rows
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             print(row, flush=True)
@@ -328,7 +331,6 @@ def train_rows(args) -> list[dict]:
                 t0 = time.perf_counter()
                 compiled = step.lower(state, batches[0]).compile()
                 row["compile_s"] = time.perf_counter() - t0
-                flops = train_step_flops(name, batch, precision, remat)  # without loops, which XLA counts once
                 state, metrics = compiled(state, batches[0])
                 jax.block_until_ready(metrics)
                 steps = 3 if args.small else 10
@@ -338,9 +340,11 @@ def train_rows(args) -> list[dict]:
                 jax.block_until_ready(metrics)
                 seconds = (time.perf_counter() - t0) / steps
             row["images_per_s"] = batch / seconds
-            row["xla_tflop_per_step"] = flops / 1e12 if flops else None
             row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
             del state
+            flops = train_step_flops(name, batch, precision, remat)  # without loops, which XLA counts once
+            row["xla_tflop_per_step"] = flops / 1e12 if flops else None
+            row["tflops_per_s"] = flops / seconds / 1e12 if flops else None
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(row, flush=True)

@@ -2,13 +2,14 @@
 ViT-B (1024 px, batch 2) train step's FLOPs from XLA's cost analysis, and its memory plan with
 gradient accumulation and rematerialisation (lowered with abstract ShapeDtypeStructs, never run).
 
-    python benchmarks/train_throughput.py [--steps 10] [--batch 4] [--memory_batch 8] [--out benchmarks/results/train_throughput.md]
+    python -m benchmarks.train_throughput [--steps 10] [--batch 4] [--memory_batch 8] [--out benchmarks/results/train_throughput.md]
 
 The small config runs `--steps` timed steps after one warm-up (compile) step on synthetic batches;
 ViT-B is only lowered and compiled. Prints a Markdown table and writes it to --out.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import platform
@@ -17,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.common import lowered_flops
 from radsam_jax.model import load_model_config, init_variables
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.config_lib import base_config
@@ -96,18 +98,12 @@ def compile_abstract_train_step(name: str, batch: int, precision: str, accum: in
     return compiled, time.perf_counter() - t
 
 
-def train_step_flops(name: str, batch: int, precision: str, remat: bool = False, frozen: tuple = ()) -> float:
+@functools.cache
+def train_step_flops(name: str, batch: int, precision: str, remat: bool = False, frozen: tuple = ()) -> float | None:
     """XLA's FLOP count of one train step of a global batch, lowered with the attention materialised:
     the same maths without loops, since XLA counts a loop body once (the chunked attention's steps
     and gradient accumulation's microbatches would be counted once each)."""
-    cost = lower_abstract_train_step(name, batch, precision, 1, remat, frozen, "materialized").cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
-
-
-def vit_b_flops(batch: int = 2, precision: str = "bfloat16") -> dict:
-    t = time.perf_counter()
-    return {"flops": train_step_flops("vit_b", batch, precision), "lower_s": time.perf_counter() - t}
+    return lowered_flops(lower_abstract_train_step(name, batch, precision, 1, remat, frozen, "materialized"))
 
 
 # (microbatches, remat, frozen) of the memory table: accumulation alone, then with rematerialisation,
@@ -194,8 +190,8 @@ def main():
     rows.append(("small (256 px)", "float32", args.batch, f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}",
                  "-", f"{r['compile_s']:.1f}"))
     if not args.skip_vit_b:
-        f = vit_b_flops(2, "bfloat16")
-        rows.append(("vit_b (1024 px)", "bfloat16", 2, "not run", "-", f"{f['flops'] / 1e12:.2f}", "-"))
+        rows.append(("vit_b (1024 px)", "bfloat16", 2, "not run", "-", f"{train_step_flops('vit_b', 2, 'bfloat16') / 1e12:.2f}",
+                     "-"))
     if args.time_vit_b:
         r = images_per_s(args.steps, 2, "bfloat16", "vit_b")
         rows.append(("vit_b (1024 px)", "bfloat16", 2, f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}", "-",

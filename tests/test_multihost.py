@@ -1,9 +1,9 @@
 """Multi-host training on this machine: 2 processes x 4 CPU devices (launch/local_multiprocess.py,
-coordinator on 127.0.0.1, Gloo collectives) train the tiny model through `radsam train`'s entry (with
-gradient accumulation) and
-end with the parameters of 1 process x 8 devices fed the same global batches; then the 2-process run
-resumes from its Orbax checkpoint (written by both processes into one shared directory) for one more
-step, still equal to the single process. Also: only process 0 logs and writes metrics.
+coordinator on 127.0.0.1, Gloo collectives) train the tiny model through `radsam train`'s entry, with
+gradient accumulation, and end with the parameters of 1 process x 8 devices fed the same global
+batches; then the 2-process run resumes from its Orbax checkpoint (written by both processes into one
+shared directory) for one more step, still equal to the single process. Also: only process 0 logs
+and writes metrics.
 
 Every process this test starts is stopped by it (train_testlib.launch_processes)."""
 
@@ -17,11 +17,11 @@ from train_testlib import check, launch_processes, run_python
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # The config every run uses (a file, as `radsam train --config` wants). Global batch 16 = 2 rows per
-# device in both topologies, run as 2 microbatches (gradient accumulation over a mesh that spans the
-# processes; accumulation against none: test_train_sharding.py). Adam with eps=1 is ~ lr * gradient for these small gradients: with the
-# default eps the first Adam step is ~ lr * sign(g), and gradients that are zero up to float rounding
-# (attention key biases) would flip sign between the two reduction orders, which is not what this
-# test checks (see test_train_sharding.py).
+# device in both topologies, run as 2 microbatches (gradient accumulation over a mesh that spans
+# the processes; accumulation against none: test_train_sharding.py). Adam with eps=1 is ~ lr *
+# gradient for these small gradients: with the default eps the first Adam step is ~ lr * sign(g),
+# and gradients that are zero up to float rounding (attention key biases) would flip sign between
+# the two reduction orders, which is not what this test checks (see test_train_sharding.py).
 CONFIG = r"""
 import sys
 sys.path.insert(0, TESTS)

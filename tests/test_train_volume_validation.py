@@ -141,3 +141,24 @@ def test_the_gather_is_exact_and_a_failure_on_one_process_stops_the_others(monke
         gather_sums(mine)
     other["failed"] = 0.0
     gather_sums(mine, failed=True)  # only this process failed: it raises its own error after the gather
+
+
+def test_a_process_whose_volumes_fail_releases_the_others_then_raises(tmp_path, monkeypatch):
+    from data_fixtures import write_generic
+    from radsam_jax.train import volume_validation as vv
+    from radsam_jax.train.config_lib import base_config, pipeline_data_config
+
+    c = base_config()
+    c.data = pipeline_data_config(format="generic", root=str(write_generic(tmp_path / "train", ("a",))),
+                                  val_root=str(write_generic(tmp_path / "val", ("b", "c"))), structures=("organ",))
+    c.eval.volume_cases = 2
+    gathered = []
+
+    def unreadable(*args):
+        raise OSError("b/ct.nii.gz: truncated file")
+
+    monkeypatch.setattr(vv, "_scored_sums", unreadable)
+    monkeypatch.setattr(vv, "gather_sums", lambda sums, failed=False: gathered.append((sums.shape, failed)))
+    with pytest.raises(OSError, match="truncated"):  # its own error, after taking part in the gather
+        vv.volume_validation({}, None, c)
+    assert gathered == [((1, 2), True)]  # one structure: the shape every process sends

@@ -6,7 +6,7 @@ training (section 3.2 of the paper).
         --config.init_checkpoint=checkpoints/sam_vit_b.radsam --config.data.root=/data/amos22
 
 On fewer devices, keep the global batch and add --config.grad_accum_steps=K (the same updates; each
-device then runs 32 / (devices x K) images at a time; memory per image: benchmarks/results/train_throughput.md).
+device then runs 32 / (devices x K) images at a time; memory per step: benchmarks/results/train_throughput.md).
 """
 
 from radsam_jax.train.config_lib import base_config, pipeline_data_config

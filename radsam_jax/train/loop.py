@@ -30,6 +30,7 @@ from radsam_jax.train.config_lib import ConfigError, resolve_path
 from radsam_jax.train.volume_validation import volume_validation
 from radsam_jax.train.train_step import (
     abstract_train_state,
+    compute_dtype,
     create_sharded_state,
     make_eval_step,
     make_mesh,
@@ -383,10 +384,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if batch <= 0 or batch % n:
             raise ConfigError(f"{key} {batch} is not a positive multiple of the {n} devices of the mesh "
                               f"(batch sizes are global; set num_devices or a divisible batch size)")
-    try:
-        training_attention(config)
-    except ValueError as e:
-        raise ConfigError(f"attention: {e}") from e
+    for key, check in (("precision", lambda: compute_dtype(config.precision)),
+                       ("attention", lambda: training_attention(config))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from e
     accum = config.grad_accum_steps
     if accum < 1:
         raise ConfigError(f"grad_accum_steps must be >= 1, got {accum}")

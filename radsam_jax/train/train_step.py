@@ -2,8 +2,9 @@
 
 Sharding is declared once: a 1-D `Mesh` with a "data" axis over every device of every process;
 the train state is replicated (P()), every batch array is split on its leading axis (P("data")).
-`jax.jit` with these in/out shardings lets XLA insert the gradient all-reduce itself; the state is
-donated so parameters and Adam moments are updated in place (no second copy in device memory).
+`jax.jit` with these in/out shardings lets XLA insert the gradient all-reduce itself (with gradient
+accumulation, a `shard_map` all-reduces once after the microbatch loop); the state is donated so
+parameters and Adam moments are updated in place (no second copy in device memory).
 """
 
 from typing import Any, Callable, Optional
@@ -219,6 +220,12 @@ def make_train_step(
         if accum == 1:  # XLA splits the batch over the mesh and all-reduces the gradients itself
             grads, metrics = grads_and_metrics(trainable, frozen, state.buffers, scale, batch, 1)
         else:
+            rows = batch["image"].shape[0]
+            if rows % microbatches:
+                raise ValueError(f"grad_accum_steps {accum}: a batch of {rows} does not split into {accum} "
+                                 f"microbatches on each of the {mesh.shape[DATA_AXIS]} devices")
+            # check_vma off: differentiating inside with respect to the replicated parameters would
+            # otherwise psum each microbatch's gradients. Every output must go through the final psum.
             grads, metrics = jax.shard_map(
                 accumulated, mesh=mesh, in_specs=(P(), P(), P(), P(), P(DATA_AXIS)), out_specs=P(), check_vma=False,
             )(trainable, frozen, state.buffers, scale, batch)
