@@ -88,12 +88,17 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
 
 
+def markdown_table(header, rows) -> list[str]:
+    """The lines of a Markdown table: `header` cells, then one line per row of cells."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
+
+
 def format_table(rows: list[dict], title: str) -> str:
     """`rows` as a Markdown table under a `## title` heading."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-    lines = [f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines = [f"## {title}", ""] + markdown_table(keys, [[fmt(r.get(k)) for k in keys] for r in rows])
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import lowered_flops
+from benchmarks.common import blocking, lowered_flops, markdown_table, time_call
 from radsam_jax.model import load_model_config, init_variables
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.config_lib import base_config
@@ -26,9 +26,10 @@ from radsam_jax.train.synthetic import make_synthetic_iterator
 from radsam_jax.train.train_step import BATCH_DTYPES, abstract_train_state, create_sharded_state, make_mesh, make_train_step, to_global_batch
 
 
-def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1,
-                             attention: str = "chunked"):
-    """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
+def training_setup(name: str, precision: str, batch: int, *, remat: bool = False, accum: int = 1,
+                   attention: str = "chunked", frozen: tuple = (), devices: int | None = None):
+    """(training config, model config, optimiser, mesh over `devices`, default all) of preset `name`;
+    `frozen`: optim.frozen regexes."""
     config = base_config()
     config.model.name = name
     config.precision = precision
@@ -36,10 +37,16 @@ def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool 
     config.remat = remat
     config.grad_accum_steps = accum
     config.attention = attention
+    config.optim.frozen = frozen
     mc = load_model_config(name)
-    mesh = make_mesh()
     params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
-    tx = optimizer_lib.make_optimizer(config.optim, params, 1)
+    return config, mc, optimizer_lib.make_optimizer(config.optim, params, 1), make_mesh(devices)
+
+
+def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1,
+                             attention: str = "chunked"):
+    """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
+    config, mc, tx, mesh = training_setup(name, precision, batch, remat=remat, accum=accum, attention=attention)
     state = create_sharded_state(mc, config, tx, mesh)
     step = make_train_step(mc, config, tx, mesh)
     it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=4 * batch)
@@ -66,18 +73,8 @@ def lower_abstract_train_step(name: str, batch: int, precision: str, accum: int 
                               frozen: tuple = (), attention: str = "chunked"):
     """The train step of preset `name` on one device lowered with abstract ShapeDtypeStructs: nothing
     is allocated or run. `frozen`: optim.frozen regexes; `attention`: the encoder's implementation."""
-    config = base_config()
-    config.model.name = name
-    config.precision = precision
-    config.batch_size = batch
-    config.grad_accum_steps = accum
-    config.remat = remat
-    config.optim.frozen = frozen
-    config.attention = attention
-    mc = load_model_config(name)
-    mesh = make_mesh(1)
-    params = jax.eval_shape(lambda: init_variables(mc, jax.random.PRNGKey(0))["params"])
-    tx = optimizer_lib.make_optimizer(config.optim, params, 1)
+    config, mc, tx, mesh = training_setup(name, precision, batch, remat=remat, accum=accum, attention=attention,
+                                          frozen=frozen, devices=1)
     state = abstract_train_state(mc, config, tx, mesh)
     s, m, p = mc.image_size, mc.mask_size, 1
     shapes = {"image": (batch, s, s, 3), "target": (batch, s, s), "points": (batch, p, 2), "point_labels": (batch, p),
@@ -152,24 +149,13 @@ def attention_backward_rows(batch: int = 1, repeats: int = 3) -> list[tuple]:
             temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
             seconds = "-"
             if backend == jax.default_backend():
-                jax.block_until_ready(compiled(q, k, v, rel_h, rel_w))
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    jax.block_until_ready(compiled(q, k, v, rel_h, rel_w))
-                    times.append(time.perf_counter() - t)
-                seconds = float(np.median(times))
+                seconds = time_call(blocking(lambda: compiled(q, k, v, rel_h, rel_w)), repeats=repeats)
             base = stored.setdefault(backend, (temp, seconds))
             rows.append((f"{backend} {plan}", batch, "recomputed" if recompute else "stored", f"{temp:.3f}",
                          f"{temp / base[0]:.3f}x", "-" if seconds == "-" else f"{seconds:.3f}",
                          "-" if seconds == "-" else f"{seconds / base[1]:.3f}x"))
             print(f"attention backward: {rows[-1]}", flush=True)
     return rows
-
-
-def markdown_table(header: tuple, rows: list[tuple]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
 
 
 def main():

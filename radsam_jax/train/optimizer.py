@@ -6,8 +6,8 @@ or "prompt_encoder/mask_conv1/kernel". A parameter is trained when it matches (r
 `config.trainable` and none of `config.frozen`; the others go through `optax.set_to_zero`, which keeps
 no Adam moments for them, so a frozen ViT-H encoder costs no optimiser memory, and the train step
 differentiates only the trainable ones (`partition`): frozen parameters get no weight gradients, and
-a frozen part with no trainable parameter upstream of it (the image encoder) no backward pass at all. The "buffers"
-collection is never given to the optimiser (nor differentiated) at all.
+a frozen part with no trainable parameter upstream of it (the image encoder) no backward pass at
+all. The "buffers" collection is never given to the optimiser (nor differentiated) at all.
 """
 
 import re
@@ -20,10 +20,14 @@ import optax
 TRAIN, FREEZE = "train", "freeze"
 
 
+def path_name(path) -> str:
+    """The "/"-joined keys of a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def param_paths(params) -> list[str]:
     """The "/"-joined path of every leaf of a params pytree, in tree order."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def trainable_labels(params, trainable: Sequence[str], frozen: Sequence[str] = ()):
@@ -32,7 +36,7 @@ def trainable_labels(params, trainable: Sequence[str], frozen: Sequence[str] = (
     frozen = [re.compile(p) for p in frozen]
 
     def label(path, _):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = path_name(path)
         ok = any(p.fullmatch(name) for p in trainable) and not any(p.fullmatch(name) for p in frozen)
         return TRAIN if ok else FREEZE
 
