@@ -163,6 +163,35 @@ def test_numpy_preprocessing_matches_jax():
                                   np.asarray(preprocess.preprocess_ct_slices(hu[None], MODEL, (60.0, 350.0))))
 
 
+def test_thin_objects_keep_a_target_and_a_prompt_when_shrunk_more_than_twice():
+    # Plain bilinear reads the two source rows nearest each output row: shrinking a 512 slice to a
+    # 64 input, a one- or two-pixel-thick object between them vanished (an empty target, then a crash).
+    for size, image_size in ((512, 64), (768, 256)):
+        spec = pipeline.InputSpec(image_size, image_size // 4, "sam", (0, 0, 0), (1, 1, 1))
+        for first in range(size // image_size):
+            for thickness in (1, 2):
+                for horizontal in (True, False):
+                    mask = np.zeros((size, size), bool)
+                    lines = slice(first, first + thickness)
+                    mask[(lines, slice(100, 140)) if horizontal else (slice(100, 140), lines)] = True
+                    where = f"{size}->{image_size}, rows {first}..{first + thickness - 1}, horizontal {horizontal}"
+                    target = pipeline.mask_to_input(mask, spec)
+                    assert target.any(), where
+                    assert pipeline.mask_to_prompt_np(mask, spec).any(), where
+                    # Nowhere but where the object is: within one input pixel of it.
+                    rows, cols = np.nonzero(target)
+                    scale = image_size / size
+                    extent = (rows, cols) if horizontal else (cols, rows)
+                    assert extent[0].max() <= (first + thickness) * scale + 1, where
+                    assert extent[1].min() >= 100 * scale - 1 and extent[1].max() <= 140 * scale + 1, where
+    # Objects the plain resize keeps are unchanged (> 0.5 of bilinear, as preprocess.mask_to_prompt).
+    mask = np.zeros((512, 512), bool)
+    mask[100:300, 50:200] = True
+    spec = pipeline.InputSpec(64, 16, "sam", (0, 0, 0), (1, 1, 1))
+    expected = pipeline.resize_linear(mask.astype(np.float32), (64, 64), antialias=False) > 0.5
+    np.testing.assert_array_equal(pipeline.mask_to_input(mask, spec), expected)
+
+
 def test_validation_slices_are_deterministic_and_padded(tmp_path):
     root = write_generic(tmp_path / "gen")
     cfg = _config(root, format="generic", val_max_samples=5)

@@ -208,14 +208,16 @@ def preprocess_slice(hu: np.ndarray, spec: InputSpec, level: float, width: float
 def mask_to_input(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W) binary mask -> (S, S) uint8 in the model-input frame (resized like the image, padded).
 
-    Bilinear then > 0.5 (as preprocess.mask_to_prompt); if that erases a thin object, > 0 instead, so
-    a sample whose original slice holds the object never gets an empty target.
+    Bilinear then > 0.5 (as preprocess.mask_to_prompt); if that erases a thin object, > 0 of the
+    antialiased resize instead, so a sample whose original slice holds the object never gets an empty
+    target (plain bilinear reads only the source pixels nearest each output pixel: shrinking a slice
+    more than twice, it can miss a thin object altogether).
     """
     m = np.asarray(mask, np.float32)
     resized = resize_linear(m, spec.resized(*m.shape), antialias=False)
     binary = resized > 0.5
     if not binary.any() and m.any():
-        binary = resized > 0.0
+        binary = resize_linear(m, spec.resized(*m.shape), antialias=True) > 0.0
     s = spec.image_size
     out = np.zeros((s, s), np.uint8)
     out[: binary.shape[0], : binary.shape[1]] = binary
@@ -224,17 +226,20 @@ def mask_to_input(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def mask_to_prompt_np(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W) binary mask -> (S/4, S/4) bool mask prompt; numpy twin of preprocess.mask_to_prompt
-    (bilinear to the resized size, pad, antialiased bilinear to S/4, > 0.5), falling back to > 0
-    when that erases a small object."""
+    (bilinear to the resized size, pad, antialiased bilinear to S/4, > 0.5), falling back to > 0 of
+    antialiased resizes throughout when that erases a small object (as `mask_to_input`)."""
     m = np.asarray(mask, np.float32)
-    resized = resize_linear(m, spec.resized(*m.shape), antialias=False)
-    s = spec.image_size
-    padded = np.zeros((s, s), np.float32)
-    padded[: resized.shape[0], : resized.shape[1]] = resized
-    small = resize_linear(padded, (spec.mask_size, spec.mask_size), antialias=True)
-    binary = small > 0.5
+
+    def small(antialias_first: bool) -> np.ndarray:
+        resized = resize_linear(m, spec.resized(*m.shape), antialias=antialias_first)
+        s = spec.image_size
+        padded = np.zeros((s, s), np.float32)
+        padded[: resized.shape[0], : resized.shape[1]] = resized
+        return resize_linear(padded, (spec.mask_size, spec.mask_size), antialias=True)
+
+    binary = small(False) > 0.5
     if not binary.any() and m.any():
-        binary = small > 0.0
+        binary = small(True) > 0.0
     return binary
 
 
