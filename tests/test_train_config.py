@@ -260,3 +260,28 @@ def test_volume_validation_needs_volumes():
                            ["eval.volume_cases=2", "eval.volume_min_slices=0"])
     with pytest.raises(ConfigError, match="eval.volume_min_slices must be >= 1, got 0"):
         loop.check_config(zero)
+
+
+def test_validation_on_the_training_cases_is_named(tmp_path):
+    """A generic layout holds every case in every split unless splits.json or val_root says otherwise:
+    the run names the validation cases it also trains on (a training-set validation)."""
+    import json
+
+    from data_fixtures import write_amos, write_generic
+    from radsam_jax.train import loop
+
+    def config(*overrides):
+        return apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), list(overrides))
+
+    generic = write_generic(tmp_path / "generic", ("a", "b", "c"))
+    assert loop.validation_overlap(config(f"data.root={generic}", "data.val_root=")) == ["a", "b", "c"]
+    (generic / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": ["c"]}))
+    assert loop.validation_overlap(config(f"data.root={generic}", "data.val_root=")) == []
+    (generic / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": ["b", "c"]}))
+    assert loop.validation_overlap(config(f"data.root={generic}", "data.val_root=")) == ["b"]
+    held_out = write_generic(tmp_path / "held_out", ("d",))
+    assert loop.validation_overlap(config(f"data.root={generic}", f"data.val_root={held_out}")) == []
+    amos = write_amos(tmp_path / "amos")
+    assert loop.validation_overlap(apply_overrides(load_config_file(str(REPO / "configs/train/amos_vit_b.py")),
+                                                   [f"data.root={amos}"])) == []
+    assert loop.validation_overlap(config("data_source=synthetic")) == []

@@ -420,6 +420,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from e
 
 
+def validation_overlap(config: ml_collections.ConfigDict) -> list[str]:
+    """Ids of the validation cases whose image is also a training image (none for synthetic data):
+    e.g. a generic layout without splits.json or val_root, where every case is in every split. Their
+    validation metrics are then training-set numbers. Reads no volume."""
+    if config.data_source not in ("pipeline", "mixture"):
+        return []
+    from radsam_jax.data.pipeline import load_cases
+
+    train = [config.data] if config.data_source == "pipeline" else [config.datasets[n] for n in dict(config.data_mixture)]
+    seen = {pathlib.Path(c.image_path).resolve() for data in train for c in load_cases(data, "train")}
+    return [c.case_id for c in load_cases(config.data, config.eval.split)
+            if pathlib.Path(c.image_path).resolve() in seen]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
     with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it.
@@ -459,6 +473,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{num_processes} process(es); global batch {config.batch_size}"
                  + (f" in {config.grad_accum_steps} microbatches of {config.batch_size // config.grad_accum_steps}"
                     if config.grad_accum_steps > 1 else ""))
+    overlap = validation_overlap(config)
+    if overlap:
+        writer.print(f"warning: {len(overlap)} validation case(s) ({', '.join(overlap[:5])}) are also training cases, "
+                     f"so validation measures the training set (a generic layout holds every case in every split "
+                     f"unless its root has a splits.json or data.val_root names another folder)")
 
     # ---------------------------------------------------------------- Shard & transfer (or restore)
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
