@@ -200,12 +200,15 @@ TOTALSEG = "a TotalSegmentator folder (subject folders with ct.nii.gz and segmen
      f"datasets.totalseg.root: {{empty}} is not {TOTALSEG}"),
     ("example_cpu", ["data.val_root={missing}"],
      "data.val_root: {missing} does not exist; expected a case folder with labels.json, or a folder of them"),
+    ("example_cpu", ["data.cache_size=2"],
+     "data.cache_size 2 is below data.cases_per_block 4: a worker's cache cannot hold the cases whose samples are "
+     "shuffled together, so it decodes their volumes again and again; set data.cache_size >= data.cases_per_block"),
     ("amos_vit_b", ["data.root={amos}"], None),
     ("amos_mri_vit_b", ["data.root={amos}"], None),
     ("totalseg_vit_b", ["data.root={ts}"], None),
     ("amos_totalseg_vit_b", ["datasets.amos.root={amos}", "datasets.totalseg.root={ts}"], None),
-], ids=["unset", "missing", "file", "no_layout", "other_layout", "mixture", "val_root", "amos", "amos_mri", "totalseg",
-         "both"])
+], ids=["unset", "missing", "file", "no_layout", "other_layout", "mixture", "val_root", "small_cache", "amos", "amos_mri",
+         "totalseg", "both"])
 def test_dataset_folders_are_checked_with_the_config(roots, config, overrides, message):
     from radsam_jax.train import loop
 

@@ -22,6 +22,7 @@ def get_config(arg: str = ""):
         root="",  # dataset folder: set with --config.data.root
         num_workers=8,  # 117 structure files per subject: decoding is the bottleneck
         cache_size=2,  # decoded subjects kept per worker
+        cases_per_block=2,  # samples shuffled within blocks of 2 subjects, which the cache holds
     )
     c.eval.split = "val"  # meta.csv split "val"
     c.eval.every_steps = 5000  # validate every 5000 steps

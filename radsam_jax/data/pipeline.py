@@ -585,6 +585,17 @@ def check_modality(data_config, name: str = "data") -> None:
                          + (f", or {name}.modality=\"CT\"" if modality == "ALL" else ""))
 
 
+def check_cache(data_config, name: str = "data") -> None:
+    """ValueError unless a worker's volume cache holds a shuffle block's cases (cache_size >=
+    cases_per_block): samples are shuffled within a block, so a smaller cache evicts volumes that
+    the next samples need and decodes them again (about every other sample with 2 for 4)."""
+    block, size = int(data_config.cases_per_block), int(data_config.cache_size)
+    if data_config.shuffle and block > size:
+        raise ValueError(f"{name}.cache_size {size} is below {name}.cases_per_block {block}: a worker's cache cannot "
+                         f"hold the cases whose samples are shuffled together, so it decodes their volumes again "
+                         f"and again; set {name}.cache_size >= {name}.cases_per_block")
+
+
 def check_root(data_config, split: str, name: str = "data") -> None:
     """ValueError naming `name`.root (or `name`.val_root) and what was expected unless the folder that
     `split` reads looks like a dataset of data_config.format (datasets.layout_problem)."""

@@ -404,15 +404,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.num_train_steps <= 0 and config.optim.schedule != "constant":
         raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
     if config.data_source in ("pipeline", "mixture"):
-        from radsam_jax.data.pipeline import check_modality, check_root
+        from radsam_jax.data.pipeline import check_cache, check_modality, check_root
 
         # (key, data config, split) of each folder the run reads: its training data, then its validation data.
         reads = [("data", config.data, "train")] if config.data_source == "pipeline" else [
             (f"datasets.{name}", config.datasets[name], "train") for name in dict(config.data_mixture)]
         reads.append(("data", config.data, config.eval.split))
         try:
-            for name, data_config, _ in reads:
+            for name, data_config, split in reads:
                 check_modality(data_config, name)
+                if split == "train":  # validation reads in order, one volume at a time
+                    check_cache(data_config, name)
             training_intensity(config)
             for name, data_config, split in reads:
                 check_root(data_config, split, name)
