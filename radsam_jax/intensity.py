@@ -42,8 +42,18 @@ def modality_mismatches(cases, intensity: str) -> tuple[list[str], list[str]]:
 def volume_intensities(array, intensity: str, name: str = "the volume") -> np.ndarray:
     """A volume's values in the units its window is in: as stored for "hu"; for "percentile" rescaled
     so the PERCENTILES of its voxels above 0 become 0 and PERCENTILE_SCALE (float32). ValueError naming
-    `name` when a "percentile" volume has no voxel above 0 or its percentiles coincide."""
-    if check_intensity(intensity) == "hu":
+    `name` when a voxel is NaN or infinite (it would spread through the encoder's attention and empty
+    the mask of every slice that propagation reaches from there, silently), or a "percentile" volume
+    has no voxel above 0 or its percentiles coincide."""
+    check_intensity(intensity)
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.inexact):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+            raise ValueError(f"{name} holds {int(bad.sum())} NaN or infinite voxel(s), the first at voxel index {first}: "
+                             f"replace them (e.g. with the background's value) first")
+    if intensity == "hu":
         return array
     array = np.asarray(array, np.float32)
     foreground = array[array > 0]  # MR background is 0: it would pull the low percentile to 0

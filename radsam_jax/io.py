@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -447,6 +447,8 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     dtype = np.uint8 if hi < 256 else np.uint16
     img = nib.Nifti1Image(np.ascontiguousarray(labels, dtype=dtype), np.asarray(like.affine, np.float64))
     img.set_qform(like.affine, code=1)
+    if not np.allclose(img.get_qform(), like.affine, atol=AFFINE_ATOL_MM):  # shear (gantry tilt): no qform holds it
+        img.set_qform(None)  # code 0, so no reader places the mask by the qform's approximation
     img.set_sform(like.affine, code=1)
     img.header.set_data_dtype(dtype)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
@@ -500,12 +502,25 @@ def save_png_atomically(path, image) -> Path:
     return write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def _cannot_write_into(folder: Path) -> Optional[str]:
+    """Why no file can be created in the existing `folder` (permissions, a read-only file system),
+    or None: found by creating and removing an empty temporary file, which os.access misses (root, and
+    file systems such as /sys that refuse new files whatever the permissions)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".radsam-write-check.", dir=folder)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
 def check_output_path(path, what: str, *, folder: bool = False, create: bool = False) -> Path:
     """Raises ValueError unless `path` can be written as a file (folder=True: used as a folder):
-    nothing of the other kind is there and its nearest existing parent is a folder. Called before
-    the model runs, so a bad destination fails at once rather than after the whole computation.
-    create=True (with folder=True) also makes the folder, with its parents, and checks that files
-    can be written into it."""
+    nothing of the other kind is there and its nearest existing parent is a folder that takes new
+    files. Called before the model runs, so a bad destination fails at once rather than after the
+    whole computation. create=True (with folder=True) also makes the folder, with its parents, and
+    checks that files can be written into it."""
     if create and not folder:
         raise ValueError("check_output_path: create=True needs folder=True")
     path = Path(path)
@@ -517,14 +532,18 @@ def check_output_path(path, what: str, *, folder: bool = False, create: bool = F
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"{what} {path}: cannot create the folder ({e.strerror or e})") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"{what} {path}: the folder is not writable")
+        problem = _cannot_write_into(path)
+        if problem:
+            raise ValueError(f"{what} {path}: the folder is not writable ({problem})")
         return path
-    parent = path.parent
+    parent = path if folder and path.exists() else path.parent
     while not parent.exists():  # "." and "/" exist
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+    problem = _cannot_write_into(parent)
+    if problem:
+        raise ValueError(f"{what} {path} cannot be written: no file can be created in {parent} ({problem})")
     return path
 
 

@@ -451,3 +451,73 @@ def test_previews_show_the_ct_window_the_model_saw(image, checkpoint, tmp_path, 
         grey = rgb[(rgb[:, 0] == rgb[:, 1]) & (rgb[:, 1] == rgb[:, 2]), 0]  # not the contours or the box
         assert np.bincount(grey).argmax() == background, png
     assert texts.count(f"CT window {level:g}/{width:g} HU") == 2
+
+
+def _refuses_new_files(folder) -> bool:
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return True
+    os.close(fd)
+    os.remove(name)
+    return False
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder that refuses new files: read-only permissions, or (for root, whom they do not stop) /sys."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    folder = next((f for f in (locked, Path("/sys")) if _refuses_new_files(f)), None)
+    if folder is None:
+        locked.chmod(0o755)
+        pytest.skip("no folder refuses new files here")
+    yield folder
+    locked.chmod(0o755)
+
+
+def test_unwritable_destinations_fail_before_the_model_runs(image, checkpoint, tmp_path, capsys, unwritable, monkeypatch):
+    """--out, --preview and --out-dir in a folder that takes no new files: exit 2 naming it, before the
+    model loads, nothing written (it used to fail with a traceback after the whole run, the preview written)."""
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    prompt = ("--checkpoint", checkpoint, "--slice", 10, "--point", 20, 16)
+    png = tmp_path / "p.png"
+    assert run_cli("segment", image, *prompt, "--out", unwritable / "sub" / "m.nii.gz", "--preview", png, "--no-progress") == 2
+    assert f"--out {unwritable}/sub/m.nii.gz cannot be written: no file can be created in {unwritable}" in capsys.readouterr().err
+    assert not png.exists()
+    assert run_cli("segment", image, *prompt, "--out", tmp_path / "m.nii.gz", "--preview", unwritable / "p.png", "--no-progress") == 2
+    assert f"--preview {unwritable}/p.png cannot be written" in capsys.readouterr().err
+    manifest = tmp_path / "cases.csv"
+    (tmp_path / "p.json").write_text(json.dumps([{"slice": 10, "points": [[20, 16]]}]))
+    manifest.write_text(f"id,image,prompts\na,{image},p.json\n")
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", unwritable / "out", "--no-progress") == 2
+    assert f"--out-dir {unwritable}/out cannot be written: no file can be created in {unwritable}" in capsys.readouterr().err
+
+
+def test_a_mask_that_cannot_be_written_leaves_no_preview(image, checkpoint, tmp_path, capsys, monkeypatch):
+    """The disk fills between the preview and the mask: a clean error (exit 1), and neither file."""
+    from radsam_jax import io
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_label_map", full_disk)
+    out, png = tmp_path / "m.nii.gz", tmp_path / "p.png"
+    rc = run_cli("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--box", 12, 9, 28, 23, "--bounds", 9, 11,
+                 "--out", out, "--preview", png, "--no-progress")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert not out.exists() and not png.exists()
+
+
+def test_voxel_volume_of_a_sheared_grid_is_its_determinant():
+    from radsam_jax.inference.batch import voxel_ml
+    from radsam_jax.io import Volume
+
+    affine = np.array([[0.8, 0, 0, 0], [0, 0.8, 0.5, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])  # gantry tilt: z moves in y
+    assert voxel_ml(Volume(np.zeros((2, 2, 2), np.float32), affine)) == pytest.approx(0.8 * 0.8 * 2.0 / 1000, rel=1e-12)

@@ -66,6 +66,31 @@ def test_volumes_percentiles_cannot_normalise_are_refused(volume, message):
         volume_intensities(volume, "zscore")
 
 
+@pytest.mark.parametrize("intensity", ["hu", "percentile"])
+def test_non_finite_voxels_are_refused_with_their_place(intensity):
+    # One NaN voxel used to spread through the encoder's attention: an empty mask on its slice and on
+    # every slice propagation reached from there, with no error.
+    volume = mr_like()
+    volume[5, 7, 3] = np.nan
+    volume[6, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"ct.nii.gz holds 2 NaN or infinite voxel\(s\), the first at voxel index "
+                                         r"\(5, 7, 3\): replace them"):
+        volume_intensities(volume, intensity, "ct.nii.gz")
+    assert volume_intensities(np.zeros((2, 2, 2), np.int16), "hu").dtype == np.int16  # integers are always finite
+
+
+def test_predictor_refuses_non_finite_volumes_and_keeps_the_current_one(models):
+    ct_model, _ = models
+    p = VolumePredictor(ct_model, bucket=32)
+    first = Volume(mr_like() - 500.0, np.eye(4), "first")
+    p.set_volume(first)
+    broken = mr_like() - 500.0
+    broken[0, 0, 6] = np.nan
+    with pytest.raises(ValueError, match=r"nan.nii.gz holds 1 NaN or infinite voxel\(s\), the first at voxel index \(0, 0, 6\)"):
+        p.set_volume(Volume(broken, np.eye(4), "nan.nii.gz"))
+    assert p.volume is first
+
+
 def test_model_config_records_the_intensity():
     config = ModelConfig(**PERCENTILE)
     assert ModelConfig.from_mapping(config.to_dict()) == config

@@ -255,9 +255,33 @@ def test_output_folder_created_and_writable(tmp_path, monkeypatch):
     assert afile.read_text() == "mine"
     with pytest.raises(ValueError, match="create=True needs folder=True"):
         io.check_output_path(tmp_path / "p.png", "--preview", create=True)
-    monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # root may write anywhere: fake a read-only folder
-    with pytest.raises(ValueError, match="--out .*deeper: the folder is not writable"):
+
+    def refused(*args, **kwargs):  # root may write anywhere: fake a folder that takes no new file
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refused)
+    with pytest.raises(ValueError, match=r"--out .*deeper: the folder is not writable \(Permission denied\)"):
         io.check_output_path(out, "--out", folder=True, create=True)
+    with pytest.raises(ValueError, match=r"--out .*deeper/m.nii.gz cannot be written: no file can be created in .*deeper "
+                                         r"\(Permission denied\)"):
+        io.check_output_path(out / "m.nii.gz", "--out")
+    with pytest.raises(ValueError, match=r"--out-dir .*deeper/more cannot be written: no file can be created in .*deeper"):
+        io.check_output_path(out / "more", "--out-dir", folder=True)
+
+
+def test_sheared_grid_is_saved_without_a_qform_that_would_misplace_it(tmp_path):
+    """A qform holds rotations and zooms only: for a sheared (gantry-tilted) grid nibabel's nearest qform
+    would place the mask elsewhere than the sform, so the qform is left unset (code 0)."""
+    sheared = _affine().copy()
+    sheared[1, 2] = 0.5
+    for affine, qform_code in ((_affine(), 1), (sheared, 0)):
+        like = io.Volume(np.zeros((4, 5, 6), np.float32), affine)
+        img = nib.load(str(io.save_label_map(tmp_path / "seg.nii.gz", np.zeros((4, 5, 6), np.uint8), like)))
+        assert int(img.header["qform_code"]) == qform_code and int(img.header["sform_code"]) == 1
+        np.testing.assert_allclose(img.get_sform(), affine, atol=1e-6)
+        np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+        if qform_code:
+            np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- real data

@@ -42,8 +42,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def voxel_ml(volume) -> float:
-    """The volume of one voxel of `volume` in mL (its spacing in mm)."""
-    return float(np.prod(volume.spacing)) / 1000.0
+    """The volume of one voxel of `volume` in mL: |det| of the affine's 3x3 part in mm^3, which the
+    product of the spacings overstates on sheared grids (gantry-tilted CT)."""
+    return abs(float(np.linalg.det(np.asarray(volume.affine, np.float64)[:3, :3]))) / 1000.0
 
 
 def segment_objects(predictor, volume, objects: Sequence[ObjectPrompt], progress: Optional[Callable[[int], None]] = None):

@@ -95,7 +95,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt on the slice")
     p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point (repeatable)")
     p.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point (repeatable)")
-    p.add_argument("--bounds", type=float, nargs=2, metavar=("LO", "HI"), help="bottom and top slices of the object (default: whole volume)")
+    p.add_argument("--bounds", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="the object's first and last slice, inclusive, LO <= HI as indices (a file stored top-down "
+                        "has its top slice at LO); with --world, z in mm, inferior first (default: whole volume)")
     p.add_argument("--propagation", choices=("mask", "box"),
                    help="prompt each slice with the previous mask (RadSAM, default) or the box around it (SAM/MedSAM)")
     p.add_argument("--prompts", metavar="FILE.json", help="several objects and edits in one JSON file (instead of --slice/--box/--point)")
@@ -232,11 +234,17 @@ def run_segment(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    new_preview = bool(args.preview) and not Path(args.preview).exists()
     if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
         from radsam_jax.inference.preview import save_predictor_preview
 
         save_predictor_preview(args.preview, predictor, labels, objects)
-    save_label_map(out, labels, like=volume)
+    try:
+        save_label_map(out, labels, like=volume)
+    except BaseException:
+        if new_preview:  # nor a preview of a mask that was not written
+            Path(args.preview).unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):
         n = int((r.mask > 0).sum())
@@ -296,7 +304,7 @@ def run(args) -> int:
     except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         _error(command, str(e))
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # OSError: an output that could not be written after all (disk full, ...)
         _error(command, str(e))
         return 1
 

@@ -10,7 +10,7 @@ Schema of a prompts file (a bare list is taken as "objects"):
           "label": 1,                  # value written in the output label map (default: position + 1)
           "name": "liver",             # optional, used in messages
           "slice": 56,                 # prompted slice (index along the S/I axis); world: z in mm
-          "bounds": [30, 80],          # top/bottom slices, inclusive; optional, default the whole volume
+          "bounds": [30, 80],          # first and last slice, inclusive, lo <= hi; optional, default the whole volume
           "box": [40, 30, 80, 70],     # x0, y0, x1, y1  \  at least one of box / points
           "points": [[60, 50]],        # (x, y) each     /
           "point_labels": [1],         # 1 positive, 0 negative; optional, default all 1
@@ -242,7 +242,7 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
             _check_slice(lo, nz, where, "bound lo")
             _check_slice(hi, nz, where, "bound hi")
             if lo > hi:
-                raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the bottom slice first")
+                raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the lower slice index first")
             span = f"{lo}..{hi}"
     if not lo <= k <= hi:
         raise PromptError(f"{where}: the prompted slice {prompted} is outside the bounds {span}")

@@ -335,7 +335,7 @@ class VolumePredictor:
             raise ValueError(f"bounds must be (lo, hi), got {bounds!r}")
         lo, hi = self._check_slice(bounds[0], "bound lo"), self._check_slice(bounds[1], "bound hi")
         if lo > hi:
-            raise ValueError(f"bounds lo={lo} > hi={hi}: the bottom slice must not be above the top slice")
+            raise ValueError(f"bounds lo={lo} > hi={hi}: give the lower slice index first")
         if not lo <= slice_index <= hi:
             raise ValueError(f"slice {slice_index} is outside the bounds {lo}..{hi}")
         return lo, hi
