@@ -1,6 +1,7 @@
 """Dataset layouts: AMOS, TotalSegmentator and generic readers on tiny fixtures, and the real data."""
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +27,30 @@ def test_amos_splits_and_modality(tmp_path):
         datasets.read_cases("amos", root, "val", modality="MRI")
 
 
+def test_label_tables_of_amos_and_nnunet_v2_and_their_errors(tmp_path):
+    root = write_amos(tmp_path / "amos")
+    meta = root / "dataset.json"
+    meta.write_text(json.dumps({"labels": {"background": 0, "organ": 1, "bone": 2}}))  # nnU-Net v2's form
+    assert datasets.read_cases("amos", root, "train")[0].structures == {"organ": 1, "bone": 2}
+    for text, message in [
+        ('{"labels": {"0": "background", "1": "organ",}}', f"{meta} is not valid JSON: Expecting property name"),
+        ('{"name": "AMOS"}', f"{meta} has no 'labels' table"),
+        ('{"labels": {"0": "background", "one": "organ"}}', f"{meta} 'labels': label id 'one' (for 'organ') is not an integer >= 0"),
+        ('{"labels": {"background": 0, "organ": [1, 2]}}', f"{meta} 'labels': the label id of 'organ' is [1, 2], not an integer"),
+        ('{"labels": {"0": "background", "1": "organ", "2": "organ"}}', f"{meta} 'labels': 'organ' has two label ids, 1 and 2"),
+        ('{"labels": {"0": "background"}}', "has no 'labels' besides background"),
+    ]:
+        meta.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            datasets.read_cases("amos", root, "train")
+    generic = write_generic(tmp_path / "generic", ("a",))
+    (generic / "a" / "labels.json").write_text('{"label_map": {"1": "organ"')
+    with pytest.raises(ValueError, match=re.escape(f"{generic / 'a' / 'labels.json'} is not valid JSON")):
+        datasets.read_cases("generic", generic, "all")
+    (generic / "a" / "labels.json").write_text(json.dumps({"label_map": {"organ": 1, "bone": 2}}))
+    assert datasets.read_cases("generic", generic, "all")[0].structures == {"organ": 1, "bone": 2}
+
+
 def test_amos_case_loads_canonical_with_aligned_labels(tmp_path):
     root = write_amos(tmp_path / "amos")
     case = datasets.read_cases("amos", root, "train")[1]  # amos_0002 is stored L,A,S
@@ -48,6 +73,29 @@ def test_totalsegmentator_layout(tmp_path):
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(ValueError, match="splits there"):
         datasets.read_cases("totalsegmentator", root, "validation")
+
+
+def test_overlapping_totalsegmentator_masks_are_named(tmp_path, caplog):
+    """One label map holds one structure per voxel: where masks overlap the later name takes the voxels,
+    so the earlier structure's ground truth shrinks; the warning says which and how many."""
+    root = write_totalsegmentator(tmp_path / "ts")
+    case = datasets.read_cases("totalsegmentator", root, "train")[0]
+    liver_file = root / "s0001" / "segmentations" / "liver.nii.gz"
+    liver = np.asanyarray(nib.load(str(liver_file)).dataobj) > 0
+    spine_file = root / "s0001" / "segmentations" / "vertebrae_L1.nii.gz"
+    spine = nib.load(str(spine_file))
+    grown = np.asanyarray(spine.dataobj).copy()
+    inside = np.argwhere(liver)[:7]
+    grown[tuple(inside.T)] = 1
+    nib.save(nib.Nifti1Image(grown, spine.affine), str(spine_file))
+    with caplog.at_level("WARNING", logger="radsam_jax.data.datasets"):
+        _, labels = datasets.load_case(case)
+    assert "case s0001: its structure masks overlap (vertebrae_L1 over 7 voxel(s) of liver)" in caplog.text
+    assert (labels == 1).sum() == liver.sum() - 7
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="radsam_jax.data.datasets"):
+        datasets.load_case(datasets.read_cases("totalsegmentator", root, "train")[1])
+    assert "overlap" not in caplog.text
 
 
 def test_totalsegmentator_comma_meta_csv(tmp_path):

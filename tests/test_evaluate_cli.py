@@ -284,6 +284,16 @@ def test_bad_options_are_errors(checkpoint, tmp_path, capsys):
     assert "--labels" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--out", str(tmp_path / "o"))
 
 
+def test_negative_seed_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """The bootstrap takes no negative seed: a run with one used to finish, then never get its report."""
+    image, labels, names = _synthetic(tmp_path)
+    _no_model(monkeypatch)
+    common = ["--data", str(image), "--labels", str(labels), "--label-names", str(names), "--out", str(tmp_path / "o")]
+    assert "--seed must be >= 0, got -1" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--seed", "-1", *common)
+    assert radsam(["compare", str(tmp_path), str(tmp_path), "--seed", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+
+
 def _no_model(monkeypatch):
     """Errors expected before any work: loading the model fails the test."""
     import radsam_jax.checkpoint
@@ -323,7 +333,7 @@ def test_label_names_with_a_non_integer_id_is_an_error(checkpoint, tmp_path, cap
     image, labels, names = _synthetic(tmp_path, names={"1": "organ", "two": "bone"})
     err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels),
                    "--label-names", str(names), "--out", str(tmp_path / "o"))
-    assert f"--label-names {names}: label id 'two' (for 'bone') is not an integer" in err
+    assert f"--label-names {names}: label id 'two' (for 'bone') is not an integer >= 0" in err
 
 
 # ------------------------------------------------------------------------------ long runs: stop and continue, shards

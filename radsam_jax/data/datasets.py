@@ -1,7 +1,8 @@
 """Dataset readers: a folder in a known layout -> a list of `Case`s (paths and structure ids).
 
 Layouts:
-- "amos": `dataset.json` ("labels": {"0": "background", "1": "spleen", ...}), `imagesTr/`+`labelsTr/`
+- "amos": `dataset.json` ("labels": {"0": "background", "1": "spleen", ...}, or nnU-Net v2's
+  {"background": 0, "spleen": 1, ...}), `imagesTr/`+`labelsTr/`
   (split "train") and `imagesVa/`+`labelsVa/` (split "val"). Case numbers <= 500 are CT, > 500 MRI
   (`amos_0507.nii.gz` -> 507), selected with `modality` ("CT", "MRI" or "all").
 - "totalsegmentator": one folder per subject `sXXXX/` with `ct.nii.gz` and `segmentations/<name>.nii.gz`
@@ -69,6 +70,38 @@ def _strip_nifti(name: str) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
+def read_json(path: Path):
+    """The JSON in `path`; ValueError naming the file where it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def structure_ids(table, source: str) -> dict[str, int]:
+    """{structure name: label id} from a label table, background (0) left out. Two forms: id -> name
+    ({"0": "background", "1": "spleen"}: AMOS's dataset.json, labels.json) and name -> id
+    ({"background": 0, "spleen": 1}: nnU-Net v2's dataset.json). ValueError naming `source` and the
+    entry otherwise, and for a name given two ids."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{source} must be a label table {{\"1\": \"spleen\", ...}}, got {table!r}")
+    integer = lambda k: isinstance(k, str) and k.strip().isdigit()
+    ids_first = any(integer(k) for k in table)
+    pairs = []
+    for key, value in table.items():
+        if ids_first and not integer(key):
+            raise ValueError(f"{source}: label id {key!r} (for {value!r}) is not an integer >= 0")
+        if not ids_first and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{source}: the label id of {key!r} is {value!r}, not an integer >= 0 (a label table maps ids "
+                             f"to names, {{\"1\": \"spleen\"}}, or names to ids, {{\"spleen\": 1}})")
+        pairs.append((str(value), int(key)) if ids_first else (str(key), value))
+    structures: dict[str, int] = {}
+    for name, label in pairs:
+        if label != 0 and structures.setdefault(name, label) != label:
+            raise ValueError(f"{source}: {name!r} has two label ids, {structures[name]} and {label}")
+    return structures
+
+
 # --------------------------------------------------------------------------------------- AMOS
 
 
@@ -78,9 +111,10 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
     meta_file = root / "dataset.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"AMOS layout needs {meta_file}")
-    meta = json.loads(meta_file.read_text())
-    names = {str(k): str(v) for k, v in meta.get("labels", {}).items()}
-    structures = {name: int(k) for k, name in names.items() if int(k) != 0}
+    meta = read_json(meta_file)
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise ValueError(f"{meta_file} has no 'labels' table")
+    structures = structure_ids(meta["labels"], f"{meta_file} 'labels'")
     if not structures:
         raise ValueError(f"{meta_file} has no 'labels' besides background")
     if split not in AMOS_FOLDERS:
@@ -174,10 +208,10 @@ def _generic_image(folder: Path) -> Optional[Path]:
 
 
 def _generic_case(folder: Path) -> Case:
-    meta = json.loads((folder / "labels.json").read_text())
-    if "label_map" not in meta:
+    meta = read_json(folder / "labels.json")
+    if not isinstance(meta, dict) or "label_map" not in meta:
         raise ValueError(f"{folder / 'labels.json'} has no 'label_map' (id -> name)")
-    structures = {str(name): int(k) for k, name in meta["label_map"].items() if int(k) != 0}
+    structures = structure_ids(meta["label_map"], f"{folder / 'labels.json'} 'label_map'")
     image = _generic_image(folder)
     if image is None:
         raise ValueError(f"case folder {folder} has no image (ct.nii.gz, image.nii.gz, one *.nii.gz or dicom/)")
@@ -201,7 +235,7 @@ def generic_cases(root, split: str = "all") -> list[Case]:
     cases = [_generic_case(f) for f in folders]
     splits_file = root / "splits.json"
     if split != "all" and splits_file.exists():
-        splits = json.loads(splits_file.read_text())
+        splits = read_json(splits_file)
         if split not in splits:
             raise ValueError(f"split {split!r} not in {splits_file} (has {sorted(splits)})")
         keep = set(map(str, splits[split]))
@@ -289,8 +323,9 @@ def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndar
 
     Labels on a different grid are aligned through world coordinates (io.load_label_map); one that
     does not overlap the image is an error, one that covers only part of it a warning.
-    TotalSegmentator masks are combined into one map with the ids of `case.structures` (where masks
-    overlap, the later name in sorted order wins).
+    TotalSegmentator masks are combined into one map with the ids of `case.structures`; where masks
+    overlap, the later name in sorted order wins, which shrinks the earlier structure's ground truth:
+    a warning names the pairs and the voxels taken.
     """
     volume = io.load_volume(case.image_path)
     if case.label_path is not None:
@@ -298,9 +333,17 @@ def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndar
     else:
         top = max(case.structures.values())
         labels = np.zeros(volume.array.shape, np.uint8 if top < 256 else np.uint16)
+        names = {label: name for name, label in case.structures.items()}
+        taken = []
         for name, path in sorted(case.structure_paths.items()):
-            mask = io.load_label_map(path, volume)
-            labels[mask > 0] = case.structures[name]
+            mask = io.load_label_map(path, volume) > 0
+            below = labels[mask]
+            for label, count in zip(*np.unique(below[below > 0], return_counts=True)):
+                taken.append(f"{name} over {count} voxel(s) of {names[int(label)]}")
+            labels[mask] = case.structures[name]
+        if taken:
+            log.warning("case %s: its structure masks overlap (%s); each of those voxels counts for the later "
+                        "name only, in training and in evaluation", case.case_id, "; ".join(taken))
     if canonical:
         labels = io.reorient_labels_like(labels, volume)
         volume = io.to_canonical(volume)

@@ -156,9 +156,7 @@ def detect_format(path: Path) -> str:
 
 
 def _single_image_case(args):
-    import json
-
-    from radsam_jax.data.datasets import Case
+    from radsam_jax.data.datasets import Case, read_json, structure_ids
     from radsam_jax.intensity import UNKNOWN_MODALITY
 
     if not args.labels or not args.label_names:
@@ -167,20 +165,16 @@ def _single_image_case(args):
         if not Path(f).exists():
             raise InputError(f"{what} {f} does not exist")
     try:
-        meta = json.loads(Path(args.label_names).read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"--label-names {args.label_names} is not JSON: {e}")
+        meta = read_json(Path(args.label_names))
+    except ValueError as e:
+        raise InputError(f"--label-names {e}") from None
     names = meta.get("label_map", meta.get("labels")) if isinstance(meta, dict) else None
     if not isinstance(names, dict):
         raise InputError(f'--label-names {args.label_names} needs {{"label_map": {{"1": "name", ...}}}}')
-    structures = {}
-    for k, v in names.items():
-        try:
-            label = int(k)
-        except ValueError:
-            raise InputError(f"--label-names {args.label_names}: label id {k!r} (for {v!r}) is not an integer") from None
-        if label != 0:
-            structures[str(v)] = label
+    try:
+        structures = structure_ids(names, f"--label-names {args.label_names}")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if not structures:
         raise InputError(f"--label-names {args.label_names} names no structure besides background")
     image = Path(args.data)
@@ -307,7 +301,7 @@ def _evaluate(args) -> int:
     problem = predictor_option_problem(args)
     if problem:
         raise InputError(problem)
-    _check_counts(args, {"--min-slices": 1, "--bootstrap": 1, "--worst": 0})
+    _check_counts(args, {"--min-slices": 1, "--bootstrap": 1, "--worst": 0, "--seed": 0})
     if args.box_jitter is not None and args.box_jitter[0] > args.box_jitter[1]:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():
@@ -425,7 +419,7 @@ def _report(args) -> int:
 def _compare(args) -> int:
     from radsam_jax.evaluate.compare import compare, write_comparison
 
-    _check_counts(args, {"--bootstrap": 1})
+    _check_counts(args, {"--bootstrap": 1, "--seed": 0})
     result = compare(args.reports, _csv(args.names) if args.names else None, seed=args.seed, num_resamples=args.bootstrap)
     out = _output_folder(args.out)
     path = write_comparison(out, result, paper=args.paper)

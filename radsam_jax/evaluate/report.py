@@ -1,8 +1,12 @@
 """Outputs of `radsam evaluate`: scores.csv, summary.json, summary.md, breakdown.json and PNG plots.
 
-- scores.csv: one row per (volume, structure, protocol, prompt, propagation, edits), Dice in [0, 1].
+- scores.csv: one row per (volume, structure, protocol, prompt, propagation, edits), Dice in [0, 1];
+  initial_slice, lo, hi (and worst_cases.png's slice numbers) index the axial slices of the volume
+  reoriented to RAS, inferior to superior: the file's own indices for the usual RAS or LPS storage,
+  not for a file stored top-down or sagittally.
 - summary.json: exactly {"settings": [{"protocol", "prompt", "propagation", "edits", "mean_dice",
-  "ci_low", "ci_high", "n"}, ...]} (Dice in [0, 1], 95% percentile-bootstrap CI over objects).
+  "ci_low", "ci_high", "n", "clicks", "clicks_honoured"}, ...]} (SETTING_KEYS; Dice in [0, 1], 95%
+  percentile-bootstrap CI over objects; the correction clicks made and the share the model honoured).
 - summary.md: a table shaped like the paper's Table 1 (x100, mean +- CI half-width), then every
   setting with its interval, per-structure scores, known/unknown classes (Table 2), the oracle
   (Table 3d), timing, and the protocol choices.
