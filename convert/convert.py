@@ -62,12 +62,26 @@ def _file_kind(path: Path) -> str:
     if head[:4] == b"PK\x03\x04":
         if not zipfile.is_zipfile(path):
             raise ConversionError(f"{path}: truncated or damaged checkpoint (a zip archive without its central directory)")
+        with zipfile.ZipFile(path) as archive:  # torch.load does not check the members' CRC-32: damaged bytes load
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ConversionError(f"{path}: damaged checkpoint: its member {damaged} fails its CRC-32 check (tensor data "
+                                  f"changed after it was written; download or copy the file again)")
         return "pytorch-zip"
     if head[:1] == b"\x80":  # pickle protocol >= 2: PyTorch's legacy (non-zip) format
         return "pytorch-pickle"
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
         return "safetensors"
     raise ConversionError(f"{path} is not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor safetensors")
+
+
+def _finite(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """`x`, unless it holds NaN or infinite values: no trained weight does, a damaged file may."""
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ConversionError(f"{path}: tensor {key} holds {bad} NaN or infinite value(s) of {np.size(x)} "
+                              f"(a damaged file, or weights that diverged in training)")
+    return x
 
 
 def _unwrap(obj: Any, path: Path) -> dict:
@@ -102,7 +116,7 @@ def _torch_state_dict(path: Path, container: str) -> StateDict:
 
     def load(key: str) -> np.ndarray:
         t = state[key].detach()
-        return (t if t.dtype == torch.float32 else t.float()).numpy()
+        return _finite((t if t.dtype == torch.float32 else t.float()).numpy(), path, key)
 
     return StateDict(path, container, list(state), lambda k: tuple(state[k].shape), load)
 
@@ -126,7 +140,7 @@ def _safetensors_state_dict(path: Path) -> Iterator[StateDict]:
                 x = f.get_tensor(key)
             except Exception as e:
                 raise ConversionError(f"{path}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
-            return x if x.dtype == np.float32 else x.astype(np.float32)
+            return _finite(x if x.dtype == np.float32 else x.astype(np.float32), path, key)
 
         yield StateDict(path, "safetensors", keys, lambda k: tuple(f.get_slice(k).get_shape()), load)
     finally:
@@ -229,6 +243,8 @@ def map_state_dict(state: StateDict, fmt: str) -> MappedWeights:
         try:
             # Straight into a JAX array: one copy per tensor, and Orbax then saves it without another.
             value = jnp.asarray(rule.transform(state.load(key)), dtype=jnp.float32)
+        except ConversionError:  # the file itself (damaged tensor data): nothing to collect beside it
+            raise
         except ValueError as e:
             problems.append(f"{key} {state.shape(key)}: {e}")
             continue

@@ -316,6 +316,32 @@ def test_cli_truncated_checkpoint(tmp_path, small_pth):
     assert not _leftovers(tmp_path, "out")
 
 
+def test_cli_damaged_tensor_bytes_and_non_finite_weights(tmp_path, small_pth, capsys):
+    """torch.load reads a zip member whose bytes changed without checking its CRC-32: the converter
+    checks it, and refuses NaN / infinite weights (a damaged safetensors file has no checksum)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(small_pth) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    data = bytearray(small_pth.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + 16: start + 32] = bytes(b ^ 0xFF for b in data[start + 16: start + 32])
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    _expect_cli_error(capsys, [damaged, tmp_path / "out"], "damaged.pth: damaged checkpoint: its member",
+                      member.filename, "fails its CRC-32 check")
+    assert not _leftovers(tmp_path, "out")
+    state = torch.load(small_pth, weights_only=True)
+    state["image_encoder.patch_embed.proj.weight"][0, 0, 0, :3] = float("nan")
+    nan = tmp_path / "nan.pth"
+    torch.save(state, nan)
+    _expect_cli_error(capsys, [nan, tmp_path / "out"],
+                      "nan.pth: tensor image_encoder.patch_embed.proj.weight holds 3 NaN or infinite value(s)")
+    assert not _leftovers(tmp_path, "out")
+
+
 def test_cli_text_file(tmp_path, capsys):
     src = tmp_path / "notes.pth"
     src.write_text("this is not a checkpoint\n" * 10)
