@@ -18,7 +18,9 @@ to every run; several --config files multiply the runs. Each run's workdir is
 ROOT/<config name>/<key=value,...> (only the swept keys), so a re-submitted sweep resumes every run
 from its own checkpoints. Every run's config and overrides are checked first (an unknown key or a bad
 value is an error naming the close matches, as in `radsam train`), also with --dry-run, which then
-prints the commands and starts nothing; otherwise ROOT/sweep.json lists the runs.
+prints the commands and starts nothing; otherwise ROOT/sweep.json lists the runs (not in tpu mode,
+where ROOT is a path on the workers). Two runs that would share a workdir (configs of the same file
+name, a value given twice) are an error.
 """
 
 import argparse
@@ -32,6 +34,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from radsam_jax.io import write_text_atomically
 from radsam_jax.train.cli import build_config
 from radsam_jax.train.config_lib import ConfigError
 
@@ -74,7 +77,8 @@ def config_name(config: str) -> str:
 
 
 def plan(configs: Sequence[str], grid, fixed: Sequence[str], root: str) -> list[dict]:
-    """Every run: {"config", "workdir", "overrides"} (overrides as --config.KEY=VALUE tokens)."""
+    """Every run: {"config", "workdir", "overrides"} (overrides as --config.KEY=VALUE tokens);
+    ValueError naming both runs where two would share a workdir."""
     runs = []
     keys = [k for k, _ in grid]
     for config in configs:
@@ -84,6 +88,14 @@ def plan(configs: Sequence[str], grid, fixed: Sequence[str], root: str) -> list[
             overrides = [f"--config.{kv}" for kv in fixed] + [f"--config.{k}={v}" for k, v in assignment]
             runs.append({"config": config, "workdir": workdir, "overrides": overrides,
                          "swept": dict(assignment)})
+    first = {}
+    for run in runs:  # two runs in one workdir: the second would resume the first, or both write at once
+        other = first.setdefault(os.path.normpath(run["workdir"]), run)
+        if other is not run:
+            raise ValueError(f"--config {other['config']} {run_name(list(other['swept'].items()))} and --config "
+                             f"{run['config']} {run_name(list(run['swept'].items()))} would share the workdir "
+                             f"{run['workdir']}: give the configs distinct file names or the grid distinct values, "
+                             f"or sweep them under separate --root folders")
     return runs
 
 
@@ -135,7 +147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "=" not in item:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
 
-    runs = plan(args.config, parse_grid(args.grid), args.set, args.root)
+    try:
+        runs = plan(args.config, parse_grid(args.grid), args.set, args.root)
+    except ValueError as e:
+        parser.error(str(e))
     for run in runs:
         # As `radsam train` will parse it: a bad key or value fails here, not in every submitted job.
         # tpu_pod.sh runs in the repository on the workers, so a relative config is the repository's.
@@ -150,12 +165,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(shlex.join(run["command"]))
         return 0
 
-    os.makedirs(args.root, exist_ok=True)
-    with open(os.path.join(args.root, "sweep.json"), "w") as f:
-        json.dump({"mode": args.mode, "runs": runs}, f, indent=2)
+    if args.mode != "tpu":  # tpu: ROOT is a path on the workers (tpu_pod.sh makes the workdirs there)
+        os.makedirs(args.root, exist_ok=True)
+        write_text_atomically(os.path.join(args.root, "sweep.json"), json.dumps({"mode": args.mode, "runs": runs}, indent=2))
     failures = 0
     for i, run in enumerate(runs):
-        os.makedirs(run["workdir"], exist_ok=True)
+        if args.mode != "tpu":  # slurm writes the job's log there before the run starts
+            os.makedirs(run["workdir"], exist_ok=True)
         print(f"[sweep] run {i + 1}/{len(runs)}: {shlex.join(run['command'])}", flush=True)
         code = subprocess.call(run["command"])
         if code != 0:

@@ -150,6 +150,36 @@ def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
     assert len(lines) == 2 and all("--config.batch_size=4" in line for line in lines), lines
 
 
+def test_sweep_refuses_runs_that_would_share_a_workdir(tmp_path, capsys):
+    """The workdir is ROOT/<config file stem>/<values>: two configs named alike, or a value given twice,
+    would put two runs in one workdir (the second resuming the first's finished run, training nothing)."""
+    other = tmp_path / "elsewhere" / "example_cpu.py"
+    other.parent.mkdir()
+    other.write_text((REPO / "configs/train/example_cpu.py").read_text())
+    for configs, grid in (([REPO / "configs/train/example_cpu.py", other], "seed=0,1"),
+                          ([REPO / "configs/train/example_cpu.py"], "seed=0,0")):
+        with pytest.raises(SystemExit) as exit_info:
+            _sweep("--mode", "local", *[a for c in configs for a in ("--config", str(c))], "--root", str(tmp_path / "sweep"),
+                   "--grid", grid, "--dry-run")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"would share the workdir {tmp_path / 'sweep' / 'example_cpu' / 'seed=0'}" in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_tpu_sweep_makes_nothing_on_this_machine(tmp_path, capsys, monkeypatch):
+    """In tpu mode ROOT is a path on the TPU workers: tpu_pod.sh makes the workdirs there."""
+    import subprocess
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command: started.append(command) or 0)
+    root = tmp_path / "on_the_workers" / "runs"
+    assert _sweep("--mode", "tpu", "--tpu", "my-v4-8", "--zone", "us-central2-b", "--config",
+                  "configs/train/example_cpu.py:runlocal", "--root", str(root), "--grid", "seed=0,1") == 0
+    assert len(started) == 2 and all(c[0].endswith("tpu_pod.sh") for c in started), started
+    assert not (tmp_path / "on_the_workers").exists()
+
+
 def test_training_intensity_and_window_are_the_models():
     from radsam_jax.train import loop
 

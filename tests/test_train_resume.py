@@ -32,6 +32,9 @@ loop.train_and_evaluate(tiny_config(num_train_steps=6), str(a))
 # Interrupted: 3 steps (checkpointed at 3), then a fake half-written step-5 checkpoint, then resume to 6.
 b = root / "b"
 loop.train_and_evaluate(tiny_config(num_train_steps=3), str(b))
+# Steps 4 and 5 logged by a run killed before it saved them, the last row cut short.
+with open(b / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n" + '{"step": 6, "lo')
 tmp = b / "checkpoints" / "5.orbax-checkpoint-tmp-1234567"
 (tmp / "state").mkdir(parents=True)
 (tmp / "state" / "garbage").write_text("half written")
@@ -56,6 +59,7 @@ pa, pb = final_params(a, 6), final_params(b, 6)
 diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
 print(json.dumps({"latest_before_resume": latest, "same_batch": same_batch, "losses_a": la, "losses_b": lb,
                   "param_max_abs_diff": diff, "tmp_left": tmp.exists(),
+                  "logged_b": [json.loads(l)["step"] for l in open(b / "metrics.jsonl") if "loss" in json.loads(l)],
                   "steps_b": sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())}))
 """
 
@@ -71,6 +75,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert abs(la[s] - lb[s]) <= 1e-6 * abs(la[s]), (s, la[s], lb[s])
     assert r["param_max_abs_diff"] == 0.0, r
     assert not r["tmp_left"], r  # cleaned up at start-up
+    assert r["logged_b"] == list(range(1, 7)), r  # the rows logged after the checkpoint, and a torn one, dropped
     assert r["steps_b"][-1] == 6
 
 

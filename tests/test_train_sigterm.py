@@ -54,3 +54,23 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
                           text=True, timeout=480)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"(step {steps[-1]})" in done.stdout, done.stdout
+
+
+def test_sigterm_while_the_last_checkpoint_is_written_waits_for_it(tmp_path):
+    """The final save is asynchronous: a SIGTERM that arrives while it is written (the end of a run
+    meeting a scheduler's warning signal) waits for it instead of killing the run without a checkpoint."""
+    wrapper = ("import os, signal, sys, time\n"
+               "from radsam_jax.train import checkpointing, cli\n"
+               "finish = checkpointing.Checkpointer.wait_until_finished\n"
+               "def signalled(self):\n"
+               "    os.kill(os.getpid(), signal.SIGTERM)\n"
+               "    time.sleep(0.2)  # delivered before the wait\n"
+               "    return finish(self)\n"
+               "checkpointing.Checkpointer.wait_until_finished = signalled\n"
+               "sys.exit(cli.main(sys.argv[1:]))\n")
+    command = [sys.executable, "-c", wrapper, *_command(tmp_path, 2)[3:]]
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"], done.stdout
+    again = subprocess.run(_command(tmp_path, 2), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
+    assert "already finished at step 2" in again.stdout, again.stdout + again.stderr

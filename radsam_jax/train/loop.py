@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_caption
+from radsam_jax.io import write_text_atomically
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
@@ -266,8 +267,30 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.path = workdir / "metrics.jsonl"
+        self.jsonl = open(self.path, "a")
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def start_at(self, step: int) -> int:
+        """Drops the metrics.jsonl rows of steps after `step`, where the run starts (a run stopped
+        after its last checkpoint logged them, and logs them again), and lines cut short by a kill, so
+        that every step appears once; returns how many rows were dropped."""
+        if not self.enabled:
+            return 0
+        self.jsonl.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            write_text_atomically(self.path, "".join(kept))
+        self.jsonl = open(self.path, "a")
+        return len(lines) - len(kept)
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -493,6 +516,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = create_sharded_state(model_config, config, tx, mesh, init_vars)
     del init_vars
     step = start_step = int(state.step)
+    dropped = writer.start_at(start_step)
+    if dropped:
+        writer.print(f"dropped {dropped} row(s) of {writer.path} after step {start_step}, where the run starts again")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}, "
                  f"{window_caption(model_config.ct_window, model_config.intensity)}")
@@ -582,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if rerun or config.eval.every_steps <= 0 or step % config.eval.every_steps:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
             save(force=True)
-    ckpt.wait_until_finished()
+        ckpt.wait_until_finished()  # still guarded: a SIGTERM while the last save is written waits for it
     ckpt.close()
     writer.close()
     last["step"] = step
