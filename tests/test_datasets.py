@@ -32,6 +32,13 @@ def test_label_tables_of_amos_and_nnunet_v2_and_their_errors(tmp_path):
     meta = root / "dataset.json"
     meta.write_text(json.dumps({"labels": {"background": 0, "organ": 1, "bone": 2}}))  # nnU-Net v2's form
     assert datasets.read_cases("amos", root, "train")[0].structures == {"organ": 1, "bone": 2}
+    for image in (root / "imagesTr").iterdir():  # and its image names: <case>_0000.nii.gz
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    nnunet = datasets.read_cases("amos", root, "train", modality="all")
+    assert [(c.case_id, c.modality) for c in nnunet] == [("amos_0001", "CT"), ("amos_0002", "CT"), ("amos_0003", "CT"),
+                                                         ("amos_0501", "MRI")]
+    assert all(c.label_path.endswith(f"labelsTr/{c.case_id}.nii.gz") for c in nnunet)
+    datasets.load_case(nnunet[0])
     for text, message in [
         ('{"labels": {"0": "background", "1": "organ",}}', f"{meta} is not valid JSON: Expecting property name"),
         ('{"name": "AMOS"}', f"{meta} has no 'labels' table"),

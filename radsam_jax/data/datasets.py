@@ -2,7 +2,8 @@
 
 Layouts:
 - "amos": `dataset.json` ("labels": {"0": "background", "1": "spleen", ...}, or nnU-Net v2's
-  {"background": 0, "spleen": 1, ...}), `imagesTr/`+`labelsTr/`
+  {"background": 0, "spleen": 1, ...}), `imagesTr/`+`labelsTr/` (images named like their label
+  maps, or nnU-Net's `amos_0001_0000.nii.gz` for `amos_0001.nii.gz`)
   (split "train") and `imagesVa/`+`labelsVa/` (split "val"). Case numbers <= 500 are CT, > 500 MRI
   (`amos_0507.nii.gz` -> 507), selected with `modality` ("CT", "MRI" or "all").
 - "totalsegmentator": one folder per subject `sXXXX/` with `ct.nii.gz` and `segmentations/<name>.nii.gz`
@@ -126,12 +127,16 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
     for image_dir, label_dir in AMOS_FOLDERS[split]:
         for image in _nifti_files(root / image_dir):
             case_id = _strip_nifti(image.name)
+            label = root / label_dir / image.name
+            channel = re.fullmatch(r"(.+)_\d{4}", case_id)  # nnU-Net names images <case>_0000, labels <case>
+            if not label.exists() and channel:
+                case_id = channel.group(1)
+                label = root / label_dir / (case_id + image.name[len(channel.group(0)):])
             match = re.search(r"(\d+)$", case_id)
             number = int(match.group(1)) if match else 0
             case_modality = "CT" if number <= AMOS_CT_MAX_CASE else "MRI"
             if wanted != "ALL" and case_modality != wanted:
                 continue
-            label = root / label_dir / image.name
             if not label.exists():
                 raise FileNotFoundError(f"AMOS image {image} has no label map {label}")
             cases.append(Case(case_id, str(image), dict(structures), label_path=str(label), modality=case_modality))
