@@ -2,7 +2,7 @@
 ViT-B (1024 px, batch 2) train step's FLOPs from XLA's cost analysis, and its memory plan with
 gradient accumulation and rematerialisation (lowered with abstract ShapeDtypeStructs, never run).
 
-    python -m benchmarks.train_throughput [--steps 10] [--batch 4] [--memory_batch 8] [--out benchmarks/results/train_throughput.md]
+    python -m benchmarks.train_throughput [--steps 10] [--batch 4] [--memory_batch 8] [--cpu_scheduler memory] [--out FILE]
 
 The small config runs `--steps` timed steps after one warm-up (compile) step on synthetic batches;
 ViT-B is only lowered and compiled. Prints a Markdown table and writes it to --out.
@@ -103,6 +103,8 @@ def train_step_flops(name: str, batch: int, precision: str, remat: bool = False,
     return lowered_flops(lower_abstract_train_step(name, batch, precision, 1, remat, frozen, "materialized"))
 
 
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
 # (microbatches, remat, frozen) of the memory table: accumulation alone, then with rematerialisation,
 # then the image encoder frozen (MedSAM-style fine-tuning of the prompt encoder and decoder).
 MEMORY_SETTINGS = ((1, False, ()), (4, False, ()), (8, False, ()), (1, True, ()), (8, True, ()),
@@ -167,8 +169,17 @@ def main():
                         help="also run (not only compile) ViT-B bf16 batch 2: for GPU/TPU machines")
     parser.add_argument("--memory_batch", type=int, default=8,
                         help="global batch of the ViT-B memory table (gradient accumulation, remat); 0 skips it")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "train_throughput.md"))
+    parser.add_argument("--cpu_scheduler", choices=("default", "memory"), default="default",
+                        help="XLA's CPU instruction scheduler: its default, which orders work for concurrency, or the "
+                             "memory-minimising one (--xla_cpu_enable_concurrency_optimized_scheduler=false), under "
+                             "which the memory plan shows what remat saves")
+    parser.add_argument("--out", help="default: benchmarks/results/train_throughput.md, or "
+                                       "train_throughput_memory_scheduler.md with --cpu_scheduler memory")
     args = parser.parse_args()
+    if args.cpu_scheduler == "memory":  # read when the backend starts, which the first jax.devices() does
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_SCHEDULER_FLAG}".strip()
+    name = "train_throughput_memory_scheduler.md" if args.cpu_scheduler == "memory" else "train_throughput.md"
+    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name)
 
     dev = jax.devices()[0]
     rows = []
@@ -198,8 +209,13 @@ def main():
     if args.memory_batch > 0 and not args.skip_vit_b:
         header = ("global batch", "microbatches", "remat", "frozen", "temporaries GiB", "arguments GiB",
                   "temporaries ratio", "TFLOP/step (XLA)", "compile s")
-        lines += ["", f"ViT-B train step memory, bfloat16, one device (XLA's compiled memory plan on {dev.platform}; "
-                  "lowered, not run):", ""]
+        scheduler = ""
+        if dev.platform == "cpu":
+            memory = MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "")
+            scheduler = (f", XLA's {'memory-minimising' if memory else 'default (concurrency-optimised)'} CPU "
+                         f"scheduler")
+        lines += ["", f"ViT-B train step memory, bfloat16, one device (XLA's compiled memory plan on {dev.platform}"
+                  f"{scheduler}; lowered, not run):", ""]
         lines += markdown_table(header, vit_b_memory_rows(args.memory_batch))
         lines += ["", "Temporaries: activations kept for the backward pass and workspace, what gradient accumulation "
                   "(`grad_accum_steps`) and `remat` reduce; arguments: parameters, Adam moments and the batch (the "
@@ -207,14 +223,18 @@ def main():
                   "the same update of the same global batch; a frozen part is not differentiated and has no Adam "
                   "moments."]
         if dev.platform == "cpu":
-            lines += ["", "On the CPU, `remat` saves no memory: the remat rows' temporaries equal the others' "
-                      "although the step recomputes (more FLOPs), and a remat'd chain of matrix products actually "
-                      "run peaks as high as the plain one: XLA's CPU backend does not turn the recomputation into a "
-                      "lower peak. Gradient accumulation is a loop over microbatches and holds on every backend. "
-                      "Run this on a GPU for remat's effect there."]
+            lines += ["", "On the CPU, XLA's default scheduler orders instructions for concurrency, not memory: "
+                      "under it the remat rows' temporaries equal the others' although the step recomputes (more "
+                      "FLOPs), and every row's peak is higher than under the memory-minimising scheduler, which "
+                      f"`--cpu_scheduler memory` (`XLA_FLAGS={MEMORY_SCHEDULER_FLAG}`, which a CPU training run can "
+                      "set too) plans with, writing train_throughput_memory_scheduler.md: there remat lowers the "
+                      "peak. The CPU backend also computes "
+                      "bfloat16 matrix products in float32 and keeps their float32 outputs (e.g. each block's qkv "
+                      "and MLP hidden activations) for the backward pass; a GPU's products output bfloat16, so its "
+                      "plan should hold less (not measured). Gradient accumulation is a loop over microbatches and "
+                      "holds on every backend."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")

@@ -163,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_checkpoint = ""  # converted SAM/MedSAM checkpoint to start from ("" = from scratch); relative = repo-relative
     c.precision = "float32"  # "float32", "bfloat16" (bf16 compute, f32 params) or "float16" (dynamic loss scaling)
     c.attention = "chunked"  # encoder attention: "chunked", "auto" (cuDNN fused on GPUs in bf16/fp16), "fused", "materialized"
-    c.remat = False  # rematerialise encoder blocks (GPU/TPU: less activation memory, more compute; saves no memory on CPU)
+    c.remat = False  # rematerialise encoder blocks: less activation memory, more compute (CPU: only with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false)
     # ---- run length, batch, seed
     c.seed = 0  # model init, data order, augmentation and prompt simulation
     c.batch_size = 32  # global batch over all devices and processes (paper: batch size 2 on 16 GPUs, read as 2 per GPU)
