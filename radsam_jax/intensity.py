@@ -39,6 +39,18 @@ def modality_mismatches(cases, intensity: str) -> tuple[list[str], list[str]]:
     return not_ct, ct
 
 
+def check_finite(array: np.ndarray, name: str) -> np.ndarray:
+    """`array`, unless a voxel is NaN or infinite: a ValueError then names `name`, how many and the
+    index of the first (io.load_volume checks files on their own grid, so the index is the file's)."""
+    if np.issubdtype(array.dtype, np.inexact):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+            raise ValueError(f"{name} holds {int(bad.sum())} NaN or infinite voxel(s), the first at voxel index {first}: "
+                             f"replace them (e.g. with the background's value) first")
+    return array
+
+
 def volume_intensities(array, intensity: str, name: str = "the volume") -> np.ndarray:
     """A volume's values in the units its window is in: as stored for "hu"; for "percentile" rescaled
     so the PERCENTILES of its voxels above 0 become 0 and PERCENTILE_SCALE (float32). ValueError naming
@@ -46,13 +58,7 @@ def volume_intensities(array, intensity: str, name: str = "the volume") -> np.nd
     the mask of every slice that propagation reaches from there, silently), or a "percentile" volume
     has no voxel above 0 or its percentiles coincide."""
     check_intensity(intensity)
-    array = np.asarray(array)
-    if np.issubdtype(array.dtype, np.inexact):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-            raise ValueError(f"{name} holds {int(bad.sum())} NaN or infinite voxel(s), the first at voxel index {first}: "
-                             f"replace them (e.g. with the background's value) first")
+    array = check_finite(np.asarray(array), name)
     if intensity == "hu":
         return array
     array = np.asarray(array, np.float32)

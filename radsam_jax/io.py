@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import nibabel as nib
 import numpy as np
 
+from radsam_jax.intensity import check_finite
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Two grids are "identical" when shapes match and affines agree to this many millimetres.
 AFFINE_ATOL_MM = 1e-3
@@ -92,6 +94,7 @@ def _read_nifti(path: Path, what: str, read) -> tuple[np.ndarray, np.ndarray]:
 def _load_nifti(path: Path) -> Volume:
     # get_fdata applies the header's scl_slope/scl_inter, so stored integers become Hounsfield units.
     array, affine = _read_nifti(path, "image", lambda img: img.get_fdata(dtype=np.float32))
+    check_finite(array, f"image {path}")  # here, on the file's grid, so the index named is the file's
     return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, str(path))
 
 

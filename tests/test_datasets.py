@@ -39,12 +39,21 @@ def test_label_tables_of_amos_and_nnunet_v2_and_their_errors(tmp_path):
                                                          ("amos_0501", "MRI")]
     assert all(c.label_path.endswith(f"labelsTr/{c.case_id}.nii.gz") for c in nnunet)
     datasets.load_case(nnunet[0])
+    # A plain AMOS name is not taken for nnU-Net's: its missing label map is named as it is.
+    plain = write_amos(tmp_path / "plain")
+    (plain / "labelsTr" / "amos_0501.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"has no label map {plain / 'labelsTr' / 'amos_0501.nii.gz'}")):
+        datasets.read_cases("amos", plain, "train", modality="MRI")
+    assert [c.case_id for c in datasets.read_cases("amos", plain, "train")] == ["amos_0001", "amos_0002", "amos_0003"]
     for text, message in [
         ('{"labels": {"0": "background", "1": "organ",}}', f"{meta} is not valid JSON: Expecting property name"),
         ('{"name": "AMOS"}', f"{meta} has no 'labels' table"),
         ('{"labels": {"0": "background", "one": "organ"}}', f"{meta} 'labels': label id 'one' (for 'organ') is not an integer >= 0"),
         ('{"labels": {"background": 0, "organ": [1, 2]}}', f"{meta} 'labels': the label id of 'organ' is [1, 2], not an integer"),
         ('{"labels": {"0": "background", "1": "organ", "2": "organ"}}', f"{meta} 'labels': 'organ' has two label ids, 1 and 2"),
+        ('{"labels": {"background": 0, "organ": 1, "bone": 1}}', f"{meta} 'labels': label id 1 has two names, 'organ' and 'bone'"),
+        ('{"labels": {"0": "background", "-1": "organ"}}', f"{meta} 'labels': label id -1 (for 'organ') is negative"),
+        ('{"labels": {"\u00b2": "organ"}}', f"{meta} 'labels': the label id of '\u00b2' is 'organ', not an integer >= 0"),
         ('{"labels": {"0": "background"}}', "has no 'labels' besides background"),
     ]:
         meta.write_text(text)

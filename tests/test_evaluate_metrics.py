@@ -78,6 +78,8 @@ def test_parse_known_classes(tmp_path):
     f = tmp_path / "dataset.json"
     f.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "2": "liver"}}))
     assert metrics.parse_known_classes(str(f)) == {"spleen", "liver"}
+    f.write_text(json.dumps({"labels": {"background": 0, "spleen": 1, "liver": 2}}))  # nnU-Net v2's dataset.json
+    assert metrics.parse_known_classes(str(f), valid=["spleen", "liver", "aorta"]) == {"spleen", "liver"}
     t = tmp_path / "known.txt"
     t.write_text("aorta\nliver\n")
     assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}

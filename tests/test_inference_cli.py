@@ -498,8 +498,9 @@ def test_unwritable_destinations_fail_before_the_model_runs(image, checkpoint, t
     assert f"--out-dir {unwritable}/out cannot be written: no file can be created in {unwritable}" in capsys.readouterr().err
 
 
-def test_a_mask_that_cannot_be_written_leaves_no_preview(image, checkpoint, tmp_path, capsys, monkeypatch):
-    """The disk fills between the preview and the mask: a clean error (exit 1), and neither file."""
+def test_a_mask_that_cannot_be_written_leaves_the_preview_as_it_was(image, checkpoint, tmp_path, capsys, monkeypatch):
+    """The disk fills between the preview and the mask: a clean error naming --out (exit 1), no mask,
+    and the preview as it was before the run (none, or the earlier one)."""
     from radsam_jax import io
 
     def full_disk(*args, **kwargs):
@@ -507,12 +508,17 @@ def test_a_mask_that_cannot_be_written_leaves_no_preview(image, checkpoint, tmp_
 
     monkeypatch.setattr(io, "save_label_map", full_disk)
     out, png = tmp_path / "m.nii.gz", tmp_path / "p.png"
-    rc = run_cli("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--box", 12, 9, 28, 23, "--bounds", 9, 11,
-                 "--out", out, "--preview", png, "--no-progress")
-    assert rc == 1
-    err = capsys.readouterr().err
-    assert "No space left on device" in err and "Traceback" not in err, err
-    assert not out.exists() and not png.exists()
+    argv = ("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--box", 12, 9, 28, 23, "--bounds", 9, 11,
+            "--out", out, "--preview", png, "--no-progress")
+    for earlier in (None, b"an earlier preview"):
+        if earlier is not None:
+            png.write_bytes(earlier)
+        assert run_cli(*argv) == 1
+        err = capsys.readouterr().err
+        assert f"cannot write --out {out}: No space left on device" in err and "Traceback" not in err, err
+        assert not out.exists()
+        assert (png.read_bytes() == earlier) if earlier is not None else not png.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["p.png"] if earlier is not None else [])
 
 
 def test_voxel_volume_of_a_sheared_grid_is_its_determinant():

@@ -1,6 +1,7 @@
 """radsam_jax.io: NIfTI/DICOM reading, label alignment through world coordinates, atomic writing."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def test_nifti_applies_scaling_and_keeps_voxel_order(tmp_path):
     np.testing.assert_allclose(vol.affine, _affine())
     assert vol.spacing == (1.0, 2.0, 3.0)
     assert vol.path == str(path)
+
+
+def test_nifti_with_nan_voxels_names_the_files_own_index(tmp_path):
+    """Checked as read, on the file's grid: training and evaluation reorient to RAS afterwards, where the
+    index would be another."""
+    data = np.zeros((4, 5, 6), np.float32)
+    data[3, 1, 2] = np.nan
+    flipped = _affine().copy()
+    flipped[0, 0] = -1.0  # stored L-first: RAS reverses the first axis
+    path = _save(tmp_path / "ct.nii.gz", data, flipped)
+    with pytest.raises(ValueError, match=re.escape(f"image {path} holds 1 NaN or infinite voxel(s), the first at voxel "
+                                                   f"index (3, 1, 2)")):
+        io.load_volume(path)
 
 
 def test_nifti_trailing_singleton_axis_is_squeezed(tmp_path):

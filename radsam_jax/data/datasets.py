@@ -83,23 +83,31 @@ def structure_ids(table, source: str) -> dict[str, int]:
     """{structure name: label id} from a label table, background (0) left out. Two forms: id -> name
     ({"0": "background", "1": "spleen"}: AMOS's dataset.json, labels.json) and name -> id
     ({"background": 0, "spleen": 1}: nnU-Net v2's dataset.json). ValueError naming `source` and the
-    entry otherwise, and for a name given two ids."""
+    entry otherwise: an id that is not an integer >= 0, a name with two ids, an id with two names."""
     if not isinstance(table, dict):
         raise ValueError(f"{source} must be a label table {{\"1\": \"spleen\", ...}}, got {table!r}")
-    integer = lambda k: isinstance(k, str) and k.strip().isdigit()
+    integer = lambda k: isinstance(k, str) and re.fullmatch(r"\s*-?[0-9]+\s*", k) is not None
     ids_first = any(integer(k) for k in table)
     pairs = []
     for key, value in table.items():
         if ids_first and not integer(key):
             raise ValueError(f"{source}: label id {key!r} (for {value!r}) is not an integer >= 0")
-        if not ids_first and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if not ids_first and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError(f"{source}: the label id of {key!r} is {value!r}, not an integer >= 0 (a label table maps ids "
                              f"to names, {{\"1\": \"spleen\"}}, or names to ids, {{\"spleen\": 1}})")
-        pairs.append((str(value), int(key)) if ids_first else (str(key), value))
+        name, label = (str(value), int(key)) if ids_first else (str(key), value)
+        if label < 0:
+            raise ValueError(f"{source}: label id {label} (for {name!r}) is negative")
+        pairs.append((name, label))
     structures: dict[str, int] = {}
+    named: dict[int, str] = {}
     for name, label in pairs:
-        if label != 0 and structures.setdefault(name, label) != label:
+        if label == 0:
+            continue
+        if structures.setdefault(name, label) != label:
             raise ValueError(f"{source}: {name!r} has two label ids, {structures[name]} and {label}")
+        if named.setdefault(label, name) != name:
+            raise ValueError(f"{source}: label id {label} has two names, {named[label]!r} and {name!r}")
     return structures
 
 
@@ -130,8 +138,9 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
             label = root / label_dir / image.name
             channel = re.fullmatch(r"(.+)_\d{4}", case_id)  # nnU-Net names images <case>_0000, labels <case>
             if not label.exists() and channel:
-                case_id = channel.group(1)
-                label = root / label_dir / (case_id + image.name[len(channel.group(0)):])
+                stripped = root / label_dir / (channel.group(1) + image.name[len(case_id):])
+                if stripped.exists():
+                    case_id, label = channel.group(1), stripped
             match = re.search(r"(\d+)$", case_id)
             number = int(match.group(1)) if match else 0
             case_modality = "CT" if number <= AMOS_CT_MAX_CASE else "MRI"

@@ -116,7 +116,8 @@ KNOWN_CLASS_PRESETS = {
 
 
 def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = None) -> Optional[set[str]]:
-    """--known-classes: a file (JSON list, JSON {"label_map"|"labels": {id: name}}, or one name a line),
+    """--known-classes: a file (JSON list, a JSON label table {"label_map"|"labels": {id: name} or
+    {name: id}} as datasets.structure_ids reads it, or one name a line),
     a comma-separated list, or a KNOWN_CLASS_PRESETS name ("amos": those of its classes among `valid`;
     a file of that name in the working folder is read instead). None/empty -> None (no known/unknown split).
 
@@ -139,8 +140,10 @@ def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = No
             names = [line.strip() for line in text.splitlines()]
         else:
             if isinstance(data, Mapping):
+                from radsam_jax.data.datasets import structure_ids
+
                 data = data.get("label_map", data.get("labels", data))
-                names = [str(v) for k, v in data.items() if str(k) != "0"] if isinstance(data, Mapping) else list(data)
+                names = list(structure_ids(data, f"--known-classes {spec}")) if isinstance(data, Mapping) else list(data)
             else:
                 names = [str(v) for v in data]
     elif spec.lower() in KNOWN_CLASS_PRESETS:

@@ -201,7 +201,7 @@ def _check_destinations(args) -> None:
 
 
 def run_segment(args) -> int:
-    from radsam_jax.io import load_label_map, load_volume, save_label_map
+    from radsam_jax.io import load_label_map, load_volume
     from radsam_jax.inference.batch import dice, voxel_ml
 
     out = Path(args.out)
@@ -234,17 +234,7 @@ def run_segment(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    new_preview = bool(args.preview) and not Path(args.preview).exists()
-    if args.preview:  # before the mask: a failed run leaves no --out (see the module docstring)
-        from radsam_jax.inference.preview import save_predictor_preview
-
-        save_predictor_preview(args.preview, predictor, labels, objects)
-    try:
-        save_label_map(out, labels, like=volume)
-    except BaseException:
-        if new_preview:  # nor a preview of a mask that was not written
-            Path(args.preview).unlink(missing_ok=True)
-        raise
+    _write_preview_then_mask(args, out, labels, volume, predictor, objects)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):
         n = int((r.mask > 0).sum())
@@ -261,6 +251,42 @@ def run_segment(args) -> int:
     if args.preview:
         print(f"wrote preview {args.preview}")
     return 0
+
+
+def _write_preview_then_mask(args, out: Path, labels, volume, predictor, objects) -> None:
+    """The preview, then the mask last (see the module docstring): if the mask cannot be written
+    (a full disk), the preview is put back as it was, so a failed run changes nothing."""
+    import os
+    import shutil
+    import tempfile
+
+    from radsam_jax.inference.preview import save_predictor_preview
+    from radsam_jax.io import save_label_map
+
+    preview = Path(args.preview) if args.preview else None
+    backup = None
+    if preview is not None and preview.exists():
+        fd, backup = tempfile.mkstemp(prefix=f".{preview.name}.", suffix=".previous", dir=preview.parent)
+        os.close(fd)
+        shutil.copy2(preview, backup)
+    try:
+        if preview is not None:
+            save_predictor_preview(preview, predictor, labels, objects)
+        try:
+            save_label_map(out, labels, like=volume)
+        except OSError as e:
+            raise RuntimeError(f"cannot write --out {out}: {e.strerror or e}") from e
+    except BaseException:
+        if preview is not None:
+            if backup is not None:
+                os.replace(backup, preview)
+                backup = None
+            else:
+                preview.unlink(missing_ok=True)
+        raise
+    finally:
+        if backup is not None:
+            os.remove(backup)
 
 
 def _segment_with_bar(predictor, volume, objects, bar):
