@@ -518,12 +518,13 @@ def _cannot_write_into(folder: Path) -> Optional[str]:
     return None
 
 
-def check_output_path(path, what: str, *, folder: bool = False, create: bool = False) -> Path:
+def check_output_path(path, what: str, *, folder: bool = False, create: bool = False, probe: bool = True) -> Path:
     """Raises ValueError unless `path` can be written as a file (folder=True: used as a folder):
     nothing of the other kind is there and its nearest existing parent is a folder that takes new
-    files. Called before the model runs, so a bad destination fails at once rather than after the
-    whole computation. create=True (with folder=True) also makes the folder, with its parents, and
-    checks that files can be written into it."""
+    files (probe=False: not tried again, for many files of a folder already checked). Called before
+    the model runs, so a bad destination fails at once rather than after the whole computation.
+    create=True (with folder=True) also makes the folder, with its parents, and checks that files
+    can be written into it."""
     if create and not folder:
         raise ValueError("check_output_path: create=True needs folder=True")
     path = Path(path)
@@ -544,7 +545,7 @@ def check_output_path(path, what: str, *, folder: bool = False, create: bool = F
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
-    problem = _cannot_write_into(parent)
+    problem = _cannot_write_into(parent) if probe else None
     if problem:
         raise ValueError(f"{what} {path} cannot be written: no file can be created in {parent} ({problem})")
     return path

@@ -177,8 +177,8 @@ def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, man
         outputs.append((f"the output of case {c.id!r}", out_dir / f"{c.id}.nii.gz"))
         if previews:
             outputs.append((f"the preview of case {c.id!r}", out_dir / f"{c.id}.png"))
-    for what, out in outputs:
-        check_output_path(out, what)
+    for what, out in outputs:  # all in out_dir, whose files were tried above: each only for what is in the way
+        check_output_path(out, what, probe=False)
     inputs = [(f"image of case {c.id!r}", c.image) for c in cases] + [(f"prompts file of case {c.id!r}", c.prompts) for c in cases]
     if manifest is not None:
         inputs.append(("manifest", manifest))

@@ -498,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{num_processes} process(es); global batch {config.batch_size}"
                  + (f" in {config.grad_accum_steps} microbatches of {config.batch_size // config.grad_accum_steps}"
                     if config.grad_accum_steps > 1 else ""))
-    overlap = validation_overlap(config)
+    overlap = validation_overlap(config) if writer.enabled else []  # lists the cases: where it is printed only
     if overlap:
         writer.print(f"warning: {len(overlap)} validation case(s) ({', '.join(overlap[:5])}) are also training cases, "
                      f"so validation measures the training set (a generic layout holds every case in every split "
