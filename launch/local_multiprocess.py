@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds between SIGTERM and SIGKILL when stopping (default 30: time to checkpoint)")
     parser.add_argument("--collective_timeout", type=int, default=600,
-                        help="cpu: seconds a process waits for the others in a collective (XLA default 30)")
+                        help="cpu: seconds a process waits for the others in a collective (default 600; XLA's own: 30)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command every process runs, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

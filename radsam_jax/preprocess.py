@@ -113,11 +113,18 @@ def _upscale_matrices(geo: Geometry, low_res: tuple[int, int]) -> tuple[np.ndarr
     bilinear to S, crop to the resized extent, bilinear to the original size, found by running those
     three steps on an identity matrix."""
     def axis(n_low: int, n_resized: int, n_original: int) -> np.ndarray:
-        with jax.ensure_compile_time_eval():  # constants even when called inside a jit
-            up = jax.image.resize(jnp.eye(n_low, dtype=jnp.float32), (geo.image_size, n_low), "linear", antialias=False)
-            return np.asarray(jax.image.resize(up[:n_resized], (n_original, n_low), "linear", antialias=False))
+        # A compiled executable runs at once, even while a jit is being traced: a constant either way.
+        return np.asarray(_upscale_matrix.lower(n_low, geo.image_size, n_resized, n_original).compile()())
 
     return axis(low_res[0], geo.resized[0], geo.original[0]), axis(low_res[1], geo.resized[1], geo.original[1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _upscale_matrix(n_low: int, image_size: int, n_resized: int, n_original: int) -> jax.Array:
+    """One axis of `_upscale_matrices`, as one program: run op by op, its ~20 operations were each
+    compiled for every new image size (1-2 s per volume of a new size on the CPU)."""
+    up = jax.image.resize(jnp.eye(n_low, dtype=jnp.float32), (image_size, n_low), "linear", antialias=False)
+    return jax.image.resize(up[:n_resized], (n_original, n_low), "linear", antialias=False)
 
 
 def upscale_logits(logits, geo: Geometry):

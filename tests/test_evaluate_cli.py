@@ -431,6 +431,30 @@ def test_a_stopped_run_continues_to_the_report_of_an_uninterrupted_one(checkpoin
     _same_report(tmp_path / "full", out)
 
 
+def test_an_unreadable_case_is_left_for_later_and_the_others_are_evaluated(checkpoint, tmp_path, capsys, counted):
+    from data_fixtures import write_generic
+
+    data = write_generic(tmp_path / "data", ("a", "b", "c"))
+    assert _evaluate(checkpoint, data, tmp_path / "full") == 0, capsys.readouterr().err
+    image = data / "b" / "ct.nii.gz"
+    intact = image.read_bytes()
+    image.write_bytes(intact[:400])  # a truncated copy
+    out = tmp_path / "eval"
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 2
+    err = capsys.readouterr().err
+    assert "evaluate: case b left for later, it cannot be read:" in err and str(image) in err
+    assert "radsam evaluate: error: 1 case(s) could not be read: b: " in err
+    assert (f"the other cases are evaluated: 6 of 9 object(s) are kept in {out}; once the file(s) are mended, the "
+            f"same command evaluates the 1 case(s) left") in err
+    assert counted["runs"] == 4 * 2 and not (out / "scores.csv").exists()
+    image.write_bytes(intact)
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 0, capsys.readouterr().err
+    assert counted["loaded"] == ["b"] and counted["runs"] == 2 * 2
+    _same_report(tmp_path / "full", out)
+
+
 def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_path, capsys):
     image, labels, names = _synthetic(tmp_path)
     single = ["--labels", str(labels), "--label-names", str(names)]
@@ -442,6 +466,13 @@ def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_
     assert f"{out} holds the record of another evaluation (run.json): seed 0 there, 1 here" in err and "--restart" in err
     assert _evaluate(checkpoint, image, out, *single, "--seed", "1", "--restart") == 0, capsys.readouterr().err
     assert json.loads((out / "run.json").read_text())["identity"]["seed"] == 1
+    # A restart stopped before its first object leaves no report of the run it discarded.
+    from radsam_jax.evaluate import runner
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_volume_level", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _evaluate(checkpoint, image, out, *single, "--seed", "2", "--restart") == 130
+    assert not [p.name for p in out.iterdir() if p.suffix in (".csv", ".md", ".png") or p.name.startswith(("summary", "breakdown"))]
 
 
 def test_ctrl_c_while_writing_the_report_keeps_the_finished_run(checkpoint, tmp_path, capsys, monkeypatch):
@@ -481,6 +512,11 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     (shards[1] / "run.json").write_text(json.dumps({**run1, "code_sha256": ["0" * 64]}))
     assert radsam(["report", str(shards[0]), str(shards[1]), "--bootstrap", "200", "--out", str(merged)]) == 0
     assert "warning: the records were written by different radsam-jax code" in capsys.readouterr().err
+    assert _evaluate(checkpoint, data, merged) == 2  # a report without a record: not this run's
+    assert f"{merged} has scores.csv, summary.json, summary.md, breakdown.json" in capsys.readouterr().err
+    assert radsam(["report", str(shards[0]), str(shards[1]), "--out", str(tmp_path / "full")]) == 2
+    assert f"--out {tmp_path / 'full'} holds the record of another evaluation (run.json)" in capsys.readouterr().err
+    _same_report(tmp_path / "full", merged)  # untouched
 
     def refused(*runs) -> str:
         assert radsam(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 2
@@ -543,6 +579,17 @@ def test_compare_pairs_the_shared_objects_across_propagations(checkpoint, tmp_pa
     assert (out / "compare_edits.png").is_file()
     assert radsam(["compare", str(tmp_path / "A"), str(data), "--out", str(out)]) == 2
     assert f"{data} has no scores.csv" in capsys.readouterr().err
+    # The same case names on other images: a ground truth of another size is not paired.
+    rows = list(csv.DictReader((tmp_path / "A" / "scores.csv").open()))
+    (tmp_path / "A2").mkdir()
+    with (tmp_path / "A2" / "scores.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "voxels": int(r["voxels"]) + (r["case"] == "b")} for r in rows)
+    assert radsam(["compare", str(tmp_path / "A"), str(tmp_path / "A2"), "--out", str(tmp_path / "cmp2")]) == 2
+    voxels = next(r["voxels"] for r in rows if r["case"] == "b")
+    assert (f"object b:organ has {voxels} ground-truth voxels in {tmp_path / 'A'} but {int(voxels) + 1} in "
+            f"{tmp_path / 'A2'}: the reports evaluated different images") in capsys.readouterr().err
 
 
 def test_table1_puts_slice_level_on_the_mask_propagation_row():

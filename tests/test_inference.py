@@ -16,7 +16,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, box_from_mask, decode_slices, propagate_volume, redecode_slices, single_prompt, start_prompt,
 )
 from radsam_jax.inference.reference import per_slice_loop
-from radsam_jax.inference.volume_predictor import _encode_into, _logits_to_masks, default_encoder_batch_size
+from radsam_jax.inference.volume_predictor import _encode_images, _logits_to_masks, default_encoder_batch_size
 from radsam_jax.io import Volume
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables
 from radsam_jax.model.sam import Sam
@@ -561,7 +561,7 @@ def test_new_volume_in_same_bucket_does_not_recompile(tiny_model, monkeypatch):
     p = VolumePredictor(tiny_model, bucket=32, encoder_batch_size=4)
     p.set_volume(synthetic_volume((40, 36, 20), seed=1))
     p.segment(10, box=[12, 9, 28, 23], bounds=(3, 17))
-    caches = lambda: (propagate_volume._cache_size(), start_prompt._cache_size(), _encode_into._cache_size(),
+    caches = lambda: (propagate_volume._cache_size(), start_prompt._cache_size(), _encode_images._cache_size(),
                       _logits_to_masks._cache_size())
     counts = caches()
     # segment -> edit -> edit: the edits go through the segment's path and compile nothing at all.
@@ -586,6 +586,17 @@ def test_new_volume_in_same_bucket_does_not_recompile(tiny_model, monkeypatch):
     p.segment(20, box=[12, 9, 28, 23], bounds=(10, 30))
     p.segment(25, box=[12, 9, 28, 23], bounds=(0, 39))
     assert propagate_volume._cache_size() == counts[0] + 1
+    # Another in-plane size (and bucket): the encoder is neither traced nor compiled again, only the
+    # small programs around it are (a dataset of varied sizes compiled the encoder per volume).
+    with backend_compiles() as compiled:
+        p.set_volume(synthetic_volume((48, 30, 70), seed=4))
+        p.segment(30, box=[12, 9, 28, 23], bounds=(20, 40))
+    assert traces == [] and _encode_images._cache_size() == counts[2]
+    # Named programs (and the new bucket's buffers), not the 35-50 eager operations (upscaling
+    # matrices) that a new size compiled before.
+    programs = {"jit(_preprocess_chunk)", "jit(_store_embeddings)", "jit(start_prompt)", "jit(propagate_volume)",
+                "jit(_upscale_matrix)", "jit(_logits_to_masks)", "jit(stage)", "jit(broadcast_in_dim)"}
+    assert set(map(str, compiled)) <= programs and compiled.count("jit(broadcast_in_dim)") <= 2, compiled
 
 
 # ------------------------------------------------------------------------------------------------

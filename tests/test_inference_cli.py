@@ -173,10 +173,56 @@ def test_segment_batch(image, checkpoint, tmp_path, capsys):
         written = np.asarray(nib.load(d["output"]).dataobj)
         assert d["volumes_ml"] and all(ml == round(np.count_nonzero(written == int(label)) * 6.75e-3, 3)
                                        for label, ml in d["volumes_ml"].items()), d
-    # A re-run skips finished cases.
+    # A re-run skips finished cases, and its summary keeps their records.
     rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
     assert rc == 1
     assert "0 done, 2 skipped" in capsys.readouterr().out
+    again = json.loads((out_dir / "segment-batch-summary.json").read_text())
+    assert again["done"] == summary["done"] and again["skipped"] == ["a", "b"] and again["complete"]
+    # Other settings would mix two runs' masks in one folder: refused before anything runs.
+    rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress",
+                 "--dtype", "bfloat16", "--vanish-policy", "continue")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert (f"{out_dir} holds masks made with other settings (dtype 'float32' there, 'bfloat16' here; vanish_policy "
+            f"'stop' there, 'continue' here; masks of a, b): use another --out-dir") in err
+    # A prompts file changed since its masks were written: those cases are segmented again.
+    good.write_text(json.dumps([{"slice": 10, "box": [14, 10, 26, 22], "bounds": [7, 13]}]))
+    rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
+    text = capsys.readouterr().out
+    assert rc == 1 and "redo a: its prompts file" in text and "redo b:" in text and "2 done, 0 skipped" in text
+
+
+def test_segment_batch_stopped_keeps_its_summary_and_continues(image, checkpoint, tmp_path, capsys, monkeypatch):
+    from radsam_jax.inference import batch
+
+    (tmp_path / "p.json").write_text(json.dumps([{"slice": 10, "box": [12, 9, 28, 23], "bounds": [6, 14]}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("id,image,prompts\n" + "".join(f"{c},{image},p.json\n" for c in "abc"))
+    argv = ("segment-batch", manifest, "--checkpoint", checkpoint, "--no-progress", "--out-dir")
+    assert run_cli(*argv, tmp_path / "full") == 0
+    full = json.loads((tmp_path / "full" / "segment-batch-summary.json").read_text())
+    real, calls = batch.segment_objects, []
+
+    def stopped_at_the_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    out_dir = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(batch, "segment_objects", stopped_at_the_second)
+        assert run_cli(*argv, out_dir) == 130
+    assert f"interrupted; the finished cases' masks and the summary of the run so far are in {out_dir}" in capsys.readouterr().err
+    so_far = json.loads((out_dir / "segment-batch-summary.json").read_text())
+    assert [d["id"] for d in so_far["done"]] == ["a"] and not so_far["complete"]
+    assert run_cli(*argv, out_dir) == 0
+    assert "2 done, 1 skipped" in capsys.readouterr().out
+    final = json.loads((out_dir / "segment-batch-summary.json").read_text())
+    drop = lambda records: [{k: v for k, v in r.items() if k not in ("seconds", "output")} for r in records]
+    assert drop(final["done"]) == drop(full["done"]) and final["skipped"] == ["a"] and final["complete"]
+    assert final["settings"] == full["settings"]
 
 
 def test_segment_batch_shards_share_a_manifest_and_an_out_dir(image, checkpoint, tmp_path, capsys):

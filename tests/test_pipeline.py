@@ -163,6 +163,33 @@ def test_numpy_preprocessing_matches_jax():
                                   np.asarray(preprocess.preprocess_ct_slices(hu[None], MODEL, (60.0, 350.0))))
 
 
+def test_each_prompt_type_carries_its_prompts():
+    # Inference sends every combination: an edited box slice gets box + mask + clicks (slice-level
+    # protocol: a prompt point + up to 10 clicks), so training draws each, with up to P points.
+    spec = pipeline.InputSpec(S, M, "sam", (0, 0, 0), (1, 1, 1))
+    target = np.zeros((S, S), np.uint8)
+    target[10:40, 20:50] = 1
+    small = pipeline.mask_to_prompt_np(target.astype(bool), spec)
+    settings = pipeline.PromptSettings.from_config(pipeline.default_data_config(), spec)
+    assert settings.num_points == 11
+    expected = {"point": (False, False, True), "box": (True, False, False), "mask": (False, True, False),
+                "mask_points": (False, True, True), "box_mask": (True, True, False),
+                "box_mask_points": (True, True, True)}
+    assert set(expected) == set(pipeline.PROMPT_TYPES) == set(dict(settings.mixture))
+    rng = np.random.default_rng(0)
+    for kind, (box, mask, points) in expected.items():
+        counts = set()
+        for _ in range(200 if points else 1):
+            prompt = pipeline.simulate_prompt(target, small, kind, settings, spec, rng)
+            assert (bool(prompt["has_box"]), bool(prompt["has_mask"])) == (box, mask), kind
+            assert prompt["points"].shape == (11, 2) and prompt["point_labels"].shape == (11,)
+            counts.add(int((prompt["point_labels"] >= 0).sum()))
+        if kind.endswith("_points"):  # correction clicks: 1..P, where the noisy mask errs
+            assert min(counts) >= 1 and max(counts) >= 9, (kind, sorted(counts))
+        else:
+            assert counts == ({1} if points else {0}), (kind, counts)
+
+
 def test_thin_objects_keep_a_target_and_a_prompt_when_shrunk_more_than_twice():
     # Plain bilinear reads the two source rows nearest each output row: shrinking a 512 slice to a
     # 64 input, a one- or two-pixel-thick object between them vanished (an empty target, then a crash).

@@ -87,7 +87,8 @@ def _train_cli(workdir, *overrides, devices=1, config="configs/train/example_cpu
     (["--config.grad_accum_steps=8"], "grad_accum_steps 8: batch_size 8 does not split into 8 microbatches "
                                       "over the 2 devices of the mesh (it must be a multiple of 2 x 8)"),
     (["--config.init_checkpoint=/nonexistent/ckpt"], "cannot build the model: no model checkpoint at /nonexistent/ckpt"),
-], ids=["batch", "eval_batch", "num_devices", "attention", "grad_accum", "init_checkpoint"])
+    (["--config.loss.dice=cubic"], "loss.dice must be one of squared, linear, got 'cubic'"),
+], ids=["batch", "eval_batch", "num_devices", "attention", "grad_accum", "init_checkpoint", "dice"])
 def test_cli_config_mistakes_exit_2_before_the_workdir_exists(tmp_path, overrides, message):
     r = _train_cli(tmp_path / "run", *overrides, devices=2)
     assert r.returncode == 2 and f"radsam train: error: {message}" in r.stderr, r.stderr[-3000:]
@@ -121,7 +122,7 @@ def test_sweep_checks_override_keys_before_printing(tmp_path, capsys, option):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_training_from_a_sam_conversion_records_binary_mask_prompts(tmp_path):
+def test_training_from_a_sam_conversion_records_binary_mask_prompts(tmp_path, monkeypatch):
     # A converted SAM reads its mask prompt as logits; the prompt simulation trains it on 0/1 masks,
     # which the run's model (hence its checkpoints and export) must say.
     import dataclasses
@@ -140,6 +141,10 @@ def test_training_from_a_sam_conversion_records_binary_mask_prompts(tmp_path):
     c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), [f"init_checkpoint={tmp_path / 'sam'}"])
     assert loop.configured_model_config(c).mask_prompt == "binary"
     assert loop.load_model(c)[0].mask_prompt == "binary"
+    # On the command line a relative path is the current folder's, as for data.root (not the repo's).
+    monkeypatch.chdir(tmp_path)
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["init_checkpoint=sam"])
+    assert c.init_checkpoint == str(tmp_path / "sam") and loop.load_model(c)[0].mask_prompt == "binary"
 
 
 def test_sweep_dry_run_prints_each_run(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.config_lib import base_config
-from radsam_jax.train.loss import LossWeights, radsam_loss, radsam_loss_per_sample, upsample_logits
+from radsam_jax.train.loss import LossSettings, radsam_loss, radsam_loss_per_sample, soft_dice_loss, upsample_logits
 from radsam_jax.train.state import DynamicLossScale
 
 
@@ -48,16 +48,36 @@ def test_secondary_is_min_over_masks_and_weights_apply():
     terms = radsam_loss_per_sample(logits, jnp.zeros((1, 4)), t)
     assert float(terms["loss_secondary"][0]) < 0.01  # mask 2 is perfect
     assert float(terms["loss_primary"][0]) > 1.0  # primary is the inverse of the target
-    loss, _ = radsam_loss(logits, jnp.zeros((1, 4)), t, LossWeights(1.0, 0.0, 0.0))
+    loss, _ = radsam_loss(logits, jnp.zeros((1, 4)), t, LossSettings(1.0, 0.0, 0.0))
     assert float(loss) == pytest.approx(float(terms["loss_primary"][0]))
 
 
 def test_iou_regression_target_is_the_real_iou():
     logits = _logits_from(_target(1))
     t = _exact(logits)
-    grads = jax.grad(lambda iou: radsam_loss(logits, iou, t, LossWeights(0.0, 0.0, 1.0))[0])(jnp.zeros((1, 4)))
+    grads = jax.grad(lambda iou: radsam_loss(logits, iou, t, LossSettings(0.0, 0.0, 1.0))[0])(jnp.zeros((1, 4)))
     # d/dp mean_k (p_k - 1)^2 = 2 (p_k - 1) / 4 = -0.5 at p = 0, real IoU = 1.
     np.testing.assert_allclose(np.asarray(grads), -0.5, rtol=1e-6)
+
+
+def test_soft_dice_forms_against_their_formulas():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, (3, 16, 16)).astype(np.float32)
+    target = (rng.random((3, 16, 16)) < 0.3).astype(np.float32)
+    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    inter = (p * target).sum(axis=(1, 2))
+    squared = 1 - (2 * inter + 1) / ((p * p).sum(axis=(1, 2)) + (target * target).sum(axis=(1, 2)) + 1)  # V-Net
+    linear = 1 - (2 * inter + 1) / (p.sum(axis=(1, 2)) + target.sum(axis=(1, 2)) + 1)
+    np.testing.assert_allclose(np.asarray(soft_dice_loss(logits, target)), squared, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(soft_dice_loss(logits, target, "linear")), linear, rtol=1e-5)
+    assert np.all(np.abs(squared - linear) > 1e-3)  # the forms differ on soft predictions
+    with pytest.raises(ValueError, match="unknown soft Dice form 'cubic'"):
+        soft_dice_loss(logits, target, "cubic")
+    terms = radsam_loss_per_sample(jnp.asarray(logits[:1, None].repeat(4, 1)[..., ::4, ::4]), jnp.zeros((1, 4)),
+                                   jnp.asarray(target[:1]), LossSettings(dice="linear"))
+    default = radsam_loss_per_sample(jnp.asarray(logits[:1, None].repeat(4, 1)[..., ::4, ::4]), jnp.zeros((1, 4)),
+                                     jnp.asarray(target[:1]))
+    assert float(terms["loss_primary"][0]) != pytest.approx(float(default["loss_primary"][0]))
 
 
 def test_dynamic_loss_scale():

@@ -280,5 +280,9 @@ def test_a_run_resumes_with_gradient_accumulation(run_record):
     rows = _ok(r["resume_accumulated"])
     assert "global batch 4 in 2 microbatches of 2" in r["resume_accumulated"]["stdout"]
     assert "resumed from" in r["resume_accumulated"]["stdout"]
+    # Changed settings are named (the run goes on with them): num_train_steps 5 -> 6, grad_accum_steps 1 -> 2.
+    assert ("warning: resumed with another config than the run's last checkpoint: grad_accum_steps 1 -> 2; "
+            "num_train_steps 5 -> 6 (the run goes on with the new values)") in r["resume_accumulated"]["stdout"]
+    assert "warning: resumed with another config" not in r["finished"]["stdout"]
     step6 = [row for row in rows if row["step"] == 6 and "loss" in row]
     assert len(step6) == 1 and math.isfinite(step6[0]["loss"]), rows[-3:]

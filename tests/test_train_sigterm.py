@@ -1,5 +1,5 @@
-"""SIGTERM during training: the run saves a checkpoint at the current step and exits with status 0;
-a restart resumes from that step."""
+"""SIGTERM or Ctrl-C during training: the run saves a checkpoint at the current step and exits with
+status 0; a restart resumes from that step."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from train_testlib import CACHE, FAST_XLA, REPO, TINY_MODEL
 
@@ -26,7 +28,8 @@ def _env():
     return dict(os.environ, XLA_FLAGS=FAST_XLA, JAX_PLATFORMS="cpu")
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_sigterm_saves_and_exits_cleanly(tmp_path, signum):
     metrics = tmp_path / "metrics.jsonl"
     proc = subprocess.Popen(_command(tmp_path, 100000), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -37,13 +40,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert "saving step" in out, out
+    assert f"signal {int(signum)}: saving step" in out, out
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps, out
     last_logged = max(json.loads(l)["step"] for l in open(metrics))

@@ -47,12 +47,13 @@ from radsam_jax.io import write_atomically
 
 log = logging.getLogger(__name__)
 
-# Deviation from the paper: section 3.2 trains with three prompts (point, box, mask). The two
-# combined types are added because inference sends them: an edit decodes a slice from the current
-# mask plus the stored clicks (mask_points), and propagation re-sends the user's stored box together
-# with the previous mask when the scan passes the box's slice (box_mask); see
+# Deviation from the paper: section 3.2 trains with three prompts (point, box, mask). The combined
+# types are added because inference sends them: an edit decodes a slice from the current mask plus
+# the stored clicks (mask_points); propagation re-sends the user's stored box together with the
+# previous mask when the scan passes the box's slice (box_mask), and with the clicks too once that
+# slice is edited, as the paper's box-prompt edit rows do on every slice (box_mask_points); see
 # radsam_jax/inference/propagation.py. Set prompts.mixture to point/box/mask only for the paper's mix.
-PROMPT_TYPES = ("point", "box", "mask", "mask_points", "box_mask")
+PROMPT_TYPES = ("point", "box", "mask", "mask_points", "box_mask", "box_mask_points")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -86,10 +87,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     # --- prompts (see radsam_jax/data/prompt_simulation.py)
     c.prompts = ml_collections.ConfigDict()
     c.prompts.mixture = ml_collections.ConfigDict(
-        dict(point=0.2, box=0.2, mask=0.2, mask_points=0.2, box_mask=0.2)
+        dict(point=0.2, box=0.2, mask=0.15, mask_points=0.15, box_mask=0.15, box_mask_points=0.15)
     )  # probability of each prompt type per sample (normalised); mask_points = noisy mask + correction points,
-    # box_mask = jittered box + noisy mask: not in the paper (3 prompts), added as inference sends them (see PROMPT_TYPES)
-    c.prompts.num_points = 4  # P: fixed number of point slots per sample (unused slots have label -1)
+    # box_mask = jittered box + noisy mask, box_mask_points = both: not in the paper (3 prompts), added as
+    # inference sends them (see PROMPT_TYPES). A box or point alone is learned from the image, a mask is
+    # easily copied: they keep the larger shares.
+    c.prompts.num_points = 11  # P: point slots per sample (unused: label -1); correction prompts draw 1..P points.
+    # 11: a slice-level prompt point + the paper's 10 edits on that slice, the most its protocol sends one slice
     c.prompts.max_positive_points = 1  # "point" prompts draw 1..this many positive points
     c.prompts.box_jitter = (-5.0, 20.0)  # per-side box jitter range in pixels at a 1024 input (scaled by S/1024)
     c.prompts.mask_rotation_deg = 5.0  # mask prompt noise: rotation in [-r, r] degrees about the object centroid
@@ -295,14 +299,14 @@ def simulate_prompt(target: np.ndarray, small_target: np.ndarray, prompt_type: s
         for i in range(n):
             points[i] = ps.positive_point(target, rng)
             labels[i] = 1
-    if prompt_type in ("box", "box_mask"):
+    if prompt_type in ("box", "box_mask", "box_mask_points"):
         box, _ = ps.jittered_box(target, rng, settings.box_jitter)
         has_box = True
-    if prompt_type in ("mask", "mask_points", "box_mask"):
+    if prompt_type in ("mask", "mask_points", "box_mask", "box_mask_points"):
         noisy, _ = ps.perturb_mask(small_target, rng, settings.perturbation)
         mask = noisy.astype(np.float32)
         has_mask = True
-        if prompt_type == "mask_points":
+        if prompt_type in ("mask_points", "box_mask_points"):
             # The noisy mask plays the previous prediction; corrections go where it is wrong.
             factor = spec.image_size // spec.mask_size
             as_prediction = np.repeat(np.repeat(noisy, factor, axis=0), factor, axis=1)

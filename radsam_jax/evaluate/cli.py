@@ -16,7 +16,8 @@ embeddings. Baselines: SAM / MedSAM checkpoints from `radsam convert` run with -
 Long runs: every finished object goes into --out at once (run.json, objects.jsonl, worst_cases.npz;
 evaluate/record.py), so after Ctrl-C, a preemption or a crash the same command continues where the
 run stopped, with the scores an uninterrupted run gives; once finished, it evaluates nothing and
-writes the report again (--restart computes it again). --shard I/N evaluates every N-th case from
+writes the report again (--restart computes it again). A case whose files cannot be read is named
+and left for later (exit 2) while the others are evaluated. --shard I/N evaluates every N-th case from
 the I-th (one process, GPU or host per shard, each with its own --out); `radsam report` merges the
 shards' folders into one report:
 
@@ -292,7 +293,7 @@ def _evaluate(args) -> int:
     from radsam_jax.evaluate.report import write_record_report
     from radsam_jax.intensity import window_caption
     from radsam_jax.evaluate.runner import (
-        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, evaluate_cases, make_settings,
+        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, UnreadableCases, evaluate_cases, make_settings,
     )
 
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
@@ -371,10 +372,16 @@ def _evaluate(args) -> int:
             print(f"{PROG}: interrupted; {len(record.finished() & objects)} of {len(objects)} object(s) finished and kept "
                   f"in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
             return 130
+        except UnreadableCases as e:
+            done = len(record.finished() & objects)
+            print(f"{PROG}: the other cases are evaluated: {done} of {len(objects)} object(s) are kept in {out}; "
+                  f"once the file(s) are mended, the same command evaluates the {len(e.failures)} case(s) left "
+                  f"(radsam report {out} --partial --out DIR reports the finished objects now)", file=sys.stderr)
+            raise
         except Exception:
             if record.finished() & objects:
                 print(f"{PROG}: the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
-                      f"the same command continues the run", file=sys.stderr)
+                      f"once the problem is mended, the same command continues the run", file=sys.stderr)
             raise
         if count > 1:
             print(f"{PROG}: shard {index}/{count} finished ({len(objects)} object(s) in {out}); once every shard is: "
@@ -402,7 +409,7 @@ def _finish(summary: dict, result, out: Path, where) -> int:
 
 
 def _report(args) -> int:
-    from radsam_jax.evaluate.record import RunRecord, merge_records
+    from radsam_jax.evaluate.record import RUN_FILE, RunRecord, merge_records
     from radsam_jax.evaluate.report import write_record_report
 
     _check_counts(args, {"--bootstrap": 1, "--worst": 0})
@@ -412,6 +419,9 @@ def _report(args) -> int:
         print("radsam report: warning: the records were written by different radsam-jax code (its Python files "
               "differ between them): the report mixes scores of both", file=sys.stderr)
     out = _output_folder(args.out)
+    if (out / RUN_FILE).exists() and not any(out.resolve() == Path(run).resolve() for run in args.runs):
+        raise InputError(f"--out {args.out} holds the record of another evaluation ({RUN_FILE}): this report would "
+                         f"sit beside a record it does not describe; use another --out")
     summary, result = write_record_report(out, record, num_resamples=args.bootstrap, worst=args.worst, model=args.name)
     return _finish(summary, result, out, args.out)
 

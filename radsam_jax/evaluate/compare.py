@@ -104,6 +104,18 @@ def paired_differences(base: Sequence[dict], other: Sequence[dict], *, seed: int
     return out
 
 
+def _check_same_ground_truth(folders: Sequence, scores: Sequence[list], shared: set) -> None:
+    """CompareError when a shared (case, structure) has another ground-truth size in another report:
+    objects are paired by name, and two data sets may use the same case ids for different images."""
+    sizes = [{_object(r): r.get("voxels") for r in rows} for rows in scores]
+    for obj in sorted(shared):
+        seen = [(folder, size[obj]) for folder, size in zip(folders, sizes) if size[obj] not in (None, "")]
+        if len({v for _, v in seen}) > 1:
+            (fa, a), (fb, b) = seen[0], next((f, v) for f, v in seen if v != seen[0][1])
+            raise CompareError(f"object {obj[0]}:{obj[1]} has {a} ground-truth voxels in {fa} but {b} in {fb}: the "
+                               f"reports evaluated different images or label maps under the same case names")
+
+
 def compare(folders: Sequence, names: Optional[Sequence[str]] = None, *, seed: int = 0,
             num_resamples: int = DEFAULT_BOOTSTRAP) -> dict:
     """Every model's summary over the objects all evaluated, and its differences against the first."""
@@ -119,6 +131,7 @@ def compare(folders: Sequence, names: Optional[Sequence[str]] = None, *, seed: i
     shared = set.intersection(*objects)
     if not shared:
         raise CompareError("the reports share no object (case, structure): they evaluated different data")
+    _check_same_ground_truth(folders, scores, shared)
     models = []
     for name, folder, rows, own in zip(names, folders, scores, objects):
         kept = [r for r in rows if _object(r) in shared]

@@ -164,9 +164,10 @@ class RunRecord:
           objects are all done, also if other code finished it: evaluating it again needs restart);
           a stopped one adds this code's hash to its "code_sha256" list; "inputs" stay those it started with;
         - a new one if the folder holds no record, an empty one, or with restart (which deletes the
-          old one first).
+          old one and its report first).
         RecordError when another process holds the lock, or the folder holds another run's record
-        with something in it (a stopped run, or a finished shard: hours of work)."""
+        with something in it (a stopped run, or a finished shard: hours of work), or record or
+        report files without a run.json (e.g. `radsam report`'s merge of shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         lock = _lock(folder)
@@ -180,14 +181,17 @@ class RunRecord:
 
     @classmethod
     def _open(cls, folder: Path, run: dict, restart: bool) -> "RunRecord":
+        from radsam_jax.evaluate.report import REPORT_FILES, remove_report
+
         if restart:
+            remove_report(folder)
             for name in RECORD_FILES:
                 (folder / name).unlink(missing_ok=True)
         if not (folder / RUN_FILE).exists():
-            stray = [name for name in (OBJECTS_FILE, WORST_FILE) if (folder / name).exists()]
-            if stray:
-                raise RecordError(f"{folder} has {' and '.join(stray)} but no {RUN_FILE}, so whose run they record is "
-                                  f"unknown; --restart discards them")
+            stray = [name for name in (OBJECTS_FILE, WORST_FILE, *REPORT_FILES) if (folder / name).exists()]
+            if stray:  # e.g. `radsam report`'s merge of shards: not this run's
+                raise RecordError(f"{folder} has {', '.join(stray)} but no {RUN_FILE}, so whose run they describe is "
+                                  f"unknown; use another --out, or --restart to discard them")
             return cls._new(folder, run)
         record = cls.load(folder)
         if not (record.rows or record.skipped or record.timings):
@@ -352,9 +356,14 @@ class RunRecord:
     def result(self, requested: Sequence[str] = ()) -> EvalResult:
         """The rows, the worst objects (kept count: identity "worst"), timings summed per case, the
         skipped objects, and, once complete, the requested structures that no object was evaluated
-        for (before, they may just not have been reached)."""
+        for (before, they may just not have been reached). Rows, skipped objects and timings in the
+        order of the run's cases, whatever order they finished in (shards, a case left for later)."""
+        case_index = {c[0]: i for i, c in enumerate(self.run.get("identity", {}).get("cases", []))}
+        by_case = lambda case: case_index.get(case, -1)
+        rows = sorted(self.rows, key=lambda row: by_case(row["case"]))
+        skipped = sorted(self.skipped, key=lambda s: by_case(s[0]))
         timings = {}
-        for t in self.timings:
+        for t in sorted(self.timings, key=lambda t: by_case(t["case"])):
             if t["case"] in timings:
                 seen = timings[t["case"]]
                 for key in ("encoded", "encode_s", "total_s", "objects"):
@@ -364,7 +373,7 @@ class RunRecord:
         evaluated = {r["structure"] for r in self.rows}
         count = self.run.get("identity", {}).get("worst", len(self.worst))
         missing = [name for name in requested if name not in evaluated] if self.complete else []
-        return EvalResult(list(self.rows), keep_worst(self.worst, count), list(timings.values()), list(self.skipped), missing)
+        return EvalResult(rows, keep_worst(self.worst, count), list(timings.values()), skipped, missing)
 
 
 def _lock(folder: Path):
@@ -393,7 +402,7 @@ def _shard_text(shard) -> str:
 def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> RunRecord:
     """One in-memory record of a whole run from its records: one unsharded run, or every shard of one
     run exactly once, each complete (partial: shards unfinished or not started may be among them or
-    missing). Rows in the order of the run's cases, as one process would write them."""
+    missing); its `result` orders the rows by the run's cases, as one process writes them."""
     if not records:
         raise RecordError("no evaluation record to report")
     first = records[0]
@@ -420,12 +429,11 @@ def merge_records(records: Sequence[RunRecord], *, partial: bool = False) -> Run
     if unfinished and not partial:
         raise RecordError(f"unfinished evaluation record(s): {', '.join(unfinished)}; run the same "
                           f"`radsam evaluate` command there again to finish (or --partial for a report so far)")
-    case_index = {c[0]: i for i, c in enumerate(first.run["identity"].get("cases", []))}
     merged = RunRecord(None, {**first.run, "shard": [0, 1]})
     ordered = sorted(records, key=lambda r: r.run.get("shard", [0, 1])[0])
-    merged.rows = sorted((row for r in ordered for row in r.rows), key=lambda row: case_index.get(row["case"], -1))
-    merged.skipped = sorted((s for r in ordered for s in r.skipped), key=lambda s: case_index.get(s[0], -1))
-    merged.timings = sorted((t for r in ordered for t in r.timings), key=lambda t: case_index.get(t["case"], -1))
+    merged.rows = [row for r in ordered for row in r.rows]
+    merged.skipped = [s for r in ordered for s in r.skipped]
+    merged.timings = [t for r in ordered for t in r.timings]
     merged.worst = [w for r in ordered for w in r.worst]
     merged._finished = set().union(*(r._finished for r in records))
     merged.complete = not (unfinished or missing)

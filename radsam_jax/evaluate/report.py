@@ -15,12 +15,13 @@
 - edits.png (Figure 3: Dice vs number of edits), per_structure.png (Figure 2a), worst_cases.png
   (CT slice + ground-truth contour (green) + prediction contour (red) of the worst objects; none
   with --worst 0).
-Each file is written under a temporary name and renamed: no file is ever half-written (a report
-stopped part-way may leave some files of the earlier report beside new ones).
-Every table and figure but scores.csv (evaluation order) lists structures by label id, then name,
-and settings by SETTING_ORDER (protocol volume then slice, prompt box then point, propagation mask
-then box then none), then edits; intervals are computed over the rows in that order, so the same
-rows give the same files whatever order the evaluation produced them in.
+Each file is written under a temporary name and renamed: no file is ever half-written, and the
+earlier report's files are removed first, so a report stopped part-way is short, never a mix of two.
+Every table and figure but scores.csv (the order of the run's cases, then of evaluation) lists
+structures by label id, then name, and settings by SETTING_ORDER (protocol volume then slice,
+prompt box then point, propagation mask then box then none), then edits; intervals are computed
+over the rows in that order, so the same rows give the same files whatever order the evaluation
+produced them in.
 Plots use Pillow only, so they work from a plain install.
 """
 
@@ -451,14 +452,24 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
     return save_png_atomically(path, img)
 
 
+REPORT_FILES = ("scores.csv", "summary.json", "summary.md", "breakdown.json", "edits.png", "per_structure.png",
+                "worst_cases.png")
+
+
+def remove_report(out_dir) -> None:
+    """Removes the report files in out_dir (before a new report, or a new run's record, goes there)."""
+    for name in REPORT_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def write_report(out_dir, result, *, model: str, options: dict, window: tuple[float, float], seed: int = 0,
                  num_resamples: int = DEFAULT_BOOTSTRAP, intensity: str = "hu") -> dict:
-    """Writes every output file into out_dir, and removes the one an earlier report there may have
-    written and this one does not (worst_cases.png with --worst 0); returns the summary dict.
-    window: the (level, width) the model saw (VolumePredictor.window), in the units of `intensity`
-    (VolumePredictor.intensity), for the montage."""
+    """Writes every output file into out_dir, after removing those of an earlier report there;
+    returns the summary dict. window: the (level, width) the model saw (VolumePredictor.window), in
+    the units of `intensity` (VolumePredictor.intensity), for the montage."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_report(out)
     write_scores_csv(out / "scores.csv", result.rows)
     summary = summarize(result.rows, seed=seed, num_resamples=num_resamples)
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -471,8 +482,7 @@ def write_report(out_dir, result, *, model: str, options: dict, window: tuple[fl
                      timings=result.timings, skipped=result.skipped)
     plot_edits(out / "edits.png", summary, model)
     plot_per_structure(out / "per_structure.png", extra["per_structure"], model)
-    if plot_worst_cases(out / "worst_cases.png", result.worst, window=window) is None:
-        (out / "worst_cases.png").unlink(missing_ok=True)
+    plot_worst_cases(out / "worst_cases.png", result.worst, window=window)
     return summary
 
 

@@ -7,6 +7,8 @@ slice per volume; the next volume is read in a background thread meanwhile. Rand
 generator seeded by (seed, case, structure, setting), so the same seed gives the same numbers, and
 adding a setting or a structure to a run does not change the others. Each finished object goes into
 a `RunRecord` (record.py) at once, so a run can continue after a stop and shards of a run merge.
+A case that cannot be read (a damaged file, a label map off the image) does not stop the others: they
+are evaluated, then `UnreadableCases` names every such case; the same call evaluates them once mended.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ SLICE_EDITS_MAX = 10  # slice-level: at most 10 correction points per slice (the
 
 class EvaluationInputError(ValueError):
     """Bad input found while evaluating (e.g. a requested structure absent from every label map)."""
+
+
+class UnreadableCases(EvaluationInputError):
+    """Cases whose files could not be read; `failures` [(case id, message)]. Every other case was
+    evaluated and recorded."""
+
+    def __init__(self, failures: list[tuple[str, str]]):
+        self.failures = failures
+        super().__init__(f"{len(failures)} case(s) could not be read: "
+                         + "; ".join(f"{case}: {message}" for case, message in failures))
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
@@ -222,12 +234,21 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     work = [(case_index, case, todo) for case_index, case in mine
             if (todo := [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
                          if (case.case_id, name) not in done])]
+    unreadable = []
     try:
         pending = _Reading(load_case, work[0][1]) if work else None
         for position, (case_index, case, todo) in enumerate(work):
-            (volume, labels), read_s = pending.result()
-            t0 = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
+            try:
+                (volume, labels), read_s = pending.result()
+            except Exception as e:  # this case's files; the model has not run on it
+                unreadable.append((case.case_id, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+                (bar.write if bar is not None else print)(f"evaluate: case {case.case_id} left for later, it cannot "
+                                                          f"be read: {unreadable[-1][1]}", file=sys.stderr)
+                volume = labels = None
             pending = _Reading(load_case, work[position + 1][1]) if position + 1 < len(work) else None
+            if volume is None:
+                continue
+            t0 = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
             present_ids = set(np.unique(labels).tolist())
             if requested and len(cases) == 1:
                 missing = [n for n in requested if case.structures.get(n) not in present_ids]
@@ -267,6 +288,8 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     finally:
         if bar is not None:
             bar.close()
+    if unreadable:
+        raise UnreadableCases(unreadable)
     if not record.complete:
         record.mark_complete()
     result = record.result(requested)

@@ -9,10 +9,13 @@ defaults to the image's file name without .nii/.nii.gz (a DICOM folder: its name
 One `VolumePredictor` serves every case, so its compiled functions (bucketed shapes) are reused; the
 next case is read and its prompts validated in a background thread while the current one runs. A
 failing case is reported and skipped; a re-run skips cases whose output already exists (outputs are
-written atomically, and a case's mask last, so an existing mask is a finished case). Ids must be plain
+written atomically, and a case's mask last, so an existing mask is a finished case; one whose prompts
+file changed since is segmented again, and masks made with other settings (model, dtype, window,
+intensity, vanish policy, --world) are refused: `batch_settings`). Ids must be plain
 file names; an output that would replace an input (an image in OUT_DIR named <id>.nii.gz, the
 manifest, ...) is refused before anything runs. A summary is printed and written to
-OUT_DIR/segment-batch-summary.json; the exit status is 1 if any case failed. With --shard I/N a process
+OUT_DIR/segment-batch-summary.json after every case (with the records of cases done by earlier runs,
+and "complete": false until the run ends); the exit status is 1 if any case failed. With --shard I/N a process
 segments cases I, I+N, ... and writes segment-batch-summary-I-of-N.json, so N processes (GPUs, hosts)
 share one manifest and one OUT_DIR.
 """
@@ -193,26 +196,87 @@ def _load_case(case: Case, world: bool, max_points: int):
     return volume, objects
 
 
+def batch_settings(predictor, world: bool) -> dict:
+    """What decides a case's mask besides its image and prompts: masks made under other settings are
+    another run's, not to be mixed into this one's --out-dir."""
+    from radsam_jax.evaluate.record import model_fingerprint
+
+    return {"model_sha256": model_fingerprint(predictor.model), "dtype": str(predictor.dtype),
+            "intensity": predictor.intensity, "window": [float(v) for v in predictor.window],
+            "vanish_policy": predictor.vanish_policy, "world": bool(world)}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _earlier_summary(path: Path, settings: dict, finished: list) -> dict:
+    """The done records of the summary at `path` by id ({} if there is none). ValueError when it
+    records other settings and some of its masks are still there (`finished`: their ids)."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        records = {r["id"]: r for r in earlier.get("done", [])}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a segment-batch summary ({type(e).__name__}: {e}); move it away") from None
+    recorded = earlier.get("settings")
+    if finished and recorded is not None and recorded != settings:
+        changed = "; ".join(f"{k} {recorded.get(k)!r} there, {settings.get(k)!r} here"
+                            for k in settings if recorded.get(k) != settings.get(k))
+        raise ValueError(f"{path.parent} holds masks made with other settings ({changed}; masks of "
+                         f"{', '.join(finished[:5])}{' ...' if len(finished) > 5 else ''}): use another --out-dir, "
+                         f"or remove its masks to segment those cases again")
+    return records
+
+
 def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False, previews: bool = False,
               log=print, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Segments every case of `shard` (I, N: cases I, I+N, ...) not yet done; returns the summary dict
-    (also written to out_dir, `summary_name(shard)`).
+    (also written to out_dir, `summary_name(shard)`, after every case: a stopped run keeps its record).
 
     A case's mask is written last, once everything else for it (its preview) succeeded: an existing
-    mask marks the case done on a re-run. Raises ValueError (nothing run) where `check_out_dir` does."""
+    mask marks the case done on a re-run, unless the summary says its prompts file changed since (then
+    it is segmented again). The summary keeps the records of cases done by earlier runs. Raises
+    ValueError (nothing run) where `check_out_dir` does, or when out_dir holds masks made with other
+    settings (`batch_settings`)."""
     from radsam_jax.io import save_label_map, write_text_atomically
 
     out_dir = Path(out_dir)
     from radsam_jax.data.datasets import select_shard
 
     check_out_dir(cases, out_dir, previews=previews, shard=shard)
+    settings = batch_settings(predictor, world)
+    mine = select_shard(cases, shard)
+    existing = [case.id for case in mine if (out_dir / f"{case.id}.nii.gz").exists()]
+    records = _earlier_summary(out_dir / summary_name(shard), settings, existing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo, skipped = [], []
-    for case in select_shard(cases, shard):
-        (skipped if (out_dir / f"{case.id}.nii.gz").exists() else todo).append(case)
-    for case in skipped:
-        log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
+    todo, skipped, kept = [], [], []
+    existing = set(existing)
+    for case in mine:
+        record = records.get(case.id)
+        if case.id not in existing:
+            todo.append(case)
+        elif record is not None and record.get("prompts_sha256") not in (None, _file_sha256(case.prompts)):
+            log(f"redo {case.id}: its prompts file {case.prompts} changed since its mask was written")
+            todo.append(case)
+        else:
+            skipped.append(case)
+            log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
+            if record is not None:
+                kept.append(record)
     done, failed = [], []
+
+    def write_summary(complete: bool) -> dict:
+        order = {case.id: i for i, case in enumerate(mine)}
+        summary = {"settings": settings, "complete": complete,
+                   "done": sorted(kept + done, key=lambda r: order[r["id"]]), "skipped": [c.id for c in skipped],
+                   "failed": failed}
+        write_text_atomically(out_dir / summary_name(shard), json.dumps(summary, indent=2) + "\n")
+        return summary
+
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -244,7 +308,8 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
                              "objects": len(objects), "slices": predictor.num_slices,
                              "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
-                                            for o in objects}})
+                                            for o in objects},
+                             "prompts_sha256": _file_sha256(case.prompts)})
                 log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
@@ -252,13 +317,13 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                 log(f"FAILED {case.id}: {msg}")
                 if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
                     traceback.print_exc(file=sys.stderr)
+            write_summary(complete=False)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    summary = {"done": done, "skipped": [c.id for c in skipped], "failed": failed}
+    summary = write_summary(complete=True)
     log(f"segment-batch: {len(done)} done, {len(skipped)} skipped (output exists), {len(failed)} failed")
     for f in failed:
         log(f"  failed {f['id']}: {f['error']}")
-    write_text_atomically(out_dir / summary_name(shard), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -313,8 +313,13 @@ def run_batch_command(args) -> int:
     check_out_dir(cases, args.out_dir, previews=args.previews, manifest=args.manifest, shard=args.shard)
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
-    summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews, progress=not args.no_progress,
-                        shard=args.shard)
+    try:
+        summary = run_batch(predictor, cases, args.out_dir, world=args.world, previews=args.previews,
+                            progress=not args.no_progress, shard=args.shard)
+    except KeyboardInterrupt:
+        print(f"radsam segment-batch: interrupted; the finished cases' masks and the summary of the run so far are "
+              f"in {args.out_dir}: the same command continues with the cases left", file=sys.stderr)
+        return 130
     return 1 if summary["failed"] else 0
 
 

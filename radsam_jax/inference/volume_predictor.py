@@ -14,9 +14,10 @@ Coordinates are the file's voxel indices: slice = along its S/I axis, x and y = 
 axes in array order (for the usual axial file x = first array axis, y = second, slice = third, the
 slice shown being `array[:, :, k].T`; a sagittal or coronal file works the same way, see
 `orientation.SliceFrame`). Internally the volume is reoriented to canonical R, A, S, which is how
-the model was trained; results come back on the file's own grid. Slice counts are padded to buckets (`bucket`, default multiples of 32), so every compiled
-function (encoder chunk, propagation, upscaling) is reused by the next volume of the same in-plane
-size; the propagation itself depends only on the bucket.
+the model was trained; results come back on the file's own grid. Slice counts are padded to buckets
+(`bucket`, default multiples of 32), so every compiled function (preprocessing, propagation,
+upscaling) is reused by the next volume of the same in-plane size, and the propagation depends only
+on the bucket; the encoder is compiled once for volumes of every size.
 
 The encoder runs once per slice, lazily: `segment` encodes the slices inside its bounds that are not
 yet cached, in chunks of `encoder_batch_size`; `edit` never re-runs it. The encoder uses the model's
@@ -93,14 +94,36 @@ def bucket_size(n: int, bucket: Bucket) -> int:
     return int(math.ceil(n / sizes[-1]) * sizes[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "window", "attention"), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("config", "window"))
+def _preprocess_chunk(hu_slices, indices, *, config: ModelConfig, window):
+    """hu_slices[indices] (B,) -> (B, S, S, 3) model input: a small program, compiled per volume shape."""
+    return preprocess_ct_slices(hu_slices[indices], config, window)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "attention"))
+def _encode_images(variables, images, *, config: ModelConfig, dtype, attention: str):
+    """(B, S, S, 3) -> (B, e, e, C) embeddings: one compiled encoder for volumes of every shape."""
+    return Sam(config, dtype, attention=attention).apply(variables, images, method=Sam.encode)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _store_embeddings(embeddings, emb, indices):
+    return embeddings.at[indices].set(emb.astype(embeddings.dtype))
+
+
 def _encode_into(variables, embeddings, hu_slices, indices, *, config: ModelConfig, dtype, window,
                  attention: str = "chunked"):
     """Preprocesses and encodes hu_slices[indices] (B,) and writes them into embeddings (donated);
-    `attention` is the encoder's global-attention implementation (`RadSam.attention`)."""
-    images = preprocess_ct_slices(hu_slices[indices], config, window)
-    emb = Sam(config, dtype, attention=attention).apply(variables, images, method=Sam.encode)
-    return embeddings.at[indices].set(emb.astype(embeddings.dtype))
+    `attention` is the encoder's global-attention implementation (`RadSam.attention`).
+
+    Three programs, so that only the cheap ones depend on the volume's in-plane size and slice
+    bucket: as one, a dataset whose volumes differ in size (TotalSegmentator's mostly do) compiled
+    the whole encoder again for nearly every volume (the first ViT-B volume took 80 s on an H100,
+    1.4 s after: benchmarks/results/gpu_vitb_bf16_whole.md). Dispatch is
+    asynchronous, so the host does not wait between them."""
+    images = _preprocess_chunk(hu_slices, indices, config=config, window=window)
+    emb = _encode_images(variables, images, config=config, dtype=dtype, attention=attention)
+    return _store_embeddings(embeddings, emb, indices)
 
 
 @functools.partial(jax.jit, static_argnames=("geo", "preprocessing"))

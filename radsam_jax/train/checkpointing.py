@@ -136,19 +136,24 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (and optionally SIGINT) into a flag the training loop polls between steps.
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls between steps, so both
+    save the current step and exit; a second Ctrl-C raises KeyboardInterrupt at once (a save that
+    hangs can still be left). Python's own KeyboardInterrupt could land anywhere, e.g. in a
+    garbage-collection callback of jax that swallows it, and the run trained on.
 
     Use as a context manager; the previous handlers are restored on exit. Only the main thread can
     install signal handlers, so elsewhere (e.g. a test thread) this is a no-op guard.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self._event = threading.Event()
         self._previous = {}
         self.received: Optional[int] = None
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
         self._event.set()
 

@@ -84,7 +84,14 @@ def parse_value(text: str, current: Any) -> Any:
     raise ConfigError(f"cannot override a field of type {type(current).__name__} from the command line")
 
 
+# Paths that `resolve_path` takes relative to the repository when they are used, so that a config file
+# can name a checkpoint inside it; given on the command line they are relative to the current folder
+# like every other path there (data.root, ...), and are made absolute when the override is applied.
+REPO_RELATIVE_KEYS = ("init_checkpoint", "compilation_cache_dir")
+
+
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets the dotted `key` of `config` from the command-line text `text`, parsed as the type it has."""
     parts = key.split(".")
     node = config
     for i, part in enumerate(parts):
@@ -105,6 +112,8 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
                 value = parse_value(text, current)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"bad value for {key} (a {type(current).__name__}): {text!r}: {e}") from e
+            if key in REPO_RELATIVE_KEYS and value:
+                value = str(pathlib.Path(value).expanduser().absolute())
             with node.ignore_type():
                 node[part] = value
         else:
@@ -160,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decoder_heads = None  # decoder attention heads
     c.model.decoder_mlp_dim = None  # decoder MLP width
     c.model.iou_head_hidden_dim = None  # IoU head width
-    c.init_checkpoint = ""  # converted SAM/MedSAM checkpoint to start from ("" = from scratch); relative = repo-relative
+    c.init_checkpoint = ""  # converted SAM/MedSAM checkpoint to start from ("" = none); relative to: config file, repo; CLI, cwd
     c.precision = "float32"  # "float32", "bfloat16" (bf16 compute, f32 params) or "float16" (dynamic loss scaling)
     c.attention = "chunked"  # encoder attention: "chunked", "auto" (cuDNN fused on GPUs in bf16/fp16), "fused", "materialized"
     c.remat = False  # rematerialise encoder blocks: less activation memory, more compute (CPU: only with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false)
@@ -195,6 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.primary_weight = 1.0  # weight of Dice + BCE on the primary mask
     c.loss.secondary_weight = 1.0  # weight of the best-of-3 secondary masks' Dice + BCE
     c.loss.iou_weight = 1.0  # weight of the IoU-prediction MSE
+    c.loss.dice = "squared"  # soft Dice denominator: "squared" (V-Net, the paper's [11]) or "linear" (sum p + sum g)
     c.loss_scale = ml_collections.ConfigDict()
     c.loss_scale.initial = 2.0**15  # float16 only: initial dynamic loss scale
     c.loss_scale.period = 2000  # float16 only: finite steps before the scale doubles
@@ -223,5 +233,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000  # save every this many steps (and at the end, and on SIGTERM)
     c.checkpoint.max_to_keep = 3  # keep the last N checkpoints
     c.checkpoint.async_save = True  # write checkpoints in a background thread
-    c.compilation_cache_dir = ""  # persistent XLA compilation cache folder ("" = off); relative = repo-relative
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache folder ("" = off); relative: as init_checkpoint
     return c

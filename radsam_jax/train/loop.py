@@ -28,6 +28,7 @@ from radsam_jax.io import write_text_atomically
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
+from radsam_jax.train.loss import DICE_FORMS
 from radsam_jax.train.volume_validation import volume_validation
 from radsam_jax.train.train_step import (
     abstract_train_state,
@@ -413,6 +414,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             check()
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from e
+    if config.loss.dice not in DICE_FORMS:
+        raise ConfigError(f"loss.dice must be one of {', '.join(DICE_FORMS)}, got {config.loss.dice!r}")
     accum = config.grad_accum_steps
     if accum < 1:
         raise ConfigError(f"grad_accum_steps must be >= 1, got {accum}")
@@ -443,6 +446,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 check_root(data_config, split, name)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+
+def config_changes(saved: Optional[dict], current: dict) -> list[str]:
+    """"key old -> new" for every config value that differs between a checkpoint's config and this
+    run's (nested keys dotted); none for a checkpoint without one."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    if not saved:
+        return []
+    old, new = flat(saved), flat(current)
+    return [f"{k} {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
 
 
 def validation_overlap(config: ml_collections.ConfigDict) -> list[str]:
@@ -512,6 +531,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         target = abstract_train_state(model_config, config, tx, mesh)
         state, train_iter = ckpt.restore(target, train_iter)
         writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
+        changed = config_changes(ckpt.restore_config(), json.loads(config.to_json()))
+        if changed:
+            writer.print(f"warning: resumed with another config than the run's last checkpoint: {'; '.join(changed[:10])}"
+                         f"{' ...' if len(changed) > 10 else ''} (the run goes on with the new values)")
     else:
         state = create_sharded_state(model_config, config, tx, mesh, init_vars)
     del init_vars

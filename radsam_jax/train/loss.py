@@ -12,8 +12,10 @@ Choices (the paper only says "soft Dice + binary cross-entropy, 1 primary + 3 se
   scores what the user sees; (b) downsampling a binary target makes a fractional or aliased target
   and loses thin structures (vessels, small organs at 3 mm); (c) the cost is negligible next to the
   ViT encoder (4 x S^2 elementwise ops per sample).
-- **Soft Dice** uses sigmoid probabilities, sums over the image and a smoothing constant of 1 so an
-  empty target with an empty prediction scores 0 loss instead of 0/0.
+- **Soft Dice** is the paper's reference [11], V-Net (Milletari et al. 2016): 2 sum(p g) / (sum(p^2) +
+  sum(g^2)) on sigmoid probabilities p, summed over the image, with a smoothing constant of 1 so an
+  empty target with an empty prediction scores 0 loss instead of 0/0. `dice="linear"` takes
+  sum(p) + sum(g) instead (the form many libraries default to; the bundled small model's recipe).
 - **BCE** is the mean over pixels of `sigmoid_binary_cross_entropy` on logits (numerically stable).
 - **Secondary masks** are trained the SAM way: only the best of the 3 (lowest Dice + BCE per
   sample) gets the gradient, so they are free to specialise (whole / part / sub-part).
@@ -32,10 +34,15 @@ import optax
 DICE_SMOOTH = 1.0
 
 
-class LossWeights(NamedTuple):
-    primary: float = 1.0
-    secondary: float = 1.0
-    iou: float = 1.0
+# Soft Dice denominators: V-Net's squared sums (the paper's citation) or plain sums.
+DICE_FORMS = ("squared", "linear")
+
+
+class LossSettings(NamedTuple):
+    primary: float = 1.0  # weight of Dice + BCE on the primary mask
+    secondary: float = 1.0  # weight of the best secondary mask's Dice + BCE
+    iou: float = 1.0  # weight of the IoU-prediction MSE
+    dice: str = "squared"  # soft Dice denominator, one of DICE_FORMS
 
 
 def upsample_logits(mask_logits: jax.Array, size: int) -> jax.Array:
@@ -44,11 +51,16 @@ def upsample_logits(mask_logits: jax.Array, size: int) -> jax.Array:
     return jax.image.resize(mask_logits.astype(jnp.float32), (b, k, size, size), method="bilinear")
 
 
-def soft_dice_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """(..., H, W) logits and {0,1} target -> (...) 1 - soft Dice."""
+def soft_dice_loss(logits: jax.Array, target: jax.Array, form: str = "squared") -> jax.Array:
+    """(..., H, W) logits and {0,1} target -> (...) 1 - soft Dice; `form` one of DICE_FORMS."""
+    if form not in DICE_FORMS:
+        raise ValueError(f"unknown soft Dice form {form!r}; choose one of {', '.join(DICE_FORMS)}")
     p = jax.nn.sigmoid(logits)
     inter = jnp.sum(p * target, axis=(-2, -1))
-    denom = jnp.sum(p, axis=(-2, -1)) + jnp.sum(target, axis=(-2, -1))
+    if form == "squared":  # target is {0, 1}: sum(g^2) = sum(g)
+        denom = jnp.sum(p * p, axis=(-2, -1)) + jnp.sum(target, axis=(-2, -1))
+    else:
+        denom = jnp.sum(p, axis=(-2, -1)) + jnp.sum(target, axis=(-2, -1))
     return 1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)
 
 
@@ -77,7 +89,7 @@ def radsam_loss_per_sample(
     mask_logits: jax.Array,
     iou_pred: jax.Array,
     target: jax.Array,
-    weights: LossWeights = LossWeights(),
+    settings: LossSettings = LossSettings(),
 ) -> dict:
     """Per-sample loss terms and metrics, each (B,).
 
@@ -89,12 +101,12 @@ def radsam_loss_per_sample(
     size = target.shape[-1]
     t = (target > 0).astype(jnp.float32)[:, None]  # (B, 1, S, S)
     logits = upsample_logits(mask_logits, size)  # (B, 4, S, S)
-    seg = soft_dice_loss(logits, t) + bce_loss(logits, t)  # (B, 4)
+    seg = soft_dice_loss(logits, t, settings.dice) + bce_loss(logits, t)  # (B, 4)
     primary = seg[:, 0]
     secondary = jnp.min(seg[:, 1:], axis=1)
     real_iou = jax.lax.stop_gradient(binary_iou(logits, t))  # (B, 4)
     iou_mse = jnp.mean(jnp.square(iou_pred.astype(jnp.float32) - real_iou), axis=1)
-    total = weights.primary * primary + weights.secondary * secondary + weights.iou * iou_mse
+    total = settings.primary * primary + settings.secondary * secondary + settings.iou * iou_mse
     return {
         "loss": total,
         "loss_primary": primary,
@@ -109,9 +121,9 @@ def radsam_loss(
     mask_logits: jax.Array,
     iou_pred: jax.Array,
     target: jax.Array,
-    weights: LossWeights = LossWeights(),
+    settings: LossSettings = LossSettings(),
 ) -> tuple[jax.Array, dict]:
     """Mean loss over the batch and the batch means of `radsam_loss_per_sample`'s terms."""
-    terms = radsam_loss_per_sample(mask_logits, iou_pred, target, weights)
+    terms = radsam_loss_per_sample(mask_logits, iou_pred, target, settings)
     metrics = {k: jnp.mean(v) for k, v in terms.items()}
     return metrics["loss"], metrics

@@ -20,7 +20,7 @@ from radsam_jax.model import ModelConfig, Sam, init_variables
 from radsam_jax.model.image_encoder import resolve_attention
 from radsam_jax.prompts import Prompts
 from radsam_jax.train import optimizer as optimizer_lib
-from radsam_jax.train.loss import LossWeights, radsam_loss, radsam_loss_per_sample
+from radsam_jax.train.loss import LossSettings, radsam_loss, radsam_loss_per_sample
 from radsam_jax.train.state import DynamicLossScale, TrainState
 
 DATA_AXIS = "data"
@@ -93,8 +93,9 @@ def batch_prompts(batch: dict) -> Prompts:
                    batch["mask"], batch["has_mask"])
 
 
-def loss_weights(config: ml_collections.ConfigDict) -> LossWeights:
-    return LossWeights(config.loss.primary_weight, config.loss.secondary_weight, config.loss.iou_weight)
+def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
+    return LossSettings(config.loss.primary_weight, config.loss.secondary_weight, config.loss.iou_weight,
+                        config.loss.dice)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def make_train_step(
     """
     dtype = compute_dtype(config.precision)
     model = Sam(model_config, dtype=dtype, remat=config.remat, attention=training_attention(config))
-    weights = loss_weights(config)
+    loss_config = loss_settings(config)
     use_loss_scale = config.precision == "float16"
     accum = int(config.grad_accum_steps)
     microbatches = accum * mesh.shape[DATA_AXIS]  # equal parts of the global batch
@@ -189,7 +190,7 @@ def make_train_step(
         # Only params are differentiated: buffers enter as a constant of this function.
         mask_logits, iou_pred = model.apply({"params": params, "buffers": buffers},
                                             batch["image"], batch_prompts(batch))
-        return radsam_loss(mask_logits, iou_pred, batch["target"], weights)
+        return radsam_loss(mask_logits, iou_pred, batch["target"], loss_config)
 
     def grads_and_metrics(trainable, frozen, buffers, scale, batch, parts: int):
         """Gradients of scale x loss / parts with respect to `trainable`, and metrics / parts."""
@@ -265,11 +266,11 @@ def make_eval_step(model_config: ModelConfig, config: ml_collections.ConfigDict,
     batch. Sums (not means) so the caller can average over a whole split exactly.
     """
     model = Sam(model_config, dtype=compute_dtype(config.precision), attention=training_attention(config))
-    weights = loss_weights(config)
+    loss_config = loss_settings(config)
 
     def eval_step(variables, batch):
         mask_logits, iou_pred = model.apply(variables, batch["image"], batch_prompts(batch))
-        terms = radsam_loss_per_sample(mask_logits, iou_pred, batch["target"], weights)
+        terms = radsam_loss_per_sample(mask_logits, iou_pred, batch["target"], loss_config)
         w = batch["weight"]
         out = {f"{k}_sum": jnp.sum(v * w) for k, v in terms.items()}
         out["count"] = jnp.sum(w)
