@@ -512,11 +512,14 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     (shards[1] / "run.json").write_text(json.dumps({**run1, "code_sha256": ["0" * 64]}))
     assert radsam(["report", str(shards[0]), str(shards[1]), "--bootstrap", "200", "--out", str(merged)]) == 0
     assert "warning: the records were written by different radsam-jax code" in capsys.readouterr().err
-    assert _evaluate(checkpoint, data, merged) == 2  # a report without a record: not this run's
-    assert f"{merged} has scores.csv, summary.json, summary.md, breakdown.json" in capsys.readouterr().err
     assert radsam(["report", str(shards[0]), str(shards[1]), "--out", str(tmp_path / "full")]) == 2
     assert f"--out {tmp_path / 'full'} holds the record of another evaluation (run.json)" in capsys.readouterr().err
     _same_report(tmp_path / "full", merged)  # untouched
+    # A folder holding a report and no record (the model card's folders in a clone) takes a new run,
+    # whose report replaces it.
+    (merged / "scores.csv").write_text("stale\n")
+    assert _evaluate(checkpoint, data, merged) == 0, capsys.readouterr().err
+    _same_report(tmp_path / "full", merged)
 
     def refused(*runs) -> str:
         assert radsam(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 2

@@ -424,7 +424,7 @@ def test_damaged_or_foreign_records_are_named(tmp_path):
     with pytest.raises(RecordError, match="worst_cases.npz cannot be read .*delete it to keep the scores"):
         RunRecord.load(tmp_path)
     (tmp_path / "run.json").unlink()
-    with pytest.raises(RecordError, match="has objects.jsonl, worst_cases.npz but no run.json"):
+    with pytest.raises(RecordError, match="has objects.jsonl and worst_cases.npz but no run.json"):
         RunRecord.open(tmp_path, run)
     with RunRecord.open(tmp_path, run, restart=True) as record:
         assert record.finished() == set()

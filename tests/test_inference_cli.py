@@ -191,6 +191,20 @@ def test_segment_batch(image, checkpoint, tmp_path, capsys):
     rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
     text = capsys.readouterr().out
     assert rc == 1 and "redo a: its prompts file" in text and "redo b:" in text and "2 done, 0 skipped" in text
+    # Other settings through another shard count: still refused (every summary in the folder is read).
+    rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress",
+                 "--shard", "0/2", "--dtype", "bfloat16")
+    assert rc == 2 and "holds masks made with other settings (dtype 'float32' there" in capsys.readouterr().err
+    # A changed prompts file whose re-run fails keeps the case to redo: its old mask is not taken as done.
+    good.write_text(json.dumps([{"slice": 99, "box": [14, 10, 26, 22]}]))
+    for _ in range(2):
+        rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
+        text = capsys.readouterr().out
+        assert rc == 1 and "redo a:" in text and "failed a:" in text and "0 done, 0 skipped" in text, text
+    # A prompts file removed since its mask was written: nothing to compare, the mask stands.
+    good.unlink()
+    rc = run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress")
+    assert rc == 1 and "0 done, 2 skipped" in capsys.readouterr().out
 
 
 def test_segment_batch_stopped_keeps_its_summary_and_continues(image, checkpoint, tmp_path, capsys, monkeypatch):

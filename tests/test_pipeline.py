@@ -141,6 +141,17 @@ def test_two_workers_match_in_process(amos_root):
     workers = _take(it, 3)
     for x, y in zip(local, workers):
         _assert_equal_batches(x, y)
+    # A terminal's Ctrl-C reaches the workers too: they ignore it (training saves, then ends them).
+    import multiprocessing
+    import signal
+
+    children = multiprocessing.active_children()
+    assert len(children) >= 2
+    for child in children:
+        os.kill(child.pid, signal.SIGINT)
+    for child in children:
+        child.join(timeout=1.0)  # returns at once if the signal ended it
+    assert all(child.is_alive() for child in children)
     # Restoring a saved state rewinds the worker pipeline (one iterator: spawning workers is slow).
     state = it.get_state()
     nxt = next(it)

@@ -77,3 +77,18 @@ def test_sigterm_while_the_last_checkpoint_is_written_waits_for_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"], done.stdout
     again = subprocess.run(_command(tmp_path, 2), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
     assert "already finished at step 2" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_ctrl_c_relayed_twice_is_one_stop_and_a_later_one_stops_at_once():
+    from radsam_jax.train.checkpointing import PreemptionGuard
+
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # from the terminal
+        os.kill(os.getpid(), signal.SIGINT)  # and relayed by a wrapper such as `timeout`
+        time.sleep(0.1)
+        assert guard.should_stop and guard.received == signal.SIGINT
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the user's second Ctrl-C: no more waiting
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -651,6 +651,15 @@ def _ensure_absl_flags_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
+def _worker_ignores_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: a terminal's Ctrl-C reaches the whole process group, and a worker that
+    died of it broke the iterator, so training could not save the step it stops at. The main process
+    alone answers Ctrl-C (train.checkpointing.PreemptionGuard) and ends the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_data_iterator(data_config, model_config, *, split: str, batch_size: int, seed: int,
                        shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                        num_epochs: Optional[int] = None):
@@ -686,7 +695,8 @@ def make_data_iterator(data_config, model_config, *, split: str, batch_size: int
     if int(data_config.num_workers) > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.num_workers),
-                                                               per_worker_buffer_size=int(data_config.worker_buffer_size)))
+                                                               per_worker_buffer_size=int(data_config.worker_buffer_size)),
+                                  worker_init_fn=_worker_ignores_ctrl_c)
     return iter(it_ds)
 
 

@@ -164,10 +164,9 @@ class RunRecord:
           objects are all done, also if other code finished it: evaluating it again needs restart);
           a stopped one adds this code's hash to its "code_sha256" list; "inputs" stay those it started with;
         - a new one if the folder holds no record, an empty one, or with restart (which deletes the
-          old one and its report first).
+          old one first); report files there go with it (they are another run's).
         RecordError when another process holds the lock, or the folder holds another run's record
-        with something in it (a stopped run, or a finished shard: hours of work), or record or
-        report files without a run.json (e.g. `radsam report`'s merge of shards)."""
+        with something in it (a stopped run, or a finished shard: hours of work)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         lock = _lock(folder)
@@ -181,17 +180,14 @@ class RunRecord:
 
     @classmethod
     def _open(cls, folder: Path, run: dict, restart: bool) -> "RunRecord":
-        from radsam_jax.evaluate.report import REPORT_FILES, remove_report
-
         if restart:
-            remove_report(folder)
             for name in RECORD_FILES:
                 (folder / name).unlink(missing_ok=True)
         if not (folder / RUN_FILE).exists():
-            stray = [name for name in (OBJECTS_FILE, WORST_FILE, *REPORT_FILES) if (folder / name).exists()]
-            if stray:  # e.g. `radsam report`'s merge of shards: not this run's
-                raise RecordError(f"{folder} has {', '.join(stray)} but no {RUN_FILE}, so whose run they describe is "
-                                  f"unknown; use another --out, or --restart to discard them")
+            stray = [name for name in (OBJECTS_FILE, WORST_FILE) if (folder / name).exists()]
+            if stray:
+                raise RecordError(f"{folder} has {' and '.join(stray)} but no {RUN_FILE}, so whose run they record is "
+                                  f"unknown; --restart discards them")
             return cls._new(folder, run)
         record = cls.load(folder)
         if not (record.rows or record.skipped or record.timings):
@@ -214,6 +210,9 @@ class RunRecord:
 
     @classmethod
     def _new(cls, folder: Path, run: dict) -> "RunRecord":
+        from radsam_jax.evaluate.report import remove_report
+
+        remove_report(folder)  # a report there (an earlier run's, a merge's) would pass for this run's
         for name in RECORD_FILES:
             (folder / name).unlink(missing_ok=True)
         record = cls(folder, {"format": RECORD_FORMAT, **run})

@@ -10,7 +10,7 @@ One `VolumePredictor` serves every case, so its compiled functions (bucketed sha
 next case is read and its prompts validated in a background thread while the current one runs. A
 failing case is reported and skipped; a re-run skips cases whose output already exists (outputs are
 written atomically, and a case's mask last, so an existing mask is a finished case; one whose prompts
-file changed since is segmented again, and masks made with other settings (model, dtype, window,
+file changed since is segmented again, and masks recorded with other settings (model, dtype, window,
 intensity, vanish policy, --world) are refused: `batch_settings`). Ids must be plain
 file names; an output that would replace an input (an image in OUT_DIR named <id>.nii.gz, the
 manifest, ...) is refused before anything runs. A summary is printed and written to
@@ -206,30 +206,41 @@ def batch_settings(predictor, world: bool) -> dict:
             "vanish_policy": predictor.vanish_policy, "world": bool(world)}
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> Optional[str]:
+    """sha256 of the file's bytes; None if it cannot be read (a prompts file removed since)."""
     import hashlib
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _earlier_summary(path: Path, settings: dict, finished: list) -> dict:
-    """The done records of the summary at `path` by id ({} if there is none). ValueError when it
-    records other settings and some of its masks are still there (`finished`: their ids)."""
-    if not path.is_file():
-        return {}
     try:
-        earlier = json.loads(path.read_text())
-        records = {r["id"]: r for r in earlier.get("done", [])}
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a segment-batch summary ({type(e).__name__}: {e}); move it away") from None
-    recorded = earlier.get("settings")
-    if finished and recorded is not None and recorded != settings:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _earlier_records(out_dir: Path, shard: tuple[int, int]) -> dict:
+    """The done records of every segment-batch summary in out_dir by case id (another shard count's
+    too); this shard's own summary wins where two hold the same case."""
+    own = out_dir / summary_name(shard)
+    paths = sorted(out_dir.glob(SUMMARY_NAME.replace(".json", "*.json")), key=lambda path: path == own)
+    records = {}
+    for path in paths:
+        try:
+            records.update({r["id"]: r for r in json.loads(path.read_text()).get("done", [])})
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a segment-batch summary ({type(e).__name__}: {e}); move it away") from None
+    return records
+
+
+def _check_settings(out_dir: Path, records: dict, existing: list[str], settings: dict) -> None:
+    """ValueError when a mask in out_dir is recorded with other settings than this run's: one folder
+    does not mix two runs' masks (masks whose record predates recorded settings cannot be told)."""
+    other = [cid for cid in existing if records.get(cid, {}).get("settings") not in (None, settings)]
+    if other:
+        recorded = records[other[0]]["settings"]
         changed = "; ".join(f"{k} {recorded.get(k)!r} there, {settings.get(k)!r} here"
                             for k in settings if recorded.get(k) != settings.get(k))
-        raise ValueError(f"{path.parent} holds masks made with other settings ({changed}; masks of "
-                         f"{', '.join(finished[:5])}{' ...' if len(finished) > 5 else ''}): use another --out-dir, "
-                         f"or remove its masks to segment those cases again")
-    return records
+        raise ValueError(f"{out_dir} holds masks made with other settings ({changed}; masks of "
+                         f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}): use another --out-dir, "
+                         f"or remove those masks to segment the cases again")
 
 
 def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False, previews: bool = False,
@@ -238,10 +249,11 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     (also written to out_dir, `summary_name(shard)`, after every case: a stopped run keeps its record).
 
     A case's mask is written last, once everything else for it (its preview) succeeded: an existing
-    mask marks the case done on a re-run, unless the summary says its prompts file changed since (then
-    it is segmented again). The summary keeps the records of cases done by earlier runs. Raises
-    ValueError (nothing run) where `check_out_dir` does, or when out_dir holds masks made with other
-    settings (`batch_settings`)."""
+    mask marks the case done on a re-run, unless its record says its prompts file changed since (then
+    it is segmented again; the old record stays until the new mask replaces it, so a failed or
+    stopped re-run is retried). The summary keeps the records of cases done by earlier runs. Raises
+    ValueError (nothing run) where `check_out_dir` does, or when out_dir holds masks recorded with
+    other settings (`batch_settings`)."""
     from radsam_jax.io import save_label_map, write_text_atomically
 
     out_dir = Path(out_dir)
@@ -251,28 +263,32 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     settings = batch_settings(predictor, world)
     mine = select_shard(cases, shard)
     existing = [case.id for case in mine if (out_dir / f"{case.id}.nii.gz").exists()]
-    records = _earlier_summary(out_dir / summary_name(shard), settings, existing)
+    records = _earlier_records(out_dir, shard) if out_dir.is_dir() else {}
+    _check_settings(out_dir, records, existing, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo, skipped, kept = [], [], []
+    todo, skipped, kept = [], [], {}
     existing = set(existing)
     for case in mine:
         record = records.get(case.id)
         if case.id not in existing:
             todo.append(case)
-        elif record is not None and record.get("prompts_sha256") not in (None, _file_sha256(case.prompts)):
+            continue
+        if record is not None:
+            kept[case.id] = record
+        now = _file_sha256(case.prompts) if record is not None and record.get("prompts_sha256") else None
+        if now is not None and now != record["prompts_sha256"]:
             log(f"redo {case.id}: its prompts file {case.prompts} changed since its mask was written")
             todo.append(case)
         else:
             skipped.append(case)
             log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
-            if record is not None:
-                kept.append(record)
     done, failed = [], []
 
     def write_summary(complete: bool) -> dict:
         order = {case.id: i for i, case in enumerate(mine)}
+        records = {**kept, **{r["id"]: r for r in done}}
         summary = {"settings": settings, "complete": complete,
-                   "done": sorted(kept + done, key=lambda r: order[r["id"]]), "skipped": [c.id for c in skipped],
+                   "done": sorted(records.values(), key=lambda r: order[r["id"]]), "skipped": [c.id for c in skipped],
                    "failed": failed}
         write_text_atomically(out_dir / summary_name(shard), json.dumps(summary, indent=2) + "\n")
         return summary
@@ -309,7 +325,7 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
                              "objects": len(objects), "slices": predictor.num_slices,
                              "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
                                             for o in objects},
-                             "prompts_sha256": _file_sha256(case.prompts)})
+                             "prompts_sha256": _file_sha256(case.prompts), "settings": settings})
                 log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"

@@ -24,6 +24,7 @@ finish and exits cleanly. We never save from inside the signal handler: the stat
 import json
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 import grain
@@ -137,8 +138,8 @@ class Checkpointer:
 
 class PreemptionGuard:
     """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls between steps, so both
-    save the current step and exit; a second Ctrl-C raises KeyboardInterrupt at once (a save that
-    hangs can still be left). Python's own KeyboardInterrupt could land anywhere, e.g. in a
+    save the current step and exit; a second Ctrl-C (a second or more later) raises KeyboardInterrupt
+    at once (a save that hangs can still be left). Python's own KeyboardInterrupt could land anywhere, e.g. in a
     garbage-collection callback of jax that swallows it, and the run trained on.
 
     Use as a context manager; the previous handlers are restored on exit. Only the main thread can
@@ -150,10 +151,15 @@ class PreemptionGuard:
         self._event = threading.Event()
         self._previous = {}
         self.received: Optional[int] = None
+        self._first_sigint: Optional[float] = None
 
     def _handler(self, signum, frame):
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
+        # The same Ctrl-C can arrive twice at once, from the terminal and relayed by a wrapper
+        # (e.g. `timeout`): only one a second or more after the first is a second Ctrl-C.
+        if signum == signal.SIGINT and self._first_sigint is not None and time.monotonic() - self._first_sigint > 1.0:
             raise KeyboardInterrupt
+        if signum == signal.SIGINT and self._first_sigint is None:
+            self._first_sigint = time.monotonic()
         self.received = signum
         self._event.set()
 
