@@ -505,6 +505,25 @@ def save_png_atomically(path, image) -> Path:
     return write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def lock_exclusively(path):
+    """An open file on `path` holding an exclusive flock, released when it is closed or the process
+    ends however it ends; None if another process holds it. Where flock is missing (not POSIX, some
+    network or parallel file systems) a warning, and an unlocked handle."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(os.devnull)
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError as e:
+        warnings.warn(f"cannot lock {path} ({e.strerror or e}): nothing keeps a second process out of {Path(path).parent}")
+    return handle
+
+
 def _cannot_write_into(folder: Path) -> Optional[str]:
     """Why no file can be created in the existing `folder` (permissions, a read-only file system),
     or None: found by creating and removing an empty temporary file, which os.access misses (root, and

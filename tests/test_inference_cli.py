@@ -251,7 +251,16 @@ def test_segment_batch_shards_share_a_manifest_and_an_out_dir(image, checkpoint,
         name = f"segment-batch-summary-{shard.replace('/', '-of-')}.json"
         assert [d["id"] for d in json.loads((out_dir / name).read_text())["done"]] == ids
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "segment-batch-summary-0-of-2.json",
-                                                         "segment-batch-summary-1-of-2.json"]
+                                                         "segment-batch-summary-0-of-2.lock", "segment-batch-summary-1-of-2.json",
+                                                         "segment-batch-summary-1-of-2.lock"]
+    # Two processes on one shard of one folder: the second is refused (the summaries would race).
+    from radsam_jax.io import lock_exclusively
+
+    with lock_exclusively(out_dir / "segment-batch-summary-1-of-2.lock"):
+        assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--shard", "1/2",
+                       "--no-progress") == 2
+        assert (f"another segment-batch process writes into {out_dir} as shard 1/2: wait for it to end"
+                in capsys.readouterr().err)
     masks = [np.asanyarray(nib.load(str(out_dir / f"{c}.nii.gz")).dataobj) for c in "ab"]
     assert masks[0].any() and np.array_equal(*masks)  # same image, same prompt
     assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--shard", "5/8", "--no-progress") == 2
@@ -424,10 +433,11 @@ def test_segment_batch_mask_only_after_its_preview(image, checkpoint, tmp_path, 
         m.setattr(Image.Image, "save", full_disk)
         assert run_cli(*argv) == 1
     assert "failed a: OSError: No space left on device" in capsys.readouterr().out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["segment-batch-summary.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["segment-batch-summary.json", "segment-batch-summary.lock"]
     assert run_cli(*argv) == 0
     assert "1 done, 0 skipped" in capsys.readouterr().out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "a.png", "segment-batch-summary.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "a.png", "segment-batch-summary.json",
+                                                         "segment-batch-summary.lock"]
 
 
 def _with_ct_window(checkpoint, dst, window):

@@ -57,7 +57,21 @@ loop.train_and_evaluate(tiny_config(num_train_steps=6), str(b))
 la, lb = losses(a), losses(b)
 pa, pb = final_params(a, 6), final_params(b, 6)
 diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+def purge_steps(workdir):  # steps of the SessionLog START events (TensorBoard's purge_step) in the event files
+    import struct
+    from tensorboardX.proto import event_pb2
+    steps = []
+    for path in sorted((workdir / "tensorboard").glob("events.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: u64 length, u32 crc, data, u32 crc
+            n = struct.unpack("<Q", data[at: at + 8])[0]
+            event = event_pb2.Event.FromString(data[at + 12: at + 12 + n])
+            at += 16 + n
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
 print(json.dumps({"latest_before_resume": latest, "same_batch": same_batch, "losses_a": la, "losses_b": lb,
+                  "purge_steps_a": purge_steps(a), "purge_steps_b": purge_steps(b),
                   "param_max_abs_diff": diff, "tmp_left": tmp.exists(),
                   "logged_b": [json.loads(l)["step"] for l in open(b / "metrics.jsonl") if "loss" in json.loads(l)],
                   "steps_b": sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())}))
@@ -76,6 +90,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert r["param_max_abs_diff"] == 0.0, r
     assert not r["tmp_left"], r  # cleaned up at start-up
     assert r["logged_b"] == list(range(1, 7)), r  # the rows logged after the checkpoint, and a torn one, dropped
+    # TensorBoard likewise hides what the earlier event files hold after step 3 (a fresh run purges nothing).
+    assert r["purge_steps_a"] == [] and r["purge_steps_b"] == [4], r
     assert r["steps_b"][-1] == 6
 
 

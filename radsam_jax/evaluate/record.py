@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -376,21 +375,14 @@ class RunRecord:
 
 
 def _lock(folder: Path):
-    """An open file on folder/run.lock holding an exclusive flock (released when it is closed or the
-    process ends): two processes never write into one record. Where flock is missing, no lock."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return open(os.devnull)
-    handle = open(folder / LOCK_FILE, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+    """An open file on folder/run.lock holding an exclusive flock (io.lock_exclusively): two
+    processes never write into one record."""
+    from radsam_jax.io import lock_exclusively
+
+    handle = lock_exclusively(folder / LOCK_FILE)
+    if handle is None:
         raise RecordError(f"another process is evaluating into {folder} ({LOCK_FILE} is locked): wait for it to end, "
-                          f"or give this one another --out") from None
-    except OSError as e:  # a file system without flock (some network or parallel ones)
-        warnings.warn(f"cannot lock {folder / LOCK_FILE} ({e.strerror or e}): nothing keeps a second process out of {folder}")
+                          f"or give this one another --out")
     return handle
 
 

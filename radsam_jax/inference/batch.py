@@ -253,19 +253,32 @@ def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False,
     it is segmented again; the old record stays until the new mask replaces it, so a failed or
     stopped re-run is retried). The summary keeps the records of cases done by earlier runs. Raises
     ValueError (nothing run) where `check_out_dir` does, or when out_dir holds masks recorded with
-    other settings (`batch_settings`)."""
-    from radsam_jax.io import save_label_map, write_text_atomically
+    other settings (`batch_settings`), or when another process runs the same shard into out_dir
+    (segment-batch-summary[-I-of-N].lock)."""
+    from radsam_jax.io import lock_exclusively
 
     out_dir = Path(out_dir)
-    from radsam_jax.data.datasets import select_shard
-
     check_out_dir(cases, out_dir, previews=previews, shard=shard)
     settings = batch_settings(predictor, world)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_exclusively(out_dir / summary_name(shard).replace(".json", ".lock"))
+    if lock is None:
+        raise ValueError(f"another segment-batch process writes into {out_dir}"
+                         + (f" as shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
+                         + ": wait for it to end, or give this one another --out-dir (or --shard)")
+    with lock:
+        return _run_locked(predictor, cases, out_dir, settings, world=world, previews=previews, log=log,
+                           progress=progress, shard=shard)
+
+
+def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previews, log, progress, shard) -> dict:
+    from radsam_jax.data.datasets import select_shard
+    from radsam_jax.io import save_label_map, write_text_atomically
+
     mine = select_shard(cases, shard)
     existing = [case.id for case in mine if (out_dir / f"{case.id}.nii.gz").exists()]
-    records = _earlier_records(out_dir, shard) if out_dir.is_dir() else {}
+    records = _earlier_records(out_dir, shard)
     _check_settings(out_dir, records, existing, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped, kept = [], [], {}
     existing = set(existing)
     for case in mine:

@@ -266,18 +266,21 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
-
         self.path = workdir / "metrics.jsonl"
         self.jsonl = open(self.path, "a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.tensorboard_dir = workdir / "tensorboard"
+        self.tb = None  # opened by start_at, which knows the step the run starts at
 
     def start_at(self, step: int) -> int:
         """Drops the metrics.jsonl rows of steps after `step`, where the run starts (a run stopped
         after its last checkpoint logged them, and logs them again), and lines cut short by a kill, so
-        that every step appears once; returns how many rows were dropped."""
+        that every step appears once; returns how many rows were dropped. TensorBoard hides the
+        earlier event files' points after `step` likewise (the event file's purge_step)."""
         if not self.enabled:
             return 0
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1 if step > 0 else None)
         self.jsonl.close()
         lines = self.path.read_text().splitlines(keepends=True)
         kept = []
@@ -310,7 +313,8 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def validation_sample_limit(config, batch_size: int) -> int:
