@@ -12,7 +12,6 @@ This package is the only part of radsam-jax that imports torch, and only to read
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import re
 import signal
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.checkpoint import expected_shapes, save_model
+from radsam_jax.io import file_sha256
 from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, PREPROCESSING_MODES, ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
@@ -169,14 +169,6 @@ def open_state_dict(src) -> Iterator[StateDict]:
             yield state
     else:
         yield _torch_state_dict(path, kind)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # The image encoder's key prefix tells the formats apart.
@@ -377,7 +369,7 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
                                      mask_prompt=mask_prompt)
         metadata = {
             "source_file": state.file.name,
-            "source_sha256": sha256(state.file),
+            "source_sha256": file_sha256(state.file),
             "source_format": fmt,
             "source_container": state.container,
             "model_inferred": preset is None,

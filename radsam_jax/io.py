@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import os
 import tempfile
 import warnings
@@ -456,6 +457,15 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     img.header.set_data_dtype(dtype)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     return write_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in chunks: a CT or a checkpoint is not held in memory for it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomically(path, write: Callable[[str], object], suffix: str = "") -> Path:

@@ -455,6 +455,39 @@ def test_an_unreadable_case_is_left_for_later_and_the_others_are_evaluated(check
     _same_report(tmp_path / "full", out)
 
 
+def test_a_case_whose_files_changed_since_is_refused(checkpoint, tmp_path, capsys, counted):
+    """Mended label maps evaluated into the folder of the run they replace: the kept scores are those of the old
+    files, so the run is refused; files touched or moved with the same bytes are not a change."""
+    import os
+
+    from data_fixtures import write_generic
+
+    data = write_generic(tmp_path / "data", ("a", "b"))
+    out = tmp_path / "eval"
+    assert _evaluate(checkpoint, data, out) == 0, capsys.readouterr().err
+    recorded = [json.loads(line)["case_files"] for line in (out / "objects.jsonl").read_text().splitlines()
+                if "case_files" in line]
+    assert [r["case"] for r in recorded] == ["a", "b"]
+    assert [Path(f[0]).name for f in recorded[1]["files"]] == ["ct.nii.gz", "labels.nii.gz"]
+    labels = data / "b" / "labels.nii.gz"
+    os.utime(labels, ns=(0, 0))  # touched: compared by content once, then by its new time
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out) == 0 and counted["runs"] == 0 and counted["loaded"] == []
+    assert "comparing the contents of case files moved or touched since" in capsys.readouterr().err
+    assert _evaluate(checkpoint, data, out) == 0 and "comparing" not in capsys.readouterr().err
+
+    image = nib.load(str(labels))
+    mended = np.asarray(image.dataobj).copy()
+    mended[mended == 1] = 0  # its organ relabelled as background
+    nib.save(nib.Nifti1Image(mended, image.affine), str(labels))
+    assert _evaluate(checkpoint, data, out) == 2
+    err = capsys.readouterr().err
+    assert (f"error: the files of case(s) b (1 in all) changed since the run recorded in {out} evaluated them: "
+            f"its scores for them are not those of the files now. --restart evaluates the run again") in err
+    counted.update(runs=0, loaded=[])
+    assert _evaluate(checkpoint, data, out, "--restart") == 0 and counted["loaded"] == ["a", "b"]
+
+
 def test_another_runs_record_is_refused_and_restart_discards_it(checkpoint, tmp_path, capsys):
     image, labels, names = _synthetic(tmp_path)
     single = ["--labels", str(labels), "--label-names", str(names)]

@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -330,6 +331,17 @@ def select_shard(items: Sequence, shard: tuple[int, int]) -> list:
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ValueError(f"a shard is I/N with 0 <= I < N, got {index}/{count}")
     return list(items)[index::count]
+
+
+def case_files(case: Case) -> list[Path]:
+    """Every file `load_case` reads the case from, in a fixed order: the image (each file under a
+    DICOM series folder), then its label map or its structure masks."""
+    image = Path(case.image_path)
+    files = ([Path(root) / name for root, folders, names in sorted(os.walk(image)) for name in sorted(names)]
+             if image.is_dir() else [image])
+    if case.label_path is not None:
+        return files + [Path(case.label_path)]
+    return files + [Path(case.structure_paths[name]) for name in sorted(case.structure_paths)]
 
 
 def load_case(case: Case, *, canonical: bool = True) -> tuple[io.Volume, np.ndarray]:

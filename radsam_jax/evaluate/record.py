@@ -11,8 +11,10 @@ host each) merge into one report (`radsam report`).
   (`code_fingerprint` of each invocation; continuing with other code is warned about, not refused).
   Written when the run starts, updated when it continues.
 - objects.jsonl: one JSON line per finished object (its score rows), per skipped object, per pass
-  over a case (timing), and {"complete": true} at the end; each appended, flushed and synced when it
-  happens. A torn last line (killed while writing) is dropped when the record is read.
+  over a case (timing), per case read (its files' sizes, times and sha256: a case whose files
+  changed since is refused, as its kept scores are not those of the files now), and
+  {"complete": true} at the end; each appended, flushed and synced when it happens. A torn last
+  line (killed while writing) is dropped when the record is read.
 - worst_cases.npz: the worst objects so far with their slices, for the montage; replaced atomically
   when that set changes.
 - run.lock: flock-ed by the process writing the record, so that no two processes write into it.
@@ -147,6 +149,7 @@ class RunRecord:
         self.folder = None if folder is None else Path(folder)
         self.run = run or {}
         self.rows, self.skipped, self.timings, self.worst = [], [], [], []
+        self.case_files = {}  # case -> {"files": [[path, size, mtime_ns], ...], "sha256": of their bytes}
         self.complete = False
         self._finished = set()  # (case, structure) of every finished or skipped object
         self._valid_bytes = 0  # length of objects.jsonl up to its last whole line
@@ -282,6 +285,9 @@ class RunRecord:
             self._finished.add((case, structure))
         elif "timing" in entry:
             self.timings.append(entry["timing"])
+        elif "case_files" in entry:
+            files = entry["case_files"]
+            self.case_files[files["case"]] = {"files": files["files"], "sha256": files["sha256"]}
         elif entry.keys() == {"complete"}:
             self.complete = bool(entry["complete"])
         else:
@@ -326,6 +332,10 @@ class RunRecord:
 
     def add_timing(self, timing: dict) -> None:
         self._append({"timing": timing})
+
+    def add_case_files(self, case: str, content: dict) -> None:
+        """What the case's files were when it was read (runner.case_content); the latest one counts."""
+        self._append({"case_files": {"case": case, **content}})
 
     def mark_complete(self) -> None:
         self._append({"complete": True})

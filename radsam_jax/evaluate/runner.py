@@ -9,12 +9,15 @@ adding a setting or a structure to a run does not change the others. Each finish
 a `RunRecord` (record.py) at once, so a run can continue after a stop and shards of a run merge.
 A case that cannot be read (a damaged file, a label map off the image) does not stop the others: they
 are evaluated, then `UnreadableCases` names every such case; the same call evaluates them once mended.
+A case whose files changed since the record's run evaluated some of its objects (`case_content`) is
+refused: its kept scores would be those of other files.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import heapq
 import itertools
 import sys
@@ -225,6 +228,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     # The kept worst objects as a min-heap on (-Dice, order): its top is the least bad, replaced first.
     heap = [(-w.dice, w.order, w) for w in record.worst]
     heapq.heapify(heap)
+    verified = _check_case_files(mine, record, done)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -235,19 +239,31 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
             if (todo := [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
                          if (case.case_id, name) not in done])]
     unreadable = []
+
+    def read(case):
+        volume_and_labels = load_case(case)  # its errors first: they say more than a hash's
+        if record.folder is None or case.case_id in verified:
+            return volume_and_labels, None
+        try:
+            return volume_and_labels, case_content(case)
+        except OSError:  # a load_case that does not read the case's paths
+            return volume_and_labels, None
+
     try:
-        pending = _Reading(load_case, work[0][1]) if work else None
+        pending = _Reading(read, work[0][1]) if work else None
         for position, (case_index, case, todo) in enumerate(work):
             try:
-                (volume, labels), read_s = pending.result()
+                ((volume, labels), content), read_s = pending.result()
             except Exception as e:  # this case's files; the model has not run on it
                 unreadable.append((case.case_id, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
                 (bar.write if bar is not None else print)(f"evaluate: case {case.case_id} left for later, it cannot "
                                                           f"be read: {unreadable[-1][1]}", file=sys.stderr)
                 volume = labels = None
-            pending = _Reading(load_case, work[position + 1][1]) if position + 1 < len(work) else None
+            pending = _Reading(read, work[position + 1][1]) if position + 1 < len(work) else None
             if volume is None:
                 continue
+            if content is not None:
+                record.add_case_files(case.case_id, content)
             t0 = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
             present_ids = set(np.unique(labels).tolist())
             if requested and len(cases) == 1:
@@ -299,6 +315,58 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         reasons = sorted({r for _, _, r in result.skipped})
         raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every structure was skipped ({'; '.join(reasons) or 'none listed'})")
     return result
+
+
+def case_content(case, recorded: Optional[dict] = None, *, before_reading: Callable = lambda: None) -> dict:
+    """{"files": [[path, size, mtime_ns], ...], "sha256": of their bytes} of the files a case is read
+    from; `recorded` when those paths, sizes and times are its own (its files are not read again,
+    else `before_reading()` is called first). The sha256 leaves the paths out: a dataset moved
+    elsewhere keeps its content's."""
+    from radsam_jax.data.datasets import case_files
+    from radsam_jax.io import file_sha256
+
+    files = case_files(case)
+    stats = [[str(f.resolve()), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
+    if recorded is not None and recorded["files"] == stats:
+        return recorded
+    before_reading()
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(bytes.fromhex(file_sha256(f)))
+    return {"files": stats, "sha256": digest.hexdigest()}
+
+
+def _check_case_files(mine, record: RunRecord, done: set) -> set:
+    """Ids of the cases with objects in `record` whose files are still those it recorded (moved or
+    touched ones are compared by content, then recorded anew); EvaluationInputError for any other."""
+    verified, changed, told = set(), [], []
+
+    def tell():  # once: comparing a moved dataset reads all of it
+        if not told:
+            told.append(True)
+            print(f"evaluate: comparing the contents of case files moved or touched since {record.folder} "
+                  f"recorded them", file=sys.stderr)
+
+    for _, case in mine:
+        recorded = record.case_files.get(case.case_id)
+        if recorded is None or not any((case.case_id, name) in done for name in case.structures):
+            continue
+        try:
+            now = case_content(case, recorded, before_reading=tell)
+        except OSError:  # gone: a finished case needs no file, one still to evaluate is reported when read
+            continue
+        if now["sha256"] != recorded["sha256"]:
+            changed.append(case.case_id)
+            continue
+        verified.add(case.case_id)
+        if now is not recorded:
+            record.add_case_files(case.case_id, now)  # the next check needs no read
+    if changed:
+        raise EvaluationInputError(
+            f"the files of case(s) {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} ({len(changed)} in all) "
+            f"changed since the run recorded in {record.folder} evaluated them: its scores for them are not those of "
+            f"the files now. --restart evaluates the run again (or give another --out)")
+    return verified
 
 
 class _Reading:

@@ -208,10 +208,10 @@ def batch_settings(predictor, world: bool) -> dict:
 
 def _file_sha256(path: Path) -> Optional[str]:
     """sha256 of the file's bytes; None if it cannot be read (a prompts file removed since)."""
-    import hashlib
+    from radsam_jax.io import file_sha256
 
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
