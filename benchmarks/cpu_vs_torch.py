@@ -36,8 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from radsam_jax.intensity import DEFAULT_CT_WINDOW  # numpy only: imports no JAX
+
 RESULTS = Path(__file__).parent / "results" / "cpu_vs_torch.md"
-WINDOW = (40.0, 400.0)  # radsam_jax.preprocess.DEFAULT_WINDOW
 
 
 def num_threads() -> int:
@@ -119,12 +120,12 @@ class JaxSide:
 
     def encoder_flops(self, image_nhwc) -> dict:
         from benchmarks.common import compiled_flops
-        from radsam_jax.model.sam import _encode
+        from radsam_jax.model.sam import encode_images
 
         m = self.model
-        lowered = _encode.lower(m.variables, self.jnp.asarray(image_nhwc), config=m.config, dtype=m.dtype, attention=m.attention)
+        lowered = encode_images.lower(m.variables, self.jnp.asarray(image_nhwc), config=m.config, dtype=m.dtype, attention=m.attention)
         out = {"cost_analysis_default": compiled_flops(lowered.compile())}
-        ref = _encode.lower(m.variables, self.jnp.asarray(image_nhwc), config=m.config, dtype=m.dtype, attention="materialized")
+        ref = encode_images.lower(m.variables, self.jnp.asarray(image_nhwc), config=m.config, dtype=m.dtype, attention="materialized")
         out["cost_analysis_materialized"] = compiled_flops(ref.compile())
         return out
 
@@ -195,7 +196,7 @@ class TorchSide:
         """(H, W) HU -> (1, 3, 1024, 1024): window, grey to RGB, resize longest side (bilinear,
         antialiased), normalise, zero-pad bottom/right (SAM's transform + the CT window)."""
         t, np = self.torch, self.np
-        lo, width = WINDOW[0] - WINDOW[1] / 2, WINDOW[1]
+        lo, width = DEFAULT_CT_WINDOW[0] - DEFAULT_CT_WINDOW[1] / 2, DEFAULT_CT_WINDOW[1]
         x = t.from_numpy(np.clip((hu_slice - lo) / width, 0, 1) * 255.0).float()[None, None].expand(1, 3, -1, -1)
         h, w = hu_slice.shape
         scale = 1024 / max(h, w)

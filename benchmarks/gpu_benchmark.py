@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (CPU_NO_YNNPACK, blocking, compiled_flops, device_name, encoder_block, interleaved,
+from benchmarks.common import (CPU_NO_YNNPACK, blocking, device_name, encoder_block, interleaved,
                                lowered_flops, op_time_breakdown, peak_device_bytes, time_call, write_table)
 from radsam_jax.model import RadSam, init_variables, load_model_config
-from radsam_jax.model.sam import _encode
+from radsam_jax.model.sam import encode_images
 
 
 def matmul_rate(n: int, dtype) -> float:
@@ -50,7 +50,7 @@ def encoder_rows(args, peak_bf16: float) -> list[dict]:
                 dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
                 images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
                 t0 = time.perf_counter()
-                compiled = _encode.lower(variables, images, config=config, dtype=dtype, attention=attention).compile()
+                compiled = encode_images.lower(variables, images, config=config, dtype=dtype, attention=attention).compile()
                 row["compile_s"] = time.perf_counter() - t0
                 seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
                 row["ms_per_batch"] = seconds * 1e3
@@ -60,7 +60,7 @@ def encoder_rows(args, peak_bf16: float) -> list[dict]:
                 # same maths without the chunked path's loops, whose bodies XLA counts once.
                 key = (config.name, dtype_name)
                 if key not in per_slice_flops:
-                    per_slice_flops[key] = lowered_flops(_encode.lower(variables, images[:1], config=config,
+                    per_slice_flops[key] = lowered_flops(encode_images.lower(variables, images[:1], config=config,
                                                                        dtype=dtype, attention="materialized"))
                 flops = per_slice_flops[key] * batch if per_slice_flops[key] else None
                 row["tflops_per_s"] = flops / seconds / 1e12 if flops else None
@@ -198,7 +198,7 @@ def variant_rows(args) -> list[dict]:
                       "variant": name, "options": str(options)}
         try:
             t0 = time.perf_counter()
-            lowered = _encode.lower(variables, images, config=config, dtype=dtype, attention=attention)
+            lowered = encode_images.lower(variables, images, config=config, dtype=dtype, attention=attention)
             compiled = lowered.compile(compiler_options=options)
             rows[name]["compile_s"] = time.perf_counter() - t0
             out = np.asarray(compiled(variables, images), np.float32)

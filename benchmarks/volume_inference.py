@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
+    from radsam_jax.evaluate.metrics import dice
     from radsam_jax.inference import SliceFrame, VolumePredictor
     from radsam_jax.inference.reference import per_slice_loop
     from radsam_jax.inference.volume_predictor import default_encoder_batch_size
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     compile_loop = time.perf_counter() - t
     pred = min((run_predictor()[0] for _ in range(args.repeats)), key=lambda d: d["total_s"])
     loop = min((run_loop() for _ in range(args.repeats)), key=lambda d: d["total_s"])
-    dice = 2 * (result.mask.astype(bool) & ref).sum() / max(1, result.mask.sum() + ref.sum())
+    score = dice(result.mask, ref)
 
     rows = [("jitted predictor (chunked encoder + lax.scan)", pred, compile_predictor),
             ("per-slice loop (host round trip per slice)", loop, compile_loop)]
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
                      f"{d['total_s']:.3f} | {n / d['total_s']:.1f} | {c:.1f} |")
     lines += ["", f"Speed-up (loop total / predictor total): {loop['total_s'] / pred['total_s']:.2f}x; "
               f"propagation only: {loop['propagate_s'] / pred['propagate_s']:.2f}x. "
-              f"Dice vs reference label {args.label_id}: {dice:.3f}" + ("" if args.checkpoint else " (meaningless with random weights)") + "."]
+              f"Dice vs reference label {args.label_id}: {score:.3f}" + ("" if args.checkpoint else " (meaningless with random weights)") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"volume_inference_{device.platform}.md"

@@ -22,6 +22,13 @@ DEFAULT_WINDOWS = {"hu": DEFAULT_CT_WINDOW, "percentile": (PERCENTILE_SCALE / 2,
 UNKNOWN_MODALITY = "unknown"
 
 
+def window_unit(values, window) -> np.ndarray:
+    """Intensities -> 0..1 float32 through a (level, width) window, clipped: the data pipeline's,
+    previews' and reports' window (preprocess.window_ct is the model input's, on the device, x 255)."""
+    level, width = window
+    return np.clip((np.asarray(values, np.float32) - (level - width / 2.0)) / width, 0.0, 1.0)
+
+
 def check_intensity(intensity: str) -> str:
     """`intensity` if it is one of INTENSITY_MODES, else a ValueError naming the value."""
     if intensity not in INTENSITY_MODES:

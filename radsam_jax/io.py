@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -457,6 +458,16 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     img.header.set_data_dtype(dtype)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     return write_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
+
+
+def read_json(path, what: str = ""):
+    """The JSON a person wrote in `path` (labels.json, splits, manifests, prompts), a byte-order mark
+    some editors write included; ValueError naming the file (as `what`, e.g. "prompts file") where
+    it is not UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what + ' ' if what else ''}{path} is not valid JSON: {e}") from None
 
 
 def file_sha256(path) -> str:

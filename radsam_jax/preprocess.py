@@ -23,12 +23,7 @@ import numpy as np
 
 from radsam_jax.model.config import DEFAULT_CT_WINDOW, PREPROCESSING_MODES, ModelConfig
 
-# Soft-tissue abdominal window, the default for CT; training takes the level/width from its config
-# and records them in the model (ModelConfig.ct_window), which inference uses.
-DEFAULT_WINDOW = DEFAULT_CT_WINDOW
-
-
-def window_ct(hu, level: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]):
+def window_ct(hu, level: float = DEFAULT_CT_WINDOW[0], width: float = DEFAULT_CT_WINDOW[1]):
     """Hounsfield units -> 0..255 float through a window (level, width), clipped."""
     lo = level - width / 2.0
     return jnp.clip((jnp.asarray(hu, jnp.float32) - lo) / width, 0.0, 1.0) * 255.0
@@ -95,16 +90,18 @@ def preprocess_ct_slices(hu_slices, config: ModelConfig, window=None):
     return preprocess_images(to_rgb(window_ct(hu_slices, *(config.ct_window if window is None else window))), config)
 
 
-def points_to_input(points, geo: Geometry):
-    """(..., 2) (x, y) original pixels -> model-input pixels."""
-    return jnp.asarray(points, jnp.float32) * geo.scale_xy
+def points_to_input(points, geo: Geometry) -> np.ndarray:
+    """(..., 2) (x, y) original pixels -> model-input pixels (host arrays: prompts are small)."""
+    if np.ndim(points) < 1 or np.shape(points)[-1] != 2:
+        raise ValueError(f"points must have shape (..., 2) (x, y), got shape {np.shape(points)}")
+    return np.asarray(points, np.float32) * geo.scale_xy
 
 
-def box_to_input(box, geo: Geometry):
+def box_to_input(box, geo: Geometry) -> np.ndarray:
     """(..., 4) x0, y0, x1, y1 original pixels -> model-input pixels."""
     if np.ndim(box) < 1 or np.shape(box)[-1] != 4:
         raise ValueError(f"box must have shape (..., 4) (x0, y0, x1, y1), got shape {np.shape(box)}")
-    return jnp.asarray(box, jnp.float32) * jnp.tile(geo.scale_xy, 2)
+    return points_to_input(np.reshape(box, (*np.shape(box)[:-1], 2, 2)), geo).reshape(np.shape(box))
 
 
 @functools.lru_cache(maxsize=32)
@@ -154,14 +151,3 @@ def logits_to_mask(logits, geo: Geometry, preprocessing: str = "sam"):
         probs = jax.image.resize(probs, (*lead, *geo.original), "linear", antialias=False)
         return probs > 0.5
     return upscale_logits(logits, geo) > 0.0
-
-
-def mask_to_prompt(mask, geo: Geometry, mask_size: int):
-    """(..., H, W) binary mask on the original image -> (..., S/4, S/4) binary mask prompt."""
-    mask = jnp.asarray(mask, jnp.float32)
-    lead = mask.shape[:-2]
-    s = geo.image_size
-    x = jax.image.resize(mask, (*lead, *geo.resized), "linear", antialias=False)
-    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, s - geo.resized[0]), (0, s - geo.resized[1])])
-    x = jax.image.resize(x, (*lead, mask_size, mask_size), "linear", antialias=True)
-    return (x > 0.5).astype(jnp.float32)

@@ -146,7 +146,6 @@ def test_ct_window_round_trips(small, tmp_path):
 
 def test_header_without_ct_window_loads_with_the_default(saved, tmp_path):
     from radsam_jax.model.config import DEFAULT_CT_WINDOW
-    from radsam_jax.preprocess import DEFAULT_WINDOW
 
     def edit(f):  # a radsam.json written before ct_window existed
         header = json.loads(f.read_text())
@@ -154,7 +153,7 @@ def test_header_without_ct_window_loads_with_the_default(saved, tmp_path):
         f.write_text(json.dumps(header))
 
     model = load_checkpoint(_copy_with_header(saved, tmp_path, edit))
-    assert model.config.ct_window == DEFAULT_CT_WINDOW == DEFAULT_WINDOW == (40.0, 400.0)
+    assert model.config.ct_window == DEFAULT_CT_WINDOW == (40.0, 400.0)
 
 
 @pytest.mark.parametrize("window", [[40.0], [40.0, 0.0], [40.0, -10.0], "soft", [40.0, None]])

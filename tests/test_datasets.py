@@ -129,8 +129,11 @@ def test_generic_layout_and_structure_filter(tmp_path):
     assert kept[0].structures == {"bone": 2}
     with pytest.raises(ValueError, match=r"unknown structure.*'kidney'.*valid names: absent, bone, organ"):
         datasets.read_cases("generic", root, "all", structures=["kidney"])
-    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}))
+    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}), encoding="utf-8-sig")  # a BOM too
     assert [c.case_id for c in datasets.read_cases("generic", root, "val")] == ["b"]
+    labels = json.loads((root / "b" / "labels.json").read_text())
+    (root / "b" / "labels.json").write_text(json.dumps(labels), encoding="utf-8-sig")  # as some editors save it
+    assert datasets.read_cases("generic", root, "val")[0].structures == {"organ": 1, "bone": 2, "absent": 3}
 
 
 def test_errors_for_empty_folders_and_misaligned_labels(tmp_path):

@@ -11,9 +11,9 @@ from radsam_jax.inference.cli import DEFAULT_CHECKPOINT, SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 # MODEL_CARD.md: the README command gave liver Dice 0.598 with this checkpoint. Float32 summation
-# order across CPUs moves a few boundary pixels (well under 0.01 Dice); the floor catches a broken
-# loader, preprocessing or propagation, each of which drops the Dice far below it.
-README_DICE_FLOOR = 0.55
+# order across CPUs (and TF32 products on GPUs) moves a few boundary pixels, well under 0.01 Dice; a
+# broken loader, preprocessing or propagation drops it far below the floor.
+README_DICE_FLOOR = 0.58
 
 
 def test_bundled_checkpoint_is_small_and_described():

@@ -84,6 +84,14 @@ def test_parse_known_classes(tmp_path):
     t.write_text("aorta\nliver\n")
     assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}
     assert metrics.parse_known_classes("liver,spleen", valid=["aorta", "liver", "spleen"]) == {"liver", "spleen"}
+    # Saved by an editor that writes a byte-order mark; JSON that does not parse is an error, not one class name.
+    f.write_text(json.dumps({"labels": {"1": "spleen", "2": "liver"}}), encoding="utf-8-sig")
+    assert metrics.parse_known_classes(str(f)) == {"spleen", "liver"}
+    t.write_text("aorta\nliver\n", encoding="utf-8-sig")
+    assert metrics.parse_known_classes(str(t)) == {"aorta", "liver"}
+    f.write_text('{"labels": {"1": "spleen",}}')
+    with pytest.raises(ValueError, match=f"--known-classes {f} is not valid JSON"):
+        metrics.parse_known_classes(str(f))
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -455,11 +455,11 @@ def test_volume_predictor_uses_the_models_ct_window(checkpoint, tmp_path):
     from radsam_jax.checkpoint import load_checkpoint
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.io import Volume
-    from radsam_jax.preprocess import DEFAULT_WINDOW
+    from radsam_jax.intensity import DEFAULT_CT_WINDOW
 
     model = load_checkpoint(_with_ct_window(checkpoint, tmp_path / "windowed", (60.0, 350.0)))
     assert model.config.ct_window == (60.0, 350.0)
-    assert VolumePredictor(load_checkpoint(checkpoint)).window == DEFAULT_WINDOW
+    assert VolumePredictor(load_checkpoint(checkpoint)).window == DEFAULT_CT_WINDOW
     rng = np.random.default_rng(0)
     volume = Volume(rng.uniform(-300, 300, (24, 20, 2)).astype(np.float32), np.eye(4))
 
@@ -473,8 +473,8 @@ def test_volume_predictor_uses_the_models_ct_window(checkpoint, tmp_path):
     explicit_same, same = embeddings(window=(60, 350))
     assert explicit_same == window
     np.testing.assert_array_equal(own, same)  # the model's window is what the encoder saw
-    explicit, other = embeddings(window=DEFAULT_WINDOW)  # an explicit window wins
-    assert explicit == DEFAULT_WINDOW and not np.allclose(own, other)
+    explicit, other = embeddings(window=DEFAULT_CT_WINDOW)  # an explicit window wins
+    assert explicit == DEFAULT_CT_WINDOW and not np.allclose(own, other)
     with pytest.raises(ValueError, match="width > 0"):
         VolumePredictor(model, window=(40.0, 0.0))
 

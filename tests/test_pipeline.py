@@ -222,7 +222,7 @@ def test_thin_objects_keep_a_target_and_a_prompt_when_shrunk_more_than_twice():
                     extent = (rows, cols) if horizontal else (cols, rows)
                     assert extent[0].max() <= (first + thickness) * scale + 1, where
                     assert extent[1].min() >= 100 * scale - 1 and extent[1].max() <= 140 * scale + 1, where
-    # Objects the plain resize keeps are unchanged (> 0.5 of bilinear, as preprocess.mask_to_prompt).
+    # Objects the plain resize keeps are unchanged (> 0.5 of bilinear).
     mask = np.zeros((512, 512), bool)
     mask[100:300, 50:200] = True
     spec = pipeline.InputSpec(64, 16, "sam", (0, 0, 0), (1, 1, 1))

@@ -88,10 +88,18 @@ def _train_cli(workdir, *overrides, devices=1, config="configs/train/example_cpu
                                       "over the 2 devices of the mesh (it must be a multiple of 2 x 8)"),
     (["--config.init_checkpoint=/nonexistent/ckpt"], "cannot build the model: no model checkpoint at /nonexistent/ckpt"),
     (["--config.loss.dice=cubic"], "loss.dice must be one of squared, linear, got 'cubic'"),
-], ids=["batch", "eval_batch", "num_devices", "attention", "grad_accum", "init_checkpoint", "dice"])
+    (["--config.data_source=pipline"], "data_source must be one of pipeline, mixture, synthetic, got 'pipline'"),
+], ids=["batch", "eval_batch", "num_devices", "attention", "grad_accum", "init_checkpoint", "dice", "data_source"])
 def test_cli_config_mistakes_exit_2_before_the_workdir_exists(tmp_path, overrides, message):
     r = _train_cli(tmp_path / "run", *overrides, devices=2)
     assert r.returncode == 2 and f"radsam train: error: {message}" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--print-config", "--print_config"])
+def test_print_config_shows_the_overridden_config_and_trains_nothing(tmp_path, flag):
+    r = _train_cli(tmp_path / "run", "--config.seed=7", flag)
+    assert r.returncode == 0 and "seed: 7" in r.stdout, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -183,6 +191,16 @@ def test_tpu_sweep_makes_nothing_on_this_machine(tmp_path, capsys, monkeypatch):
                   "configs/train/example_cpu.py:runlocal", "--root", str(root), "--grid", "seed=0,1") == 0
     assert len(started) == 2 and all(c[0].endswith("tpu_pod.sh") for c in started), started
     assert not (tmp_path / "on_the_workers").exists()
+
+
+@pytest.mark.parametrize("name", ["amos_vit_b", "totalseg_vit_b", "amos_totalseg_vit_b", "amos_mri_vit_b"])
+def test_runlocal_shrinks_every_full_recipe_and_a_mistyped_variant_is_refused(name):
+    full, smoke = (load_config_file(str(REPO / f"configs/train/{name}.py{arg}")) for arg in ("", ":runlocal"))
+    assert (full.model.name, full.precision, full.batch_size) == ("vit_b", "bfloat16", 32)
+    assert (smoke.model.name, smoke.init_checkpoint, smoke.precision, smoke.batch_size) == ("small", "", "float32", 2)
+    assert [d.num_workers for d in [smoke.data, *smoke.get("datasets", {}).values()]] == [0] * (1 + len(full.get("datasets", {})))
+    with pytest.raises(ConfigError, match="config variant 'runlocl' is not one of this file's: runlocal"):
+        load_config_file(str(REPO / f"configs/train/{name}.py:runlocl"))
 
 
 def test_training_intensity_and_window_are_the_models():

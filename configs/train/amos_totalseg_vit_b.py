@@ -13,10 +13,11 @@ a fixed length instead, set num_epochs = -1 (every dataset repeats) and num_trai
 
 import ml_collections
 
-from radsam_jax.train.config_lib import base_config, pipeline_data_config
+from radsam_jax.train.config_lib import base_config, config_variant, pipeline_data_config, shrink_to_smoke_run
 
 
 def get_config(arg: str = ""):
+    variant = config_variant(arg)  # "runlocal": a 20-step smoke run of this recipe on a CPU
     c = base_config()
     c.model.name = "vit_b"  # architecture when init_checkpoint is empty
     c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B; relative = repo-relative
@@ -34,4 +35,4 @@ def get_config(arg: str = ""):
     c.eval.every_steps = 5000  # validate every 5000 steps
     c.eval.volume_cases = 4  # and score 4 AMOS validation volumes in 3D (one box, mask propagation)
     c.checkpoint.every_steps = 5000  # save every 5000 steps
-    return c
+    return shrink_to_smoke_run(c) if variant == "runlocal" else c

@@ -9,10 +9,11 @@ On fewer devices, keep the global batch and add --config.grad_accum_steps=K (the
 device then runs 32 / (devices x K) images at a time; memory per step: benchmarks/results/train_throughput.md).
 """
 
-from radsam_jax.train.config_lib import base_config, pipeline_data_config
+from radsam_jax.train.config_lib import base_config, config_variant, pipeline_data_config, shrink_to_smoke_run
 
 
 def get_config(arg: str = ""):
+    variant = config_variant(arg)  # "runlocal": a 20-step smoke run of this recipe on a CPU
     c = base_config()
     c.model.name = "vit_b"  # architecture when init_checkpoint is empty (from scratch)
     c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B (radsam convert); relative = repo-relative
@@ -32,11 +33,4 @@ def get_config(arg: str = ""):
     c.eval.every_steps = 2000  # validate every 2000 steps
     c.eval.volume_cases = 4  # and score 4 validation volumes in 3D (one box, mask propagation), the paper's metric
     c.checkpoint.every_steps = 2000  # save every 2000 steps
-    if arg == "runlocal":
-        c.model.name = "small"  # the CPU-sized model
-        c.init_checkpoint = ""  # from scratch
-        c.precision = "float32"  # CPUs have no fast bf16
-        c.batch_size = 2  # one CPU
-        c.num_train_steps = 20  # a smoke run
-        c.data.num_workers = 0  # in-process loading
-    return c
+    return shrink_to_smoke_run(c) if variant == "runlocal" else c

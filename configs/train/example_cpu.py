@@ -9,14 +9,14 @@ Paths are relative to the repository root (resolved by radsam_jax.train.config_l
 the run and the validation set for smoke tests.
 """
 
-from radsam_jax.train.config_lib import base_config, pipeline_data_config, resolve_path
+from radsam_jax.train.config_lib import base_config, config_variant, pipeline_data_config, resolve_path
 
 DATA = "../shared/data"
 SMOKE_STRUCTURES = ("liver", "spleen", "stomach", "aorta", "inferior_vena_cava")  # runlocal only
 
 
 def get_config(arg: str = ""):
-    runlocal = arg == "runlocal"
+    runlocal = config_variant(arg) == "runlocal"
     c = base_config()
     c.model.name = "small"  # configs/small.py: 256 px input, 6 ViT blocks of width 192, 3.8 M params
     c.init_checkpoint = ""  # from scratch

@@ -5,10 +5,11 @@ amos_vit_b (SAM ViT-B, Adam constant 1e-5, global batch 32, 7 epochs).
         --config.data.root=/data/Totalsegmentator_dataset_v201
 """
 
-from radsam_jax.train.config_lib import base_config, pipeline_data_config
+from radsam_jax.train.config_lib import base_config, config_variant, pipeline_data_config, shrink_to_smoke_run
 
 
 def get_config(arg: str = ""):
+    variant = config_variant(arg)  # "runlocal": a 20-step smoke run of this recipe on a CPU
     c = base_config()
     c.model.name = "vit_b"  # architecture when init_checkpoint is empty
     c.init_checkpoint = "checkpoints/sam_vit_b.radsam"  # converted SAM ViT-B; relative = repo-relative
@@ -28,11 +29,4 @@ def get_config(arg: str = ""):
     c.eval.every_steps = 5000  # validate every 5000 steps
     c.eval.volume_cases = 4  # and score 4 validation volumes in 3D (one box, mask propagation), the paper's metric
     c.checkpoint.every_steps = 5000  # save every 5000 steps
-    if arg == "runlocal":
-        c.model.name = "small"  # the CPU-sized model
-        c.init_checkpoint = ""  # from scratch
-        c.precision = "float32"  # CPU
-        c.batch_size = 2  # one CPU
-        c.num_train_steps = 20  # smoke run
-        c.data.num_workers = 0  # in-process loading
-    return c
+    return shrink_to_smoke_run(c) if variant == "runlocal" else c

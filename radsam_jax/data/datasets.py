@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -72,14 +71,6 @@ def _strip_nifti(name: str) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
-def read_json(path: Path):
-    """The JSON in `path`; ValueError naming the file where it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def structure_ids(table, source: str) -> dict[str, int]:
     """{structure name: label id} from a label table, background (0) left out. Two forms: id -> name
     ({"0": "background", "1": "spleen"}: AMOS's dataset.json, labels.json) and name -> id
@@ -121,7 +112,7 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
     meta_file = root / "dataset.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"AMOS layout needs {meta_file}")
-    meta = read_json(meta_file)
+    meta = io.read_json(meta_file)
     if not isinstance(meta, dict) or "labels" not in meta:
         raise ValueError(f"{meta_file} has no 'labels' table")
     structures = structure_ids(meta["labels"], f"{meta_file} 'labels'")
@@ -223,7 +214,7 @@ def _generic_image(folder: Path) -> Optional[Path]:
 
 
 def _generic_case(folder: Path) -> Case:
-    meta = read_json(folder / "labels.json")
+    meta = io.read_json(folder / "labels.json")
     if not isinstance(meta, dict) or "label_map" not in meta:
         raise ValueError(f"{folder / 'labels.json'} has no 'label_map' (id -> name)")
     structures = structure_ids(meta["label_map"], f"{folder / 'labels.json'} 'label_map'")
@@ -250,7 +241,7 @@ def generic_cases(root, split: str = "all") -> list[Case]:
     cases = [_generic_case(f) for f in folders]
     splits_file = root / "splits.json"
     if split != "all" and splits_file.exists():
-        splits = read_json(splits_file)
+        splits = io.read_json(splits_file)
         if split not in splits:
             raise ValueError(f"split {split!r} not in {splits_file} (has {sorted(splits)})")
         keep = set(map(str, splits[split]))

@@ -42,7 +42,7 @@ import numpy as np
 from radsam_jax.data import augment as augment_lib
 from radsam_jax.data import datasets
 from radsam_jax.data import prompt_simulation as ps
-from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, volume_intensities
+from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, volume_intensities, window_unit
 from radsam_jax.io import write_atomically
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,7 @@ def resize_linear(image: np.ndarray, out_hw: tuple[int, int], antialias: bool) -
 
 def preprocess_slice(hu: np.ndarray, spec: InputSpec, level: float, width: float) -> np.ndarray:
     """(H, W) HU -> (S, S, 3) float32 model input; numpy twin of preprocess.preprocess_ct_slices."""
-    lo = level - width / 2.0
-    gray = np.clip((np.asarray(hu, np.float32) - lo) / width, 0.0, 1.0) * 255.0
+    gray = window_unit(hu, (level, width)) * 255.0
     resized = resize_linear(gray, spec.resized(*gray.shape), antialias=True)
     if spec.preprocessing == "medsam":
         lo_, hi_ = resized.min(), resized.max()
@@ -212,7 +211,7 @@ def preprocess_slice(hu: np.ndarray, spec: InputSpec, level: float, width: float
 def mask_to_input(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W) binary mask -> (S, S) uint8 in the model-input frame (resized like the image, padded).
 
-    Bilinear then > 0.5 (as preprocess.mask_to_prompt); if that erases a thin object, > 0 of the
+    Bilinear then > 0.5; if that erases a thin object, > 0 of the
     antialiased resize instead, so a sample whose original slice holds the object never gets an empty
     target (plain bilinear reads only the source pixels nearest each output pixel: shrinking a slice
     more than twice, it can miss a thin object altogether).
@@ -229,8 +228,9 @@ def mask_to_input(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def mask_to_prompt_np(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(H, W) binary mask -> (S/4, S/4) bool mask prompt; numpy twin of preprocess.mask_to_prompt
-    (bilinear to the resized size, pad, antialiased bilinear to S/4, > 0.5), falling back to > 0 of
+    """(H, W) binary mask -> (S/4, S/4) bool mask prompt: bilinear to the resized size, pad,
+    antialiased bilinear to S/4, > 0.5 (a ground-truth mask made a prompt as SAM's training makes
+    its low-resolution masks), falling back to > 0 of
     antialiased resizes throughout when that erases a small object (as `mask_to_input`)."""
     m = np.asarray(mask, np.float32)
 

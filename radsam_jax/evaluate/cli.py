@@ -157,7 +157,8 @@ def detect_format(path: Path) -> str:
 
 
 def _single_image_case(args):
-    from radsam_jax.data.datasets import Case, read_json, structure_ids
+    from radsam_jax.data.datasets import Case, structure_ids
+    from radsam_jax.io import read_json
     from radsam_jax.intensity import UNKNOWN_MODALITY
 
     if not args.labels or not args.label_names:

@@ -133,10 +133,12 @@ def parse_known_classes(spec: Optional[str], valid: Optional[Iterable[str]] = No
         return None
     path = Path(spec)
     if path.is_file():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith(("{", "[")):  # meant as JSON: not one class named by the whole text
+                raise ValueError(f"--known-classes {spec} is not valid JSON: {e}") from None
             names = [line.strip() for line in text.splitlines()]
         else:
             if isinstance(data, Mapping):

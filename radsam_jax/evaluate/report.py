@@ -37,7 +37,7 @@ import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
 from radsam_jax.io import save_png_atomically, write_atomically, write_text_atomically
-from radsam_jax.intensity import window_caption
+from radsam_jax.intensity import window_caption, window_unit
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
                  "clicks", "clicks_honoured", "oracle_dice", "initial_slice", "lo", "hi", "voxels")
@@ -429,10 +429,9 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
     label_h = 30
     img = Image.new("RGB", (cols * tile, rows_n * (tile + label_h)), "white")
     draw = ImageDraw.Draw(img)
-    level, width = window
     for i, w in enumerate(worst):
         # RAS canonical slice (rows = y = A, columns = x = R): flip both for the radiological view.
-        ct = np.clip((w.image - (level - width / 2)) / width, 0, 1)[::-1, ::-1]
+        ct = window_unit(w.image, window)[::-1, ::-1]
         gt, pred = _contour(w.gt)[::-1, ::-1], _contour(w.pred)[::-1, ::-1]
         rgb = np.repeat((ct * 255).astype(np.uint8)[..., None], 3, axis=2)
         rgb[gt] = (0, 220, 0)

@@ -188,7 +188,8 @@ def run_slice_level(predictor, gt: np.ndarray, setting: Setting, checkpoints: Se
     return scores, info, first
 
 
-def _worst_slice(pred: np.ndarray, gt: np.ndarray, lo: int, hi: int) -> int:
+def _worst_slice(pred: np.ndarray, gt: np.ndarray) -> int:
+    """The slice with most wrong voxels; the object's largest slice when none is wrong."""
     errors = np.count_nonzero((pred.astype(bool) != gt.astype(bool)).reshape(-1, gt.shape[-1]), axis=0)
     if errors.any():
         return int(np.argmax(errors))
@@ -424,7 +425,7 @@ def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: s
             d0 = float(scores[cps[0]])
             order = (*position, setting_index)
             if len(heap) < options.worst_count or (-d0, order) > heap[0][:2]:
-                k = _worst_slice(first, gt, lo, hi)
+                k = _worst_slice(first, gt)
                 sx, sy = (float(v) for v in volume.spacing[:2])
                 image = slice_2d(predictor.intensities, k).astype(np.float32)  # in the units its window is in
                 wc = WorstCase(d0, case.case_id, name, setting.key, cps[0], k, image, slice_2d(gt, k).copy(),

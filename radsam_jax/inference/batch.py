@@ -37,13 +37,6 @@ import numpy as np
 from radsam_jax.inference.prompt_file import ObjectPrompt, load_prompts_file
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """3D Dice of two binary masks (1.0 when both are empty)."""
-    a, b = a.astype(bool), b.astype(bool)
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
-
-
 def voxel_ml(volume) -> float:
     """The volume of one voxel of `volume` in mL: |det| of the affine's 3x3 part in mm^3, which the
     product of the spacings overstates on sheared grids (gantry-tilted CT)."""
@@ -101,10 +94,9 @@ def read_manifest(path) -> list[Case]:
     rows = []  # (where, id or None, image, prompts)
     try:
         if path.suffix.lower() == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: editors that write a BOM
-            except json.JSONDecodeError as e:
-                raise ValueError(f"manifest {path} is not valid JSON: {e}") from e
+            from radsam_jax.io import read_json
+
+            data = read_json(path, "manifest")
             if not isinstance(data, list):
                 raise ValueError(f"manifest {path} must be a JSON list of cases")
             for i, item in enumerate(data):

@@ -202,7 +202,8 @@ def _check_destinations(args) -> None:
 
 def run_segment(args) -> int:
     from radsam_jax.io import load_label_map, load_volume
-    from radsam_jax.inference.batch import dice, voxel_ml
+    from radsam_jax.evaluate.metrics import dice
+    from radsam_jax.inference.batch import voxel_ml
 
     out = Path(args.out)
     _check_destinations(args)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from radsam_jax.io import save_png_atomically
-from radsam_jax.intensity import window_caption
+from radsam_jax.intensity import window_caption, window_unit
 
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (200, 64, 255), (0, 220, 160), (255, 128, 0), (160, 255, 64)]
 
@@ -57,12 +57,11 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
     first = objects[0]
     if slices is None:
         slices = preview_slices(first.slice, first.bounds)
-    level, width = window
     n0, n1 = volume_array.shape[:2]
     scale = max(1, int(np.ceil(min_panel / max(n0, n1))))
     panels = []
     for k in slices:
-        img = np.clip((volume_array[:, :, k].T - (level - width / 2)) / width, 0, 1) * 255
+        img = window_unit(volume_array[:, :, k].T, window) * 255
         rgb = np.repeat(img.astype(np.uint8)[..., None], 3, axis=-1)
         rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
         for i, obj in enumerate(objects):

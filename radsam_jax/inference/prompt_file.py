@@ -36,7 +36,6 @@ Objects are written in order; where two overlap, the later one wins. A slice hol
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -44,6 +43,7 @@ import numpy as np
 
 from radsam_jax.inference.orientation import axial_grid
 from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
+from radsam_jax.io import read_json
 
 OBJECT_KEYS = {"label", "name", "slice", "bounds", "box", "points", "point_labels", "propagation", "reference_label", "edits"}
 EDIT_KEYS = {"slice", "points", "point_labels"}
@@ -330,9 +330,9 @@ def load_prompts_file(path, shape, affine, *, world: bool = False, max_points: i
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: editors that write a BOM
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PromptError(f"prompts file {path} is not valid JSON: {e}") from e
+        data = read_json(path, "prompts file")
+    except ValueError as e:
+        raise PromptError(str(e)) from None
     try:
         return parse_prompts(data, shape, affine, world=world, max_points=max_points)
     except PromptError as e:

@@ -52,8 +52,10 @@ from radsam_jax.inference.propagation import (
 )
 from radsam_jax.intensity import DEFAULT_WINDOWS, check_intensity, volume_intensities
 from radsam_jax.model.config import ModelConfig, is_valid_ct_window
-from radsam_jax.model.sam import RadSam, Sam, check_compute_dtype
-from radsam_jax.preprocess import Geometry, geometry, logits_to_mask, preprocess_ct_slices
+from radsam_jax.model.sam import RadSam, check_compute_dtype, encode_images
+from radsam_jax.preprocess import (
+    Geometry, box_to_input, geometry, logits_to_mask, points_to_input, preprocess_ct_slices,
+)
 from radsam_jax.prompts import Prompts
 
 Bucket = Union[int, Sequence[int]]
@@ -100,12 +102,6 @@ def _preprocess_chunk(hu_slices, indices, *, config: ModelConfig, window):
     return preprocess_ct_slices(hu_slices[indices], config, window)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "attention"))
-def _encode_images(variables, images, *, config: ModelConfig, dtype, attention: str):
-    """(B, S, S, 3) -> (B, e, e, C) embeddings: one compiled encoder for volumes of every shape."""
-    return Sam(config, dtype, attention=attention).apply(variables, images, method=Sam.encode)
-
-
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _store_embeddings(embeddings, emb, indices):
     return embeddings.at[indices].set(emb.astype(embeddings.dtype))
@@ -122,7 +118,7 @@ def _encode_into(variables, embeddings, hu_slices, indices, *, config: ModelConf
     1.4 s after: benchmarks/results/gpu_vitb_bf16_whole.md). Dispatch is
     asynchronous, so the host does not wait between them."""
     images = _preprocess_chunk(hu_slices, indices, config=config, window=window)
-    emb = _encode_images(variables, images, config=config, dtype=dtype, attention=attention)
+    emb = encode_images(variables, images, config=config, dtype=dtype, attention=attention)
     return _store_embeddings(embeddings, emb, indices)
 
 
@@ -303,10 +299,9 @@ class VolumePredictor:
     def _embedding_dtype(self):
         """The encoder's output dtype, from tracing it once per predictor: tracing takes longer than
         encoding a small volume (0.8 s per `set_volume` for the bundled model on the CPU)."""
-        return jax.eval_shape(
-            lambda v, x: Sam(self.config, self.dtype, attention=self.attention).apply(v, x, method=Sam.encode),
-            self.variables, jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3), jnp.float32),
-        ).dtype
+        encode = functools.partial(encode_images, config=self.config, dtype=self.dtype, attention=self.attention)
+        size = self.config.image_size
+        return jax.eval_shape(encode, self.variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).dtype
 
     def _require_volume(self):
         if self.volume is None:
@@ -394,7 +389,7 @@ class VolumePredictor:
         if p.shape[0] > self.max_points:
             raise ValueError(f"{p.shape[0]} points exceed max_points={self.max_points}")
         self._check_inside(p, "point")
-        pts[: len(p)] = self._to_input(self.frame.points_to_canonical(p))
+        pts[: len(p)] = points_to_input(self.frame.points_to_canonical(p), self.geo)
         labels[: len(p)] = lab
         return pts, labels
 
@@ -407,9 +402,6 @@ class VolumePredictor:
                     f"and y in 0..{n1 - 1} (second axis)"
                 )
 
-    def _to_input(self, canon_xy: np.ndarray) -> np.ndarray:
-        return (np.asarray(canon_xy, np.float32) * self.geo.scale_xy).astype(np.float32)
-
     def _box_to_model(self, box) -> np.ndarray:
         b = np.asarray(box, np.float64).reshape(-1)
         if b.shape != (4,):
@@ -417,7 +409,7 @@ class VolumePredictor:
         self._check_inside(b.reshape(2, 2), "box corner")
         if b[0] > b[2] or b[1] > b[3]:
             raise ValueError(f"box {b.tolist()} must have x0 <= x1 and y0 <= y1")
-        return self._to_input(self.frame.box_to_canonical(b).reshape(2, 2)).reshape(4)
+        return box_to_input(self.frame.box_to_canonical(b), self.geo)
 
     # ------------------------------------------------------------------------------------------
     # Volume-level prompting and edits

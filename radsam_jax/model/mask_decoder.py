@@ -6,7 +6,6 @@ RadSAM keeps all four: mask 0 is the primary prediction, masks 1-3 the secondary
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from radsam_jax.model.common import MLP, gelu, layer_norm

@@ -91,7 +91,9 @@ def abstract_variables(config: ModelConfig) -> dict:
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "attention"))
-def _encode(variables, images, *, config, dtype, attention):
+def encode_images(variables, images, *, config, dtype, attention):
+    """(B, S, S, 3) model input -> (B, e, e, C) image embeddings; one compiled encoder per batch shape
+    for the whole process (RadSam.encode_image, VolumePredictor, the benchmarks)."""
     return Sam(config, dtype, attention=attention).apply(variables, images, method=Sam.encode)
 
 
@@ -103,7 +105,7 @@ def _decode(variables, embeddings, prompts, *, config, dtype):
 class RadSam:
     """A model ready to run: architecture config, variables and jitted encode/decode.
 
-    `dtype` is the compute dtype (float32 or bfloat16); parameters stay float32. `attention` picks the
+    `dtype` is the compute dtype (COMPUTE_DTYPES: float32, bfloat16, float16); parameters stay float32. `attention` picks the
     encoder's attention implementation; "auto" resolves to cuDNN "fused" on GPUs in bf16, else "chunked".
     """
 
@@ -131,7 +133,7 @@ class RadSam:
         s = self.config.image_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
             raise ValueError(f"images must have shape (B, {s}, {s}, 3), got {tuple(images.shape)}")
-        return _encode(self.variables, images, config=self.config, dtype=self.dtype, attention=self.attention)
+        return encode_images(self.variables, images, config=self.config, dtype=self.dtype, attention=self.attention)
 
     def decode(self, embeddings, prompts: Prompts) -> tuple[jax.Array, jax.Array]:
         """Jitted decoder on a ready `Prompts` batch (see `predict` for the plain-array form)."""

@@ -21,11 +21,10 @@ the loop checks it after each step, saves a checkpoint at the current step, wait
 finish and exits cleanly. We never save from inside the signal handler: the state may be mid-update.
 """
 
-import json
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import grain
 import jax

@@ -53,7 +53,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="a configs/train/*.py file (optionally file.py:arg for get_config(arg))")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events go here")
-    parser.add_argument("--print_config", action="store_true", help="print the final config and exit")
+    parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                        help="print the final config and exit")
     parser.epilog = "override any config value with --config.KEY=VALUE (e.g. --config.optim.learning_rate=1e-4)"
 
 

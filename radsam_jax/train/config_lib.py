@@ -10,7 +10,7 @@ import ast
 import difflib
 import importlib.util
 import pathlib
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import ml_collections
 
@@ -35,6 +35,28 @@ def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.Con
         raise ConfigError(f"config file {path} has no get_config()")
     config = module.get_config(arg) if arg is not None else module.get_config()
     return config
+
+
+def config_variant(arg: Optional[str], variants: Sequence[str] = ("runlocal",)) -> str:
+    """The variant a config file was asked for (`file.py:VARIANT`; "" for none): a ConfigError for one
+    the file does not offer, rather than the full recipe for a mistyped `runlocal`."""
+    arg = arg or ""
+    if arg and arg not in variants:
+        raise ConfigError(f"config variant {arg!r} is not one of this file's: {', '.join(variants)}")
+    return arg
+
+
+def shrink_to_smoke_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`runlocal` of a full-scale recipe: the CPU-sized model from scratch, 20 steps of batch 2 in float32,
+    data read in-process (every dataset of a mixture too), to try the recipe's data and code on a laptop."""
+    c.model.name = "small"  # the CPU-sized model
+    c.init_checkpoint = ""  # from scratch
+    c.precision = "float32"  # CPUs have no fast bf16
+    c.batch_size = 2  # one CPU
+    c.num_train_steps = 20  # a smoke run
+    for data in [c.data, *c.get("datasets", {}).values()]:
+        data.num_workers = 0  # in-process loading
+    return c
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -210,7 +232,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss_scale.period = 2000  # float16 only: finite steps before the scale doubles
     c.loss_scale.factor = 2.0  # float16 only: growth / shrink factor
     # ---- data
-    c.data_source = "pipeline"  # "pipeline" (radsam_jax.data.pipeline on `data`) or "synthetic" (ellipses)
+    c.data_source = "pipeline"  # "pipeline" (radsam_jax.data.pipeline on `data`), "mixture" (`datasets`, `data_mixture`) or "synthetic" (ellipses)
     c.data = pipeline_data_config()  # the data pipeline's config (dataset layout, paths, augmentation, prompts)
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.num_train = 256  # synthetic source: training examples per epoch

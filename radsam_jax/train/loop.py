@@ -19,7 +19,6 @@ import time
 from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,6 +28,8 @@ from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
 from radsam_jax.train.loss import DICE_FORMS
+
+DATA_SOURCES = ("pipeline", "mixture", "synthetic")  # config.data_source: one dataset, several, or ellipses
 from radsam_jax.train.volume_validation import volume_validation
 from radsam_jax.train.train_step import (
     abstract_train_state,
@@ -256,7 +257,7 @@ def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, 
         weights = dict(config.data_mixture)
         iterators = {name: make_data_iterator(config.datasets[name], model_config, **kwargs) for name in weights}
         return MixedIterator(iterators, weights, seed)
-    raise ValueError(f"data_source must be 'pipeline', 'mixture' or 'synthetic', got {config.data_source!r}")
+    raise ValueError(f"data_source must be one of {', '.join(DATA_SOURCES)}, got {config.data_source!r}")
 
 
 class MetricWriter:
@@ -418,6 +419,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             check()
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from e
+    if config.data_source not in DATA_SOURCES:
+        raise ConfigError(f"data_source must be one of {', '.join(DATA_SOURCES)}, got {config.data_source!r}")
     if config.loss.dice not in DICE_FORMS:
         raise ConfigError(f"loss.dice must be one of {', '.join(DICE_FORMS)}, got {config.loss.dice!r}")
     accum = config.grad_accum_steps

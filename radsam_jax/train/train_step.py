@@ -7,7 +7,7 @@ accumulation, a `shard_map` all-reduces once after the microbatch loop); the sta
 parameters and Adam moments are updated in place (no second copy in device memory).
 """
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
