@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="how the weights were trained to read a mask prompt: logits (SAM's previous low-resolution "
                         "logits; SAM, MedSAM, SamModel) or binary (0/1 masks, checkpoints trained the RadSAM way) "
                         "(default: logits)")
+    parser.add_argument("--decoder-heads", type=int, metavar="N",
+                        help="mask decoder attention heads of an inferred model, which no tensor's shape tells "
+                        "(default: a Hugging Face config.json's, else SAM's 8)")
     parser.set_defaults(func=run)
     return parser
 
@@ -42,14 +45,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model, preprocessing=args.preprocessing,
-                                   mask_prompt=args.mask_prompt)
+                                   mask_prompt=args.mask_prompt, decoder_heads=args.decoder_heads)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     c = model.config
     print(
         f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "
-        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format, {c.mask_prompt} mask prompts)"
+        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format, {c.mask_prompt} mask prompts"
+        + (f", {c.decoder_heads} decoder heads ({model.metadata['decoder_heads_from']})"
+           if "decoder_heads_from" in model.metadata else "") + ")"
     )
     return 0
 

@@ -32,10 +32,13 @@ from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_maj
 from radsam_jax.convert.key_maps import IGNORED_KEYS, KEY_MAPS
 
 FORMATS = ("auto", "segment_anything", "hf")
-MODELS = ("auto", "vit_b", "vit_l", "vit_h", "small")
+# auto: inferred from the shapes, and refused where it has a preset's widths but not all its blocks or
+# layers (a truncated file); custom: inferred, whatever it matches.
+MODELS = ("auto", "custom", "vit_b", "vit_l", "vit_h", "small")
 # Containers some training scripts wrap the state dict in.
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
-_HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SHARD_INDEX_SUFFIX = ".index.json"  # a Hugging Face checkpoint saved in shards: {"weight_map": {key: shard file}}
 
 
 class ConversionError(ValueError):
@@ -98,10 +101,27 @@ def _unwrap(obj: Any, path: Path) -> dict:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
-    # DistributedDataParallel wraps every key in "module.".
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _weights_only_globals() -> list:
+    """Plain-data types that training scripts save beside the weights (a best score as a numpy float,
+    argparse's Namespace of options), which torch.load(weights_only=True) refuses by default."""
+    import argparse
+
+    scalar = getattr(getattr(np, "_core", np.core), "multiarray").scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [scalar, np.dtype, *dtypes, argparse.Namespace]
+
+
+def _load_error(path: Path, e: Exception) -> ConversionError:
+    """torch.load's error in one line: its 'Unsupported global' line where it names one, no terminal escapes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    reason = next((line for line in lines if "Unsupported global" in line), next((line for line in lines if line), ""))
+    reason = reason.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")  # its advice is for code
+    hint = (": the file pickles more than tensors; if you trust it, re-save its state dict alone, e.g. "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") if "Unsupported global" in reason else ""
+    return ConversionError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {reason}){hint}")
 
 
 def _torch_state_dict(path: Path, container: str) -> StateDict:
@@ -110,9 +130,10 @@ def _torch_state_dict(path: Path, container: str) -> StateDict:
     try:
         # mmap keeps the tensors on disk until each is converted, so a checkpoint converts within
         # about twice its size in memory; weights_only refuses arbitrary pickled code.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=container == "pytorch-zip")
+        with torch.serialization.safe_globals(_weights_only_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=container == "pytorch-zip")
     except Exception as e:
-        raise ConversionError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise _load_error(path, e) from e
     state = _unwrap(obj, path)
 
     def load(key: str) -> np.ndarray:
@@ -161,14 +182,72 @@ def _resolve_source(src: Path) -> Path:
 
 @contextlib.contextmanager
 def open_state_dict(src) -> Iterator[StateDict]:
-    """The state dict in a .pth/.pt/.bin/.safetensors file or a Hugging Face model directory."""
+    """The state dict in a .pth/.pt/.bin/.safetensors file or a Hugging Face model directory, its SAM
+    keys without the prefix a wrapper put before them (see `_without_prefix`)."""
     path = _resolve_source(Path(src))
+    if path.name.endswith(_SHARD_INDEX_SUFFIX):
+        with _sharded_state_dict(path) as state:
+            yield _without_prefix(state)
+        return
+    with _file_state_dict(path) as state:
+        yield _without_prefix(state)
+
+
+@contextlib.contextmanager
+def _file_state_dict(path: Path) -> Iterator[StateDict]:
     kind = _file_kind(path)
     if kind == "safetensors":
         with _safetensors_state_dict(path) as state:
             yield state
     else:
         yield _torch_state_dict(path, kind)
+
+
+@contextlib.contextmanager
+def _sharded_state_dict(index: Path) -> Iterator[StateDict]:
+    """The shards an index names, read as one state dict (each tensor from the shard holding it)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("an empty or non-object weight_map")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index} is not a shard index (a JSON object with a weight_map of key -> shard file): "
+                              f"{type(e).__name__}: {e}") from None
+    files = sorted(set(map(str, weight_map.values())))
+    absent = [name for name in files if not (index.parent / name).is_file()]
+    if absent:
+        raise ConversionError(f"{index}: shard(s) {', '.join(absent)} not found beside it")
+    with contextlib.ExitStack() as stack:
+        holder = {}  # key -> the shard's StateDict
+        for name in files:
+            shard = stack.enter_context(_file_state_dict(index.parent / name))
+            holder.update(dict.fromkeys(shard.keys, shard))
+        unread = [key for key in weight_map if key not in holder]
+        if unread:
+            raise ConversionError(f"{index}: {len(unread)} key(s) it lists are in no shard, e.g. {unread[0]} "
+                                  f"(said to be in {weight_map[unread[0]]})")
+        container = f"{holder[next(iter(weight_map))].container}, {len(files)} shards"
+        yield StateDict(index, container, list(holder), lambda k: holder[k].shape(k), lambda k: holder[k].load(k))
+
+_ENCODER_KEY = re.compile(r"(?:^|(?<=\.))(?:image_encoder|vision_encoder)\.")
+
+
+def _without_prefix(state: StateDict) -> StateDict:
+    """`state` with the prefix before its image encoder's keys removed from every key that has it:
+    "module." (DistributedDataParallel), "model." (PyTorch Lightning's state_dict of a module held as
+    self.model), "sam.", ... Keys outside the prefix stay as they are (and are reported unused)."""
+    prefixes = sorted({key[:m.start()] for key in state.keys if (m := _ENCODER_KEY.search(key))})
+    if len(prefixes) > 1:
+        raise ConversionError(f"{state.file} holds image encoders under several prefixes ({', '.join(repr(p) for p in prefixes)}): "
+                              f"save the state dict of the one model to convert")
+    if not prefixes or not prefixes[0]:
+        return state
+    prefix = prefixes[0]
+    original = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in state.keys}
+    if len(original) < len(state.keys):
+        raise ConversionError(f"{state.file}: removing the prefix {prefix!r} makes two keys the same")
+    return dataclasses.replace(state, keys=list(original), shape=lambda k: state.shape(original[k]),
+                               load=lambda k: state.load(original[k]))
 
 
 # The image encoder's key prefix tells the formats apart.
@@ -316,7 +395,7 @@ def _error_report(path: Path, fmt: str, config_name: str, problems: list[str]) -
 
 
 def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", preprocessing: str = "sam",
-                       mask_prompt: str = "logits") -> RadSam:
+                       mask_prompt: str = "logits", decoder_heads: Optional[int] = None) -> RadSam:
     """Converts the checkpoint `src` into a RadSAM model checkpoint directory `dst` and returns the model.
 
     src: a .pth/.pt/.bin (PyTorch), .safetensors file, or a Hugging Face model directory.
@@ -326,6 +405,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         input pipeline (square resize, min-max to [0, 1], sigmoid threshold), so say so here.
     mask_prompt: "logits" (SAM-family weights: SAM was trained on its previous low-resolution logits
         as the mask prompt) or "binary" (weights trained with RadSAM's binary mask prompts).
+    decoder_heads: the mask decoder's attention heads, which no tensor's shape tells; default: a
+        Hugging Face config.json's, else SAM's 8 (every released SAM and MedSAM). Inferred models only.
     Raises ConversionError naming the file and, for key problems, every offending key and shape;
     nothing is left at `dst` unless the conversion is complete (a Ctrl-C or SIGTERM while the
     checkpoint is being written takes effect once it is complete).
@@ -341,8 +422,11 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         raise ConversionError(f"unknown mask_prompt {mask_prompt!r}; choose one of {', '.join(MASK_PROMPT_ENCODINGS)}")
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if decoder_heads is not None and (model not in ("auto", "custom") or decoder_heads < 1):
+        raise ConversionError(f"decoder_heads {decoder_heads}: give a positive count, and only with model 'auto' or 'custom' "
+                              f"(a preset has its own)")
     preset = None
-    if model != "auto":
+    if model not in ("auto", "custom"):
         try:
             preset = load_model_config(model)
         except ValueError as e:
@@ -355,13 +439,20 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         if preset is not None:
             config = preset
         else:
-            heads = (_hf_decoder_heads(state.file) if fmt == "hf" else None) or 8
+            read = _hf_decoder_heads(state.file) if fmt == "hf" else None
+            heads = decoder_heads or read or 8
+            heads_from = "given" if decoder_heads else "config.json" if read else "assumed: SAM's"
             names = {t: ", ".join(f"{k} {state.shape(k)}" for k in mapped.sources[t]) for t in mapped.arrays}
             try:
                 config, conflicts = infer_config_by_majority({k: v.shape for k, v in mapped.arrays.items()},
                                                              decoder_heads=heads, names=names)
             except ArchitectureError as e:
                 raise ConversionError(f"{state.file} ({fmt} format): {e}") from e
+            if model == "auto" and (near := _preset_of_same_widths(config)) is not None:
+                problems = check_against_model(mapped, state, near)
+                raise ConversionError(_error_report(state.file, fmt, near.name, problems) + (
+                    f"\n  Its widths are {near.name}'s, but not its depths (a truncated or partial checkpoint?); "
+                    f"--model custom converts it as the architecture its keys describe"))
         problems = [f"conflicting: {c}" for c in conflicts] + check_against_model(mapped, state, config)
         if problems:
             raise ConversionError(_error_report(state.file, fmt, config.name, problems))
@@ -373,6 +464,7 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
             "source_format": fmt,
             "source_container": state.container,
             "model_inferred": preset is None,
+            **({"decoder_heads_from": heads_from} if preset is None else {}),
             "converter": "radsam-jax convert",
         }
         if mapped.ignored:
@@ -408,6 +500,19 @@ def _signals_held(*signums: int) -> Iterator[None]:
             signal.signal(s, handler)
         for s in dict.fromkeys(received):
             signal.raise_signal(s)
+
+
+def _preset_of_same_widths(config: ModelConfig) -> Optional[ModelConfig]:
+    """The preset (vit_b/l/h, small) whose encoder and prompt widths and input size `config` has, if
+    `config` is not that preset: an inferred "custom" model of SAM ViT-B's widths with 11 blocks."""
+    if config.name != "custom":
+        return None
+    for name in MODELS[2:]:
+        preset = load_model_config(name)
+        if (preset.encoder_dim, preset.prompt_embed_dim, preset.image_size) == (
+                config.encoder_dim, config.prompt_embed_dim, config.image_size):
+            return preset
+    return None
 
 
 def _with_preprocessing_buffers(config: ModelConfig, ignored: dict[str, list]) -> ModelConfig:

@@ -180,6 +180,8 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
          (f"{pe}/mask_norm2/bias", 0), (f"{pe}/mask_conv3/kernel", 2)]))
 
     decoder_depth = s.count("mask decoder layer", rf"{dec}/transformer/layers_(\d+)/")
+    if decoder_depth == 0:
+        raise ArchitectureError("cannot infer the architecture: no mask decoder transformer layers")
     layers = [f"{dec}/transformer/layers_{i}/mlp" for i in range(decoder_depth)]
     decoder_mlp = s.size("mask decoder MLP width", s.dims(
         [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))])

@@ -134,6 +134,89 @@ def test_wrapped_state_dict_and_pixel_buffers(tmp_path, small_pth):
     assert model.metadata["ignored_keys"]["pixel_mean"] == [0.5, 0.5, 0.5]
 
 
+def _same_weights(a, b) -> None:
+    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a.variables)[0], jax.tree_util.tree_flatten_with_path(b.variables)[0]):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_prefixed_keys_and_training_script_extras_convert(tmp_path, small_pth):
+    """A Lightning .ckpt (state_dict of a module holding SAM as self.model), a "sam." prefix, and a
+    checkpoint dict beside a numpy score and argparse options: the same weights as the plain file."""
+    import argparse
+
+    plain = convert_checkpoint(small_pth, tmp_path / "plain")
+    state = torch.load(small_pth, weights_only=True)
+    lightning = tmp_path / "epoch=3.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3, "global_step": 120}, lightning)
+    _same_weights(convert_checkpoint(lightning, tmp_path / "lightning"), plain)
+    prefixed = tmp_path / "sam_prefix.pth"
+    torch.save({f"sam.{k}": v for k, v in state.items()}, prefixed)
+    _same_weights(convert_checkpoint(prefixed, tmp_path / "prefixed"), plain)
+    extras = tmp_path / "medsam_style.pth"
+    torch.save({"model": state, "best_dice": np.float64(0.91), "args": argparse.Namespace(lr=1e-4, epochs=100)}, extras)
+    _same_weights(convert_checkpoint(extras, tmp_path / "extras"), plain)
+    two = tmp_path / "teacher_student.pth"
+    torch.save({**{f"teacher.{k}": v for k, v in state.items()}, **{f"student.{k}": v for k, v in state.items()}}, two)
+    with pytest.raises(ConversionError, match=r"image encoders under several prefixes \('student\.', 'teacher\.'\)"):
+        convert_checkpoint(two, tmp_path / "two")
+
+
+def test_unsafe_pickles_are_refused_naming_the_global(tmp_path, small_pth):
+    import fractions
+
+    src = tmp_path / "pickled.pth"
+    torch.save({"model": torch.load(small_pth, weights_only=True), "ratio": fractions.Fraction(1, 3)}, src)
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(src, tmp_path / "out")
+    message = str(info.value)
+    assert "(UnpicklingError: Unsupported global: GLOBAL fractions.Fraction was not an allowed global by default)" in message
+    assert "re-save its state dict" in message
+    assert "\x1b" not in message and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_missing_blocks_of_a_preset_is_refused_unless_custom(tmp_path):
+    """Truncated or partial: SAM "small" widths without its last encoder block would otherwise convert
+    to a 5-block model."""
+    preset = load_model_config("small")
+    sam = build_small_sam(dim=preset.encoder_dim, depth=preset.encoder_depth, heads=preset.encoder_heads,
+                          window=preset.window_size, global_attn=preset.global_attn_indexes,
+                          prompt_dim=preset.prompt_embed_dim, decoder_mlp=preset.decoder_mlp_dim)
+    state = sam.state_dict()
+    assert convert_checkpoint(_saved(state, tmp_path / "whole.pth"), tmp_path / "whole").config.name == "small"
+    partial = _saved({k: v for k, v in state.items() if not k.startswith("image_encoder.blocks.5.")}, tmp_path / "partial.pth")
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(partial, tmp_path / "out")
+    message = str(info.value)
+    assert "does not match model 'small'" in message and "image_encoder/blocks_5/attn/qkv/kernel" in message
+    assert "Its widths are small's, but not its depths" in message and "--model custom" in message
+    custom = convert_checkpoint(partial, tmp_path / "custom", model="custom")
+    assert (custom.config.name, custom.config.encoder_depth) == ("custom", 5)
+    no_decoder = _saved({k: v for k, v in state.items() if ".transformer.layers." not in k}, tmp_path / "no_decoder.pth")
+    with pytest.raises(ConversionError, match="no mask decoder transformer layers"):
+        convert_checkpoint(no_decoder, tmp_path / "out", model="custom")
+
+
+def _saved(state: dict, path: Path) -> Path:
+    torch.save(state, path)
+    return path
+
+
+def test_sharded_hugging_face_checkpoints_convert(tmp_path):
+    hf = build_small_hf_sam()
+    hf.save_pretrained(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    assert index.is_file() and len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    single = convert_checkpoint(tmp_path / "single", tmp_path / "from_single")
+    sharded = convert_checkpoint(tmp_path / "sharded", tmp_path / "from_sharded")
+    _same_weights(sharded, single)
+    assert sharded.metadata["source_file"] == index.name and sharded.metadata["source_container"].endswith("shards")
+    first = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
+    first.unlink()
+    with pytest.raises(ConversionError, match=f"shard\\(s\\) {first.name} not found beside it"):
+        convert_checkpoint(index, tmp_path / "out")
+
+
 def test_every_missing_and_unused_key_is_reported_together(tmp_path, small_pth):
     state = torch.load(small_pth, weights_only=True)
     del state["image_encoder.blocks.0.mlp.lin2.bias"], state["mask_decoder.iou_token.weight"]
@@ -277,6 +360,10 @@ def test_cli_converts_small_model_with_model_auto(tmp_path, small_pth):
     assert header["metadata"]["source_format"] == "segment_anything"
     assert load_checkpoint(dst).config.global_attn_indexes == (1, 3)
     assert header["model_config"]["preprocessing"] == "sam"
+    assert "8 decoder heads (assumed: SAM's)" in result.stdout  # no tensor tells: said, and --decoder-heads overrides
+    assert convert_checkpoint(small_pth, tmp_path / "four", decoder_heads=4).config.decoder_heads == 4
+    with pytest.raises(ConversionError, match="decoder_heads 4: give a positive count, and only with model 'auto' or 'custom'"):
+        convert_checkpoint(small_pth, tmp_path / "preset", model="small", decoder_heads=4)
 
 
 def test_cli_medsam_preprocessing_is_recorded(tmp_path, small_pth):
