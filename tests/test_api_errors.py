@@ -86,6 +86,33 @@ def test_segment_empty_points_without_box(no_compute):
         no_compute.segment_slices({10: {"points": [], "point_labels": []}})
 
 
+@pytest.mark.parametrize("call, message", [
+    (dict(slice_index=None, box=(12, 9, 28, 23)), "slice index must be an integer, got None"),
+    (dict(slice_index="10", box=(12, 9, 28, 23)), "slice index must be an integer, got '10'"),
+    (dict(slice_index=10, box=(12, 9, 28, 23), bounds=(None, 15)), "bound lo index must be an integer, got None"),
+    (dict(slice_index=10, box=(12, 9, 28, 23), bounds=("a", 15)), "bound lo index must be an integer, got 'a'"),
+    (dict(slice_index=10, box="12 9 28 23"), "box must be four numbers x0, y0, x1, y1, got '12 9 28 23'"),
+    (dict(slice_index=10, box={"x0": 12}), "box must be four numbers x0, y0, x1, y1, got {'x0': 12}"),
+])
+def test_bad_arguments_are_named(no_compute, call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        no_compute.segment(**call)
+
+
+def test_an_empty_click_list_beside_a_box_is_no_click(predictor):
+    """A UI's empty click list: the box alone, as without points."""
+    a = predictor.segment(10, points=[], box=(12, 9, 28, 23), bounds=(8, 12))
+    b = predictor.segment(10, box=(12, 9, 28, 23), bounds=(8, 12))
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("option, value", [("encoder_batch_size", "4"), ("encoder_batch_size", 2.5), ("encoder_batch_size", 0),
+                                           ("max_points", -1), ("max_points", 2.7), ("max_points", True)])
+def test_predictor_options_must_be_positive_integers(tiny_model, option, value):  # noqa: F811
+    with pytest.raises(ValueError, match=re.escape(f"{option} must be a positive integer, got {value!r}")):
+        VolumePredictor(tiny_model, **{option: value})
+
+
 @pytest.mark.parametrize("labels", [[0.7], [1.5], ["a"]])
 def test_non_integral_point_labels(no_compute, labels):
     with pytest.raises(ValueError, match="point_labels"):

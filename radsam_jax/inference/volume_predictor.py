@@ -213,8 +213,9 @@ class VolumePredictor:
             raise ValueError(f"vanish_policy must be one of {VANISH_POLICIES}, got {vanish_policy!r}")
         if encoder_batch_size is None:
             encoder_batch_size = default_encoder_batch_size()
-        if encoder_batch_size < 1:
-            raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
+        for name, value in (("encoder_batch_size", encoder_batch_size), ("max_points", max_points)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         bucket_size(1, bucket)  # validates
         self.model = model
         self.attention = getattr(model, "attention", "chunked")
@@ -339,7 +340,11 @@ class VolumePredictor:
     # ------------------------------------------------------------------------------------------
 
     def _check_slice(self, k, what="slice") -> int:
-        if isinstance(k, (bool, np.bool_)) or not float(k).is_integer():
+        try:
+            whole = not isinstance(k, (bool, np.bool_, str, bytes)) and float(k).is_integer()
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
             raise ValueError(f"{what} index must be an integer, got {k!r}")
         k = int(k)
         if not 0 <= k < self.num_slices:
@@ -362,17 +367,15 @@ class VolumePredictor:
         """File voxel points (N, 2) + labels -> model-input points and labels padded to max_points."""
         pts = np.zeros((self.max_points, 2), np.float32)
         labels = -np.ones((self.max_points,), np.int32)
-        if points is None:
-            if point_labels is not None:
-                raise ValueError("point_labels given without points")
+        if points is None or (not isinstance(points, (str, bytes)) and np.size(points) == 0):
+            if point_labels is not None and np.size(point_labels) > 0:
+                raise ValueError(f"point_labels {point_labels!r} given without points")
             return pts, labels
         try:
             p = np.asarray(points, np.float64)
         except (TypeError, ValueError):
             raise ValueError(f"points must be (N, 2) numbers (x, y), got {points!r}") from None
-        if p.size == 0:
-            p = np.zeros((0, 2))
-        elif not (p.shape == (2,) or (p.ndim == 2 and p.shape[1] == 2)):
+        if not (p.shape == (2,) or (p.ndim == 2 and p.shape[1] == 2)):
             raise ValueError(f"points must be (N, 2) (x, y) in voxel coordinates, got shape {p.shape}: {points!r}")
         p = p.reshape(-1, 2)
         if point_labels is None:
@@ -403,7 +406,10 @@ class VolumePredictor:
                 )
 
     def _box_to_model(self, box) -> np.ndarray:
-        b = np.asarray(box, np.float64).reshape(-1)
+        try:
+            b = np.asarray(box, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(f"box must be four numbers x0, y0, x1, y1, got {box!r}") from None
         if b.shape != (4,):
             raise ValueError(f"box must be x0, y0, x1, y1, got {box!r}")
         self._check_inside(b.reshape(2, 2), "box corner")
@@ -416,22 +422,27 @@ class VolumePredictor:
     # ------------------------------------------------------------------------------------------
 
     def segment(self, slice_index: int, points=None, point_labels=None, box=None, bounds=None,
-                propagation: str = "mask", progress: Optional[Callable[[int], Any]] = None) -> VolumeResult:
-        """Volume-level prompting: a point(s) and/or box prompt on `slice_index`, propagated to `bounds`.
+                propagation: str = "mask", progress: Optional[Callable[[int], Any]] = None, mask=None) -> VolumeResult:
+        """Volume-level prompting: a point(s), box and/or mask prompt on `slice_index`, propagated to `bounds`.
 
-        points (N, 2) / box (x0, y0, x1, y1) in file voxel coordinates; point_labels 1/0; bounds
-        (lo, hi) inclusive, default the whole volume. propagation: "mask" (RadSAM) or "box"
-        (SAM/MedSAM). Starts a new object: corrections of the previous one are forgotten. The points
-        and the box are stored with the object and re-sent whenever `slice_index` is decoded again
-        (an edit there, or a re-propagation from another slice passing it).
+        points (N, 2) / box (x0, y0, x1, y1) in file voxel coordinates; point_labels 1/0; mask: the
+        object drawn on slice `slice_index` (a binary array of the slice's shape, e.g. of
+        `volume.array[:, :, k]` for an axial file; the paper's "manually drawing a mask"; models
+        trained on binary mask prompts only). bounds (lo, hi) inclusive, default the whole volume.
+        propagation: "mask" (RadSAM) or "box" (SAM/MedSAM). Starts a new object: corrections of the
+        previous one are forgotten. The points and the box are stored with the object and re-sent
+        whenever `slice_index` is decoded again (an edit there, or a re-propagation from another
+        slice passing it); the drawn mask is the start slice's mask until then.
         """
         self._require_volume()
         if propagation not in PROPAGATION_MODES:
             raise ValueError(f"propagation must be one of {PROPAGATION_MODES}, got {propagation!r}")
         k = self._check_slice(slice_index)
         lo, hi = self._check_bounds(bounds, k)
-        if (points is None or np.size(points) == 0) and box is None:
-            raise ValueError(f"segment needs a prompt: at least one point and/or a box, got points={points!r}, box=None")
+        if (points is None or np.size(points) == 0) and box is None and mask is None:
+            raise ValueError(f"segment needs a prompt: at least one point, a box or a mask, got points={points!r}, "
+                             f"box=None, mask=None")
+        current = self._empty_logits if mask is None else self._empty_logits.at[k].set(self._drawn_mask_logits(mask, k))
         pts, labels = self._points_to_model(points, point_labels)
         if box is not None:
             bx, has_box = self._box_to_model(box), True
@@ -443,10 +454,29 @@ class VolumePredictor:
         tables["table_points"][k], tables["table_labels"][k] = pts, labels
         tables["table_boxes"][k], tables["table_has_box"][k] = bx, has_box
         self.encode_slices(lo, hi, progress=progress)
-        state = _ObjectState(lo, hi, propagation, **tables, logits=self._empty_logits, iou=None)
-        logits, iou = self._propagate(state, k, lo, hi, use_current=False)
+        state = _ObjectState(lo, hi, propagation, **tables, logits=current, iou=None)
+        logits, iou = self._propagate(state, k, lo, hi, use_current=mask is not None)
         self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (lo, hi))
+
+    def _drawn_mask_logits(self, mask, k: int) -> np.ndarray:
+        """A mask drawn on file slice k -> (m, m) low-res logits of the model frame whose mask prompt
+        (propagation.encode_mask_prompt) is that mask at the model's mask-prompt resolution."""
+        if self.config.mask_prompt != "binary":
+            raise ValueError("a drawn mask prompt needs a model trained on binary mask prompts (mask_prompt 'binary', "
+                             "as radsam train writes); this model reads SAM's own low-resolution logits as its mask prompt")
+        m = np.asarray(mask)
+        if m.shape != self.frame.shape:
+            raise ValueError(f"mask must have the shape of slice {k} of the volume's array, {self.frame.shape}, got {m.shape}")
+        if m.dtype != bool and not np.isin(m, (0, 1)).all():
+            raise ValueError(f"mask must be binary (bool or 0/1), got values {np.unique(m)[:5].tolist()}")
+        if not m.any():
+            raise ValueError(f"mask is empty: draw the object on slice {k}")
+        from radsam_jax.data.pipeline import InputSpec, mask_to_prompt_np  # the training's mask prompt
+
+        canonical = self.frame.to_canonical(np.expand_dims(m.astype(np.float32), self.frame.slice_axis))[:, :, 0]
+        low = mask_to_prompt_np(canonical.T, InputSpec.from_model_config(self.config))  # model frame: rows = N1
+        return np.where(low, 1.0, EMPTY_LOGIT).astype(np.float32)
 
     def _empty_tables(self) -> dict:
         zp = self.padded_slices
