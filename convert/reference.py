@@ -14,6 +14,8 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
+
 
 def import_segment_anything():
     """(sam_model_registry, modeling) without running segment_anything/__init__.py (see module doc)."""
@@ -30,6 +32,42 @@ def import_segment_anything():
     return sam_model_registry, modeling
 
 
+def randomize_(module, seed: int = 0):
+    """Fills every parameter and persistent buffer with random values of a sensible scale, in place.
+
+    SAM initialises rel-pos tables and pos_embed to zeros (and LayerNorms to 1/0), which would leave
+    those code paths untested; random values make every tensor matter for the outputs.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    persistent = set(module.state_dict())
+    embeddings = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if name not in persistent:  # segment_anything's pixel_mean / pixel_std
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+            if "rel_pos" in leaf:
+                value = 0.2 * noise
+            elif "pos_embed" in leaf:
+                value = 0.5 * noise
+            elif "positional" in name:  # the random-Fourier matrix (SAM draws it N(0, 1))
+                value = noise
+            elif leaf == "bias":
+                value = 0.1 * noise
+            elif t.ndim == 1:  # LayerNorm scale
+                value = 1.0 + 0.2 * noise
+            elif name in embeddings:  # nn.Embedding tables: N(0, 1) as PyTorch initialises them
+                value = noise
+            else:  # linear / conv kernels: unit-variance outputs
+                fan_in = t.shape[0] if "upscal" in name else int(np.prod(t.shape[1:]))
+                value = noise / np.sqrt(fan_in)
+            t.copy_(value.to(t.dtype))
+    return module
+
+
 def build_torch_sam(name: str = "vit_b", checkpoint=None):
     """segment_anything's `sam_model_registry[name]` in eval mode (random init when checkpoint is None)."""
     sam_model_registry, _ = import_segment_anything()
@@ -41,7 +79,8 @@ def random_reference_checkpoint(workdir, name: str = "vit_b", seed: int = 0) -> 
     with the project's converter into workdir/radsam_<name>; returns (pth, converted_dir).
 
     Both sides of a comparison then load the *same* weights: PyTorch from the .pth, JAX from the
-    converted checkpoint (`radsam_jax.checkpoint.load_checkpoint`).
+    converted checkpoint (`radsam_jax.checkpoint.load_checkpoint`); random rel-pos tables and
+    position embeddings (`randomize_`), so that the comparison covers them.
     """
     import torch
 
@@ -52,7 +91,7 @@ def random_reference_checkpoint(workdir, name: str = "vit_b", seed: int = 0) -> 
     pth, dst = workdir / f"sam_{name}.pth", workdir / f"radsam_{name}"
     if not pth.exists():
         torch.manual_seed(seed)
-        torch.save(build_torch_sam(name).state_dict(), pth)
+        torch.save(randomize_(build_torch_sam(name), seed).state_dict(), pth)
     if not dst.exists():
         convert_checkpoint(pth, dst, model=name)
     return pth, dst

@@ -8,43 +8,7 @@ from functools import partial
 
 import numpy as np
 
-from radsam_jax.convert.reference import import_segment_anything
-
-
-def randomize_(module, seed: int = 0):
-    """Fills every parameter and persistent buffer with random values of a sensible scale, in place.
-
-    SAM initialises rel-pos tables and pos_embed to zeros (and LayerNorms to 1/0), which would leave
-    those code paths untested; random values make every tensor matter for the outputs.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    persistent = set(module.state_dict())
-    embeddings = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if name not in persistent:  # segment_anything's pixel_mean / pixel_std
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-            if "rel_pos" in leaf:
-                value = 0.2 * noise
-            elif "pos_embed" in leaf:
-                value = 0.5 * noise
-            elif "positional" in name:  # the random-Fourier matrix (SAM draws it N(0, 1))
-                value = noise
-            elif leaf == "bias":
-                value = 0.1 * noise
-            elif t.ndim == 1:  # LayerNorm scale
-                value = 1.0 + 0.2 * noise
-            elif name in embeddings:  # nn.Embedding tables: N(0, 1) as PyTorch initialises them
-                value = noise
-            else:  # linear / conv kernels: unit-variance outputs
-                fan_in = t.shape[0] if "upscal" in name else int(np.prod(t.shape[1:]))
-                value = noise / np.sqrt(fan_in)
-            t.copy_(value.to(t.dtype))
-    return module
+from radsam_jax.convert.reference import import_segment_anything, randomize_
 
 
 def build_small_sam(image_size=256, dim=96, depth=4, heads=3, window=6, global_attn=(1, 3), prompt_dim=128, decoder_mlp=256, seed=0):
