@@ -9,6 +9,7 @@ Every process this test starts is stopped by it (train_testlib.launch_processes)
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -124,6 +125,13 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     assert (workdir / "tensorboard").is_dir()
     data_iter = sorted(f for f in os.listdir(workdir / "checkpoints" / "3" / "data_iter") if f.startswith("process_"))
     assert data_iter == ["process_0-of-2.json", "process_1-of-2.json"], data_iter
+    # Each process saved its own share of the data order: one process cannot take both up (exit 2, before any step).
+    alone = shutil.copytree(workdir, tmp_path / "alone")
+    argv = ["radsam train", "--config", str(config_path), "--workdir", str(alone), "--config.num_train_steps=4"]
+    refused = run_python(f"import sys\nsys.argv = {argv!r}\n" + TRAIN, devices=8, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (f"radsam train: error: checkpoint {alone / 'checkpoints' / '3'} was written by 2 process(es): each saved "
+            f"its own share of the data order; resume with 2 process(es), not 1") in refused.stderr
 
     code = REFERENCE.replace("ARGS", repr((str(config_path), str(workdir), (2, 3))))
     ref = json.loads(check(run_python(code, devices=8, timeout=480)).strip().splitlines()[-1])

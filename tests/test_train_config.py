@@ -341,3 +341,29 @@ def test_validation_on_the_training_cases_is_named(tmp_path):
     assert loop.validation_overlap(apply_overrides(load_config_file(str(REPO / "configs/train/amos_vit_b.py")),
                                                    [f"data.root={amos}"])) == []
     assert loop.validation_overlap(config("data_source=synthetic")) == []
+
+
+def test_synthetic_shards_are_equal_so_no_process_steps_alone():
+    """5 examples over 2 processes: 2 each (the fifth dropped), as the data pipeline shares its samples;
+    a process with a batch more would wait for the others in that step's collectives."""
+    from radsam_jax.model import ModelConfig
+    from radsam_jax.train.synthetic import make_synthetic_iterator
+
+    mc = ModelConfig(name="tiny", image_size=64)
+    counts = [sum(1 for _ in make_synthetic_iterator(mc, split="train", batch_size=1, seed=0, num_examples=5,
+                                                      shard_index=i, shard_count=2, num_epochs=1)) for i in range(2)]
+    assert counts == [2, 2]
+    with pytest.raises(ValueError, match="1 synthetic examples cannot be shared by 2 processes"):
+        make_synthetic_iterator(mc, split="train", batch_size=1, seed=0, num_examples=1, shard_index=0, shard_count=2)
+
+
+def test_num_devices_of_a_multi_process_run_must_be_all(monkeypatch):
+    import jax
+
+    from radsam_jax.train import loop
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["num_devices=4"])
+    with pytest.raises(ConfigError, match=r"num_devices 4: a run of 2 processes uses all 8 devices \(-1\)"):
+        loop.check_config(c)

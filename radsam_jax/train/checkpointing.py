@@ -21,6 +21,7 @@ the loop checks it after each step, saves a checkpoint at the current step, wait
 finish and exits cleanly. We never save from inside the signal handler: the state may be mid-update.
 """
 
+import re
 import signal
 import threading
 import time
@@ -30,6 +31,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from radsam_jax.train.config_lib import ConfigError
 
 STATE, DATA_ITER, CONFIG, MODEL_CONFIG = "state", "data_iter", "config", "model_config"
 
@@ -93,9 +96,20 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
+            self._check_process_count(step)
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
+
+    def _check_process_count(self, step: int) -> None:
+        """ConfigError unless the checkpoint's data iterator states (one file per process,
+        process_I-of-N.json) were written by as many processes as this run has."""
+        counts = {int(m[1]) for f in (self.directory / str(step) / DATA_ITER).glob("process_*-of-*.json")
+                  if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+        if counts and jax.process_count() not in counts:
+            raise ConfigError(f"checkpoint {self.directory / str(step)} was written by {max(counts)} process(es): each "
+                              f"saved its own share of the data order; resume with {max(counts)} process(es), not "
+                              f"{jax.process_count()}")
 
     def restore_state_arrays(self, step: Optional[int] = None) -> dict:
         """The saved train state as a plain nested dict of host arrays (no target needed), e.g. to

@@ -407,6 +407,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.num_devices > available:
         raise ConfigError(f"num_devices {config.num_devices} is more than the {available} "
                           f"{jax.devices()[0].platform} device(s) JAX sees")
+    if jax.process_count() > 1 and config.num_devices not in (-1, available):
+        raise ConfigError(f"num_devices {config.num_devices}: a run of {jax.process_count()} processes uses all "
+                          f"{available} devices (-1); a mesh over some would leave processes without a device")
     n = config.num_devices if config.num_devices > 0 else available
     eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
     for key, batch in (("batch_size", config.batch_size), ("eval.batch_size", eval_batch)):

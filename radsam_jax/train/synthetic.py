@@ -76,7 +76,11 @@ def make_synthetic_iterator(
     offset = 0 if split == "train" else 1_000_000
     ds = grain.MapDataset.range(num_examples)
     if shard_count:
-        ds = ds[shard_index::shard_count]
+        if num_examples < shard_count:
+            raise ValueError(f"{num_examples} synthetic examples cannot be shared by {shard_count} processes")
+        # Equal shares (the remainder dropped, as the data pipeline does): a process with one batch more
+        # than the others would wait for them in its extra step's collectives.
+        ds = ds[shard_index::shard_count][: num_examples // shard_count]
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds.map(lambda i: synthetic_example(int(i) + offset, image_size=model_config.image_size, seed=seed))
