@@ -100,6 +100,24 @@ def test_small_sam_masks_and_iou(small_sam, case):
     _check(f"{case} iou (4 values)", iou, ref_iou)
 
 
+@pytest.mark.parametrize("case", ["one_positive_point", "box_and_points", "mask_and_points"])
+def test_padding_point_slots_change_nothing(small_sam, case):
+    """Points padded to 16 slots (label -1), as VolumePredictor and training batches pad them, give
+    segment_anything's outputs for the unpadded points: padding is not a prompt."""
+    sam, model, _, ref_embeddings, embeddings = small_sam
+    prompt = dict(PROMPT_CASES[case])
+    _, ref_masks, ref_iou = sam_reference_outputs(sam, None, embeddings=ref_embeddings, **prompt)
+    points, labels = np.asarray(prompt["points"], np.float32), np.asarray(prompt["labels"], np.int32)
+    pad = 16 - points.shape[1]
+    prompt["points"] = np.concatenate([points, np.full((1, pad, 2), 77.0, np.float32)], axis=1)
+    prompt["labels"] = np.concatenate([labels, -np.ones((1, pad), np.int32)], axis=1)
+    masks, iou = _predict(model, embeddings, prompt)
+    print()
+    for i in range(4):
+        _check(f"{case} padded to 16, mask {i}", masks[:, i], ref_masks[:, i])
+    _check(f"{case} padded to 16, iou (4 values)", iou, ref_iou)
+
+
 @pytest.mark.parametrize("original", [(101, 122), (512, 400), (300, 300), (64, 200)])
 def test_upscale_logits_matches_sam_postprocess_masks(small_sam, original):
     """Low-res logits -> the original image: ours (one matrix per axis) against SAM's postprocess_masks

@@ -1,10 +1,10 @@
 """SAM's prompt encoder over RadSAM's static-shape prompts.
 
 Sparse tokens: N point slots + 2 extra slots. With a box the extra slots hold its two corners; without
-one the first holds SAM's padding point (0, 0) with label -1 and the second is switched off. When
-every point label is -1 the point slots are switched off too, so each prompt combination yields
-exactly the tokens that `segment_anything` builds for it; the decoder masks switched-off tokens out
-of attention, which makes them contribute nothing.
+one the first holds SAM's padding point (0, 0) with label -1 (when there are points) and the second is
+switched off. Point slots labelled -1 are padding and switched off, so each prompt combination yields
+exactly the tokens that `segment_anything` builds for it, whatever N the slots are padded to; the
+decoder masks switched-off tokens out of attention, which makes them contribute nothing.
 """
 
 import math
@@ -83,7 +83,7 @@ class PromptEncoder(nn.Module):
 
     def __call__(self, prompts: Prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         labels = prompts.point_labels
-        b, n = labels.shape
+        b = labels.shape[0]
         has_points = jnp.any(labels != -1, axis=1)
         has_box = prompts.has_box.astype(bool)
         has_mask = prompts.has_mask.astype(bool)
@@ -103,7 +103,7 @@ class PromptEncoder(nn.Module):
         sparse = jnp.concatenate([point_tokens, slot0[:, None], corner1[:, None]], axis=1)
         valid = jnp.concatenate(
             [
-                jnp.broadcast_to(has_points[:, None], (b, n)),
+                labels != -1,
                 (has_points | has_box)[:, None],
                 has_box[:, None],
             ],
