@@ -370,8 +370,12 @@ def test_scan_matches_per_slice_loop(tiny_model, propagation, encoding):
     result = p.segment(10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)
     ref_logits, ref_iou, _ = per_slice_loop(p, 10, points=[[20, 16]], point_labels=[1], bounds=(3, 17), propagation=propagation)
     logits = np.asarray(result.logits)[: p.num_slices]
-    # float32 decoders fused differently: ~1e-6 of the logits' scale (about 8), one binary mask fed to the next slice.
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-5)
+    # Float32 decoders fused differently: ~1e-6 of the logits' scale (about 8) per slice when a binary
+    # mask goes to the next slice. Logits sent on (SAM's encoding) meet the mask downscaler's LayerNorms
+    # (eps 1e-6) on near-constant 2x2 patches, which scale a difference by up to 1 / sqrt(eps) = 1e3:
+    # 1e3 x 1.2e-7 (float32 epsilon) x 8 = 1e-3 (measured: 6e-4 two slices from the start).
+    atol = 1e-4 if encoding == "binary" else 2e-3
+    np.testing.assert_allclose(logits, ref_logits, atol=atol, rtol=1e-5)
     np.testing.assert_allclose(result.iou, ref_iou, atol=1e-5, equal_nan=True)
     assert result.mask.dtype == np.uint8 and result.mask.shape == vol.array.shape
     assert not result.mask[:, :, :3].any() and not result.mask[:, :, 18:].any()
