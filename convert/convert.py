@@ -12,6 +12,7 @@ This package is the only part of radsam-jax that imports torch, and only to read
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import signal
@@ -57,6 +58,16 @@ class StateDict:
     keys: list[str]
     shape: Callable[[str], tuple]
     load: Callable[[str], np.ndarray]
+    shards: tuple = ()  # the files a shard index (`file`) names
+
+    def sha256(self) -> str:
+        """The source's sha256: of its file, or for shards of the index's and every shard's in order."""
+        if not self.shards:
+            return file_sha256(self.file)
+        digest = hashlib.sha256()
+        for f in (self.file, *self.shards):
+            digest.update(bytes.fromhex(file_sha256(f)))
+        return digest.hexdigest()
 
 
 def _file_kind(path: Path) -> str:
@@ -227,7 +238,8 @@ def _sharded_state_dict(index: Path) -> Iterator[StateDict]:
             raise ConversionError(f"{index}: {len(unread)} key(s) it lists are in no shard, e.g. {unread[0]} "
                                   f"(said to be in {weight_map[unread[0]]})")
         container = f"{holder[next(iter(weight_map))].container}, {len(files)} shards"
-        yield StateDict(index, container, list(holder), lambda k: holder[k].shape(k), lambda k: holder[k].load(k))
+        yield StateDict(index, container, list(holder), lambda k: holder[k].shape(k), lambda k: holder[k].load(k),
+                        tuple(index.parent / name for name in files))
 
 _ENCODER_KEY = re.compile(r"(?:^|(?<=\.))(?:image_encoder|vision_encoder)\.")
 
@@ -386,6 +398,7 @@ def check_against_model(mapped: MappedWeights, state: StateDict, config: ModelCo
 
 
 def _error_report(path: Path, fmt: str, config_name: str, problems: list[str]) -> str:
+    assert problems, "an error report needs a problem"
     counts = collections.Counter(p.split(":", 1)[0] for p in problems)
     summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     return f"{path} ({fmt} format) does not match model {config_name!r}: {summary}; first: {problems[0]}\n  " + "\n  ".join(problems)
@@ -448,11 +461,12 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
                                                              decoder_heads=heads, names=names)
             except ArchitectureError as e:
                 raise ConversionError(f"{state.file} ({fmt} format): {e}") from e
-            if model == "auto" and (near := _preset_of_same_widths(config)) is not None:
-                problems = check_against_model(mapped, state, near)
-                raise ConversionError(_error_report(state.file, fmt, near.name, problems) + (
-                    f"\n  Its widths are {near.name}'s, but not its depths (a truncated or partial checkpoint?); "
-                    f"--model custom converts it as the architecture its keys describe"))
+            near = _preset_of_same_widths(config) if model == "auto" else None
+            short = check_against_model(mapped, state, near) if near is not None else []
+            if any(p.startswith("missing") for p in short):
+                raise ConversionError(_error_report(state.file, fmt, near.name, short) + (
+                    f"\n  Its widths are {near.name}'s, but it lacks some of its blocks or layers (a truncated or "
+                    f"partial checkpoint?); --model custom converts it as the architecture its keys describe"))
         problems = [f"conflicting: {c}" for c in conflicts] + check_against_model(mapped, state, config)
         if problems:
             raise ConversionError(_error_report(state.file, fmt, config.name, problems))
@@ -460,7 +474,7 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
                                      mask_prompt=mask_prompt)
         metadata = {
             "source_file": state.file.name,
-            "source_sha256": file_sha256(state.file),
+            "source_sha256": state.sha256(),
             "source_format": fmt,
             "source_container": state.container,
             "model_inferred": preset is None,

@@ -188,9 +188,17 @@ def test_a_checkpoint_missing_blocks_of_a_preset_is_refused_unless_custom(tmp_pa
         convert_checkpoint(partial, tmp_path / "out")
     message = str(info.value)
     assert "does not match model 'small'" in message and "image_encoder/blocks_5/attn/qkv/kernel" in message
-    assert "Its widths are small's, but not its depths" in message and "--model custom" in message
+    assert "Its widths are small's, but it lacks some of its blocks or layers" in message and "--model custom" in message
     custom = convert_checkpoint(partial, tmp_path / "custom", model="custom")
     assert (custom.config.name, custom.config.encoder_depth) == ("custom", 5)
+    # Complete, but other in what no key is missing for: converted as the custom model it is.
+    four_heads = convert_checkpoint(tmp_path / "whole.pth", tmp_path / "four_heads", decoder_heads=4)
+    assert (four_heads.config.name, four_heads.config.decoder_heads) == ("custom", 4)
+    wider = build_small_sam(dim=preset.encoder_dim, depth=preset.encoder_depth, heads=preset.encoder_heads,
+                            window=preset.window_size, global_attn=preset.global_attn_indexes,
+                            prompt_dim=preset.prompt_embed_dim, decoder_mlp=256)
+    converted = convert_checkpoint(_saved(wider.state_dict(), tmp_path / "wider.pth"), tmp_path / "wider")
+    assert (converted.config.name, converted.config.decoder_mlp_dim) == ("custom", 256)
     no_decoder = _saved({k: v for k, v in state.items() if ".transformer.layers." not in k}, tmp_path / "no_decoder.pth")
     with pytest.raises(ConversionError, match="no mask decoder transformer layers"):
         convert_checkpoint(no_decoder, tmp_path / "out", model="custom")
@@ -211,6 +219,10 @@ def test_sharded_hugging_face_checkpoints_convert(tmp_path):
     sharded = convert_checkpoint(tmp_path / "sharded", tmp_path / "from_sharded")
     _same_weights(sharded, single)
     assert sharded.metadata["source_file"] == index.name and sharded.metadata["source_container"].endswith("shards")
+    other = build_small_hf_sam(seed=1)  # other weights, the same index: another source_sha256
+    other.save_pretrained(tmp_path / "other", max_shard_size="1MB")
+    assert (tmp_path / "other" / index.name).read_bytes() == index.read_bytes()
+    assert convert_checkpoint(tmp_path / "other", tmp_path / "from_other").metadata["source_sha256"] != sharded.metadata["source_sha256"]
     first = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
     first.unlink()
     with pytest.raises(ConversionError, match=f"shard\\(s\\) {first.name} not found beside it"):

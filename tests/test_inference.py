@@ -642,7 +642,7 @@ def test_new_volume_in_same_bucket_does_not_recompile(tiny_model, monkeypatch):
 def test_encoder_batch_size_default_and_check(tiny_model):
     assert (default_encoder_batch_size("cpu"), default_encoder_batch_size("gpu")) == (1, 8)
     assert VolumePredictor(tiny_model).encoder_batch_size == default_encoder_batch_size(jax.default_backend())
-    with pytest.raises(ValueError, match="encoder_batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="encoder_batch_size must be a positive integer, got 0"):
         VolumePredictor(tiny_model, encoder_batch_size=0)
 
 

@@ -43,8 +43,9 @@ def get_config(arg: str = ""):
     # on the uniform mixture learns the copy first and keeps returning empty masks for boxes and points.
     c.data.prompts.mixture.update(dict(point=0.3, box=0.4, mask=0.1, mask_points=0.1, box_mask=0.1,
                                        box_mask_points=0.0))
-    # The bundled checkpoint's recipe predates the box + mask + points type, 11 point slots and V-Net's
-    # squared soft Dice (the defaults now); these three keep it reproducible.
+    # The bundled checkpoint's recipe predates the box + mask + points type, up to 11 clicks and V-Net's
+    # squared soft Dice (the defaults now); these three keep its recipe. It was also trained while unused
+    # point slots were attended (fixed since, MODEL_CARD.md), so a rerun gives a close, not the same, model.
     c.data.prompts.num_points = 4  # correction prompts draw 1..4 points
     c.loss.dice = "linear"  # sum(p) + sum(g) denominator
     c.data.augment.zoom = 0.3  # +-30%: the training CT is 1.43 mm per input pixel at 256 px, the DICOM patient 1.95 mm
