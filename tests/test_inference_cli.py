@@ -91,6 +91,38 @@ def test_segment_prompts_file_world_and_edits(image, checkpoint, tmp_path, capsy
     assert "object 3 (ball)" in capsys.readouterr().out
 
 
+def test_segment_from_a_drawn_mask_file(image, checkpoint, tmp_path, capsys):
+    """--mask (and a prompts file's "mask", relative to the file): slice K of a label map on the image's
+    grid is the prompt, as VolumePredictor.segment(K, mask=...) takes it from Python."""
+    from radsam_jax.checkpoint import load_checkpoint
+    from radsam_jax.inference import VolumePredictor
+    from radsam_jax.io import load_volume
+
+    drawn = image.parent / "labels.nii.gz"  # the ball, label 7
+    out = tmp_path / "from_mask.nii.gz"
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--mask", drawn, "--mask-label", 7,
+                   "--bounds", 6, 14, "--out", out, "--no-progress") == 0, capsys.readouterr().err
+    predictor = VolumePredictor(load_checkpoint(checkpoint))
+    predictor.set_volume(load_volume(image))
+    expected = predictor.segment(10, mask=np.asarray(nib.load(str(drawn)).dataobj)[:, :, 10] == 7, bounds=(6, 14)).mask
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected)
+    (tmp_path / "drawn").mkdir()
+    (tmp_path / "drawn" / "ball.nii.gz").write_bytes(drawn.read_bytes())
+    pfile = tmp_path / "drawn" / "prompts.json"
+    pfile.write_text(json.dumps([{"slice": 10, "bounds": [6, 14], "mask": "ball.nii.gz"}]))
+    out2 = tmp_path / "from_file.nii.gz"
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--prompts", pfile, "--out", out2, "--no-progress") == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out2)).dataobj), expected)
+    capsys.readouterr()
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--mask", drawn, "--mask-label", 3,
+                   "--out", tmp_path / "none.nii.gz", "--no-progress") == 2
+    assert f"object 1: its mask {drawn} has no voxel of label 3 on slice 10" in capsys.readouterr().err
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--slice", 10, "--box", 12, 9, 28, 23, "--mask-label", 7,
+                   "--out", tmp_path / "none.nii.gz", "--no-progress") == 2
+    assert "--mask-label needs --mask DRAWN.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "none.nii.gz").exists()
+
+
 def test_segment_a_sagittal_file_gives_its_axial_twins_mask(image, checkpoint, tmp_path, capsys):
     """The same voxels stored sagittally: the same world prompt gives the same mask, on the file's grid."""
     nii = nib.load(str(image))

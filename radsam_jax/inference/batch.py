@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from radsam_jax.inference.prompt_file import ObjectPrompt, load_prompts_file
+from radsam_jax.inference.prompt_file import ObjectPrompt, drawn_mask, load_prompts_file
 
 
 def voxel_ml(volume) -> float:
@@ -53,7 +53,8 @@ def segment_objects(predictor, volume, objects: Sequence[ObjectPrompt], progress
     results = []
     for obj in objects:
         result = predictor.segment(obj.slice, points=obj.points, point_labels=obj.point_labels, box=obj.box,
-                                   bounds=obj.bounds, propagation=obj.propagation, progress=progress)
+                                   bounds=obj.bounds, propagation=obj.propagation, progress=progress,
+                                   mask=None if obj.mask_file is None else drawn_mask(obj, volume))
         for e in obj.edits:
             result = predictor.edit(e.slice, e.points, e.point_labels)
         labels[result.mask > 0] = obj.label

@@ -95,6 +95,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt on the slice")
     p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point (repeatable)")
     p.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point (repeatable)")
+    p.add_argument("--mask", metavar="DRAWN.nii.gz",
+                   help="drawn mask prompt: a label map on IMAGE's grid (e.g. an annotation tool's) whose voxels > 0 "
+                        "(or == --mask-label) on slice K are the object; for models with binary mask prompts")
+    p.add_argument("--mask-label", type=int, metavar="N", help="the object's label in the --mask file (default: every voxel > 0)")
     p.add_argument("--bounds", type=float, nargs=2, metavar=("LO", "HI"),
                    help="the object's first and last slice, inclusive, LO <= HI as indices (a file stored top-down "
                         "has its top slice at LO); with --world, z in mm, inferior first (default: whole volume)")
@@ -159,7 +163,8 @@ def _objects_from_args(args, volume):
     if args.prompts:
         # No defaults for these options: a given one would be silently ignored (the file sets them per object).
         given = [n for n, v in (("--slice", args.slice), ("--box", args.box), ("--point", args.point),
-                                ("--negative", args.negative), ("--bounds", args.bounds),
+                                ("--negative", args.negative), ("--bounds", args.bounds), ("--mask", args.mask),
+                                ("--mask-label", args.mask_label),
                                 ("--propagation", args.propagation), ("--label-value", args.label_value)) if v is not None]
         if given:
             raise InputError(f"--prompts replaces {', '.join(given)}: set them in the JSON file (per object) or drop --prompts")
@@ -168,10 +173,12 @@ def _objects_from_args(args, volume):
         return load_prompts_file(args.prompts, volume.array.shape, volume.affine, world=args.world)
     if args.slice is None:
         raise InputError("--slice K is required (or --prompts FILE.json)")
-    if args.box is None and not args.point:
-        raise InputError("a prompt is required: --box X0 Y0 X1 Y1 or --point X Y")
+    if args.box is None and not args.point and args.mask is None:
+        raise InputError("a prompt is required: --box X0 Y0 X1 Y1, --point X Y or --mask DRAWN.nii.gz")
     if args.negative and not args.point and args.box is None:
         raise InputError("--negative needs a --point or --box")
+    if args.mask_label is not None and args.mask is None:
+        raise InputError("--mask-label needs --mask DRAWN.nii.gz")
     obj = {"slice": args.slice, "label": 1 if args.label_value is None else args.label_value,
            "propagation": args.propagation or "mask"}
     if args.box is not None:
@@ -180,6 +187,10 @@ def _objects_from_args(args, volume):
     if pts:
         obj["points"] = pts
         obj["point_labels"] = [1] * len(args.point or []) + [0] * len(args.negative or [])
+    if args.mask is not None:
+        obj["mask"] = args.mask
+        if args.mask_label is not None:
+            obj["mask_label"] = args.mask_label
     if args.bounds is not None:
         obj["bounds"] = list(args.bounds)
     if args.label_id is not None:
@@ -196,7 +207,7 @@ def _check_destinations(args) -> None:
     outputs = [("--out", args.out)] + ([("--preview", args.preview)] if args.preview else [])
     for what, path in outputs:
         check_output_path(path, what)
-    inputs = [("image", args.image), ("--labels file", args.labels), ("--prompts file", args.prompts)]
+    inputs = [("image", args.image), ("--labels file", args.labels), ("--prompts file", args.prompts), ("--mask file", args.mask)]
     check_outputs_spare_inputs(outputs, [(what, path) for what, path in inputs if path is not None])
 
 
@@ -212,6 +223,11 @@ def run_segment(args) -> int:
     t0 = time.perf_counter()
     volume = load_volume(args.image)
     objects = _objects_from_args(args, volume)
+    from radsam_jax.inference.prompt_file import drawn_mask
+
+    for o in objects:  # read again when it is segmented: checked here, before the model loads
+        if o.mask_file is not None:
+            drawn_mask(o, volume)
     if args.label_id is not None:
         for o in objects:
             if o.reference_label is None:

@@ -11,8 +11,11 @@ Schema of a prompts file (a bare list is taken as "objects"):
           "name": "liver",             # optional, used in messages
           "slice": 56,                 # prompted slice (index along the S/I axis); world: z in mm
           "bounds": [30, 80],          # first and last slice, inclusive, lo <= hi; optional, default the whole volume
-          "box": [40, 30, 80, 70],     # x0, y0, x1, y1  \  at least one of box / points
-          "points": [[60, 50]],        # (x, y) each     /
+          "box": [40, 30, 80, 70],     # x0, y0, x1, y1  \
+          "points": [[60, 50]],        # (x, y) each      } at least one of box / points / mask
+          "mask": "liver_drawn.nii.gz",  # a label map on the image's grid (e.g. an annotation tool's),
+                                       # its voxels > 0 (or == "mask_label") on "slice": a drawn mask
+                                       # prompt, for models with binary mask prompts; relative to this file
           "point_labels": [1],         # 1 positive, 0 negative; optional, default all 1
           "propagation": "mask",       # optional, overrides the file's default
           "reference_label": 5,        # optional: print the Dice against this id of --labels
@@ -45,7 +48,8 @@ from radsam_jax.inference.orientation import axial_grid
 from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 from radsam_jax.io import read_json
 
-OBJECT_KEYS = {"label", "name", "slice", "bounds", "box", "points", "point_labels", "propagation", "reference_label", "edits"}
+OBJECT_KEYS = {"label", "name", "slice", "bounds", "box", "points", "point_labels", "mask", "mask_label", "propagation",
+               "reference_label", "edits"}
 EDIT_KEYS = {"slice", "points", "point_labels"}
 TOP_KEYS = {"coordinates", "propagation", "objects"}
 
@@ -71,6 +75,8 @@ class ObjectPrompt:
     name: str = ""
     reference_label: Optional[int] = None
     edits: list = dataclasses.field(default_factory=list)
+    mask_file: Optional[str] = None  # label map holding a drawn mask on `slice` (drawn_mask)
+    mask_label: Optional[int] = None  # its label there; None: every voxel > 0
 
     @property
     def title(self) -> str:
@@ -192,8 +198,15 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
     nz = shape[2]
     if "slice" not in raw:
         raise PromptError(f"{where}: \"slice\" is required")
-    if raw.get("box") is None and raw.get("points") is None:
-        raise PromptError(f"{where}: needs a \"box\" or \"points\"")
+    if raw.get("box") is None and raw.get("points") is None and raw.get("mask") is None:
+        raise PromptError(f"{where}: needs a \"box\", \"points\" or a \"mask\"")
+    mask_file, mask_label = raw.get("mask"), raw.get("mask_label")
+    if mask_file is not None and not (isinstance(mask_file, str) and mask_file.strip()):
+        raise PromptError(f"{where}: mask must be the path of a label map (a string), got {mask_file!r}")
+    if mask_label is not None:
+        if mask_file is None:
+            raise PromptError(f"{where}: mask_label needs a \"mask\" file")
+        mask_label = _int(mask_label, f"{where}: mask_label")
     points, labels = _points(raw.get("points"), raw.get("point_labels"), where)
     box = None
     if raw.get("box") is not None:
@@ -205,6 +218,8 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
             raise PromptError(f"{where}: box must be [x0, y0, x1, y1] (numbers), got {raw['box']!r}")
     ref_mm = None
     if world:
+        if points is None and box is None:
+            raise PromptError(f"{where}: with world coordinates a mask needs a point or a box too (to place its slice)")
         ref_mm = points[0] if points is not None else (box[:2] + box[2:]) / 2
         z_mm = _number(raw["slice"], f"{where}: slice")
         k = _slice_from_world(affine, z_mm, ref_mm, nz, where)
@@ -292,7 +307,23 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
                 f"more than the {max_points} a slice can hold"
             )
         edits.append(Edit(ek, ep, el))
-    return ObjectPrompt(label, k, (lo, hi), points, labels, box, propagation, str(raw.get("name", "") or ""), ref, edits)
+    return ObjectPrompt(label, k, (lo, hi), points, labels, box, propagation, str(raw.get("name", "") or ""), ref, edits,
+                        mask_file, mask_label)
+
+
+def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:
+    """The object's drawn mask prompt: its `mask_file` aligned to `volume` (io.load_label_map), on
+    slice `obj.slice`, as a bool array of that slice's shape (VolumePredictor.segment's `mask`)."""
+    from radsam_jax.inference.orientation import SliceFrame
+    from radsam_jax.io import load_label_map
+
+    labels = load_label_map(obj.mask_file, like=volume)
+    drawn = SliceFrame.from_affine(volume.affine, labels.shape).axial(labels)[:, :, obj.slice]
+    drawn = drawn > 0 if obj.mask_label is None else drawn == obj.mask_label
+    if not drawn.any():
+        which = "no voxel above 0" if obj.mask_label is None else f"no voxel of label {obj.mask_label}"
+        raise PromptError(f"{obj.title}: its mask {obj.mask_file} has {which} on slice {obj.slice}")
+    return drawn
 
 
 def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = False,
@@ -334,6 +365,10 @@ def load_prompts_file(path, shape, affine, *, world: bool = False, max_points: i
     except ValueError as e:
         raise PromptError(str(e)) from None
     try:
-        return parse_prompts(data, shape, affine, world=world, max_points=max_points)
+        objects = parse_prompts(data, shape, affine, world=world, max_points=max_points)
     except PromptError as e:
         raise PromptError(f"{path}: {e}") from None
+    for o in objects:  # a drawn mask's path is the prompts file's
+        if o.mask_file is not None:
+            o.mask_file = str(path.parent / o.mask_file)
+    return objects
