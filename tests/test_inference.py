@@ -231,6 +231,39 @@ def test_mask_prompts_are_sent_in_the_models_encoding(encoding):
     assert bool(pr.has_mask[0]) and (np.asarray(pr.mask[0]) == sent).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_mask_prompt_is_the_one_training_makes_of_the_mask(tiny_model, seed):
+    """What propagation sends for a slice's logits is what training makes into a prompt from the mask
+    those logits show (data.pipeline.mask_to_prompt_np of logits_to_mask), on a slice of the input's
+    own size (64 x 52 in a 64 px model: no resampling besides SAM's); thresholding the low-res
+    logits directly marked extra edge pixels."""
+    from radsam_jax.data.pipeline import InputSpec, mask_to_prompt_np, resize_linear
+    from radsam_jax.inference.propagation import EMPTY_LOGIT, encode_mask_prompt
+    from radsam_jax.preprocess import geometry, logits_to_mask
+
+    config = tiny_model.config
+    geo = geometry(config, 64, 52)
+    assert geo.resized == (64, 52)
+    rng = np.random.default_rng(seed)
+    m = config.mask_size
+    blobs = jax.image.resize(jnp.asarray(rng.normal(size=(4, 4)), jnp.float32), (m, m), "cubic")  # smooth shapes
+    logits = np.asarray(blobs) * 4 - 1.0
+    logits[:, 13:] = EMPTY_LOGIT  # columns beyond the 52-pixel image: padding
+    prompt, sent = encode_mask_prompt(jnp.asarray(logits), "binary", jnp.asarray(geo.resized))
+    visible = np.asarray(logits_to_mask(logits, geo))
+    spec = InputSpec.from_model_config(config)
+    expected = mask_to_prompt_np(visible, spec)
+    assert bool(sent) == expected.any() and expected.any()
+    # Binary masks averaged over 2x2... windows make exact halves: there the two float32 roundings
+    # (JAX's and the pipeline's NumPy) may fall either side of 0.5.
+    padded = np.zeros((64, 64), np.float32)
+    padded[:, :52] = visible
+    coverage = resize_linear(padded, (config.mask_size,) * 2, antialias=True)
+    differ = (np.asarray(prompt) > 0) != expected
+    assert np.all(np.abs(coverage[differ] - 0.5) < 1e-6), np.argwhere(differ)
+    assert ((logits > 0) != expected).any() or seed  # the low-res threshold is another mask (checked on seed 0)
+
+
 def test_start_prompt_for_segment_and_edit():
     m = 16
     logits = jnp.full((4, m, m), -5.0).at[2, 3:6, 7:9].set(5.0)

@@ -105,36 +105,53 @@ def box_from_mask(mask: jax.Array, image_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(nonempty, box, 0.0), nonempty
 
 
-def encode_mask_prompt(logits: jax.Array, encoding: str) -> tuple[jax.Array, jax.Array]:
+def encode_mask_prompt(logits: jax.Array, encoding: str, resized=None) -> tuple[jax.Array, jax.Array]:
     """(..., m, m) primary low-res logits -> (the mask prompt, whether it is sent).
 
-    encoding (ModelConfig.mask_prompt): "binary" sends the 0/1 mask (logits > 0), as RadSAM is
-    trained; "logits" sends the logits themselves, as SAM fed its previous prediction back in training.
+    encoding (ModelConfig.mask_prompt): "binary" sends the 0/1 mask the way RadSAM's training makes a
+    mask prompt from a mask (data.pipeline.mask_to_prompt_np): the mask at the model's input size
+    S = 4m (SAM's first postprocessing step: bilinear to S x S, logits > 0, inside the `resized`
+    (h, w) image, not its padding; None: all of it), then antialiased bilinear to m x m and > 0.5 (> 0 where that erases
+    it). Thresholding the low-res logits directly marks a pixel whose centre is inside the mask,
+    where training asks for half its area: a prompt about 7 % larger on average, which propagation
+    compounds (over-segmented volumes). "logits" sends the logits themselves, as SAM fed its previous
+    prediction back in training.
     Only a non-empty mask is sent: RadSAM's prompt simulation never shows an empty mask prompt, so an
     empty one (a vanished propagation restarted by a stored click or box, an edit clicked on a slice
     the object's mask misses) goes as "no mask", SAM's no-mask embedding, with the clicks or box as
     the prompt; slices never decoded hold EMPTY_LOGIT, which no model was trained to read.
     """
-    on = logits > 0
+    logits = logits.astype(jnp.float32)
+    if encoding != "binary":
+        sent = jnp.any(logits > 0, axis=(-2, -1))
+        return jnp.where(sent[..., None, None], logits, 0.0), sent
+    lead, m = logits.shape[:-2], logits.shape[-1]
+    s = 4 * m  # SAM's masks: S/4 per side
+    resized = jnp.full((2,), s, jnp.int32) if resized is None else resized
+    inside = (jnp.arange(s)[:, None] < resized[0]) & (jnp.arange(s)[None, :] < resized[1])
+    up = (jax.image.resize(logits, (*lead, s, s), "linear", antialias=False) > 0) & inside
+    soft = jax.image.resize(up.astype(jnp.float32), (*lead, m, m), "linear", antialias=True)
+    on = soft > 0.5
+    on = jnp.where(jnp.any(on, axis=(-2, -1), keepdims=True), on, soft > 0)
     sent = jnp.any(on, axis=(-2, -1))
-    mask = on.astype(jnp.float32) if encoding == "binary" else logits.astype(jnp.float32)
-    return jnp.where(sent[..., None, None], mask, 0.0), sent
+    return on.astype(jnp.float32), sent
 
 
-def _propagated_prompts(points, labels, box, has_box, prev_logits, *, image_size: int, mode: str,
+def _propagated_prompts(points, labels, box, has_box, prev_logits, resized, *, image_size: int, mode: str,
                         mask_prompt: str) -> Prompts:
     """The propagated prompts of B slices (every argument B-leading): stored points (+ stored box
     where has_box) + the previous slice's mask (mode="mask", encoded as `mask_prompt`) or the box
     around it (mode="box"; a stored box takes its place)."""
     if mode == "mask":
-        return Prompts(points, labels, box, has_box, *encode_mask_prompt(prev_logits, mask_prompt))
+        return Prompts(points, labels, box, has_box,
+                       *encode_mask_prompt(prev_logits, mask_prompt, resized))
     derived, nonempty = jax.vmap(box_from_mask, in_axes=(0, None))(prev_logits, image_size)
     bx = jnp.where(has_box[:, None], box, derived)
     return Prompts(points, labels, bx, has_box | nonempty, jnp.zeros_like(prev_logits), jnp.zeros(has_box.shape, bool))
 
 
 def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, lo, hi, table_points, table_labels,
-                          table_boxes, table_has_box, *, image_size: int, mode: str, vanish_policy: str,
+                          table_boxes, table_has_box, resized, *, image_size: int, mode: str, vanish_policy: str,
                           mask_prompt: str):
     """Both directions in lockstep: step i decodes slice start + 1 + i (up, towards `hi`) and slice
     start - 1 - i (down, towards `lo`), bounds inclusive.
@@ -173,12 +190,13 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
         in_range = jnp.where(step > 0, k <= hi, k >= lo) & (k >= 0) & (k < num_slices)
         kc = jnp.clip(k, 0, num_slices - 1)
         points, labels, box, has_box = table_points[kc], table_labels[kc], table_boxes[kc], table_has_box[kc]
-        if vanish_policy == "stop":
-            run = in_range & (jnp.any(prev_logits > 0, axis=(1, 2)) | jnp.any(labels == 1, axis=1) | has_box)
+        prompts = _propagated_prompts(points, labels, box, has_box, prev_logits, resized, image_size=image_size,
+                                      mode=mode, mask_prompt=mask_prompt)
+        if vanish_policy == "stop":  # vanished: no mask to send (mode "mask"), no box around it (mode "box")
+            present = prompts.has_mask if mode == "mask" else jnp.any(prev_logits > 0, axis=(1, 2))
+            run = in_range & (present | jnp.any(labels == 1, axis=1) | has_box)
         else:
             run = in_range
-        prompts = _propagated_prompts(points, labels, box, has_box, prev_logits, image_size=image_size, mode=mode,
-                                      mask_prompt=mask_prompt)
         logits, iou = jax.lax.switch(jnp.sum(run), (decode_none, decode_one, decode_both), kc, prompts, run)
         return jnp.where(in_range[:, None, None], logits, prev_logits), (logits, iou, in_range)
 
@@ -189,7 +207,7 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy", "mask_prompt"))
 def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, start_prompt: Prompts,
-                     table_points, table_labels, table_boxes=None, table_has_box=None, *, image_size: int,
+                     table_points, table_labels, table_boxes=None, table_has_box=None, resized=None, *, image_size: int,
                      mode: str = "mask", vanish_policy: str = "stop", mask_prompt: str = "binary"):
     """Segments slice `start` with `start_prompt` (batch of one) and propagates to `lo` and `hi`.
 
@@ -197,7 +215,8 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     table_points (Zp, P, 2), table_labels (Zp, P) stored corrections in model-input pixels;
     table_boxes (Zp, 4), table_has_box (Zp,) stored box prompts (None: none), re-sent when a scan
     passes their slice (the start slice's box, if any, belongs in `start_prompt`). mask_prompt: the
-    model's mask-prompt encoding (ModelConfig.mask_prompt, `encode_mask_prompt`).
+    model's mask-prompt encoding (ModelConfig.mask_prompt, `encode_mask_prompt`); resized (2,) the
+    image's (h, w) within the S x S input (traced; None: all of it).
     Returns (logits (Zp, m, m) float32, primary-mask logits per slice, EMPTY_LOGIT outside [lo, hi]
     and on stopped slices; iou (Zp,) primary IoU prediction, NaN outside [lo, hi]).
     """
@@ -217,7 +236,7 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
 
     step_logits, step_iou, written = _scan_both_directions(
         decode_fn, variables, embeddings, logits0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
-        image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
+        resized, image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
     # Step i, direction d wrote slice start + (1, -1)[d] * (i + 1); unwritten ones get index num_slices,
     # which mode="drop" discards.
     slices = start + jnp.arange(1, num_slices + 1)[:, None] * jnp.array([1, -1])
@@ -230,7 +249,8 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
 
 
 @functools.partial(jax.jit, static_argnames=("mask_prompt",))
-def start_prompt(points, point_labels, box, has_box, logits, start, use_current, *, mask_prompt: str = "binary") -> Prompts:
+def start_prompt(points, point_labels, box, has_box, logits, start, use_current, resized=None, *,
+                 mask_prompt: str = "binary") -> Prompts:
     """The prompt (batch of one) of the slice a segmentation or an edit starts from.
 
     points (P, 2), point_labels (P,), box (4,), has_box (): the user's prompt on slice `start`;
@@ -238,10 +258,10 @@ def start_prompt(points, point_labels, box, has_box, logits, start, use_current,
     mask of slice `start` joins the prompt as the mask prompt (encoded as `mask_prompt`), whatever
     the propagation mode: the paper's edit feeds the previous mask along with the correction points
     (section 3.5), and a mask + points prompt is in the training of RadSAM and of SAM alike; the mode
-    only decides how the result then passes from slice to slice."""
+    only decides how the result then passes from slice to slice. resized: see `encode_mask_prompt`."""
     current = jnp.where(jnp.asarray(use_current, bool), jax.lax.dynamic_index_in_dim(logits, start, keepdims=False),
                         EMPTY_LOGIT)
-    return single_prompt(points, point_labels, box, has_box, *encode_mask_prompt(current, mask_prompt))
+    return single_prompt(points, point_labels, box, has_box, *encode_mask_prompt(current, mask_prompt, resized))
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "all_masks"))
@@ -266,18 +286,18 @@ def decode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, pro
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "mask_prompt"))
 def redecode_slices(decode_fn: DecodeFn, variables, embeddings, slice_indices, points, point_labels, boxes, has_box,
-                    logits, iou, *, mask_prompt: str = "binary"):
+                    logits, iou, resized=None, *, mask_prompt: str = "binary"):
     """Slice-level edits: decodes slices again, each with its points (+ box) and its current mask as
     the mask prompt (encoded as `mask_prompt`), in one batched decoder call; no propagation.
 
     slice_indices (B,), index Zp for padding rows (dropped); points (B, P, 2), point_labels (B, P),
-    boxes (B, 4), has_box (B,); logits (Zp, m, m), iou (Zp,) the current primary outputs. Returns
-    them with the decoded slices replaced.
+    boxes (B, 4), has_box (B,); logits (Zp, m, m), iou (Zp,) the current primary outputs; resized:
+    see `encode_mask_prompt`. Returns them with the decoded slices replaced.
     """
     num_slices = embeddings.shape[0]
     rows = jnp.clip(slice_indices, 0, num_slices - 1)
     prompts = Prompts(points.astype(jnp.float32), point_labels.astype(jnp.int32), boxes.astype(jnp.float32),
-                      has_box.astype(bool), *encode_mask_prompt(logits[rows], mask_prompt))
+                      has_box.astype(bool), *encode_mask_prompt(logits[rows], mask_prompt, resized))
     new_logits, new_iou = decode_fn(variables, embeddings[rows], prompts)
     logits = logits.at[slice_indices].set(new_logits[:, 0].astype(jnp.float32), mode="drop")
     iou = iou.at[slice_indices].set(new_iou[:, 0].astype(jnp.float32), mode="drop")

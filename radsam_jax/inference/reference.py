@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from radsam_jax.inference.propagation import EMPTY_LOGIT
+from radsam_jax.inference.propagation import EMPTY_LOGIT, encode_mask_prompt
 from radsam_jax.preprocess import preprocess_ct_slices
 
 
@@ -40,6 +40,7 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
     bx = predictor._box_to_model(box) if box is not None else None
     m = config.mask_size
     z = predictor.num_slices
+    resized = np.asarray(predictor.geo.resized, np.int32)
     logits_out = np.full((z, m, m), EMPTY_LOGIT, np.float32)
     iou_out = np.full((z,), np.nan, np.float32)
     timings = {"encode_s": 0.0, "decode_s": 0.0}
@@ -62,12 +63,13 @@ def per_slice_loop(predictor, slice_index, points=None, point_labels=None, box=N
     for step, stop in ((1, hi), (-1, lo)):
         prev = logits0
         for k in range(slice_index + step, stop + step, step):
-            on = prev > 0
-            if predictor.vanish_policy == "stop" and not on.any():
+            # The mask as the scan sends it (the model's encoding; never empty).
+            mask, sent = (np.asarray(x) for x in encode_mask_prompt(prev, config.mask_prompt, resized))
+            present = sent if propagation == "mask" else (prev > 0).any()
+            if predictor.vanish_policy == "stop" and not present:
                 break  # later slices stay empty
-            if propagation == "mask":  # in the model's encoding (propagation.encode_mask_prompt), never empty
-                mask = on.astype(np.float32) if config.mask_prompt == "binary" else prev
-                logits, iou = run(k, *no_pts, None, mask if on.any() else None)
+            if propagation == "mask":
+                logits, iou = run(k, *no_pts, None, mask if sent else None)
             else:
                 b, ok = _np_box_from_mask(prev, config.image_size)
                 logits, iou = run(k, *no_pts, b if ok else None, None)

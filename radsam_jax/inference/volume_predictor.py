@@ -48,7 +48,7 @@ import numpy as np
 from radsam_jax.inference.orientation import SliceFrame
 from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
-    start_prompt,
+    single_prompt, start_prompt,
 )
 from radsam_jax.intensity import DEFAULT_WINDOWS, check_intensity, volume_intensities
 from radsam_jax.model.config import ModelConfig, is_valid_ct_window
@@ -286,6 +286,7 @@ class VolumePredictor:
         self.num_slices = z
         self.padded_slices = zp
         self.geo = geometry(self.config, slices.shape[1], slices.shape[2])
+        self._resized = jnp.asarray(self.geo.resized, jnp.int32)  # the image within the input: prompts stay inside
         self._slices = jnp.asarray(slices)
         e, c = self.config.embedding_size, self.config.prompt_embed_dim
         self._embeddings = jnp.zeros((zp, e, e, c), self._embedding_dtype)
@@ -442,7 +443,7 @@ class VolumePredictor:
         if (points is None or np.size(points) == 0) and box is None and mask is None:
             raise ValueError(f"segment needs a prompt: at least one point, a box or a mask, got points={points!r}, "
                              f"box=None, mask=None")
-        current = self._empty_logits if mask is None else self._empty_logits.at[k].set(self._drawn_mask_logits(mask, k))
+        drawn = None if mask is None else self._drawn_mask_prompt(mask, k)
         pts, labels = self._points_to_model(points, point_labels)
         if box is not None:
             bx, has_box = self._box_to_model(box), True
@@ -454,14 +455,14 @@ class VolumePredictor:
         tables["table_points"][k], tables["table_labels"][k] = pts, labels
         tables["table_boxes"][k], tables["table_has_box"][k] = bx, has_box
         self.encode_slices(lo, hi, progress=progress)
-        state = _ObjectState(lo, hi, propagation, **tables, logits=current, iou=None)
-        logits, iou = self._propagate(state, k, lo, hi, use_current=mask is not None)
+        state = _ObjectState(lo, hi, propagation, **tables, logits=self._empty_logits, iou=None)
+        logits, iou = self._propagate(state, k, lo, hi, use_current=False, drawn=drawn)
         self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (lo, hi))
 
-    def _drawn_mask_logits(self, mask, k: int) -> np.ndarray:
-        """A mask drawn on file slice k -> (m, m) low-res logits of the model frame whose mask prompt
-        (propagation.encode_mask_prompt) is that mask at the model's mask-prompt resolution."""
+    def _drawn_mask_prompt(self, mask, k: int) -> np.ndarray:
+        """A mask drawn on file slice k -> its (m, m) binary mask prompt in the model frame, made as
+        training makes one from a mask."""
         if self.config.mask_prompt != "binary":
             raise ValueError("a drawn mask prompt needs a model trained on binary mask prompts (mask_prompt 'binary', "
                              "as radsam train writes); this model reads SAM's own low-resolution logits as its mask prompt")
@@ -476,7 +477,7 @@ class VolumePredictor:
 
         canonical = self.frame.to_canonical(np.expand_dims(m.astype(np.float32), self.frame.slice_axis))[:, :, 0]
         low = mask_to_prompt_np(canonical.T, InputSpec.from_model_config(self.config))  # model frame: rows = N1
-        return np.where(low, 1.0, EMPTY_LOGIT).astype(np.float32)
+        return low.astype(np.float32)
 
     def _empty_tables(self) -> dict:
         zp = self.padded_slices
@@ -525,19 +526,22 @@ class VolumePredictor:
         self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (state.lo, state.hi))
 
-    def _propagate(self, state: _ObjectState, k: int, lo: int, hi: int, *, use_current: bool):
+    def _propagate(self, state: _ObjectState, k: int, lo: int, hi: int, *, use_current: bool,
+                   drawn: Optional[np.ndarray] = None):
         """The one path of `segment` and `edit`: every argument is built the same way (host NumPy ->
         device, the start prompt by the jitted `start_prompt`), so an edit after a segment re-uses
-        the compiled propagation."""
-        prompt = start_prompt(
-            jnp.asarray(state.table_points[k]), jnp.asarray(state.table_labels[k]), jnp.asarray(state.table_boxes[k]),
-            jnp.asarray(state.table_has_box[k]), state.logits, jnp.int32(k), jnp.asarray(use_current, bool),
-            mask_prompt=self.config.mask_prompt,
-        )
+        the compiled propagation. drawn: a drawn (m, m) mask prompt for slice k, sent as it is."""
+        points, labels = jnp.asarray(state.table_points[k]), jnp.asarray(state.table_labels[k])
+        box, has_box = jnp.asarray(state.table_boxes[k]), jnp.asarray(state.table_has_box[k])
+        if drawn is None:
+            prompt = start_prompt(points, labels, box, has_box, state.logits, jnp.int32(k), jnp.asarray(use_current, bool),
+                                  self._resized, mask_prompt=self.config.mask_prompt)
+        else:
+            prompt = single_prompt(points, labels, box, has_box, drawn, True)
         return propagate_volume(
             self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
             jnp.asarray(state.table_points), jnp.asarray(state.table_labels),
-            jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box),
+            jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box), self._resized,
             image_size=self.config.image_size, mode=state.propagation, vanish_policy=self.vanish_policy,
             mask_prompt=self.config.mask_prompt,
         )
@@ -636,7 +640,7 @@ class VolumePredictor:
         logits, iou = redecode_slices(
             self.decode_fn, self.variables, self._embeddings, jnp.asarray(idx), jnp.asarray(table_points[rows]),
             jnp.asarray(table_labels[rows]), jnp.asarray(state.table_boxes[rows]), jnp.asarray(state.table_has_box[rows]),
-            state.logits, state.iou, mask_prompt=self.config.mask_prompt,
+            state.logits, state.iou, self._resized, mask_prompt=self.config.mask_prompt,
         )
         self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
         return self._result(logits, iou, (state.lo, state.hi))
