@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except OSError as e:  # a write that failed after all (a read-only or full disk): nothing is left at DST
+        print(f"{PROG}: error: writing {args.dst} failed: {e}", file=sys.stderr)
+        raise SystemExit(1)
     c = model.config
     print(
         f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "

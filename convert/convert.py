@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 import signal
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -25,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radsam_jax.checkpoint import expected_shapes, save_model
-from radsam_jax.io import file_sha256
+from radsam_jax.checkpoint import expected_shapes, save_model, signals_held
+from radsam_jax.io import check_output_path, file_sha256
 from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, PREPROCESSING_MODES, ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
@@ -429,6 +428,10 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         raise ConversionError(f"destination {dst} already exists; refusing to overwrite it")
     if not dst.absolute().parent.is_dir():
         raise ConversionError(f"destination's parent directory {dst.absolute().parent} does not exist")
+    try:  # before the source is read: a read-only or unwritable folder is found at once
+        check_output_path(dst, "destination", folder=True)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if preprocessing not in PREPROCESSING_MODES:
         raise ConversionError(f"unknown preprocessing {preprocessing!r}; choose 'sam' or 'medsam'")
     if mask_prompt not in MASK_PROMPT_ENCODINGS:
@@ -485,35 +488,9 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
             metadata["ignored_keys"] = mapped.ignored
         variables = _unflatten(mapped.arrays)
         del mapped
-        with _signals_held(signal.SIGINT, signal.SIGTERM):
+        with signals_held(signal.SIGINT, signal.SIGTERM):
             save_model(dst, config, variables, metadata)
     return RadSam(config, variables, metadata=metadata)
-
-
-@contextlib.contextmanager
-def _signals_held(*signums: int) -> Iterator[None]:
-    """Holds these signals while the block runs, then delivers them to the handlers in place before.
-
-    For the checkpoint writer: Orbax writes from background threads, so a Ctrl-C raised in the middle
-    of it leaves part of the hidden temporary folder beside the destination (the threads write on after
-    the cleanup removed it), and a SIGTERM all of it; held, they take effect once the checkpoint is
-    complete at its destination. Only the main thread handles signals: elsewhere nothing is held.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    # None: a handler not installed from Python, which could not be put back.
-    previous = {s: h for s in signums if (h := signal.getsignal(s)) is not None}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(received):
-            signal.raise_signal(s)
 
 
 def _preset_of_same_widths(config: ModelConfig) -> Optional[ModelConfig]:

@@ -11,13 +11,17 @@ restores against `abstract_variables(config)` and any shape disagreement is an e
 needs no PyTorch: converted checkpoints are read by the runtime alone.
 """
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
 import secrets
 import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +45,33 @@ def _orbax():
     import orbax.checkpoint as ocp
 
     return ocp
+
+
+@contextlib.contextmanager
+def signals_held(*signums: int) -> Iterator[None]:
+    """Holds these signals while the block runs, then delivers them to the handlers in place before.
+
+    For `save_model`'s callers (convert, export): Orbax writes from background threads, so a Ctrl-C
+    raised in the middle of it leaves part of the hidden temporary folder beside the destination (the
+    threads write on after the cleanup removed it), and a SIGTERM all of it; held, they take effect
+    once the checkpoint is complete at its destination. Only the main thread handles signals:
+    elsewhere nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    # None: a handler not installed from Python, which could not be put back.
+    previous = {s: h for s in signums if (h := signal.getsignal(s)) is not None}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
 
 
 def save_model(path, config: ModelConfig, variables: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = None) -> Path:
@@ -68,9 +99,10 @@ def save_model(path, config: ModelConfig, variables: Mapping[str, Any], metadata
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / VARIABLES_DIR, dict(variables))
-            checkpointer.wait_until_finished()
+        # Synchronous: a failed write (a full disk) returns once the writer is done, and nothing then
+        # writes into `tmp` after it is removed.
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            checkpointer.save(tmp / VARIABLES_DIR, args=ocp.args.StandardSave(dict(variables)))
         (tmp / CONFIG_FILE).write_text(text + "\n")
         os.rename(tmp, path)  # atomic on one filesystem; fails if `path` appeared meanwhile
     except BaseException:
@@ -105,6 +137,10 @@ def read_header(path) -> dict:
     return header
 
 
+# model_config fields added after model files existed: absent, they take the value every earlier file meant.
+LATER_FIELDS = ("ct_window", "intensity", "mask_prompt")
+
+
 def load_config(path) -> ModelConfig:
     """The architecture stored in a model checkpoint directory, without reading the weights."""
     header = read_header(path)
@@ -112,6 +148,9 @@ def load_config(path) -> ModelConfig:
     if "mask_prompt" not in values and "source_format" in header.get("metadata", {}):
         # Converted before the field existed: a SAM-family model, trained on logit mask prompts.
         values = {**values, "mask_prompt": "logits"}
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in values and f.name not in LATER_FIELDS]
+    if missing:  # a default would silently change the model (8 decoder heads for 2, SAM's preprocessing for MedSAM's)
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: model_config lacks {', '.join(missing)}")
     try:
         return ModelConfig.from_mapping(values)
     except (TypeError, ValueError) as e:

@@ -38,7 +38,11 @@ def main(argv=None) -> int:
     from radsam_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # subcommands that keep work (evaluate, segment-batch, train) say more themselves
+        print(f"radsam {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """radsam_jax.checkpoint: the Orbax + radsam.json model checkpoint format (no torch needed)."""
 
 import json
+import re
 import os
 import stat
 
@@ -121,6 +122,28 @@ def test_unknown_config_key(saved, tmp_path):
         f.write_text(json.dumps(header))
 
     with pytest.raises(CheckpointError, match="colour"):
+        load_checkpoint(_copy_with_header(saved, tmp_path, edit))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoder_heads": None}, "model_config lacks decoder_heads"),
+    ({"preprocessing": None}, "model_config lacks preprocessing"),
+    ({"image_size": 256.0}, "image_size must be an integer, got 256.0"),
+    ({"decoder_heads": "8"}, "decoder_heads must be an integer, got '8'"),
+    ({"pixel_std": ["a", 1, 2]}, "pixel_std must be a list of numbers"),
+], ids=["no_heads", "no_preprocessing", "float_size", "string_heads", "string_std"])
+def test_hand_edited_config_fields_must_be_there_and_typed(saved, tmp_path, change, message):
+    """A missing field took its default silently (8 decoder heads for a 2-head model gave another mask)."""
+    def edit(f):
+        header = json.loads(f.read_text())
+        for key, value in change.items():
+            if value is None:
+                del header["model_config"][key]
+            else:
+                header["model_config"][key] = value
+        f.write_text(json.dumps(header))
+
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         load_checkpoint(_copy_with_header(saved, tmp_path, edit))
 
 

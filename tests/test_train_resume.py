@@ -3,6 +3,7 @@ checkpoint), same losses after the resume, same final parameters. A fake incompl
 directory left by a "killed mid-save" run must be ignored (and cleaned up) on restart."""
 
 import json
+import os
 import math
 
 import pytest
@@ -289,6 +290,40 @@ def test_export_of_a_missing_run_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nonexistent"):
         export_model(tmp_path / "nonexistent", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_destination_in_the_runs_checkpoints(run_record, capsys):
+    """Orbax would take it for a step, and the run could not be exported or resumed any more."""
+    import argparse
+
+    from radsam_jax.train.export import run
+
+    root, _ = run_record
+    dst = root / "run" / "checkpoints" / "99"
+    assert run(argparse.Namespace(workdir=str(root / "run"), dst=str(dst), step=None)) == 2
+    assert "is inside the run's checkpoints folder, where it would be taken for a step" in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_cli_mistakes_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    """A folder as --config, a file as --workdir: exit 2, one line; Ctrl-C in a subcommand: exit 130."""
+    from radsam_jax import cli
+    from radsam_jax.train import export
+
+    assert cli.main(["train", "--config", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 2
+    assert f"radsam train: error: config file {tmp_path} is not a Python file" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/train/example_cpu.py:runlocal")
+    assert cli.main(["train", "--config", config, "--workdir", str(taken)]) == 2
+    assert f"radsam train: error: --workdir {taken} is a file, not a folder" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_model", interrupted)
+    assert cli.main(["export", str(tmp_path / "w"), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "radsam export: interrupted"
 
 
 def test_a_run_resumes_with_gradient_accumulation(run_record):

@@ -45,7 +45,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, signum):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode == (130 if signum == signal.SIGINT else 0), out  # Ctrl-C: saved, but not finished
     assert f"signal {int(signum)}: saving step" in out, out
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps, out

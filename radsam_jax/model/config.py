@@ -2,7 +2,7 @@
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from radsam_jax.intensity import DEFAULT_CT_WINDOW, check_intensity
 
@@ -20,6 +20,23 @@ def is_valid_ct_window(window) -> bool:
     except (TypeError, ValueError):
         return False
     return math.isfinite(level) and math.isfinite(width) and width > 0
+
+
+def _type_problem(value, default) -> Optional[str]:
+    """What `value` should be, as the field's default is, or None when it is that."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if number(value) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(number(v) for v in value)
+        return None if ok else "a list of numbers"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +90,9 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         values = dict(values)
+        for f in dataclasses.fields(cls):  # the type of each default: a hand-edited "2" is not 2
+            if f.name in values and (problem := _type_problem(values[f.name], f.default)):
+                raise ValueError(f"{f.name} must be {problem}, got {values[f.name]!r}")
         for key in ("global_attn_indexes", "pixel_mean", "pixel_std"):
             if key in values:
                 values[key] = tuple(values[key])

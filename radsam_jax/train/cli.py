@@ -7,6 +7,7 @@ exist is an error listing the closest keys; values take the type of the existing
 """
 
 import argparse
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -82,8 +83,9 @@ def build_config(config_path: str, override_tokens: Sequence[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `radsam train`; returns the process exit code (0 also after a clean SIGTERM stop, 2 for a
-    config mistake, found before the workdir is written to where possible)."""
+    """Runs `radsam train`; returns the process exit code (0 also after a clean SIGTERM stop, 130 after
+    a Ctrl-C stop, saved as well: a chained `&& radsam export` does not go on; 2 for a config mistake,
+    found before the workdir is written to where possible)."""
     tokens = list(getattr(args, "overrides", None) or [])
     try:
         config = build_config(args.config, tokens)
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"radsam train: error: {e}", file=sys.stderr)
         return 2
+    if result.get("signal") == signal.SIGINT:
+        return 130
     return 0 if result.get("step") is not None else 1
 
 

@@ -29,6 +29,8 @@ def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.Con
     if not file.exists():
         raise ConfigError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_radsam_train_config_{file.stem}", file)
+    if file.is_dir() or file.suffix != ".py" or spec is None:
+        raise ConfigError(f"config file {path} is not a Python file (configs/train/*.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -255,5 +257,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000  # save every this many steps (and at the end, and on SIGTERM)
     c.checkpoint.max_to_keep = 3  # keep the last N checkpoints
     c.checkpoint.async_save = True  # write checkpoints in a background thread
-    c.compilation_cache_dir = ""  # persistent XLA compilation cache folder ("" = off); relative: as init_checkpoint
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache folder ("" = the `radsam` command's: ~/.cache/radsam-jax/xla or RADSAM_COMPILATION_CACHE_DIR); relative: as init_checkpoint
     return c

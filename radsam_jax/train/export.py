@@ -9,12 +9,14 @@ then uses by default.
 
 import argparse
 import pathlib
+import signal
 import sys
 from typing import Optional
 
 import ml_collections
 
-from radsam_jax.checkpoint import save_model
+from radsam_jax.checkpoint import save_model, signals_held
+from radsam_jax.io import check_output_path
 from radsam_jax.model import ModelConfig
 from radsam_jax.train import checkpointing
 from radsam_jax.train.loop import as_trained, configured_model_config
@@ -48,7 +50,8 @@ def export_model(workdir, dst, step: Optional[int] = None) -> pathlib.Path:
     finally:
         ckpt.close()
     metadata = {"source": "radsam train", "workdir": str(workdir.resolve()), "step": int(step), "training_config": train_config}
-    return save_model(dst, model_config, {"params": state["params"], "buffers": state["buffers"]}, metadata)
+    with signals_held(signal.SIGINT, signal.SIGTERM):  # a Ctrl-C takes effect on a complete model
+        return save_model(dst, model_config, {"params": state["params"], "buffers": state["buffers"]}, metadata)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,9 +68,15 @@ def run(args) -> int:
     from radsam_jax.checkpoint import CheckpointError
 
     try:
+        check_output_path(args.dst, "destination", folder=True)
+        if pathlib.Path(args.dst).resolve().is_relative_to((pathlib.Path(args.workdir) / "checkpoints").resolve()):
+            raise ValueError(f"destination {args.dst} is inside the run's checkpoints folder, where it would be taken for a step")
         path = export_model(args.workdir, args.dst, args.step)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as e:
         print(f"radsam export: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed after all (a full disk): nothing is left at the destination
+        print(f"radsam export: error: writing {args.dst} failed: {e}", file=sys.stderr)
+        return 1
     print(f"exported {args.workdir} -> {path}")
     return 0

@@ -498,6 +498,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.config.update("jax_compilation_cache_dir", resolve_path(config.compilation_cache_dir))
     workdir = pathlib.Path(workdir)
     check_config(config)
+    from radsam_jax.io import check_output_path
+
+    try:  # not found unusable after the data and the model are set up
+        check_output_path(workdir, "--workdir", folder=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # ---------------------------------------------------------------- Set up mesh
     # One "data" axis over every device of every process: params replicated, batch split.
@@ -646,4 +652,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     last["step"] = step
     last["preempted"] = preempted
+    last["signal"] = guard.received if preempted else None
     return last
