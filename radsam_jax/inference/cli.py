@@ -225,7 +225,7 @@ def run_segment(args) -> int:
     objects = _objects_from_args(args, volume)
     from radsam_jax.inference.prompt_file import drawn_mask
 
-    for o in objects:  # read again when it is segmented: checked here, before the model loads
+    for o in objects:  # read (and kept) here: a bad file fails before the model loads
         if o.mask_file is not None:
             drawn_mask(o, volume)
     if args.label_id is not None:

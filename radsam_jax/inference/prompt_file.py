@@ -77,6 +77,7 @@ class ObjectPrompt:
     edits: list = dataclasses.field(default_factory=list)
     mask_file: Optional[str] = None  # label map holding a drawn mask on `slice` (drawn_mask)
     mask_label: Optional[int] = None  # its label there; None: every voxel > 0
+    drawn: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)  # read once (drawn_mask)
 
     @property
     def title(self) -> str:
@@ -313,7 +314,10 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
 
 def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:
     """The object's drawn mask prompt: its `mask_file` aligned to `volume` (io.load_label_map), on
-    slice `obj.slice`, as a bool array of that slice's shape (VolumePredictor.segment's `mask`)."""
+    slice `obj.slice`, as a bool array of that slice's shape (VolumePredictor.segment's `mask`).
+    Read once per object (kept in `obj.drawn`): the command line checks it before the model loads."""
+    if obj.drawn is not None:
+        return obj.drawn
     from radsam_jax.inference.orientation import SliceFrame
     from radsam_jax.io import load_label_map
 
@@ -323,6 +327,7 @@ def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:
     if not drawn.any():
         which = "no voxel above 0" if obj.mask_label is None else f"no voxel of label {obj.mask_label}"
         raise PromptError(f"{obj.title}: its mask {obj.mask_file} has {which} on slice {obj.slice}")
+    obj.drawn = drawn
     return drawn
 
 
