@@ -132,6 +132,20 @@ run = root / "run"
 init = dict(init_checkpoint=str(root / "init"))
 stage("first", lambda: train(run, num_train_steps=2, **init))
 stage("finished", lambda: train(run, num_train_steps=2, **init))
+def parts_read(step):  # export reads the model's variables only, equal to those of the whole state
+    import numpy as np
+    ck = checkpointing.Checkpointer(run / "checkpoints", async_save=False, read_only=True)
+    whole = ck.restore_state_arrays(step, parts=tuple(ck.manager.item_metadata(step)["state"].tree))
+    part = ck.restore_state_arrays(step)
+    try:
+        ck.restore_state_arrays(step, parts=("params", "ema"))
+        missing = "no error"
+    except KeyError as e:
+        missing = str(e)
+    ck.close()
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(part), jax.tree.leaves({k: whole[k] for k in part})))
+    return {"whole": sorted(whole), "part": sorted(part), "same": same, "missing": missing}
+stage("parts", lambda: parts_read(2))
 os.rename(root / "init", root / "init_moved")
 stage("resume_without_init", lambda: train(run, num_train_steps=3, **init))
 stage("export_without_init", lambda: export_model(run, root / "exported").name)
@@ -210,6 +224,13 @@ def test_rerunning_a_finished_run_appends_nothing(run_record):
     before, after = _ok(r["first"]), _ok(r["finished"])
     assert after == before
     assert "already finished at step 2" in r["finished"]["stdout"], r["finished"]
+
+
+def test_export_reads_only_the_model_variables(run_record):
+    got = _ok(run_record[1]["parts"])
+    assert {"opt_state", "params", "buffers"} <= set(got["whole"]) and got["part"] == ["buffers", "params"]
+    assert got["same"]
+    assert "no ['ema']" in got["missing"] and "checkpoints/2" in got["missing"], got["missing"]
 
 
 def test_resume_and_export_do_not_need_the_init_checkpoint(run_record):

@@ -111,17 +111,25 @@ class Checkpointer:
                               f"saved its own share of the data order; resume with {max(counts)} process(es), not "
                               f"{jax.process_count()}")
 
-    def restore_state_arrays(self, step: Optional[int] = None) -> dict:
-        """The saved train state as a plain nested dict of host arrays (no target needed), e.g. to
-        export trained weights: `restore_state_arrays()["params"]`."""
+    def restore_state_arrays(self, step: Optional[int] = None, parts=("params", "buffers")) -> dict:
+        """`parts` of the saved train state (top-level keys) as a plain nested dict of host arrays, no
+        target needed, e.g. to export trained weights: `restore_state_arrays()["params"]`. Only those
+        parts are read: the optimiser moments, twice the parameters, stay on disk."""
         step = self.latest_step() if step is None else step
         # Onto one local device, whatever the saving topology (a multi-host run's checkpoint names
         # devices this process may not have, and Orbax would refuse to reuse its shardings).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              self.manager.item_metadata(step)[STATE].tree)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
-        return jax.device_get(restored[STATE])
+        tree = self.manager.item_metadata(step)[STATE].tree
+        missing = [p for p in parts if p not in tree]
+        if missing:
+            raise KeyError(f"checkpoint {self.directory / str(step)} has no {missing} in its state (it has {sorted(tree)})")
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), {p: tree[p] for p in parts})
+        # The state item was written by StandardCheckpointHandler, whose files the PyTree handler reads;
+        # only the latter restores a subset of the tree.
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            restored = reader.restore(self.directory / str(step) / STATE,
+                                      args=ocp.args.PyTreeRestore(target, partial_restore=True))
+        return jax.device_get(restored)
 
     def variable_shapes(self, step: Optional[int] = None) -> dict[str, tuple]:
         """"params/image_encoder/pos_embed"-style path -> shape of each model variable (params and
