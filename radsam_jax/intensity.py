@@ -8,6 +8,8 @@ data pipeline's worker processes can use it without importing JAX.
   black: MedSAM's MR normalisation.
 """
 
+from typing import Optional
+
 import numpy as np
 
 INTENSITY_MODES = ("hu", "percentile")
@@ -78,6 +80,14 @@ def volume_intensities(array, intensity: str, name: str = "the volume") -> np.nd
         raise ValueError(f"{name}: the {PERCENTILES[0]:g}th and {PERCENTILES[1]:g}th percentiles of its voxels "
                          f"above 0 are both {lo:g}: nearly constant intensities cannot be normalised by percentiles")
     return (array - np.float32(lo)) * np.float32(PERCENTILE_SCALE / (hi - lo))
+
+
+def not_hu_reason(array, name: str = "the volume") -> Optional[str]:
+    """Why `array` does not look like CT in Hounsfield units (no value below 0, where CT has air near
+    -1000: MRI or a rescaled CT read with intensity "hu"), or None."""
+    if np.min(array) >= 0:
+        return f"{name} has no value below 0, so it does not look like CT in Hounsfield units"
+    return None
 
 
 def window_caption(window, intensity: str) -> str:

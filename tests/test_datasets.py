@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -34,6 +35,10 @@ def test_label_tables_of_amos_and_nnunet_v2_and_their_errors(tmp_path):
     assert datasets.read_cases("amos", root, "train")[0].structures == {"organ": 1, "bone": 2}
     for image in (root / "imagesTr").iterdir():  # and its image names: <case>_0000.nii.gz
         image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    # nnU-Net's conversion merges imagesVa into imagesTr: the missing validation split says so.
+    shutil.rmtree(root / "imagesVa"), shutil.rmtree(root / "labelsVa")
+    assert "nnU-Net's AMOS conversion merges the validation cases into imagesTr/" in datasets.layout_problem("amos", root, "val")
+    assert datasets.layout_problem("amos", root, "train") is None
     nnunet = datasets.read_cases("amos", root, "train", modality="all")
     assert [(c.case_id, c.modality) for c in nnunet] == [("amos_0001", "CT"), ("amos_0002", "CT"), ("amos_0003", "CT"),
                                                          ("amos_0501", "MRI")]
@@ -131,6 +136,10 @@ def test_generic_layout_and_structure_filter(tmp_path):
         datasets.read_cases("generic", root, "all", structures=["kidney"])
     (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}), encoding="utf-8-sig")  # a BOM too
     assert [c.case_id for c in datasets.read_cases("generic", root, "val")] == ["b"]
+    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b", "B", "c"]}))  # typos shrink no split
+    with pytest.raises(ValueError, match=r"split 'val' of .*splits.json names 2 case\(s\) not found under .*: B, c"):
+        datasets.read_cases("generic", root, "val")
+    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}))
     labels = json.loads((root / "b" / "labels.json").read_text())
     (root / "b" / "labels.json").write_text(json.dumps(labels), encoding="utf-8-sig")  # as some editors save it
     assert datasets.read_cases("generic", root, "val")[0].structures == {"organ": 1, "bone": 2, "absent": 3}

@@ -305,6 +305,42 @@ def test_training_validation_reads_the_smaller_of_both_caps(amos_root):
     assert count(0, -1) == total
 
 
+def test_training_reads_the_validation_index_once(amos_root, monkeypatch):
+    """Building the slice index reads every volume of the split: a run keeps it from its first
+    validation, so later validations read each sampled volume once, not twice."""
+    from radsam_jax.train import loop
+    from radsam_jax.train.config_lib import base_config
+
+    c = base_config()
+    c.data = _config(amos_root)
+    loaded = []
+    real = datasets.load_case
+    monkeypatch.setattr(datasets, "load_case", lambda case, **kw: loaded.append(case.case_id) or real(case, **kw))
+
+    def validate(held_out=None):
+        loaded.clear()
+        weights = [w for _, w in loop.validation_batches(c, MODEL, 2, held_out)]
+        return sum(int(w.sum()) for w in weights), list(loaded)
+
+    held_out = loop.held_out_split(c)
+    cases = [case.case_id for case in held_out[0]]
+    assert validate() == (len(held_out[1]), cases + cases)  # the index, then the samples' volumes
+    assert validate(held_out) == validate(held_out) == (len(held_out[1]), cases)
+
+
+def test_volumes_that_do_not_look_like_hu_are_named_once(tmp_path, caplog):
+    root = write_generic(tmp_path / "gen")
+    image = nib.load(root / "b" / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) + 2000, image.affine), root / "b" / "ct.nii.gz")  # MR-like, >= 0
+    cases = datasets.read_cases("generic", root, "all")
+    cache = pipeline.VolumeCache(cases, size=1)
+    with caplog.at_level(logging.WARNING, logger="radsam_jax.data.pipeline"):
+        for i in (0, 1, 0, 1):
+            cache.get(i)
+    assert caplog.text.count("has no value below 0") == 1 and "case b (" in caplog.text, caplog.text
+    assert 'give its labels.json "modality": "MR" and set data.intensity="percentile"' in caplog.text
+
+
 def test_mri_needs_percentile_intensities(amos_root, tmp_path, caplog):
     for modality in ("MRI", "all"):
         with pytest.raises(ValueError, match="Hounsfield"):

@@ -244,10 +244,12 @@ def generic_cases(root, split: str = "all") -> list[Case]:
         splits = io.read_json(splits_file)
         if split not in splits:
             raise ValueError(f"split {split!r} not in {splits_file} (has {sorted(splits)})")
-        keep = set(map(str, splits[split]))
-        cases = [c for c in cases if c.case_id in keep]
-        if not cases:
-            raise ValueError(f"split {split!r} of {splits_file} names no case found under {root}")
+        names = list(map(str, splits[split]))
+        unknown = sorted(set(names) - {c.case_id for c in cases})
+        if unknown:  # a typo would silently shrink the split
+            raise ValueError(f"split {split!r} of {splits_file} names {len(unknown)} case(s) not found under {root}: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (case folders hold labels.json)")
+        cases = [c for c in cases if c.case_id in set(names)]
     return cases
 
 
@@ -278,6 +280,9 @@ def layout_problem(format: str, root, split: str = "all") -> Optional[str]:
             (s / "ct.nii.gz").is_file() and (s / "segmentations").is_dir() for s in root.iterdir())
     else:
         found = (root / "labels.json").is_file() or any((c / "labels.json").is_file() for c in root.iterdir())
+    if not found and format == "amos" and split == "val" and (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        return (f"{root} has no imagesVa/ and labelsVa/: nnU-Net's AMOS conversion merges the validation cases into "
+                f"imagesTr/: move the cases to validate on into imagesVa/ and labelsVa/ (the AMOS release's layout)")
     return None if found else f"{root} is not {expected}"
 
 

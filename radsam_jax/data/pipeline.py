@@ -42,7 +42,7 @@ import numpy as np
 from radsam_jax.data import augment as augment_lib
 from radsam_jax.data import datasets
 from radsam_jax.data import prompt_simulation as ps
-from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, volume_intensities, window_unit
+from radsam_jax.intensity import INTENSITY_MODES, modality_mismatches, not_hu_reason, volume_intensities, window_unit
 from radsam_jax.io import write_atomically
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.cache_size = 4  # decoded canonical volumes kept per worker (LRU)
     c.shuffle = True  # shuffle samples each epoch (training)
     c.cases_per_block = 4  # shuffle within blocks of this many cases for cache locality; 0 = global shuffle
-    c.index_cache_dir = ""  # folder to cache the (case, structure, slice) index as .npz; '' = rebuild each run
+    c.index_cache_dir = ""  # folder to cache the (case, structure, slice) index as .npz; '' = build it at each start
     c.include_sample_ids = False  # add "sample_id" (B,) int64 to batches (debugging, tests)
     # --- validation (iterate_slices)
     c.val_max_samples = 256  # cap on validation slices, evenly spread over the index (0 = none); see eval.max_batches
@@ -403,6 +403,7 @@ class VolumeCache:
         self._data: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict = {}
+        self._doubted: set = set()  # cases warned about as not looking like HU
 
     def __getstate__(self):
         return {"cases": self.cases, "size": self.size, "intensity": self.intensity}
@@ -426,7 +427,13 @@ class VolumeCache:
         try:
             case = self.cases[case_index]
             volume, labels = datasets.load_case(case, canonical=True)
-            value = (volume_intensities(volume.array, self.intensity, f"case {case.case_id} ({case.image_path})"), labels)
+            name = f"case {case.case_id} ({case.image_path})"
+            value = (volume_intensities(volume.array, self.intensity, name), labels)
+            doubt = not_hu_reason(volume.array, name) if self.intensity == "hu" else None
+            if doubt and case_index not in self._doubted:  # e.g. MR in a generic folder without "modality": "MR"
+                self._doubted.add(case_index)
+                log.warning("%s, yet it is windowed in HU (intensity 'hu'); if it is MR, give its labels.json "
+                            "\"modality\": \"MR\" and set %s", doubt, mr_settings())
             with self._lock:
                 self._data[case_index] = value
                 while len(self._data) > self.size:
@@ -702,16 +709,18 @@ def make_data_iterator(data_config, model_config, *, split: str, batch_size: int
 
 def iterate_slices(data_config, model_config, *, split: str = "val", batch_size: int,
                    max_samples: Optional[int] = None, prompt: Optional[str] = None,
-                   seed: int = 0) -> Iterator[dict]:
+                   seed: int = 0, loaded: Optional[tuple] = None) -> Iterator[dict]:
     """Deterministic held-out batches for periodic validation (in-process, no augmentation).
 
     Samples: the split's (case, structure, slice) index, evenly thinned to `max_samples`
     (default data_config.val_max_samples; 0 = all), in case order so each volume loads once.
     Prompt: `prompt` or data_config.val_prompt, "box" = tight box (no jitter); draws are seeded per
     sample. Same keys as make_data_iterator plus "valid" (B,) bool: the last batch is padded by
-    repeating its last sample with valid=False, so shapes stay static.
+    repeating its last sample with valid=False, so shapes stay static. `loaded`: the split's
+    load_split(data_config, split), kept by a caller that validates again and again (building the
+    index reads every volume).
     """
-    cases, index = load_split(data_config, split)
+    cases, index = loaded if loaded is not None else load_split(data_config, split)
     spec = InputSpec.from_model_config(model_config)
     limit = data_config.val_max_samples if max_samples is None else max_samples
     chosen = np.arange(len(index))

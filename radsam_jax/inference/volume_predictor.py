@@ -262,10 +262,10 @@ class VolumePredictor:
             raise ValueError(f"the volume is empty: shape {array.shape}")
         name = getattr(volume, "path", "") or "the volume"
         values = volume_intensities(array, self.intensity, name)
-        if self.intensity == "hu" and array.min() >= 0:  # CT in HU has air near -1000
-            warnings.warn(f"{name} has no value below 0, so it does not look like CT in Hounsfield units, which this "
-                          f"model's window ({self.window[0]:g}/{self.window[1]:g}) expects; for MRI use intensity "
-                          f"'percentile' (--intensity percentile)", stacklevel=2)
+        doubt = not_hu_reason(array, name) if self.intensity == "hu" else None
+        if doubt:
+            warnings.warn(f"{doubt}, which this model's window ({self.window[0]:g}/{self.window[1]:g}) expects; for "
+                          f"MRI use intensity 'percentile' (--intensity percentile)", stacklevel=2)
         affine = getattr(volume, "affine", None)
         frame = SliceFrame.identity(array.shape) if affine is None else SliceFrame.from_affine(affine, array.shape)
         if affine is not None:  # nothing is resampled: a thick-slice sagittal/coronal series gives thin, long pixels

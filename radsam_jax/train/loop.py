@@ -325,15 +325,27 @@ def validation_sample_limit(config, batch_size: int) -> int:
     return min(caps, default=0)
 
 
-def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+def held_out_split(config) -> Optional[tuple]:
+    """The validation split's cases and slice index for validation_batches (None for synthetic data)."""
+    if config.data_source not in ("pipeline", "mixture"):
+        return None
+    from radsam_jax.data.pipeline import load_split
+
+    return load_split(config.data, config.eval.split)
+
+
+def validation_batches(config, model_config, batch_size: int, held_out: Optional[tuple] = None
+                       ) -> Iterator[tuple[dict, np.ndarray]]:
     """(batch, weight) pairs of held-out slices, each batch exactly `batch_size` rows (the *global*
     eval batch, the same on every process); weight 0 marks padding rows of the last batch. Same
-    slices and prompts at every call, and whatever the number of processes."""
+    slices and prompts at every call, and whatever the number of processes. `held_out`: the
+    held_out_split(config) of an earlier call (else it is built again, reading every volume)."""
     if config.data_source in ("pipeline", "mixture"):  # a mixture validates on `config.data`
         from radsam_jax.data.pipeline import iterate_slices
 
         for batch in iterate_slices(config.data, model_config, split=config.eval.split, batch_size=batch_size,
-                                    max_samples=validation_sample_limit(config, batch_size), seed=config.seed):
+                                    max_samples=validation_sample_limit(config, batch_size), seed=config.seed,
+                                    loaded=held_out):
             yield batch, np.asarray(batch.pop("valid"), np.float32)
         return
     if config.data_source != "synthetic":
@@ -354,7 +366,7 @@ def validation_batches(config, model_config, batch_size: int) -> Iterator[tuple[
         yield batch, weight
 
 
-def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) -> dict:
+def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int, held_out: Optional[tuple] = None) -> dict:
     """Mean validation loss terms and Dice (primary mask, hard, at S x S) over the held-out slices.
 
     Every process reads the same global batches (validation sets are small) and feeds its own rows,
@@ -363,7 +375,7 @@ def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int) 
     local = batch_size // jax.process_count()
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     sums = None
-    for batch, weight in validation_batches(config, model_config, batch_size):
+    for batch, weight in validation_batches(config, model_config, batch_size, held_out):
         global_batch = to_global_batch({k: v[rows] for k, v in batch.items()}, mesh)
         global_batch["weight"] = jax.make_array_from_process_local_data(
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), weight[rows])
@@ -575,8 +587,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ckpt.save(step, state, train_iter, config_json, model_config=model_config.to_dict(), force=force)
             saved_step = step
 
+    held_out = None  # read at the first validation, then kept
+
     def validate():
-        m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch)
+        nonlocal held_out
+        held_out = held_out or held_out_split(config)
+        m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch, held_out)
         volume = ""
         if config.eval.volume_cases > 0:
             m.update(volume_validation(state.variables, model_config, config))
