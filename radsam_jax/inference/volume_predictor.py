@@ -50,7 +50,7 @@ from radsam_jax.inference.propagation import (
     EMPTY_LOGIT, PROPAGATION_MODES, VANISH_POLICIES, decode_slices, propagate_volume, redecode_slices, sam_decoder,
     single_prompt, start_prompt,
 )
-from radsam_jax.intensity import DEFAULT_WINDOWS, check_intensity, volume_intensities
+from radsam_jax.intensity import DEFAULT_WINDOWS, check_intensity, not_hu_reason, volume_intensities
 from radsam_jax.model.config import ModelConfig, is_valid_ct_window
 from radsam_jax.model.sam import RadSam, check_compute_dtype, encode_images
 from radsam_jax.preprocess import (
