@@ -64,9 +64,19 @@ def blocking(fn):
 
 
 def peak_device_bytes() -> int | None:
-    """Peak bytes in use on the first device where the backend reports it (GPU/TPU), else None."""
+    """The process's peak bytes in use so far on the first device, where the backend reports it
+    (GPU/TPU), else None: a high-water mark over every earlier computation, never reset."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
+
+
+def executable_bytes(compiled) -> int | None:
+    """Device memory one compiled computation needs by XLA's buffer plan: its arguments, outputs
+    (less those aliased to arguments) and temporaries; the per-row figure, whatever ran before."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
 def lowered_flops(lowered) -> float | None:

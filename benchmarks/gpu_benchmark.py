@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (CPU_NO_YNNPACK, blocking, device_name, encoder_block, interleaved,
-                               lowered_flops, op_time_breakdown, peak_device_bytes, time_call, write_table)
+                               executable_bytes, lowered_flops, op_time_breakdown, peak_device_bytes, time_call,
+                               write_table)
 from radsam_jax.model import RadSam, init_variables, load_model_config
 from radsam_jax.model.sam import encode_images
 
@@ -55,7 +56,8 @@ def encoder_rows(args, peak_bf16: float) -> list[dict]:
                 seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
                 row["ms_per_batch"] = seconds * 1e3
                 row["slices_per_s"] = batch / seconds
-                row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+                row["executable_gib"] = (executable_bytes(compiled) or 0) / 2**30 or None
+                row["process_peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
                 # Counted once per model and dtype, on one slice with the attention materialised: the
                 # same maths without the chunked path's loops, whose bodies XLA counts once.
                 key = (config.name, dtype_name)
@@ -340,7 +342,8 @@ def train_rows(args) -> list[dict]:
                 jax.block_until_ready(metrics)
                 seconds = (time.perf_counter() - t0) / steps
             row["images_per_s"] = batch / seconds
-            row["peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+            row["executable_gib"] = (executable_bytes(compiled) or 0) / 2**30 or None
+            row["process_peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
             del state
             flops = train_step_flops(name, batch, precision, remat)  # without loops, which XLA counts once
             row["xla_tflop_per_step"] = flops / 1e12 if flops else None

@@ -1,34 +1,59 @@
 #!/usr/bin/env bash
 # The device checks for a session that has a lent GPU, in priority order, each step under its own
 # time limit so one slow step cannot take the others' time (a session gets ~15 min of device time,
-# a few of them to start the machine). Results go to $OUT/<step>/ (markdown + JSON), logs beside.
+# a few of them to start the machine).
 #
-#   bash benchmarks/gpu_checks.sh [OUT]            # default OUT: $OUT or benchmarks/results/gpu_checks
+#   bash benchmarks/gpu_wheels.sh                  # here, first: the wheels the device image lacks -> .whl/
+#   bash benchmarks/gpu_checks.sh "$OUT"           # on the device (run tool, carry [".whl"], timeout_s=600)
 #   SMALL=1 bash benchmarks/gpu_checks.sh /tmp/x   # the same steps shrunk, to check the script on a CPU
 #
+# Only 8 files come back from the device's $OUT, so the step folders (markdown + JSON + log each) are
+# bundled into OUT/gpu_checks.tgz after every step, and OUT/summary.txt says how each step ended.
 # Steps: 1 where the time goes (bf16 matmul peak, the attention op alone with V padded or not,
 # per-kernel profile of one global and one windowed ViT-B block, XLA option variants of the encoder);
 # 2 the training step's images/s and utilisation; 3 the ViT-L float32 encoder rows (never measured
-# yet); 4 the ViT-B encoder rows again. 540 s in all at most: run it with the device tool's
-# timeout_s=600. A step stopped by its limit keeps the rows it finished in its .log (one dict per
-# row), not in its table.
+# yet); 4 the ViT-B encoder rows again; 5 propagation ms per slice. 540 s of steps at most. A step
+# stopped by its limit keeps the rows it finished in its .log (one dict per row), not in its table.
 set -u
 export PYTHONUNBUFFERED=1  # a step killed at its limit keeps every row it printed
 out="${1:-${OUT:-benchmarks/results/gpu_checks}}"
 small=()
 [ -n "${SMALL:-}" ] && small=(--small)
-mkdir -p "$out"
+work="$(mktemp -d)/gpu_checks"
+mkdir -p "$out" "$work"
+summary="$out/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+if ! python3 -c "import grain, nibabel, ml_collections, tensorboardX" > /dev/null 2>&1 && ls .whl/*.whl > /dev/null 2>&1; then
+  # the device image lacks them (gpu_wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$work/install.log" 2>&1 || { say "installing .whl failed:"; tail -n 5 "$work/install.log" | tee -a "$summary"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# radsam_jax.configs is the folder configs/ only once the project is installed.
+python3 -c "import radsam_jax.configs.small" > /dev/null 2>&1 ||
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$work/install.log" 2>&1
+if ! python3 -c "import radsam_jax.configs.small, radsam_jax.train.loop, radsam_jax.inference, benchmarks.train_throughput" \
+    > "$work/imports.log" 2>&1; then
+  say "radsam_jax does not import (missing wheels? run benchmarks/gpu_wheels.sh here and carry .whl):"
+  tail -n 5 "$work/imports.log" | tee -a "$summary"
+  exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$work/device.txt" 2>&1 ||
+  echo "no nvidia-smi" > "$work/device.txt"
+say "device: $(cat "$work/device.txt")"
 step() {  # step NAME SECONDS ARGS...
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit}s): $*"
+  say "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" python3 -m benchmarks.gpu_benchmark "${small[@]}" --out "$out/$name" "$@" > "$out/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - t0)) s; tail:"
-  grep -v Warning "$out/$name.log" | tail -n 4 | sed 's/^/   /'
+  timeout "$limit" python3 -m benchmarks.gpu_benchmark "${small[@]}" --out "$work/$name" "$@" > "$work/$name.log" 2>&1
+  say "   exit $? after $((SECONDS - t0)) s; tail:"
+  grep -v Warning "$work/$name.log" | tail -n 4 | sed 's/^/   /' | tee -a "$summary"
+  tar czf "$out/gpu_checks.tgz" -C "$(dirname "$work")" gpu_checks
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null > "$out/device.txt" || echo "no nvidia-smi" > "$out/device.txt"
-step where 190 --sections matmul,attention,profile,variants
-step train 180 --sections train
-step vit_l 90 --sections encoder --encoder-rows vit_l:float32,small:float32
-step vit_b 80 --sections encoder --encoder-rows vit_b:bfloat16,vit_b:float32,small:bfloat16
+step where 170 --sections matmul,attention,profile,variants
+step train 170 --sections train
+step vit_l 80 --sections matmul,encoder --encoder-rows vit_l:float32,small:float32
+step vit_b 70 --sections matmul,encoder --encoder-rows vit_b:bfloat16,vit_b:float32,small:bfloat16
+step propagation 50 --sections propagation
