@@ -198,6 +198,20 @@ def stopped_at_the_last_step(steps):
 stage("stopped", lambda: stopped_at_the_last_step(2))
 stage("stopped_rerun", lambda: train(root / "stopped", num_train_steps=2))
 stage("stopped_rerun_again", lambda: train(root / "stopped", num_train_steps=2))
+# Settings that change the saved state's form: refused before the restore, except freezing parameters.
+no_init = dict(init_checkpoint="")
+stage("resume_clipped", lambda: train(run, num_train_steps=7, **no_init, **{"optim.grad_clip_norm": 1.0}))
+stage("resume_frozen", lambda: train(run, num_train_steps=7, **no_init, **{"optim.frozen": ("image_encoder/.*",)}))
+stage("resume_unfrozen", lambda: train(run, num_train_steps=8, **no_init))
+def workers_changed():
+    ck = checkpointing.Checkpointer(run / "checkpoints", async_save=False, read_only=True)
+    try:
+        state = ck.manager.item_metadata(ck.latest_step())["state"].tree
+        loop._check_resumable(ck, state, ck.restore_config(), tiny_config(data_source="pipeline", **{"data.num_workers": 2}), [])
+        return "no error"
+    finally:
+        ck.close()
+stage("resume_with_workers", workers_changed)
 print(json.dumps(out))
 """
 
@@ -231,6 +245,20 @@ def test_export_reads_only_the_model_variables(run_record):
     assert {"opt_state", "params", "buffers"} <= set(got["whole"]) and got["part"] == ["buffers", "params"]
     assert got["same"]
     assert "no ['ema']" in got["missing"] and "checkpoints/2" in got["missing"], got["missing"]
+
+
+def test_a_resume_that_changes_the_state_form_is_a_config_error(run_record):
+    r = run_record[1]
+    clipped = r["resume_clipped"].get("error", "")
+    assert clipped.startswith("ConfigError: ") and "checkpoints/6 cannot continue with this config: its saved state has no" in clipped
+    assert "optim.grad_clip_norm 0.0 -> 1.0" in clipped and "radsam export" in clipped, clipped
+    assert [x["step"] for x in _ok(r["resume_frozen"]) if "loss" in x][-1] == 7  # freezing leaves moments unread
+    unfrozen = r["resume_unfrozen"].get("error", "")
+    assert "checkpoints/7 cannot continue" in unfrozen and "mu/image_encoder/" in unfrozen, unfrozen
+    assert "optim.frozen ['image_encoder/.*'] -> []" in unfrozen, unfrozen
+    workers = r["resume_with_workers"].get("error", "")
+    assert "saved its data order without Grain worker processes (data.num_workers=0)" in workers, workers
+    assert "not with data.num_workers=2" in workers, workers
 
 
 def test_resume_and_export_do_not_need_the_init_checkpoint(run_record):

@@ -50,6 +50,12 @@ class PositionEmbeddingRandom(nn.Module):
         return self.encode(coords / image_size)
 
 
+def _fan_in_uniform(fan_in: int):
+    """PyTorch's default bias initialisation: uniform in +-1/sqrt(fan_in)."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class PromptEncoder(nn.Module):
     """Embeds points, box and mask prompts: returns (sparse (B, N+2, C), valid (B, N+2), dense (B, h, w, C))."""
 
@@ -65,11 +71,17 @@ class PromptEncoder(nn.Module):
         self.point_embeddings = self.param("point_embeddings", normal, (4, self.embed_dim))
         self.not_a_point_embed = self.param("not_a_point_embed", normal, (self.embed_dim,))
         self.no_mask_embed = self.param("no_mask_embed", normal, (self.embed_dim,))
-        self.mask_conv1 = nn.Conv(self.mask_in_chans // 4, (2, 2), strides=(2, 2), padding="VALID", name="mask_conv1")
+        # Biases start as nn.Conv2d's, uniform in +-1/sqrt(fan in), not Flax's zeros: with zero biases
+        # an empty mask's features are all 0, and the LayerNorm after them (eps 1e-6) multiplies the
+        # first gradients of a model trained from scratch by ~1000 in mask_conv1's bias.
+        c = self.mask_in_chans
+        self.mask_conv1 = nn.Conv(c // 4, (2, 2), strides=(2, 2), padding="VALID", bias_init=_fan_in_uniform(4),
+                                  name="mask_conv1")
         self.mask_norm1 = layer_norm(1e-6, jnp.float32, "mask_norm1")
-        self.mask_conv2 = nn.Conv(self.mask_in_chans, (2, 2), strides=(2, 2), padding="VALID", name="mask_conv2")
+        self.mask_conv2 = nn.Conv(c, (2, 2), strides=(2, 2), padding="VALID", bias_init=_fan_in_uniform(4 * (c // 4)),
+                                  name="mask_conv2")
         self.mask_norm2 = layer_norm(1e-6, jnp.float32, "mask_norm2")
-        self.mask_conv3 = nn.Conv(self.embed_dim, (1, 1), name="mask_conv3")
+        self.mask_conv3 = nn.Conv(self.embed_dim, (1, 1), bias_init=_fan_in_uniform(c), name="mask_conv3")
 
     def dense_pe(self) -> jax.Array:
         """(h, w, C) positional encoding of the image-embedding grid."""

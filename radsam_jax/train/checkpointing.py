@@ -37,6 +37,13 @@ from radsam_jax.train.config_lib import ConfigError
 STATE, DATA_ITER, CONFIG, MODEL_CONFIG = "state", "data_iter", "config", "model_config"
 
 
+def tree_paths(tree) -> dict[str, tuple]:
+    """"a/b/0/c"-style path -> shape of each leaf: a TrainState and the metadata of its saved form
+    give the same paths (attribute, key, field and index names alike)."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` for (TrainState, Grain iterator, config)."""
 
@@ -131,12 +138,12 @@ class Checkpointer:
                                       args=ocp.args.PyTreeRestore(target, partial_restore=True))
         return jax.device_get(restored)
 
-    def variable_shapes(self, step: Optional[int] = None) -> dict[str, tuple]:
-        """"params/image_encoder/pos_embed"-style path -> shape of each model variable (params and
-        buffers) saved at `step` (default latest), from the checkpoint's metadata: no array is read."""
+    def state_shapes(self, step: Optional[int] = None, parts=("params", "buffers")) -> dict[str, tuple]:
+        """"params/image_encoder/pos_embed"-style path (tree_paths) -> shape of each array of the
+        state's `parts` (all: None) saved at `step` (default latest), from the checkpoint's metadata: no
+        array is read."""
         tree = self.manager.item_metadata(self.latest_step() if step is None else step)[STATE].tree
-        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(m.shape)
-                for path, m in jax.tree_util.tree_flatten_with_path({k: tree[k] for k in ("params", "buffers")})[0]}
+        return tree_paths(tree if parts is None else {k: tree[k] for k in parts})
 
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -224,7 +224,7 @@ def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_co
     (read from the checkpoint's metadata, before Orbax fails on them in the middle of the restore)."""
     from radsam_jax.checkpoint import expected_shapes
 
-    saved, expected = ckpt.variable_shapes(step), expected_shapes(model_config)
+    saved, expected = ckpt.state_shapes(step), expected_shapes(model_config)
     problems = [f"{k} is {saved[k]} in the checkpoint, {shape} in the config's model"
                 for k, shape in expected.items() if k in saved and saved[k] != shape]
     problems += [f"the checkpoint has no {k}" for k in expected if k not in saved]
@@ -234,6 +234,33 @@ def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_co
         raise ConfigError(f"{ckpt.directory}/{step} does not record its model (older radsam-jax) and its parameters "
                           f"do not match the architecture the config gives: {problems[0]}{more}; resume with the "
                           "run's own model settings or use a new --workdir")
+
+
+def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Optional[dict],
+                     config: ml_collections.ConfigDict, changed: list[str]) -> None:
+    """ConfigError, before Orbax, Grain or the first step fail on it, when the config builds a state the
+    latest checkpoint cannot fill: an optimiser of another form (gradient clipping or weight decay
+    switched on or off, parameters unfrozen: their Adam moments were never kept) or data loading
+    switched between Grain worker processes and none (the iterator's saved state has another form).
+    Freezing parameters is fine: their saved moments are left unread."""
+    step = ckpt.latest_step()
+    saved, wanted = ckpt.state_shapes(step, parts=None), checkpointing.tree_paths(target)
+    missing = [k for k in wanted if saved.get(k) != wanted[k]]
+    settings = [c for c in changed if c.startswith(("optim.", "precision", "loss_scale"))]
+    advice = (f"resume with the run's settings, or start a new --workdir from its weights (radsam export "
+              f"{ckpt.directory.parent} DST, then init_checkpoint=DST)")
+    if missing:
+        raise ConfigError(f"{ckpt.directory}/{step} cannot continue with this config: its saved state has no "
+                          f"{missing[0]} of shape {wanted[missing[0]]}"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the optimiser's form "
+                          f"changed ({'; '.join(settings) or 'see optim'}); {advice}")
+    old, new = _flat(saved_config or {}), _flat(config.to_dict())
+    loaders = {"pipeline": ["data"], "mixture": [f"datasets.{n}" for n in dict(config.get("data_mixture", {}))]}
+    for key in (f"{name}.num_workers" for name in loaders.get(config.data_source, [])):
+        if key in old and key in new and (int(old[key]) > 0) != (int(new[key]) > 0):
+            raise ConfigError(f"{ckpt.directory}/{step} saved its data order {'without' if int(old[key]) == 0 else 'with'} "
+                              f"Grain worker processes ({key}={old[key]}), and it resumes only so, not with {key}="
+                              f"{new[key]}; {advice}")
 
 
 def make_iterator(config: ml_collections.ConfigDict, model_config: ModelConfig, *, split: str, batch_size: int,
@@ -470,18 +497,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from e
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"a.b.c": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def config_changes(saved: Optional[dict], current: dict) -> list[str]:
     """"key old -> new" for every config value that differs between a checkpoint's config and this
     run's (nested keys dotted); none for a checkpoint without one."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
     if not saved:
         return []
-    old, new = flat(saved), flat(current)
+    old, new = _flat(saved), _flat(current)
     return [f"{k} {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
 
@@ -557,9 +586,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resumed = ckpt.latest_step() is not None
     if resumed:
         target = abstract_train_state(model_config, config, tx, mesh)
+        saved_config = ckpt.restore_config()
+        changed = config_changes(saved_config, json.loads(config.to_json()))
+        _check_resumable(ckpt, target, saved_config, config, changed)
         state, train_iter = ckpt.restore(target, train_iter)
         writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
-        changed = config_changes(ckpt.restore_config(), json.loads(config.to_json()))
         if changed:
             writer.print(f"warning: resumed with another config than the run's last checkpoint: {'; '.join(changed[:10])}"
                          f"{' ...' if len(changed) > 10 else ''} (the run goes on with the new values)")
