@@ -118,3 +118,31 @@ def test_warmup_cosine_schedule():
     sched = optimizer_lib.make_schedule(c, 110)
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(110)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_logged_lr_is_the_rate_applied_when_float16_skips_steps():
+    """A step skipped for float16 overflow advances state.step but not the optimiser's count, which
+    the schedule follows: the logged lr is the one Adam applied."""
+    from radsam_jax.train import loop, optimizer as opt, train_step as ts
+    from radsam_jax.train.synthetic import make_synthetic_iterator
+    from train_testlib import tiny_config
+
+    c = tiny_config(precision="float16", num_train_steps=20)
+    c.loss_scale.initial = 2.0 ** 24  # overflows: the first steps are skipped while the scale halves
+    c.optim.warmup_steps, c.optim.schedule = 10, "cosine"
+    mc, _ = loop.load_model(c)
+    mesh = ts.make_mesh(1)
+    params = jax.eval_shape(lambda: ts.init_variables(mc, jax.random.PRNGKey(0))["params"])
+    tx, schedule = opt.make_optimizer(c.optim, params, 20), opt.make_schedule(c.optim, 20)
+    it = make_synthetic_iterator(mc, split="train", batch_size=4, seed=0)
+    applied, finite = [], []
+    with jax.set_mesh(mesh):
+        state = ts.create_sharded_state(mc, c, tx, mesh)
+        step = ts.make_train_step(mc, c, tx, mesh, schedule)
+        for _ in range(12):
+            state, m = step(state, ts.to_global_batch(next(it), mesh))
+            applied.append(float(m["lr"]))
+            finite.append(bool(m["finite"]))
+    assert 0 < sum(finite) < 12, finite  # some steps skipped, some applied
+    expected = [float(schedule(sum(finite[:i]))) for i in range(12)]
+    np.testing.assert_allclose(applied, expected, rtol=1e-6)

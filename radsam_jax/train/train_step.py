@@ -249,7 +249,11 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
-        metrics["lr"] = jnp.asarray(schedule(state.step) if schedule is not None else 0.0, jnp.float32)
+        # The rate this update applied: the schedule follows the optimiser's own count, which a step
+        # skipped for float16 overflow does not advance (state.step does).
+        counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+        metrics["lr"] = jnp.asarray(schedule(counts[0][1] if counts else state.step) if schedule is not None else 0.0,
+                                    jnp.float32)
         metrics["loss_scale"] = scale
         metrics["finite"] = finite.astype(jnp.float32)
         return new_state, metrics
