@@ -255,6 +255,19 @@ def test_structure_absent_from_the_label_map_is_an_error(checkpoint, tmp_path, c
     assert "kidney" in err and "absent" in err
 
 
+def test_a_structure_skipped_by_min_slices_is_not_called_absent(checkpoint, tmp_path, capsys):
+    """organ spans 7 slices, bone 8: --min-slices 8 skips organ, which has voxels all the same."""
+    image, labels, names = _synthetic(tmp_path)
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(image), "--labels", str(labels), "--label-names",
+            str(names), "--min-slices", "8", "--edits", "0", "--prompt", "box", "--protocol", "volume", "--no-progress"]
+    assert radsam([*args, "--structures", "organ,bone", "--out", str(tmp_path / "both")]) == 0, capsys.readouterr().err
+    assert "spans 7 < --min-slices 8 slices (1)" in (tmp_path / "both" / "summary.md").read_text()
+    assert "absent" not in capsys.readouterr().err
+    err = _run_bad(capsys, *args[1:], "--structures", "organ", "--out", str(tmp_path / "organ"))
+    assert "every object was skipped (spans 7 < --min-slices 8 slices); a smaller --min-slices" in err, err
+    assert "absent" not in err and "continues the run" not in err, err
+
+
 def test_label_map_without_world_overlap_is_an_error(checkpoint, tmp_path, capsys):
     far = np.diag([1.5, 1.5, 3.0, 1.0])
     far[:3, 3] = [5000.0, 0.0, 0.0]

@@ -380,7 +380,7 @@ def _evaluate(args) -> int:
                   f"(radsam report {out} --partial --out DIR reports the finished objects now)", file=sys.stderr)
             raise
         except Exception:
-            if record.finished() & objects:
+            if record.finished() & objects and not record.complete:
                 print(f"{PROG}: the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
                       f"once the problem is mended, the same command continues the run", file=sys.stderr)
             raise

@@ -378,9 +378,10 @@ class RunRecord:
                     seen[key] += t[key]
             else:
                 timings[t["case"]] = dict(t)
-        evaluated = {r["structure"] for r in self.rows}
+        # Present: evaluated, or skipped by an option (--min-slices) rather than for having no voxel.
+        present = {r["structure"] for r in self.rows} | {s for _, s, why in self.skipped if why != "absent"}
         count = self.run.get("identity", {}).get("worst", len(self.worst))
-        missing = [name for name in requested if name not in evaluated] if self.complete else []
+        missing = [name for name in requested if name not in present] if self.complete else []
         return EvalResult(rows, keep_worst(self.worst, count), list(timings.values()), skipped, missing)
 
 

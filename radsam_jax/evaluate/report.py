@@ -245,7 +245,7 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
         for name in dict.fromkeys(r["structure"] for r in extra["per_structure"]):  # breakdown's order
             lines.append(f"| {name} | " + " | ".join(
                 (f"{_pm(ps[(name, *c)])} (n={ps[(name, *c)]['n']})" if (name, *c) in ps else "-") for c in cols) + " |")
-    lines += ["", "## Timing", "", "| case | slices | slices encoded | encoder s | slices/s | total s | objects |",
+    lines += ["", "## Timing", "", "| case | slices | slices encoded | encoder s | slices/s | total s | objects timed |",
               "|---|---|---|---|---|---|---|"]
     for t in timings:
         rate = t["encoded"] / t["encode_s"] if t["encode_s"] > 0 else float("nan")
@@ -253,7 +253,8 @@ def write_summary_md(path, summary: dict, extra: dict, *, model: str, options: d
                      f"{t['total_s']:.2f} | {t['objects']} |")
     lines += ["", "The encoder runs at most once per slice per volume (slices encoded <= slices); every",
               "structure, prompt, edit and setting re-uses the cached embeddings. Encoder time includes",
-              "compilation on the first volume."]
+              "compilation on the first volume. A case is timed by the pass that finishes it: after a",
+              "stopped run, only the objects that pass evaluated."]
     if skipped:
         lines += ["", f"## Skipped objects ({len(skipped)})", ""]
         reasons = {}

@@ -314,7 +314,9 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         if result.missing_structures:
             raise EvaluationInputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case)")
         reasons = sorted({r for _, _, r in result.skipped})
-        raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every structure was skipped ({'; '.join(reasons) or 'none listed'})")
+        raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every object was skipped "
+                                   f"({'; '.join(reasons) or 'none listed'}); a smaller --min-slices or other "
+                                   f"--structures give some")
     return result
 
 
