@@ -121,6 +121,14 @@ def test_segment_from_a_drawn_mask_file(image, checkpoint, tmp_path, capsys):
                    "--out", tmp_path / "none.nii.gz", "--no-progress") == 2
     assert "--mask-label needs --mask DRAWN.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "none.nii.gz").exists()
+    # A prompts file's drawn mask is an input too: --out or --preview onto it is refused, the file kept.
+    kept = (tmp_path / "drawn" / "ball.nii.gz").read_bytes()
+    for option in ("--out", "--preview"):
+        target = ["--out", tmp_path / "drawn" / "ball.nii.gz"] if option == "--out" else [
+            "--out", tmp_path / "o.nii.gz", "--preview", tmp_path / "drawn" / "ball.nii.gz"]
+        assert run_cli("segment", image, "--checkpoint", checkpoint, "--prompts", pfile, *target, "--no-progress") == 2
+        assert f"is the drawn mask file of object 1" in capsys.readouterr().err
+    assert (tmp_path / "drawn" / "ball.nii.gz").read_bytes() == kept and not (tmp_path / "o.nii.gz").exists()
 
 
 def test_segment_a_sagittal_file_gives_its_axial_twins_mask(image, checkpoint, tmp_path, capsys):
@@ -316,6 +324,8 @@ def test_bad_files_and_destinations(image, checkpoint, tmp_path, capsys):
     cut_labels = _truncated_copy(image.parent / "labels.nii.gz", tmp_path / "cut_labels.nii.gz")
     _bad(capsys, out, "segment", image, *ck, *prompt, "--labels", cut_labels, "--label-id", 7,
          match=f"cannot read NIfTI file {cut_labels} (label map)")
+    _bad(capsys, out, "segment", image, *ck, *prompt, "--labels", image.parent / "labels.nii.gz", "--label-id", 250,
+         match=f"reference label(s) [250] are absent from {image.parent / 'labels.nii.gz'} (its labels: [7])")
     afile = tmp_path / "afile"
     afile.write_text("x")
     _bad(capsys, afile / "m.nii.gz", "segment", image, *ck, *prompt, match=f"cannot be created: {afile} is a file")
@@ -371,6 +381,14 @@ def test_prompts_errors_per_key_and_point_limit():
     _prompt_error([{"slice": 5, "label": 1.5, "points": [[1, 1]]}], "object 1: label must be an integer, got 1.5")
     _prompt_error([{"slice": 5.5, "points": [[1, 1]]}], r"slice must be an integer slice index \(voxel coordinates\)")
     _prompt_error([{"slice": 5, "points": [[1, 1]], "edits": 0}], "edits must be a list")
+    # [x, y, slice] is no point, nor are strings and booleans numbers (they were reshaped or cast silently).
+    _prompt_error([{"slice": 5, "points": [[6, 5, 9], [4, 4, 9]]}], r"points must be a list of \[x, y\] number pairs")
+    _prompt_error([{"slice": 5, "points": [[1, 1]], "edits": [{"slice": 6, "points": [1, 2, 3]}]}], "points must be a list of")
+    _prompt_error([{"slice": "5", "points": [[1, 1]]}], "slice must be a number, got '5'")
+    _prompt_error([{"slice": True, "points": [[1, 1]]}], "slice must be a number, got True")
+    _prompt_error([{"slice": 5, "points": [[1, 1]], "point_labels": [True]}], "point_labels must be 1")
+    _prompt_error([{"slice": 5, "box": [1, 1, True, 4]}], "box must be")
+    assert parse_prompts([{"slice": 5, "points": [3, 4]}], (40, 36, 20), np.eye(4))[0].points.tolist() == [[3.0, 4.0]]
     # The predictor's own limit on points per slice (prompt + edits there), checked while parsing.
     assert VolumePredictor.__init__.__kwdefaults__["max_points"] == DEFAULT_MAX_POINTS
     n = DEFAULT_MAX_POINTS

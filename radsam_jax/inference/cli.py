@@ -198,17 +198,21 @@ def _objects_from_args(args, volume):
     return parse_prompts({"objects": [obj]}, volume.array.shape, volume.affine, world=args.world)
 
 
+def _outputs(args) -> list[tuple[str, str]]:
+    return [("--out", args.out)] + ([("--preview", args.preview)] if args.preview else [])
+
+
 def _check_destinations(args) -> None:
-    """--out and --preview: writable files that are neither an input nor each other (before any work)."""
+    """--out and --preview: writable files that are neither an input nor each other (before any work;
+    the drawn masks a prompts file names are checked once it is read)."""
     from radsam_jax.io import check_output_path, check_outputs_spare_inputs, is_nifti_path
 
     if not is_nifti_path(args.out):
         raise InputError(f"--out {args.out} must end with .nii or .nii.gz")
-    outputs = [("--out", args.out)] + ([("--preview", args.preview)] if args.preview else [])
-    for what, path in outputs:
+    for what, path in _outputs(args):
         check_output_path(path, what)
     inputs = [("image", args.image), ("--labels file", args.labels), ("--prompts file", args.prompts), ("--mask file", args.mask)]
-    check_outputs_spare_inputs(outputs, [(what, path) for what, path in inputs if path is not None])
+    check_outputs_spare_inputs(_outputs(args), [(what, path) for what, path in inputs if path is not None])
 
 
 def run_segment(args) -> int:
@@ -224,7 +228,10 @@ def run_segment(args) -> int:
     volume = load_volume(args.image)
     objects = _objects_from_args(args, volume)
     from radsam_jax.inference.prompt_file import drawn_mask
+    from radsam_jax.io import check_outputs_spare_inputs
 
+    check_outputs_spare_inputs(_outputs(args), [(f"drawn mask file of {o.title}", o.mask_file) for o in objects
+                                                if o.mask_file is not None])
     for o in objects:  # read (and kept) here: a bad file fails before the model loads
         if o.mask_file is not None:
             drawn_mask(o, volume)
@@ -237,6 +244,11 @@ def run_segment(args) -> int:
         if all(o.reference_label is None for o in objects):
             raise InputError("--labels needs --label-id N (or reference_label in the prompts file) to know which label to compare")
         reference = load_label_map(args.labels, like=volume)
+        present = set(np.unique(reference).tolist())
+        absent = sorted({o.reference_label for o in objects if o.reference_label is not None} - present)
+        if absent:
+            raise InputError(f"reference label(s) {absent} are absent from {args.labels} (its labels: "
+                             f"{sorted(present - {0})[:30]})")
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
 
@@ -261,8 +273,6 @@ def run_segment(args) -> int:
               f"mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
         if reference is not None and o.reference_label is not None:
             ref = reference == o.reference_label
-            if not ref.any():
-                print(f"{o.title}: reference label {o.reference_label} is absent from {args.labels}", file=sys.stderr)
             print(f"dice {o.title} vs reference label {o.reference_label}: {dice(labels == o.label, ref):.4f}")
     print(f"wrote {out} ({seconds:.1f} s)")
     if args.preview:

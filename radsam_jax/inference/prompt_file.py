@@ -39,6 +39,7 @@ Objects are written in order; where two overlap, the later one wins. A slice hol
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -123,10 +124,9 @@ def _xy_from_world(affine, xy_mm: np.ndarray, z_mm: float, shape, k: int, where:
 
 
 def _number(value, what: str) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise PromptError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "90" or true is a typo, not a slice
+        raise PromptError(f"{what} must be a number, got {value!r}")
+    f = float(value)
     if not np.isfinite(f):
         raise PromptError(f"{what} must be a finite number, got {value!r}")
     return f
@@ -143,19 +143,28 @@ def _int(value, what: str, kind: str = "") -> int:
     return int(f)
 
 
+def _has_bool(value) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_has_bool(v) for v in value))
+
+
 def _points(points, labels, where: str):
     if points is None:
         if labels is not None:
             raise PromptError(f"{where}: point_labels given without points")
         return None, None
     try:
-        p = np.asarray(points, np.float64).reshape(-1, 2)
+        p = np.asarray(points, np.float64)
     except (TypeError, ValueError):
         p = None
-    if p is None or not np.isfinite(p).all():  # NumPy turns a null into NaN
+    if p is not None and p.shape == (2,):  # one [x, y]
+        p = p[None]
+    # NumPy turns a null into NaN, and true into 1; [x, y, slice] is not a point
+    if p is None or p.ndim != 2 or p.shape[1] != 2 or not np.isfinite(p).all() or _has_bool(points):
         raise PromptError(f"{where}: points must be a list of [x, y] number pairs, got {points!r}")
     if p.shape[0] == 0:
         raise PromptError(f"{where}: points is empty")
+    if labels is not None and _has_bool(labels):
+        raise PromptError(f"{where}: point_labels must be 1 (positive) or 0 (negative), got {labels!r}")
     lab = np.ones(p.shape[0], np.int64) if labels is None else np.asarray(labels).reshape(-1)
     if lab.shape[0] != p.shape[0]:
         raise PromptError(f"{where}: {p.shape[0]} points but {lab.shape[0]} point_labels")
@@ -215,7 +224,7 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
             box = np.asarray(raw["box"], np.float64).reshape(4)
         except (TypeError, ValueError):
             box = None
-        if box is None or not np.isfinite(box).all():
+        if box is None or not np.isfinite(box).all() or _has_bool(raw["box"]):
             raise PromptError(f"{where}: box must be [x0, y0, x1, y1] (numbers), got {raw['box']!r}")
     ref_mm = None
     if world:
