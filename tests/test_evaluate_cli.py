@@ -580,8 +580,14 @@ def test_shards_merge_into_the_report_of_one_run(checkpoint, tmp_path, capsys):
     assert f"unfinished evaluation record(s): {shards[1]}" in refused(shards[0], shards[1])
     assert _evaluate(checkpoint, data, tmp_path / "other", "--shard", "0/2", "--seed", "5") == 0
     assert "record different evaluations: seed 0 there, 5 here" in refused(shards[0], tmp_path / "other")
-    assert _evaluate(checkpoint, data, tmp_path / "s", "--shard", "3/4") == 2
-    assert "--shard 3/4 has no case: the run has 3 case(s)" in capsys.readouterr().err
+    # More shards than cases: shard 3/4 records an empty, finished shard, and the four merge into the run.
+    quarters = [tmp_path / f"q{i}" for i in range(4)]
+    for i, q in enumerate(quarters):
+        assert _evaluate(checkpoint, data, q, "--shard", f"{i}/4") == 0
+    assert "--shard 3/4 has no case (the run has 3): it records an empty shard" in capsys.readouterr().err
+    assert radsam(["report", *map(str, quarters), "--bootstrap", "200", "--out", str(tmp_path / "from_quarters")]) == 0, \
+        capsys.readouterr().err
+    _same_report(tmp_path / "full", tmp_path / "from_quarters")
     with pytest.raises(SystemExit):
         _evaluate(checkpoint, data, tmp_path / "s", "--shard", "2/2")
     assert "expected I/N with 0 <= I < N" in capsys.readouterr().err

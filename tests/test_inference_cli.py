@@ -303,8 +303,8 @@ def test_segment_batch_shards_share_a_manifest_and_an_out_dir(image, checkpoint,
                 in capsys.readouterr().err)
     masks = [np.asanyarray(nib.load(str(out_dir / f"{c}.nii.gz")).dataobj) for c in "ab"]
     assert masks[0].any() and np.array_equal(*masks)  # same image, same prompt
-    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--shard", "5/8", "--no-progress") == 2
-    assert "shard 5/8 has no case: the manifest has 3" in capsys.readouterr().err
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--shard", "5/8", "--no-progress") == 0
+    assert "shard 5/8 has no case (the manifest has 3): nothing to do" in capsys.readouterr().err
 
 
 def _truncated_copy(src: Path, dst: Path) -> Path:

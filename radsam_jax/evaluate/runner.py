@@ -215,9 +215,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
     from radsam_jax.data.datasets import select_shard
 
-    mine = select_shard(list(enumerate(cases)), options.shard)  # (index in cases, case)
-    if not mine:
-        raise EvaluationInputError(f"shard {options.shard[0]}/{options.shard[1]} has no case: the dataset has {len(cases)}")
+    mine = select_shard(list(enumerate(cases)), options.shard)  # (index in cases, case); none: an empty shard
     checkpoints = {s.protocol: edit_checkpoints(options.edits, s.protocol) for s in settings}
     for protocol, cps in checkpoints.items():
         if not cps:

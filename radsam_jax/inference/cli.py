@@ -338,6 +338,12 @@ def run_batch_command(args) -> int:
 
     cases = read_manifest(args.manifest)
     check_out_dir(cases, args.out_dir, previews=args.previews, manifest=args.manifest, shard=args.shard)
+    from radsam_jax.data.datasets import select_shard
+
+    if not select_shard(cases, args.shard):  # a Slurm array with more tasks than cases
+        print(f"radsam segment-batch: shard {args.shard[0]}/{args.shard[1]} has no case (the manifest has "
+              f"{len(cases)}): nothing to do", file=sys.stderr)
+        return 0
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
     try:
