@@ -4,7 +4,8 @@
     python -m benchmarks.cpu_vs_torch --quick    # fewer slices/repeats, a few minutes on a free machine
     python -m benchmarks.cpu_vs_torch --sections encoder --repeats 7   # one section again
 
-Sections (--sections, default all; each a row of benchmarks/results/cpu_vs_torch.md, + _raw.json):
+Sections (--sections, default all; each a row of the table written to --out, default
+benchmarks/results/cpu_vs_torch_latest.md, + _raw.json):
   encoder  ViT-B image encoder, 1024x1024, batch 1;
   decoder  prompt encoder + mask decoder for one box prompt;
   volume   a volume end to end: JAX `VolumePredictor` (set_volume, segment with lax.scan propagation)
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from radsam_jax.intensity import DEFAULT_CT_WINDOW  # numpy only: imports no JAX
 
-RESULTS = Path(__file__).parent / "results" / "cpu_vs_torch.md"
+# Not results/cpu_vs_torch.md, the curated history of the runs that a new run would overwrite.
+RESULTS = Path(__file__).parent / "results" / "cpu_vs_torch_latest.md"
 
 
 def num_threads() -> int:
@@ -387,7 +389,7 @@ def build_rows(t: dict, mem: dict) -> list[dict]:
                      "jax/torch": enc_t / enc_j,
                      "note": f"of each library's own {mm['n']}^3 f32 matmul rate: JAX {analytic / enc_j / mm['jax']:.0%}, torch {analytic / enc_t / mm['torch']:.0%}"})
     rows.append({"measurement": f"f32 matmul {mm['n']}^3 GFLOP/s", "jax_s": mm["jax"] / 1e9, "torch_s": mm["torch"] / 1e9,
-                 "jax/torch": mm["torch"] / mm["jax"], "note": "the practical peak of this CPU under the current load"})
+                 "jax/torch": mm["jax"] / mm["torch"], "note": "the practical peak of this CPU under the current load"})
     ca = f.get("cost_analysis_default")
     cm = f.get("cost_analysis_materialized")
     rows.append({"measurement": "encoder TFLOP/image", "jax_s": (ca or float("nan")) / 1e12, "torch_s": analytic / 1e12,
@@ -458,7 +460,7 @@ def main():
         title = (f"JAX vs PyTorch on CPU ({timing['threads']} threads, jax {timing['jax']}, attention "
                  f"'{timing['attention']}'{', ' + timing['xla_flags'] if timing['xla_flags'] else ''}"
                  f"{', GLIBC_TUNABLES=' + timing['glibc_tunables'] if timing.get('glibc_tunables') else ''}; medians, "
-                 f"ratio < 1 = JAX faster/smaller)")
+                 f"jax/torch = JAX's value over torch's: < 1 = JAX faster/smaller for times and memory, > 1 = JAX faster for rates)")
         write_table(build_rows(timing, mem), out, title)
         out.with_name(out.stem + "_raw.json").write_text(json.dumps(raw, indent=1))
     else:
