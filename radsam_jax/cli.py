@@ -8,6 +8,8 @@ They are imported lazily so `radsam --help` stays fast and a missing optional ex
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 SUBCOMMAND_MODULES = (
     "radsam_jax.convert.cli",
@@ -29,6 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """radsam-jax's own warnings as "radsam CMD: warning: ..." lines, like its errors (not Python's
+    file, line and source line); other libraries' keep Python's form."""
+    ours, default = str(Path(__file__).parent), warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if category is UserWarning and str(filename).startswith(ours):
+            return f"radsam {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -38,6 +53,7 @@ def main(argv=None) -> int:
     from radsam_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # subcommands that keep work (evaluate, segment-batch, train) say more themselves

@@ -121,13 +121,16 @@ def test_segment_from_a_drawn_mask_file(image, checkpoint, tmp_path, capsys):
                    "--out", tmp_path / "none.nii.gz", "--no-progress") == 2
     assert "--mask-label needs --mask DRAWN.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "none.nii.gz").exists()
-    # A prompts file's drawn mask is an input too: --out or --preview onto it is refused, the file kept.
+    # A prompts file's drawn mask is an input too: --out onto it is refused, the file kept (a --preview
+    # ends with .png, which a NIfTI mask does not).
     kept = (tmp_path / "drawn" / "ball.nii.gz").read_bytes()
-    for option in ("--out", "--preview"):
-        target = ["--out", tmp_path / "drawn" / "ball.nii.gz"] if option == "--out" else [
-            "--out", tmp_path / "o.nii.gz", "--preview", tmp_path / "drawn" / "ball.nii.gz"]
-        assert run_cli("segment", image, "--checkpoint", checkpoint, "--prompts", pfile, *target, "--no-progress") == 2
-        assert f"is the drawn mask file of object 1" in capsys.readouterr().err
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--prompts", pfile, "--out",
+                   tmp_path / "drawn" / "ball.nii.gz", "--no-progress") == 2
+    assert "is the drawn mask file of object 1" in capsys.readouterr().err
+    assert (tmp_path / "drawn" / "ball.nii.gz").read_bytes() == kept
+    assert run_cli("segment", image, "--checkpoint", checkpoint, "--prompts", pfile, "--out", tmp_path / "o.nii.gz",
+                   "--preview", tmp_path / "drawn" / "ball.nii.gz", "--no-progress") == 2
+    assert "--preview" in (err := capsys.readouterr().err) and "must end with .png" in err, err
     assert (tmp_path / "drawn" / "ball.nii.gz").read_bytes() == kept and not (tmp_path / "o.nii.gz").exists()
 
 
@@ -647,3 +650,18 @@ def test_voxel_volume_of_a_sheared_grid_is_its_determinant():
 
     affine = np.array([[0.8, 0, 0, 0], [0, 0.8, 0.5, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])  # gantry tilt: z moves in y
     assert voxel_ml(Volume(np.zeros((2, 2, 2), np.float32), affine)) == pytest.approx(0.8 * 0.8 * 2.0 / 1000, rel=1e-12)
+
+
+def test_the_commands_show_radsams_own_warnings_as_one_line(monkeypatch):
+    import warnings
+
+    import radsam_jax
+    from radsam_jax import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
+    cli._one_line_warnings("segment")
+    ours = str(Path(radsam_jax.__file__).parent / "inference" / "volume_predictor.py")
+    assert warnings.formatwarning("ct.nii.gz has no value below 0", UserWarning, ours, 265) == (
+        "radsam segment: warning: ct.nii.gz has no value below 0\n")
+    theirs = warnings.formatwarning("deprecated", DeprecationWarning, "/site-packages/optax/x.py", 3)
+    assert "DeprecationWarning: deprecated" in theirs and "x.py:3" in theirs

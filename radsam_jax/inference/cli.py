@@ -209,6 +209,8 @@ def _check_destinations(args) -> None:
 
     if not is_nifti_path(args.out):
         raise InputError(f"--out {args.out} must end with .nii or .nii.gz")
+    if args.preview and Path(args.preview).suffix.lower() != ".png":
+        raise InputError(f"--preview {args.preview} must end with .png (it is written as PNG)")
     for what, path in _outputs(args):
         check_output_path(path, what)
     inputs = [("image", args.image), ("--labels file", args.labels), ("--prompts file", args.prompts), ("--mask file", args.mask)]
