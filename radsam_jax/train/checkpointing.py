@@ -135,7 +135,8 @@ class Checkpointer:
         # only the latter restores a subset of the tree.
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
             restored = reader.restore(self.directory / str(step) / STATE,
-                                      args=ocp.args.PyTreeRestore(target, partial_restore=True))
+                                      args=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                                                  partial_restore=True))
         return jax.device_get(restored)
 
     def state_shapes(self, step: Optional[int] = None, parts=("params", "buffers")) -> dict[str, tuple]:
