@@ -31,8 +31,12 @@ if ! python3 -c "import grain, nibabel, ml_collections, tensorboardX" > /dev/nul
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # radsam_jax.configs is the folder configs/ only once the project is installed.
-python3 -c "import radsam_jax.configs.small" > /dev/null 2>&1 ||
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$work/install.log" 2>&1
+if ! python3 -c "import radsam_jax.configs.small" > /dev/null 2>&1 &&
+   ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$work/install.log" 2>&1; then
+  say "installing the project (pip install -e .) failed:"
+  tail -n 8 "$work/install.log" | tee -a "$summary"
+  exit 1
+fi
 if ! python3 -c "import radsam_jax.configs.small, radsam_jax.train.loop, radsam_jax.inference, benchmarks.train_throughput" \
     > "$work/imports.log" 2>&1; then
   say "radsam_jax does not import (missing wheels? run benchmarks/gpu_wheels.sh here and carry .whl):"

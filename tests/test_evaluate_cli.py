@@ -294,7 +294,9 @@ def test_bad_options_are_errors(checkpoint, tmp_path, capsys):
     common = ["--data", str(image), "--labels", str(labels), "--label-names", str(names), "--out", str(tmp_path / "o")]
     assert "does not exist" in _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), *common)
     err = _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), "--protocol", "slice", "--edits", "0,20", *common)
-    assert "warning: the slice-level protocol stops at 10 edits per slice, so --edits 20 is run at the volume level" in err
+    assert "warning: the slice-level protocol stops at 10 edits per slice, so --edits 20 is not evaluated" in err
+    err = _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), "--protocol", "slice,volume", "--edits", "0,20,30", *common)
+    assert "so --edits 20,30 are run at the volume level only" in err
     assert "stops at 10" not in _run_bad(capsys, "--checkpoint", str(tmp_path / "nope"), "--edits", "0,20", "--protocol",
                                          "volume", *common)
     assert "--protocol" in _run_bad(capsys, "--checkpoint", str(checkpoint), "--protocol", "volumes", *common)

@@ -392,6 +392,10 @@ def test_prompts_errors_per_key_and_point_limit():
     _prompt_error([{"slice": 5, "points": [[1, 1]], "point_labels": [True]}], "point_labels must be 1")
     _prompt_error([{"slice": 5, "box": [1, 1, True, 4]}], "box must be")
     assert parse_prompts([{"slice": 5, "points": [3, 4]}], (40, 36, 20), np.eye(4))[0].points.tolist() == [[3.0, 4.0]]
+    import jax.numpy as jnp  # the Python API's scalars are numbers: np.int64, 0-d arrays, jnp.argmax(...)
+    for k in (np.int64(5), np.array(5), jnp.int32(5), 5.0):
+        assert parse_prompts([{"slice": k, "points": np.array([[3, 4]])}], (40, 36, 20), np.eye(4))[0].slice == 5
+    _prompt_error([{"slice": 5, "points": []}], "object 1: points is empty")
     # The predictor's own limit on points per slice (prompt + edits there), checked while parsing.
     assert VolumePredictor.__init__.__kwdefaults__["max_points"] == DEFAULT_MAX_POINTS
     n = DEFAULT_MAX_POINTS

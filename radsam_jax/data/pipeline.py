@@ -387,6 +387,9 @@ def build_slice_index(cases: Sequence[datasets.Case], min_area: int = 1, cache_d
 # --------------------------------------------------------------------------------- loading
 
 
+_NOT_HU_WARNED: set = set()  # image paths named once per process, not at every validation's new cache
+
+
 class VolumeCache:
     """LRU of decoded canonical (intensity array, label map) per case, the array in the units of
     `intensity` (HU, or percentile-normalised MR); one per worker process, thread-safe.
@@ -403,7 +406,6 @@ class VolumeCache:
         self._data: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict = {}
-        self._doubted: set = set()  # cases warned about as not looking like HU
 
     def __getstate__(self):
         return {"cases": self.cases, "size": self.size, "intensity": self.intensity}
@@ -430,10 +432,10 @@ class VolumeCache:
             name = f"case {case.case_id} ({case.image_path})"
             value = (volume_intensities(volume.array, self.intensity, name), labels)
             doubt = not_hu_reason(volume.array, name) if self.intensity == "hu" else None
-            if doubt and case_index not in self._doubted:  # e.g. MR in a generic folder without "modality": "MR"
-                self._doubted.add(case_index)
+            if doubt and case.image_path not in _NOT_HU_WARNED:  # e.g. MR in a generic folder without "modality": "MR"
+                _NOT_HU_WARNED.add(case.image_path)
                 log.warning("%s, yet it is windowed in HU (intensity 'hu'); if it is MR, give its labels.json "
-                            "\"modality\": \"MR\" and set %s", doubt, mr_settings())
+                            "\"modality\": \"MR\" and set %s (datasets.NAME.* in a mixture)", doubt, mr_settings())
             with self._lock:
                 self._data[case_index] = value
                 while len(self._data) > self.size:

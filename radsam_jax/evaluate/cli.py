@@ -302,9 +302,10 @@ def _evaluate(args) -> int:
         raise InputError("--edits needs at least one count, e.g. 0 or 0,1,2,5,10,20")
     beyond = sorted({e for e in args.edits if e > SLICE_EDITS_MAX})
     if beyond and any(s.protocol == "slice" for s in settings):
+        where = ("run at the volume level only" if any(s.protocol == "volume" for s in settings)
+                 else "not evaluated (--protocol volume runs them)")
         print(f"{PROG}: warning: the slice-level protocol stops at {SLICE_EDITS_MAX} edits per slice, so --edits "
-              f"{','.join(map(str, beyond))} {'is' if len(beyond) == 1 else 'are'} run at the volume level only",
-              file=sys.stderr)
+              f"{','.join(map(str, beyond))} {'is' if len(beyond) == 1 else 'are'} {where}", file=sys.stderr)
     problem = predictor_option_problem(args)
     if problem:
         raise InputError(problem)

@@ -39,7 +39,6 @@ Objects are written in order; where two overlap, the later one wins. A slice hol
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -124,7 +123,8 @@ def _xy_from_world(affine, xy_mm: np.ndarray, z_mm: float, shape, k: int, where:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "90" or true is a typo, not a slice
+    # "90" or true is a typo, not a slice; NumPy and JAX scalars (np.int64, jnp.argmax(...)) are numbers
+    if isinstance(value, (bool, str)) or np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf":
         raise PromptError(f"{what} must be a number, got {value!r}")
     f = float(value)
     if not np.isfinite(f):
@@ -156,13 +156,13 @@ def _points(points, labels, where: str):
         p = np.asarray(points, np.float64)
     except (TypeError, ValueError):
         p = None
+    if p is not None and p.size == 0:
+        raise PromptError(f"{where}: points is empty")
     if p is not None and p.shape == (2,):  # one [x, y]
         p = p[None]
     # NumPy turns a null into NaN, and true into 1; [x, y, slice] is not a point
     if p is None or p.ndim != 2 or p.shape[1] != 2 or not np.isfinite(p).all() or _has_bool(points):
         raise PromptError(f"{where}: points must be a list of [x, y] number pairs, got {points!r}")
-    if p.shape[0] == 0:
-        raise PromptError(f"{where}: points is empty")
     if labels is not None and _has_bool(labels):
         raise PromptError(f"{where}: point_labels must be 1 (positive) or 0 (negative), got {labels!r}")
     lab = np.ones(p.shape[0], np.int64) if labels is None else np.asarray(labels).reshape(-1)

@@ -132,7 +132,10 @@ def load_model_config(name: str) -> ModelConfig:
     try:
         module = importlib.import_module(f"radsam_jax.configs.{name}")
     except ModuleNotFoundError as e:
-        if e.name not in (f"radsam_jax.configs.{name}", "radsam_jax.configs"):  # a package the preset imports
+        if e.name == "radsam_jax.configs":
+            raise ModuleNotFoundError("radsam_jax.configs is the folder configs/ only once radsam-jax is installed "
+                                      "(pip install -e .)", name=e.name) from e
+        if e.name != f"radsam_jax.configs.{name}":  # a package the preset imports
             raise
         raise ValueError(f"no model config named {name!r} (configs/{name}.py)") from e
     return ModelConfig.from_mapping(module.get_config().to_dict())
