@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(command: str) -> None:
+def _one_line_warnings(command: str):
     """radsam-jax's own warnings as "radsam CMD: warning: ..." lines, like its errors (not Python's
-    file, line and source line); other libraries' keep Python's form."""
+    file, line and source line); other libraries' keep Python's form. Returns the formatter it
+    replaced, for main to put back (callers in one process, tests, would stack wrappers)."""
     ours, default = str(Path(__file__).parent), warnings.formatwarning
 
     def format_warning(message, category, filename, lineno, line=None):
@@ -42,6 +43,7 @@ def _one_line_warnings(command: str) -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = format_warning
+    return default
 
 
 def main(argv=None) -> int:
@@ -53,12 +55,14 @@ def main(argv=None) -> int:
     from radsam_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
-    _one_line_warnings(args.command)
+    previous = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # subcommands that keep work (evaluate, segment-batch, train) say more themselves
         print(f"radsam {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

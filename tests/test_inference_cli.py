@@ -662,10 +662,14 @@ def test_the_commands_show_radsams_own_warnings_as_one_line(monkeypatch):
     import radsam_jax
     from radsam_jax import cli
 
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
-    cli._one_line_warnings("segment")
+    default = warnings.formatwarning
+    monkeypatch.setattr(warnings, "formatwarning", default)  # put back after the test
+    assert cli._one_line_warnings("segment") is default
     ours = str(Path(radsam_jax.__file__).parent / "inference" / "volume_predictor.py")
     assert warnings.formatwarning("ct.nii.gz has no value below 0", UserWarning, ours, 265) == (
         "radsam segment: warning: ct.nii.gz has no value below 0\n")
     theirs = warnings.formatwarning("deprecated", DeprecationWarning, "/site-packages/optax/x.py", 3)
     assert "DeprecationWarning: deprecated" in theirs and "x.py:3" in theirs
+    warnings.formatwarning = default
+    assert cli.main(["evaluate", "--checkpoint", "/nonexistent", "--data", "/nonexistent", "--out", "/nonexistent"]) == 2
+    assert warnings.formatwarning is default  # main puts Python's formatter back
