@@ -188,13 +188,21 @@ def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
 @functools.lru_cache(maxsize=8)
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     """"params/image_encoder/pos_embed"-style path -> shape of every variable of `config` (cached)."""
-    return {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(_abstract_variables(config))[0]}
+    return tree_shapes(_abstract_variables(config))
+
+
+def tree_shapes(tree) -> dict[str, tuple]:
+    """"a/b/0/c"-style path -> shape of each leaf (arrays, ShapeDtypeStructs, Orbax metadata): dict
+    keys, attribute and field names and sequence indices alike, so a TrainState and the metadata of
+    its saved form give the same paths."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_against_config(variables: Mapping[str, Any], config: ModelConfig) -> None:
     """Raises CheckpointError listing every path whose presence or shape disagrees with `config`."""
     expected = expected_shapes(config)
-    found = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    found = tree_shapes(variables)
     problems = [f"missing {k} {expected[k]}" for k in expected if k not in found]
     problems += [f"unexpected {k} {found[k]}" for k in found if k not in expected]
     problems += [f"{k} has shape {found[k]}, expected {expected[k]}" for k in expected if k in found and found[k] != tuple(expected[k])]
@@ -207,5 +215,3 @@ def _abstract_variables(config: ModelConfig):
     return abstract_variables(config)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

@@ -246,11 +246,11 @@ def run_segment(args) -> int:
         if all(o.reference_label is None for o in objects):
             raise InputError("--labels needs --label-id N (or reference_label in the prompts file) to know which label to compare")
         reference = load_label_map(args.labels, like=volume)
-        present = set(np.unique(reference).tolist())
-        absent = sorted({o.reference_label for o in objects if o.reference_label is not None} - present)
+        wanted = {o.reference_label for o in objects if o.reference_label is not None}
+        absent = sorted(label for label in wanted if not (reference == label).any())  # not a sort of the whole map
         if absent:
-            raise InputError(f"reference label(s) {absent} are absent from {args.labels} (its labels: "
-                             f"{sorted(present - {0})[:30]})")
+            present = [int(v) for v in np.unique(reference) if v != 0]
+            raise InputError(f"reference label(s) {absent} are absent from {args.labels} (its labels: {present[:30]})")
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
 

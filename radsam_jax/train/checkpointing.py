@@ -32,16 +32,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from radsam_jax.checkpoint import tree_shapes
 from radsam_jax.train.config_lib import ConfigError
 
 STATE, DATA_ITER, CONFIG, MODEL_CONFIG = "state", "data_iter", "config", "model_config"
-
-
-def tree_paths(tree) -> dict[str, tuple]:
-    """"a/b/0/c"-style path -> shape of each leaf: a TrainState and the metadata of its saved form
-    give the same paths (attribute, key, field and index names alike)."""
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpointer:
@@ -140,11 +134,11 @@ class Checkpointer:
         return jax.device_get(restored)
 
     def state_shapes(self, step: Optional[int] = None, parts=("params", "buffers")) -> dict[str, tuple]:
-        """"params/image_encoder/pos_embed"-style path (tree_paths) -> shape of each array of the
+        """"params/image_encoder/pos_embed"-style path (checkpoint.tree_shapes) -> shape of each array of the
         state's `parts` (all: None) saved at `step` (default latest), from the checkpoint's metadata: no
         array is read."""
         tree = self.manager.item_metadata(self.latest_step() if step is None else step)[STATE].tree
-        return tree_paths(tree if parts is None else {k: tree[k] for k in parts})
+        return tree_shapes(tree if parts is None else {k: tree[k] for k in parts})
 
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step

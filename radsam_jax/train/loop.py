@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from radsam_jax.checkpoint import expected_shapes, tree_shapes
 from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_caption
 from radsam_jax.io import write_text_atomically
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
@@ -222,8 +223,6 @@ def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointe
 def _check_saved_variables(ckpt: checkpointing.Checkpointer, step: int, model_config: ModelConfig) -> None:
     """ConfigError unless the variables saved at `step` have the paths and shapes of `model_config`'s
     (read from the checkpoint's metadata, before Orbax fails on them in the middle of the restore)."""
-    from radsam_jax.checkpoint import expected_shapes
-
     saved, expected = ckpt.state_shapes(step), expected_shapes(model_config)
     problems = [f"{k} is {saved[k]} in the checkpoint, {shape} in the config's model"
                 for k, shape in expected.items() if k in saved and saved[k] != shape]
@@ -244,7 +243,7 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
     switched between Grain worker processes and none (the iterator's saved state has another form).
     Freezing parameters is fine: their saved moments are left unread."""
     step = ckpt.latest_step()
-    saved, wanted = ckpt.state_shapes(step, parts=None), checkpointing.tree_paths(target)
+    saved, wanted = ckpt.state_shapes(step, parts=None), tree_shapes(target)
     missing = [k for k in wanted if saved.get(k) != wanted[k]]
     settings = [c for c in changed if c.startswith(("optim.", "precision", "loss_scale"))]
     advice = (f"resume with the run's settings, or start a new --workdir from its weights (radsam export "
