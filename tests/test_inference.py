@@ -163,6 +163,31 @@ def test_stub_propagation_respects_bounds_and_corrections():
     np.testing.assert_array_equal(masks[11:21], obj[11:21])
 
 
+@pytest.mark.parametrize("vanish_policy", ["stop", "continue"])
+def test_an_edit_that_empties_its_slice_keeps_the_object_towards_the_prompt_slice(vanish_policy):
+    emb = stub_embeddings()
+    obj = np.asarray(emb[..., 0] > 0)  # object A on 8..20
+    zp = emb.shape[0]
+    table = (jnp.zeros((zp, 4, 2)), -jnp.ones((zp, 4), jnp.int32))
+    kw = dict(image_size=IMAGE, mode="mask", vanish_policy=vanish_policy)
+    previous = propagate_volume(stub_decode, {}, emb, jnp.int32(14), jnp.int32(2), jnp.int32(30), point_prompt(30, 30),
+                                *table, **kw)
+    # A click on slice 20 that empties it (as a click-following model would on a leaked slice):
+    # going down, towards the prompt slice 14, the mask vanishes at once; 8..19 keep their masks.
+    empty = point_prompt(30, 30, label=0)
+    logits, iou = propagate_volume(stub_decode, {}, emb, jnp.int32(20), jnp.int32(2), jnp.int32(30), empty, *table,
+                                   None, None, None, previous, jnp.int32(14), **kw)
+    masks = np.asarray(logits) > 0
+    np.testing.assert_array_equal(masks[:20], np.asarray(previous[0])[:20] > 0)
+    np.testing.assert_array_equal(masks[8:20], obj[8:20])
+    assert not masks[20:].any()
+    np.testing.assert_array_equal(np.asarray(iou)[2:20], np.asarray(previous[1])[2:20])
+    # The same click re-propagated as a new start (anchor = its own slice) erases everything: the old defect.
+    erased = np.asarray(propagate_volume(stub_decode, {}, emb, jnp.int32(20), jnp.int32(2), jnp.int32(30), empty,
+                                         *table, **kw)[0]) > 0
+    assert not erased.any()
+
+
 @pytest.mark.parametrize("mode", ["mask", "box"])
 def test_stub_propagation_re_sends_stored_boxes(mode):
     emb = stub_embeddings()

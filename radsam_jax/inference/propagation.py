@@ -28,6 +28,11 @@ prompt per slice (the initial box of a segmentation, on its slice). The scan pas
 re-sends the box with the propagated prompt: propagation="mask": box + previous mask (+ points);
 propagation="box": the stored box replaces the box derived from the previous mask.
 
+Edits (`previous` given, `anchor` = the object's prompt slice): the re-propagation from the edited
+slice towards the prompt slice ends where its mask vanishes, whatever the policy below, and the
+slices it did not reach keep their previous masks. The object is known to lie between the two, so
+a click that empties a leaked slice beyond the object's end must not erase the object behind it.
+
 Vanished masks (the previous slice's mask is empty before the bound is reached):
 - "stop" (default): the object is taken to have ended; every later slice in that direction stays
   empty and the decoder is not run, except on slices holding a stored *positive* correction point
@@ -151,10 +156,11 @@ def _propagated_prompts(points, labels, box, has_box, prev_logits, resized, *, i
 
 
 def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, lo, hi, table_points, table_labels,
-                          table_boxes, table_has_box, resized, *, image_size: int, mode: str, vanish_policy: str,
+                          table_boxes, table_has_box, resized, keep, *, image_size: int, mode: str, vanish_policy: str,
                           mask_prompt: str):
     """Both directions in lockstep: step i decodes slice start + 1 + i (up, towards `hi`) and slice
-    start - 1 - i (down, towards `lo`), bounds inclusive.
+    start - 1 - i (down, towards `lo`), bounds inclusive. keep (2,) bool: the direction ends for good
+    where its mask vanishes (an edit heading to the prompt slice), no stored prompt restarts it.
 
     One decoder call per step serves both directions: batch 2 while both run, batch 1 once one has
     ended (its bound reached, or its mask vanished under "stop"), none when neither runs. A volume is
@@ -162,7 +168,8 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
     decoder call is bound by kernel launches, a batch of 2 costs about as much as a batch of 1.
 
     Returns per scan step i, direction d (0 up, 1 down): primary logits (Zp, 2, m, m), IoU (Zp, 2),
-    written (Zp, 2) bool = the slice lies within the bound (its logits are the answer for that slice).
+    written (Zp, 2) bool = the slice lies within the bound (its logits are the answer for that slice),
+    ran (Zp, 2) bool = the decoder ran on it.
     """
     num_slices = embeddings.shape[0]
     m = init_logits.shape[-1]
@@ -192,23 +199,24 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
         points, labels, box, has_box = table_points[kc], table_labels[kc], table_boxes[kc], table_has_box[kc]
         prompts = _propagated_prompts(points, labels, box, has_box, prev_logits, resized, image_size=image_size,
                                       mode=mode, mask_prompt=mask_prompt)
-        if vanish_policy == "stop":  # vanished: no mask to send (mode "mask"), no box around it (mode "box")
-            present = prompts.has_mask if mode == "mask" else jnp.any(prev_logits > 0, axis=(1, 2))
-            run = in_range & (present | jnp.any(labels == 1, axis=1) | has_box)
-        else:
-            run = in_range
+        # Vanished: no mask to send (mode "mask"), no box around it (mode "box").
+        present = prompts.has_mask if mode == "mask" else jnp.any(prev_logits > 0, axis=(1, 2))
+        restart = jnp.any(labels == 1, axis=1) | has_box
+        policy = (present | restart) if vanish_policy == "stop" else jnp.ones_like(present)
+        run = in_range & jnp.where(keep, present, policy)
         logits, iou = jax.lax.switch(jnp.sum(run), (decode_none, decode_one, decode_both), kc, prompts, run)
-        return jnp.where(in_range[:, None, None], logits, prev_logits), (logits, iou, in_range)
+        return jnp.where(in_range[:, None, None], logits, prev_logits), (logits, iou, in_range, run)
 
     init = jnp.broadcast_to(init_logits, (2, m, m))
-    _, (logits, iou, written) = jax.lax.scan(body, init, jnp.arange(num_slices))
-    return logits, iou, written
+    _, (logits, iou, written, ran) = jax.lax.scan(body, init, jnp.arange(num_slices))
+    return logits, iou, written, ran
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy", "mask_prompt"))
 def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, start_prompt: Prompts,
-                     table_points, table_labels, table_boxes=None, table_has_box=None, resized=None, *, image_size: int,
-                     mode: str = "mask", vanish_policy: str = "stop", mask_prompt: str = "binary"):
+                     table_points, table_labels, table_boxes=None, table_has_box=None, resized=None, previous=None,
+                     anchor=None, *, image_size: int, mode: str = "mask", vanish_policy: str = "stop",
+                     mask_prompt: str = "binary"):
     """Segments slice `start` with `start_prompt` (batch of one) and propagates to `lo` and `hi`.
 
     embeddings (Zp, e, e, C); start, lo, hi int scalars (traced: no recompilation per bound);
@@ -216,7 +224,10 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     table_boxes (Zp, 4), table_has_box (Zp,) stored box prompts (None: none), re-sent when a scan
     passes their slice (the start slice's box, if any, belongs in `start_prompt`). mask_prompt: the
     model's mask-prompt encoding (ModelConfig.mask_prompt, `encode_mask_prompt`); resized (2,) the
-    image's (h, w) within the S x S input (traced; None: all of it).
+    image's (h, w) within the S x S input (traced; None: all of it). An edit: previous (logits (Zp, m, m),
+    iou (Zp,)) the object's current outputs and anchor (int scalar) its prompt slice; the direction
+    from `start` towards `anchor` ends where its mask vanishes and leaves the slices it did not reach
+    as they were (module docstring). A segmentation passes anchor = start (or None).
     Returns (logits (Zp, m, m) float32, primary-mask logits per slice, EMPTY_LOGIT outside [lo, hi]
     and on stopped slices; iou (Zp,) primary IoU prediction, NaN outside [lo, hi]).
     """
@@ -234,12 +245,18 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     logits0, iou0 = logits0[0, 0].astype(jnp.float32), iou0[0, 0].astype(jnp.float32)
     m = logits0.shape[-1]
 
-    step_logits, step_iou, written = _scan_both_directions(
+    anchor = start if anchor is None else anchor
+    keep = jnp.stack([anchor > start, anchor < start])  # the direction heading to the prompt slice
+    step_logits, step_iou, written, ran = _scan_both_directions(
         decode_fn, variables, embeddings, logits0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
-        resized, image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
+        resized, keep, image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
     # Step i, direction d wrote slice start + (1, -1)[d] * (i + 1); unwritten ones get index num_slices,
     # which mode="drop" discards.
     slices = start + jnp.arange(1, num_slices + 1)[:, None] * jnp.array([1, -1])
+    if previous is not None:  # the edit's direction to the prompt slice ended: its slices keep their masks
+        kept = written & ~ran & keep
+        step_logits = jnp.where(kept[..., None, None], previous[0][jnp.clip(slices, 0, num_slices - 1)], step_logits)
+        step_iou = jnp.where(kept, previous[1][jnp.clip(slices, 0, num_slices - 1)], step_iou)
     idx = jnp.where(written, slices, num_slices)
     logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32).at[idx].set(step_logits, mode="drop")
     iou = jnp.full((num_slices,), jnp.nan, jnp.float32).at[idx].set(step_iou, mode="drop")

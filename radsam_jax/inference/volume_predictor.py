@@ -150,6 +150,7 @@ class _ObjectState:
 
     lo: int
     hi: int
+    start: Optional[int]  # the slice of the user's prompt (None: slice-level prompts)
     propagation: str
     table_points: np.ndarray  # (Zp, P, 2) model-input pixels
     table_labels: np.ndarray  # (Zp, P) int32, -1 = empty slot
@@ -292,6 +293,7 @@ class VolumePredictor:
         self._embeddings = jnp.zeros((zp, e, e, c), self._embedding_dtype)
         m = self.config.mask_size
         self._empty_logits = jnp.full((zp, m, m), EMPTY_LOGIT, jnp.float32)  # "no current mask" for segment
+        self._empty_iou = jnp.asarray(np.full((zp,), np.nan, np.float32))  # a transfer: no eager op to compile
         self._encoded = np.zeros((z,), bool)
         self._state = None
         if encode == "all":
@@ -455,7 +457,7 @@ class VolumePredictor:
         tables["table_points"][k], tables["table_labels"][k] = pts, labels
         tables["table_boxes"][k], tables["table_has_box"][k] = bx, has_box
         self.encode_slices(lo, hi, progress=progress)
-        state = _ObjectState(lo, hi, propagation, **tables, logits=self._empty_logits, iou=None)
+        state = _ObjectState(lo, hi, k, propagation, **tables, logits=self._empty_logits, iou=self._empty_iou)
         logits, iou = self._propagate(state, k, lo, hi, use_current=False, drawn=drawn)
         self._state = dataclasses.replace(state, logits=logits, iou=iou)
         return self._result(logits, iou, (lo, hi))
@@ -504,8 +506,10 @@ class VolumePredictor:
         """Correction points on `slice_index` (1 = add, 0 = remove): decodes that slice with all its
         stored corrections, its stored box (if the object's box prompt was given on this slice) and
         the current mask as the mask prompt, in either propagation mode (the paper's edit, section
-        3.5), then re-propagates in both directions to the object's bounds. The
-        corrections are remembered and re-applied whenever a later re-propagation passes this slice.
+        3.5), then re-propagates in both directions to the object's bounds; towards the slice of the
+        object's prompt only until the mask vanishes (the slices beyond keep their masks: a click that
+        empties a leaked slice removes the leak, not the object behind it). The corrections are
+        remembered and re-applied whenever a later re-propagation passes this slice.
 
         After `segment_slices` (slice-level), this is `edit_slices({slice_index: (points,
         point_labels)})`: that slice only, no propagation."""
@@ -541,8 +545,8 @@ class VolumePredictor:
         return propagate_volume(
             self.decode_fn, self.variables, self._embeddings, jnp.int32(k), jnp.int32(lo), jnp.int32(hi), prompt,
             jnp.asarray(state.table_points), jnp.asarray(state.table_labels),
-            jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box), self._resized,
-            image_size=self.config.image_size, mode=state.propagation, vanish_policy=self.vanish_policy,
+            jnp.asarray(state.table_boxes), jnp.asarray(state.table_has_box), self._resized, (state.logits, state.iou),
+            jnp.int32(state.start), image_size=self.config.image_size, mode=state.propagation, vanish_policy=self.vanish_policy,
             mask_prompt=self.config.mask_prompt,
         )
 
@@ -598,7 +602,7 @@ class VolumePredictor:
             tables["table_points"][k], tables["table_labels"][k] = pts[i], labels[i]
             tables["table_boxes"][k], tables["table_has_box"][k] = boxes[i], has_box[i]
         lo, hi = min(seen), max(seen)
-        self._state = _ObjectState(lo, hi, "mask", **tables, logits=logits, iou=iou, slice_level=True)
+        self._state = _ObjectState(lo, hi, None, "mask", **tables, logits=logits, iou=iou, slice_level=True)
         return self._result(logits, iou, (lo, hi), all_logits=every)
 
     def edit_slices(self, edits: Mapping[int, tuple[Any, Any]]) -> VolumeResult:
