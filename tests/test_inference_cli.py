@@ -2,6 +2,7 @@
 Dice, batch skip/failure handling, and bad input (clear error, non-zero exit, nothing at --out)."""
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -185,6 +186,42 @@ def test_bad_input(image, checkpoint, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps({"objects": [{"slice": 10, "points": [[5, 5]], "colour": "red"}]}))
     _bad(capsys, out, "segment", image, *ck, "--prompts", bad_json, match="unknown keys ['colour']")
+
+
+def test_segment_batch_records_the_prompts_it_read_and_redoes_a_changed_drawn_mask(image, checkpoint, tmp_path,
+                                                                                     capsys, monkeypatch):
+    from radsam_jax.inference import batch
+
+    (tmp_path / "ball.nii.gz").write_bytes((image.parent / "labels.nii.gz").read_bytes())  # the ball, label 7
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"slice": 10, "bounds": [6, 14], "mask": "ball.nii.gz"}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,image,prompts\na,{image},p.json\n")
+    fixed = json.dumps([{"slice": 10, "bounds": [8, 12], "mask": "ball.nii.gz"}])
+    real_load, reads = batch.load_prompts_file, []
+
+    def edited_while_read(path, *args, **kwargs):  # the user saves a fix just after the first read
+        objects = real_load(path, *args, **kwargs)
+        reads.append(objects[0].bounds)
+        if Path(path).read_text() != fixed:
+            Path(path).write_text(fixed)
+        return objects
+
+    monkeypatch.setattr(batch, "load_prompts_file", edited_while_read)
+    out_dir = tmp_path / "out"
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
+    assert reads == [(6, 14), (8, 12)]  # read again: the mask is made from the fixed prompts, as recorded
+    record = json.loads((out_dir / "segment-batch-summary.json").read_text())["done"][0]
+    assert record["prompts_sha256"] == hashlib.sha256(fixed.encode()).hexdigest()
+    assert list(record["masks_sha256"]) == [str(tmp_path / "ball.nii.gz")]
+    capsys.readouterr()
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
+    assert "0 done, 1 skipped" in capsys.readouterr().out
+    ball = nib.load(str(tmp_path / "ball.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(ball.dataobj)[::-1].copy(), ball.affine), tmp_path / "ball.nii.gz")  # redrawn
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
+    text = capsys.readouterr().out
+    assert f"redo a: the drawn mask {tmp_path / 'ball.nii.gz'} its prompts file names changed" in text and "1 done" in text
 
 
 def test_segment_without_checkpoint_needs_one(image, tmp_path, capsys, monkeypatch):

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from radsam_jax.inference.prompt_file import ObjectPrompt, drawn_mask, load_prompts_file
+from radsam_jax.io import nifti_stem
 
 
 def voxel_ml(volume) -> float:
@@ -63,18 +64,12 @@ def segment_objects(predictor, volume, objects: Sequence[ObjectPrompt], progress
 
 
 @dataclasses.dataclass
-class Case:
+class ManifestCase:
+    """One row of a segment-batch manifest (not a dataset's `datasets.Case`)."""
+
     id: str
     image: Path
     prompts: Path
-
-
-def _case_id(image: Path) -> str:
-    name = image.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _case_cell(value, path, where: str, key: str) -> str:
@@ -85,7 +80,7 @@ def _case_cell(value, path, where: str, key: str) -> str:
     return value.strip()
 
 
-def read_manifest(path) -> list[Case]:
+def read_manifest(path) -> list[ManifestCase]:
     """Manifest (CSV or JSON, see module docstring) -> cases; raises ValueError naming the problem
     (and the row: "line N" of a CSV, "case N" of a JSON list)."""
     path = Path(path)
@@ -132,7 +127,7 @@ def read_manifest(path) -> list[Case]:
             cid = cid.strip() or None
         elif cid is not None and (isinstance(cid, bool) or not isinstance(cid, int)):
             raise ValueError(f"manifest {path}, {where}: \"id\" must be a string, got {cid!r}")
-        cid = _case_id(image) if cid is None else str(cid)
+        cid = nifti_stem(image.name) if cid is None else str(cid)
         # The id names the output file in --out-dir: no folder part may take it elsewhere.
         if cid in ("", ".", "..") or any(sep in cid for sep in ("/", "\\", "\0")):
             raise ValueError(f"manifest {path}, {where}: id {cid!r} must be a plain file name (no /, \\ or ..)")
@@ -142,7 +137,7 @@ def read_manifest(path) -> list[Case]:
                 f"give each case a distinct \"id\""
             )
         first_seen[cid] = where
-        cases.append(Case(cid, image, prompts))
+        cases.append(ManifestCase(cid, image, prompts))
     return cases
 
 
@@ -155,7 +150,7 @@ def summary_name(shard: tuple[int, int] = (0, 1)) -> str:
     return SUMMARY_NAME if shard[1] == 1 else SUMMARY_NAME.replace(".json", f"-{shard[0]}-of-{shard[1]}.json")
 
 
-def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, manifest=None,
+def check_out_dir(cases: Sequence[ManifestCase], out_dir, *, previews: bool = False, manifest=None,
                   shard: tuple[int, int] = (0, 1)) -> None:
     """Raises ValueError unless every output can be written without destroying anything: --out-dir
     is (or can be made) a folder, no output is a folder, and no output is an input of any case (e.g.
@@ -179,12 +174,30 @@ def check_out_dir(cases: Sequence[Case], out_dir, *, previews: bool = False, man
     check_outputs_spare_inputs(outputs, inputs)
 
 
-def _load_case(case: Case, world: bool, max_points: int):
+def _load_case(case: ManifestCase, world: bool, max_points: int):
+    """(volume, objects with their drawn masks read, the hashes of the prompt files as read: `_hashes`).
+    A prompts file or drawn mask edited while it is read is read again, so the record of a case
+    names the prompts its mask was made from."""
     from radsam_jax.io import load_volume
 
     volume = load_volume(case.image)
-    objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world, max_points=max_points)
-    return volume, objects
+    for _ in range(3):
+        before = _file_sha256(case.prompts)
+        objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world, max_points=max_points)
+        masks = sorted({o.mask_file for o in objects if o.mask_file is not None})
+        mask_hashes = {m: _file_sha256(Path(m)) for m in masks}
+        for o in objects:
+            if o.mask_file is not None:
+                drawn_mask(o, volume)
+        hashes = _hashes(before, mask_hashes)
+        if hashes == _hashes(_file_sha256(case.prompts), {m: _file_sha256(Path(m)) for m in masks}):
+            return volume, objects, hashes
+    raise RuntimeError(f"the prompts file {case.prompts} or a mask it names kept changing while it was read")
+
+
+def _hashes(prompts_sha256: Optional[str], masks_sha256: dict) -> dict:
+    """A case's record of its prompt files: the prompts file's sha256 and, if it names drawn masks, theirs."""
+    return {"prompts_sha256": prompts_sha256, **({"masks_sha256": masks_sha256} if masks_sha256 else {})}
 
 
 def batch_settings(predictor, world: bool) -> dict:
@@ -234,7 +247,7 @@ def _check_settings(out_dir: Path, records: dict, existing: list[str], settings:
                          f"or remove those masks to segment the cases again")
 
 
-def run_batch(predictor, cases: Sequence[Case], out_dir, *, world: bool = False, previews: bool = False,
+def run_batch(predictor, cases: Sequence[ManifestCase], out_dir, *, world: bool = False, previews: bool = False,
               log=print, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Segments every case of `shard` (I, N: cases I, I+N, ...) not yet done; returns the summary dict
     (also written to out_dir, `summary_name(shard)`, after every case: a stopped run keeps its record).
@@ -279,9 +292,17 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
             continue
         if record is not None:
             kept[case.id] = record
-        now = _file_sha256(case.prompts) if record is not None and record.get("prompts_sha256") else None
-        if now is not None and now != record["prompts_sha256"]:
-            log(f"redo {case.id}: its prompts file {case.prompts} changed since its mask was written")
+        changed = None
+        if record is not None and record.get("prompts_sha256"):
+            # A file removed since (hash None) leaves nothing to compare: the mask stands.
+            now = _file_sha256(case.prompts)
+            stale = [m for m, sha in record.get("masks_sha256", {}).items() if _file_sha256(Path(m)) not in (None, sha)]
+            if now not in (None, record["prompts_sha256"]):
+                changed = f"its prompts file {case.prompts}"
+            elif stale:
+                changed = f"the drawn mask {', '.join(stale)} its prompts file names"
+        if changed:
+            log(f"redo {case.id}: {changed} changed since its mask was written")
             todo.append(case)
         else:
             skipped.append(case)
@@ -307,7 +328,7 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
         for i, case in enumerate(todo):
             start = time.perf_counter()
             try:
-                volume, objects = future.result()
+                volume, objects, hashes = future.result()
             except Exception as e:  # reported below; the next case is already being read
                 volume = None
                 error = e
@@ -329,7 +350,7 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
                              "objects": len(objects), "slices": predictor.num_slices,
                              "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
                                             for o in objects},
-                             "prompts_sha256": _file_sha256(case.prompts), "settings": settings})
+                             **hashes, "settings": settings})
                 log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
