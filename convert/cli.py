@@ -7,7 +7,7 @@ runs it on its own.
 import argparse
 import sys
 
-PROG = "radsam convert"
+from radsam_jax.cli import BAD_INPUT, reporting_errors
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,20 +38,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+@reporting_errors
 def run(args: argparse.Namespace) -> int:
-    """Converts; expected failures print `radsam convert: error: ...` and exit with status 2."""
-    from radsam_jax.checkpoint import CheckpointError
-    from radsam_jax.convert.convert import ConversionError, convert_checkpoint
+    """Converts; a bad source or destination prints `radsam convert: error: ...` and exits with status 2."""
+    from radsam_jax.convert.convert import convert_checkpoint
 
     try:
         model = convert_checkpoint(args.src, args.dst, format=args.format, model=args.model, preprocessing=args.preprocessing,
                                    mask_prompt=args.mask_prompt, decoder_heads=args.decoder_heads)
-    except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except OSError as e:  # a write that failed after all (a read-only or full disk): nothing is left at DST
-        print(f"{PROG}: error: writing {args.dst} failed: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    except OSError as e:
+        if isinstance(e, BAD_INPUT):
+            raise
+        # a write that failed after all (a read-only or full disk): nothing is left at DST
+        raise RuntimeError(f"writing {args.dst} failed: {e}") from e
     c = model.config
     print(
         f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "

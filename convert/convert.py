@@ -6,13 +6,13 @@ Steps: read the source lazily (torch.load with mmap, or safetensors without torc
 key format -> map every key through the declarative table in key_maps.py -> infer (or take) the
 model config -> compare with `abstract_variables(config)` -> report every missing, unused and
 mis-shaped key at once, or write the Orbax checkpoint atomically with `save_model`.
-This package is the only part of radsam-jax that imports torch, and only to read .pth/.bin files.
+torch is imported here only to read .pth/.bin files (radsam_jax never imports it; reference.py and
+the benchmarks build PyTorch SAM models to compare against).
 """
 
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import re
 import signal
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radsam_jax.checkpoint import expected_shapes, save_model, signals_held
-from radsam_jax.io import check_output_path, file_sha256
+from radsam_jax.io import check_output_path, file_sha256, files_sha256
 from radsam_jax.model.config import MASK_PROMPT_ENCODINGS, PREPROCESSING_MODES, ModelConfig, load_model_config
 from radsam_jax.model.sam import RadSam
 from radsam_jax.convert.infer_arch import ArchitectureError, infer_config_by_majority
@@ -61,12 +61,7 @@ class StateDict:
 
     def sha256(self) -> str:
         """The source's sha256: of its file, or for shards of the index's and every shard's in order."""
-        if not self.shards:
-            return file_sha256(self.file)
-        digest = hashlib.sha256()
-        for f in (self.file, *self.shards):
-            digest.update(bytes.fromhex(file_sha256(f)))
-        return digest.hexdigest()
+        return files_sha256([self.file, *self.shards]) if self.shards else file_sha256(self.file)
 
 
 def _file_kind(path: Path) -> str:
@@ -129,8 +124,9 @@ def _load_error(path: Path, e: Exception) -> ConversionError:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     reason = next((line for line in lines if "Unsupported global" in line), next((line for line in lines if line), ""))
     reason = reason.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")  # its advice is for code
-    hint = (": the file pickles more than tensors; if you trust it, re-save its state dict alone, e.g. "
-            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") if "Unsupported global" in reason else ""
+    hint = (": the file pickles more than tensors; if you trust it, re-save its state dict alone: with "
+            "obj = torch.load(f, weights_only=False), torch.save(obj.state_dict(), 'weights.pth') for a whole "
+            "model, torch.save(obj['model'], 'weights.pth') for a dict holding one") if "Unsupported global" in reason else ""
     return ConversionError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {reason}){hint}")
 
 
@@ -148,6 +144,8 @@ def _torch_state_dict(path: Path, container: str) -> StateDict:
 
     def load(key: str) -> np.ndarray:
         t = state[key].detach()
+        if not t.dtype.is_floating_point:
+            raise ConversionError(f"{path}: tensor {key} is {t.dtype}, not floating point: not a weight (damaged or quantised?)")
         return _finite((t if t.dtype == torch.float32 else t.float()).numpy(), path, key)
 
     return StateDict(path, container, list(state), lambda k: tuple(state[k].shape), load)
@@ -172,6 +170,8 @@ def _safetensors_state_dict(path: Path) -> Iterator[StateDict]:
                 x = f.get_tensor(key)
             except Exception as e:
                 raise ConversionError(f"{path}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
+            if not np.issubdtype(x.dtype, np.floating):
+                raise ConversionError(f"{path}: tensor {key} is {x.dtype}, not floating point: not a weight (damaged or quantised?)")
             return _finite(x if x.dtype == np.float32 else x.astype(np.float32), path, key)
 
         yield StateDict(path, "safetensors", keys, lambda k: tuple(f.get_slice(k).get_shape()), load)
@@ -281,15 +281,15 @@ def detect_format(keys: list[str], path: Path, requested: str = "auto") -> str:
     return found
 
 
-def _hf_decoder_heads(path: Path) -> Optional[int]:
-    """num_attention_heads of the mask decoder from a Hugging Face config.json beside the weights."""
+def _hf_mask_decoder_config(path: Path) -> dict[str, int]:
+    """The integer fields of `mask_decoder_config` in a Hugging Face config.json beside the weights
+    (num_attention_heads, iou_head_depth, ...: what no tensor's shape tells); {} without one."""
     config_file = path.parent / "config.json"
-    if not config_file.is_file():
-        return None
     try:
-        return int(json.loads(config_file.read_text())["mask_decoder_config"]["num_attention_heads"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        fields = json.loads(config_file.read_text())["mask_decoder_config"]
+        return {k: v for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 # --------------------------------------------------------------------------- mapping keys
@@ -455,7 +455,8 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
         if preset is not None:
             config = preset
         else:
-            read = _hf_decoder_heads(state.file) if fmt == "hf" else None
+            hf_decoder = _hf_mask_decoder_config(state.file) if fmt == "hf" else {}
+            read = hf_decoder.get("num_attention_heads")
             heads = decoder_heads or read or 8
             heads_from = "given" if decoder_heads else "config.json" if read else "assumed: SAM's"
             names = {t: ", ".join(f"{k} {state.shape(k)}" for k in mapped.sources[t]) for t in mapped.arrays}
@@ -464,6 +465,11 @@ def convert_checkpoint(src, dst, format: str = "auto", model: str = "auto", prep
                                                              decoder_heads=heads, names=names)
             except ArchitectureError as e:
                 raise ConversionError(f"{state.file} ({fmt} format): {e}") from e
+            depth = hf_decoder.get("iou_head_depth", config.iou_head_depth)
+            if depth != config.iou_head_depth:  # a missing middle layer leaves no gap in the keys' numbers
+                raise ConversionError(f"{state.file}: its keys give the IoU head {config.iou_head_depth} layers, its "
+                                      f"config.json iou_head_depth {depth}: mask_decoder.iou_prediction_head.layers.* "
+                                      f"are missing (a partial checkpoint?)")
             near = _preset_of_same_widths(config) if model == "auto" else None
             short = check_against_model(mapped, state, near) if near is not None else []
             if any(p.startswith("missing") for p in short):

@@ -95,20 +95,27 @@ def _some(labels: list[str], shown: int = 3) -> str:
     return ", ".join(labels[:shown]) + (f" and {len(labels) - shown} more" if len(labels) > shown else "")
 
 
-def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Optional[str] = None,
+def infer_config(shapes: Mapping[str, tuple], decoder_heads: int = 8,
                  names: Optional[Mapping[str, str]] = None) -> ModelConfig:
     """The ModelConfig whose abstract variables have these shapes (named after a matching preset).
 
     names: Flax path -> how to call that tensor in errors (e.g. its PyTorch key and shape).
     Shapes that disagree about a size are an ArchitectureError naming the odd tensors.
     """
-    config, conflicts = infer_config_by_majority(shapes, decoder_heads, name, names)
+    config, conflicts = infer_config_by_majority(shapes, decoder_heads, names)
     if conflicts:
         raise ArchitectureError("the shapes disagree: " + "; ".join(conflicts))
     return config
 
 
-def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8, name: Optional[str] = None,
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """The ratio the encoder turns back into `hidden` (int(dim * ratio)): hidden / dim itself unless its
+    float product rounds below (56 * (61 / 56) = 60.99...), then a half unit more."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
+
+
+def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8,
                              names: Optional[Mapping[str, str]] = None) -> tuple[ModelConfig, list[str]]:
     """`infer_config`, where a size that a minority of its tensors contradicts is the majority's:
     (the config, one line per such size naming the tensors it came from and those that disagree).
@@ -184,8 +191,7 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
         raise ArchitectureError("cannot infer the architecture: no mask decoder transformer layers")
     layers = [f"{dec}/transformer/layers_{i}/mlp" for i in range(decoder_depth)]
     decoder_mlp = s.size("mask decoder MLP width", s.dims(
-        [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))])
-    ) if decoder_depth else 2048
+        [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))]))
     iou_depth = s.count("IoU head layer", rf"{dec}/iou_prediction_head/layers_(\d+)/")
     iou = [f"{dec}/iou_prediction_head/layers_{i}" for i in range(iou_depth)]
     iou_hidden = s.size("IoU head width", s.dims(
@@ -200,13 +206,13 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
     if dim % head_dim:
         raise ArchitectureError(f"encoder width {dim} is not a multiple of the rel-pos table width {head_dim}")
     config = ModelConfig(
-        name=name or "custom",
+        name="custom",
         image_size=grid * kh,
         patch_size=kh,
         encoder_dim=dim,
         encoder_depth=depth,
         encoder_heads=dim // head_dim,
-        encoder_mlp_ratio=mlp_hidden / dim,
+        encoder_mlp_ratio=_mlp_ratio(mlp_hidden, dim),
         window_size=window,
         global_attn_indexes=tuple(global_blocks),
         prompt_embed_dim=prompt_dim,
@@ -222,10 +228,9 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
         config.validate()
     except ValueError as e:
         raise ArchitectureError(f"inferred an invalid architecture: {e}") from e
-    if name is None:
-        preset = match_preset(config)
-        if preset is not None:
-            config = dataclasses.replace(config, name=preset)
+    preset = match_preset(config)
+    if preset is not None:
+        config = dataclasses.replace(config, name=preset)
     return config, s.conflicts
 
 

@@ -1,7 +1,7 @@
 """PyTorch segment_anything as a reference outside the tests (benchmarks): import, build, convert.
 
-Besides tests/, this is the only runtime-adjacent place that imports torch (the package itself never
-does). segment_anything/__init__.py imports torchvision for a resize helper the model code does not
+The package radsam_jax never imports torch; convert.py does to read .pth files, this module to build
+SAM models for parity checks and benchmarks. segment_anything/__init__.py imports torchvision for a resize helper the model code does not
 use, and PyPI's torchvision does not import beside the CPU torch installed here, so
 `import_segment_anything` registers an empty package module `segment_anything` carrying the real
 `__path__` and imports `segment_anything.build_sam` / `segment_anything.modeling` directly.

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from radsam_jax import load_checkpoint  # noqa: E402
+from radsam_jax.checkpoint import tree_shapes  # noqa: E402
 from radsam_jax.convert import cli  # noqa: E402
 from radsam_jax.convert.convert import ConversionError, StateDict, convert_checkpoint, map_state_dict  # noqa: E402
 from radsam_jax.convert.infer_arch import infer_config  # noqa: E402
@@ -24,10 +25,6 @@ from radsam_jax.convert.key_maps import CONV, CONV_TRANSPOSE, KEY_MAPS, LINEAR  
 from radsam_jax.model import abstract_variables, load_model_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _flat_shapes(tree):
-    return {"/".join(k.key for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _in_memory(state: dict) -> StateDict:
@@ -82,7 +79,7 @@ def test_every_key_matches_exactly_one_rule_and_fills_the_model(fmt):
     mapped = map_state_dict(_in_memory(state), fmt)
     assert not mapped.unmatched and not mapped.problems
     config = infer_config({k: v.shape for k, v in mapped.arrays.items()})
-    assert {k: v.shape for k, v in mapped.arrays.items()} == _flat_shapes(abstract_variables(config))
+    assert {k: v.shape for k, v in mapped.arrays.items()} == tree_shapes(abstract_variables(config))
 
 
 def test_hf_tied_positional_embedding_copies_must_agree():
@@ -98,7 +95,7 @@ def test_hf_tied_positional_embedding_copies_must_agree():
 @pytest.mark.parametrize("preset", ["vit_b", "vit_l", "vit_h", "small"])
 def test_infer_config_recovers_presets(preset):
     config = load_model_config(preset)
-    assert infer_config(_flat_shapes(abstract_variables(config))) == config
+    assert infer_config(tree_shapes(abstract_variables(config))) == config
 
 
 def test_infer_config_sam_architecture_at_256():
@@ -106,7 +103,7 @@ def test_infer_config_sam_architecture_at_256():
     import dataclasses
 
     config = dataclasses.replace(load_model_config("vit_b"), name="custom", image_size=256)
-    inferred = infer_config(_flat_shapes(abstract_variables(config)))
+    inferred = infer_config(tree_shapes(abstract_variables(config)))
     assert inferred == config and inferred.window_size == 14 and inferred.global_attn_indexes == (2, 5, 8, 11)
 
 
@@ -227,6 +224,45 @@ def test_sharded_hugging_face_checkpoints_convert(tmp_path):
     first.unlink()
     with pytest.raises(ConversionError, match=f"shard\\(s\\) {first.name} not found beside it"):
         convert_checkpoint(index, tmp_path / "out")
+
+
+def test_hugging_face_iou_head_missing_a_middle_layer_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    hf = build_small_hf_sam()
+    hf.save_pretrained(tmp_path / "partial")  # config.json beside the weights: iou_head_depth 3
+    gone = "mask_decoder.iou_prediction_head.layers.0."  # the middle layer of three: 2 layers by the keys
+    state = {k: v.contiguous().clone() for k, v in hf.state_dict().items() if not k.startswith(gone)}
+    save_file(state, tmp_path / "partial" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"its keys give the IoU head 2 layers, its config.json iou_head_depth 3"):
+        convert_checkpoint(tmp_path / "partial", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_encoder_mlp_width_whose_ratio_rounds_down_converts(tmp_path):
+    hf = build_small_hf_sam(dim=56, heads=2)  # 4 x 56 = 224 by default: made 61 below, 56 * (61 / 56) = 60.99...
+    from transformers import SamModel
+
+    config = hf.config
+    config.vision_config.mlp_dim = 61
+    model = SamModel(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    converted = convert_checkpoint(tmp_path / "hf", tmp_path / "out")
+    assert converted.variables["params"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"].shape == (56, 61)
+
+
+def test_integer_tensor_is_refused_naming_file_and_key(tmp_path, small_pth):
+    state = torch.load(small_pth, weights_only=True)
+    state["image_encoder.pos_embed"] = state["image_encoder.pos_embed"].long()
+    torch.save(state, tmp_path / "ints.pth")
+    with pytest.raises(ConversionError, match=r"ints.pth: tensor image_encoder.pos_embed is torch.int64, not floating point"):
+        convert_checkpoint(tmp_path / "ints.pth", tmp_path / "out")
+
+
+def test_decoder_heads_that_do_not_divide_the_decoder_width_are_refused(tmp_path, small_pth, capsys):
+    _expect_cli_error(capsys, [small_pth, tmp_path / "out", "--decoder-heads", "3"],
+                      "decoder_heads 3 does not divide the mask decoder's attention widths")
+    assert not _leftovers(tmp_path, "out")
 
 
 def test_every_missing_and_unused_key_is_reported_together(tmp_path, small_pth):
@@ -350,10 +386,9 @@ def _leftovers(directory: Path, name: str):
 
 
 def _expect_cli_error(capsys, args, *needles):
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
+    status = cli.main([str(a) for a in args])
     err = capsys.readouterr().err
-    assert info.value.code == 2
+    assert status == 2
     assert err.startswith("radsam convert: error: ") and "Traceback" not in err
     for needle in needles:
         assert needle in err, err
@@ -438,7 +473,7 @@ def test_cli_damaged_tensor_bytes_and_non_finite_weights(tmp_path, small_pth, ca
         torch.save(state, tmp_path / "no_crc.pth")
     finally:
         torch.serialization.set_crc32_options(True)
-    cli.main([str(tmp_path / "no_crc.pth"), str(tmp_path / "from_no_crc")])
+    assert cli.main([str(tmp_path / "no_crc.pth"), str(tmp_path / "from_no_crc")]) == 0
     assert (tmp_path / "from_no_crc" / "radsam.json").exists()
     state["image_encoder.patch_embed.proj.weight"][0, 0, 0, :3] = float("nan")
     nan = tmp_path / "nan.pth"
@@ -468,6 +503,19 @@ def test_cli_existing_destination_is_refused_before_any_work(tmp_path, capsys):
     (dst / "keep.txt").write_text("mine")
     _expect_cli_error(capsys, [tmp_path / "does_not_even_exist.pth", dst], str(dst), "already exists")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_cli_write_failure_exits_1_naming_the_destination(tmp_path, capsys, small_pth, monkeypatch):
+    from radsam_jax.convert import convert
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "save_model", full_disk)
+    assert cli.main([str(small_pth), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"radsam convert: error: writing {tmp_path / 'out'} failed: ") and "No space" in err, err
+    assert "Traceback" not in err
 
 
 def test_cli_vit_b_checkpoint_with_model_vit_l(tmp_path, capsys):

@@ -109,10 +109,19 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
+        small = [f"{k} {getattr(self, k)}" for k in ("image_size", "patch_size", "encoder_dim", "encoder_depth",
+                                                      "encoder_heads", "prompt_embed_dim", "decoder_heads")
+                 if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)}: must be >= 1")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.encoder_dim % self.encoder_heads:
             raise ValueError(f"encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}")
+        for width in (self.prompt_embed_dim, self.prompt_embed_dim // 2):  # decoder self- and cross-attention
+            if width % self.decoder_heads:
+                raise ValueError(f"decoder_heads {self.decoder_heads} does not divide the mask decoder's attention widths "
+                                 f"{self.prompt_embed_dim} and {self.prompt_embed_dim // 2}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise ValueError(f"global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
