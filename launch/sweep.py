@@ -24,6 +24,7 @@ name, a value given twice) are an error.
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -36,9 +37,10 @@ from typing import Optional, Sequence
 
 from radsam_jax.io import write_text_atomically
 from radsam_jax.train.cli import build_config
-from radsam_jax.train.config_lib import ConfigError
+from radsam_jax.train.config_lib import ConfigError, split_config_spec
 
 LAUNCH = pathlib.Path(__file__).resolve().parent
+MAX_NAME = 200  # characters of a run's directory name (each of sweep.json's runs lists its values in full)
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -47,7 +49,7 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
     grid = []
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--grid {item!r}: expected KEY=V1,V2,...")
+            raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,...")
         key, values = item.split("=", 1)
         parts, depth, current = [], 0, ""
         for ch in values:
@@ -59,7 +61,10 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
             else:
                 current += ch
         parts.append(current)
-        grid.append((key.strip(), [p.strip() for p in parts if p.strip()]))
+        values = [p.strip() for p in parts if p.strip()]
+        if not key.strip() or not values:
+            raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... with at least one value")
+        grid.append((key.strip(), values))
     return grid
 
 
@@ -67,12 +72,14 @@ def run_name(assignment: Sequence[tuple[str, str]]) -> str:
     """A directory name for the swept values, e.g. "optim.learning_rate=1e-4,optim.warmup_steps=0"."""
     if not assignment:
         return "default"
-    text = ",".join(f"{k}={v}" for k, v in assignment)
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    text = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{k}={v}" for k, v in assignment))
+    if len(text) > MAX_NAME:  # file systems refuse names over 255 bytes: a prefix + a hash of the whole
+        text = f"{text[:MAX_NAME - 13]}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    return text
 
 
 def config_name(config: str) -> str:
-    path, _, arg = config.partition(":") if not os.path.exists(config) else (config, "", "")
+    path, arg = split_config_spec(config)
     return pathlib.Path(path).stem + (f"_{arg}" if arg else "")
 
 

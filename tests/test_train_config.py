@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -163,6 +164,32 @@ def test_sweep_dry_run_prints_each_run(tmp_path, capsys):
     assert len(lines) == 2 and all("--config.batch_size=4" in line for line in lines), lines
 
 
+def test_sweep_names_the_workdir_like_train_splits_the_config(tmp_path, capsys):
+    folder = tmp_path / "run:1"  # a ":" before the variant's: both split at the last one
+    folder.mkdir()
+    shutil.copy(REPO / "configs/train/example_cpu.py", folder / "x.py")
+    assert _sweep("--mode", "local", "--config", f"{folder / 'x.py'}:runlocal", "--root", str(tmp_path / "sweep"),
+                  "--dry-run") == 0
+    assert f"--workdir {tmp_path / 'sweep' / 'x_runlocal' / 'default'}" in capsys.readouterr().out
+
+
+def test_sweep_shortens_over_long_workdir_names_and_refuses_a_key_without_values(tmp_path, capsys):
+    grid = [f"--grid=optim.learning_rate={'0' * 30}1,2", f"--grid=seed={10**40},{10**40 + 1}",
+            f"--grid=optim.warmup_steps={'1' * 150}"]  # names of 240-260 characters
+    root = tmp_path / "sweep"
+    assert _sweep("--mode", "local", "--config", str(REPO / "configs/train/example_cpu.py:runlocal"), "--root", str(root),
+                  *grid, "--dry-run") == 0
+    workdirs = [line.split("--workdir ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+    names = [pathlib.Path(w).name for w in workdirs]
+    assert len(set(names)) == 4 and max(map(len, names)) == 200, names  # distinct, and short enough to create
+    for w in workdirs:
+        os.makedirs(w)
+    with pytest.raises(SystemExit):
+        _sweep("--mode", "local", "--config", str(REPO / "configs/train/example_cpu.py:runlocal"), "--root", str(root),
+               "--grid", "optim.learning_rate=", "--dry-run")
+    assert "--grid 'optim.learning_rate=': expected KEY=V1,V2,... with at least one value" in capsys.readouterr().err
+
+
 def test_sweep_refuses_runs_that_would_share_a_workdir(tmp_path, capsys):
     """The workdir is ROOT/<config file stem>/<values>: two configs named alike, or a value given twice,
     would put two runs in one workdir (the second resuming the first's finished run, training nothing)."""
@@ -226,6 +253,20 @@ def test_training_intensity_and_window_are_the_models():
     unknown = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["data.intensity=zscore"])
     with pytest.raises(ConfigError, match="data.intensity 'zscore' is not one of hu, percentile"):
         loop.check_config(unknown)
+
+
+@pytest.mark.parametrize("mixture, message", [
+    ("(('amos', 0.5), ('totalsegmentator', 0.5))", "data_mixture names 'totalsegmentator', which datasets does not "
+                                                  "define \\(it has 'amos', 'totalseg'\\)"),
+    ("(('amos', 0.0), ('totalseg', 0.0))", "data_mixture weights must be >= 0 with a positive sum"),
+    ("(('amos', -1.0), ('totalseg', 2.0))", "data_mixture weights must be >= 0 with a positive sum"),
+])
+def test_a_mixture_of_unknown_datasets_or_without_weight_is_a_config_error(mixture, message):
+    from radsam_jax.train import loop
+
+    c = apply_overrides(load_config_file(str(REPO / "configs/train/amos_totalseg_vit_b.py")), [f"data_mixture={mixture}"])
+    with pytest.raises(ConfigError, match=message):
+        loop.check_config(c)
 
 
 @pytest.fixture(scope="module")

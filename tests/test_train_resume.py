@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from train_testlib import check, run_python
+from train_testlib import check, purge_steps, run_python, tiny_config
 
 WORKER = r"""
 import json, os, pathlib, sys, jax, numpy as np
-from train_testlib import tiny_config
+from train_testlib import purge_steps, tiny_config
 from radsam_jax.train import checkpointing, loop
 from radsam_jax.train.synthetic import make_synthetic_iterator
 root = pathlib.Path(sys.argv[1])
@@ -58,19 +58,6 @@ loop.train_and_evaluate(tiny_config(num_train_steps=6), str(b))
 la, lb = losses(a), losses(b)
 pa, pb = final_params(a, 6), final_params(b, 6)
 diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
-def purge_steps(workdir):  # steps of the SessionLog START events (TensorBoard's purge_step) in the event files
-    import struct
-    from tensorboardX.proto import event_pb2
-    steps = []
-    for path in sorted((workdir / "tensorboard").glob("events.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):  # TFRecord: u64 length, u32 crc, data, u32 crc
-            n = struct.unpack("<Q", data[at: at + 8])[0]
-            event = event_pb2.Event.FromString(data[at + 12: at + 12 + n])
-            at += 16 + n
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                steps.append(event.step)
-    return steps
 print(json.dumps({"latest_before_resume": latest, "same_batch": same_batch, "losses_a": la, "losses_b": lb,
                   "purge_steps_a": purge_steps(a), "purge_steps_b": purge_steps(b),
                   "param_max_abs_diff": diff, "tmp_left": tmp.exists(),
@@ -91,8 +78,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert r["param_max_abs_diff"] == 0.0, r
     assert not r["tmp_left"], r  # cleaned up at start-up
     assert r["logged_b"] == list(range(1, 7)), r  # the rows logged after the checkpoint, and a torn one, dropped
-    # TensorBoard likewise hides what the earlier event files hold after step 3 (a fresh run purges nothing).
-    assert r["purge_steps_a"] == [] and r["purge_steps_b"] == [4], r
+    # TensorBoard likewise hides what the earlier event files hold after step 3 (a fresh run: from step 0,
+    # the points of an attempt killed before its first checkpoint).
+    assert r["purge_steps_a"] == [0] and r["purge_steps_b"] == [0, 4], r
     assert r["steps_b"][-1] == 6
 
 
@@ -203,15 +191,23 @@ no_init = dict(init_checkpoint="")
 stage("resume_clipped", lambda: train(run, num_train_steps=7, **no_init, **{"optim.grad_clip_norm": 1.0}))
 stage("resume_frozen", lambda: train(run, num_train_steps=7, **no_init, **{"optim.frozen": ("image_encoder/.*",)}))
 stage("resume_unfrozen", lambda: train(run, num_train_steps=8, **no_init))
-def workers_changed():
+# float16 from here on: the loss scale starts at loss_scale.initial, not at the float32 run's 1.
+frozen = {"optim.frozen": ("image_encoder/.*",)}
+stage("resume_float16", lambda: train(run, num_train_steps=8, **no_init, **frozen, precision="float16"))
+def workers_changed(saved_workers, workers):
+    import copy
     ck = checkpointing.Checkpointer(run / "checkpoints", async_save=False, read_only=True)
     try:
         state = ck.manager.item_metadata(ck.latest_step())["state"].tree
-        loop._check_resumable(ck, state, ck.restore_config(), tiny_config(data_source="pipeline", **{"data.num_workers": 2}), [])
+        saved = copy.deepcopy(ck.restore_config())
+        saved["data"]["num_workers"] = saved_workers
+        loop._check_resumable(ck, state, saved, tiny_config(data_source="pipeline", **{"data.num_workers": workers}), [])
         return "no error"
     finally:
         ck.close()
-stage("resume_with_workers", workers_changed)
+stage("resume_with_workers", lambda: workers_changed(0, 2))
+stage("resume_with_fewer_workers", lambda: workers_changed(2, 1))
+stage("resume_with_as_many_workers", lambda: workers_changed(2, 2))
 print(json.dumps(out))
 """
 
@@ -256,9 +252,16 @@ def test_a_resume_that_changes_the_state_form_is_a_config_error(run_record):
     unfrozen = r["resume_unfrozen"].get("error", "")
     assert "checkpoints/7 cannot continue" in unfrozen and "mu/image_encoder/" in unfrozen, unfrozen
     assert "optim.frozen ['image_encoder/.*'] -> []" in unfrozen, unfrozen
-    workers = r["resume_with_workers"].get("error", "")
-    assert "saved its data order without Grain worker processes (data.num_workers=0)" in workers, workers
-    assert "not with data.num_workers=2" in workers, workers
+    for name, saved, now in (("resume_with_workers", 0, 2), ("resume_with_fewer_workers", 2, 1)):
+        workers = r[name].get("error", "")
+        assert f"saved its data order with {saved} Grain worker process(es) (data.num_workers={saved})" in workers, workers
+        assert f"resumes only with as many, not data.num_workers={now}" in workers, workers
+    assert _ok(r["resume_with_as_many_workers"]) == "no error"
+
+
+def test_a_resume_in_float16_starts_the_loss_scale_afresh(run_record):
+    rows = [x for x in _ok(run_record[1]["resume_float16"]) if "loss" in x]
+    assert rows[-1]["step"] == 8 and rows[-1]["loss_scale"] == tiny_config().loss_scale.initial, rows[-1]
 
 
 def test_resume_and_export_do_not_need_the_init_checkpoint(run_record):
@@ -386,3 +389,22 @@ def test_a_run_resumes_with_gradient_accumulation(run_record):
     assert "warning: resumed with another config" not in r["finished"]["stdout"]
     step6 = [row for row in rows if row["step"] == 6 and "loss" in row]
     assert len(step6) == 1 and math.isfinite(step6[0]["loss"]), rows[-3:]
+
+
+def test_a_restart_from_step_0_drops_the_killed_runs_rows(tmp_path):
+    """A run killed before its first checkpoint starts again at step 0 and logs its step-0 validation
+    and steps again: none of the earlier rows may stay, and TensorBoard purges from step 0."""
+    from radsam_jax.train.loop import MetricWriter
+
+    first = MetricWriter(tmp_path)
+    first.start_at(0)
+    first.write(0, {"loss": 1.0}, prefix="validation_")
+    first.write(1, {"loss": 2.0})
+    first.close()
+    again = MetricWriter(tmp_path)
+    assert again.start_at(0) == 2
+    again.write(0, {"loss": 1.5}, prefix="validation_")
+    again.close()
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 0, "validation_loss": 1.5}]
+    assert set(purge_steps(tmp_path)) == {0}
+

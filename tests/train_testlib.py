@@ -46,6 +46,24 @@ def tiny_config(**overrides):
     return c
 
 
+def purge_steps(workdir) -> list[int]:
+    """Steps of the SessionLog START events (TensorBoard's purge_step) in a workdir's event files."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted((workdir / "tensorboard").glob("events.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: u64 length, u32 crc, data, u32 crc
+            n = struct.unpack("<Q", data[at: at + 8])[0]
+            event = event_pb2.Event.FromString(data[at + 12: at + 12 + n])
+            at += 16 + n
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
+
+
 def run_python(code: str, *, devices: int = 1, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{FAST_XLA} --xla_force_host_platform_device_count={devices}"

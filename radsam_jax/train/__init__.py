@@ -9,4 +9,7 @@ Where to look:
 - `loop.py`: `train_and_evaluate(config, workdir)`.
 - `volume_validation.py`: `volume_validation` (the benchmark's 3D Dice on a few validation volumes).
 - `cli.py`: `radsam train` (`add_parser`, `run`) with `--config.key=value` overrides.
+- `config_lib.py`: `base_config` and the config-file helpers (`file.py:variant`, overrides, paths).
+- `mixture.py`: several datasets sampled with weights; `synthetic.py`: generated data for tests.
+- `export.py`: `radsam export` (a training checkpoint -> a model directory for inference).
 """

@@ -41,8 +41,7 @@ STATE, DATA_ITER, CONFIG, MODEL_CONFIG = "state", "data_iter", "config", "model_
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` for (TrainState, Grain iterator, config)."""
 
-    def __init__(self, directory, *, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
-                 async_save: bool = True, read_only: bool = False):
+    def __init__(self, directory, *, max_to_keep: Optional[int] = 3, async_save: bool = True, read_only: bool = False):
         """`read_only`: nothing is created, saved or deleted, not even the temporary directory of a
         save in progress (e.g. exporting or checking while the run trains)."""
         # Orbax requires absolute paths; a relative --workdir is taken from the current directory.
@@ -51,7 +50,6 @@ class Checkpointer:
         # deletes nothing but at creation (create, cleanup) and in save(), which a reader never calls.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
@@ -74,10 +72,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *, model_config: Optional[dict] = None,
-             force: bool = False) -> bool:
-        """Saves if `step` is due (save_interval_steps) or `force`; returns whether it saved.
-        `model_config`: ModelConfig.to_dict() of the trained model."""
+    def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *,
+             model_config: Optional[dict] = None) -> bool:
+        """Saves `step` (the caller decides when); returns whether it saved (False: that step is
+        saved already). `model_config`: ModelConfig.to_dict() of the trained model."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
@@ -85,7 +83,7 @@ class Checkpointer:
             items[CONFIG] = ocp.args.JsonSave(config)
         if model_config is not None:
             items[MODEL_CONFIG] = ocp.args.JsonSave(model_config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state, data_iter=None, step: Optional[int] = None):
         """(state, data_iter) at `step` (default latest); `abstract_state` gives shapes and shardings.

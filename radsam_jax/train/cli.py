@@ -1,6 +1,6 @@
 """`radsam train --config configs/train/NAME.py --workdir DIR [--config.key=value ...]`.
 
-The lead's `radsam_jax/cli.py` calls `add_parser(subparsers)`; `python -m radsam_jax.train.cli ...`
+`radsam_jax/cli.py` (the `radsam` command) calls `add_parser(subparsers)`; `python -m radsam_jax.train.cli ...`
 runs the same command without the top-level CLI. Overrides follow ml_collections.config_flags:
 `--config.optim.learning_rate=1e-4` or `--config.optim.learning_rate 1e-4`; a key that does not
 exist is an error listing the closest keys; values take the type of the existing field.

@@ -21,10 +21,19 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message says which and what would be valid."""
 
 
-def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its `get_config()` (or `get_config(arg)` for `file.py:arg`)."""
-    if arg is None and ":" in path and not pathlib.Path(path).exists():
-        path, arg = path.rsplit(":", 1)
+def split_config_spec(spec: str) -> tuple[str, Optional[str]]:
+    """`file.py:arg` -> ("file.py", "arg"); a spec without ":" or naming an existing file -> (spec, None).
+    The last ":" splits, so a directory with ":" in its name still works."""
+    if ":" in spec and not pathlib.Path(spec).exists():
+        path, arg = spec.rsplit(":", 1)
+        return path, arg
+    return spec, None
+
+
+def load_config_file(spec: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its `get_config()` (or `get_config(arg)` for `file.py:arg`, or
+    for an `arg` given here: a config file building on another one's variant)."""
+    path, arg = split_config_spec(spec) if arg is None else (spec, arg)
     file = pathlib.Path(path)
     if not file.exists():
         raise ConfigError(f"config file {path} does not exist")

@@ -23,25 +23,27 @@ import ml_collections
 import numpy as np
 
 from radsam_jax.checkpoint import expected_shapes, tree_shapes
+from radsam_jax.compilation_cache import enable_compilation_cache
 from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_caption
 from radsam_jax.io import write_text_atomically
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
 from radsam_jax.train.loss import DICE_FORMS
-
-DATA_SOURCES = ("pipeline", "mixture", "synthetic")  # config.data_source: one dataset, several, or ellipses
-from radsam_jax.train.volume_validation import volume_validation
 from radsam_jax.train.train_step import (
     abstract_train_state,
     compute_dtype,
     create_sharded_state,
+    initial_loss_scale,
     make_eval_step,
     make_mesh,
     make_train_step,
     to_global_batch,
     training_attention,
 )
+from radsam_jax.train.volume_validation import volume_validation
+
+DATA_SOURCES = ("pipeline", "mixture", "synthetic")  # config.data_source: one dataset, several, or ellipses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +241,8 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
                      config: ml_collections.ConfigDict, changed: list[str]) -> None:
     """ConfigError, before Orbax, Grain or the first step fail on it, when the config builds a state the
     latest checkpoint cannot fill: an optimiser of another form (gradient clipping or weight decay
-    switched on or off, parameters unfrozen: their Adam moments were never kept) or data loading
-    switched between Grain worker processes and none (the iterator's saved state has another form).
+    switched on or off, parameters unfrozen: their Adam moments were never kept) or another number of
+    Grain worker processes (the iterator's saved state has one entry per worker).
     Freezing parameters is fine: their saved moments are left unread."""
     step = ckpt.latest_step()
     saved, wanted = ckpt.state_shapes(step, parts=None), tree_shapes(target)
@@ -256,9 +258,10 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
     old, new = _flat(saved_config or {}), _flat(config.to_dict())
     loaders = {"pipeline": ["data"], "mixture": [f"datasets.{n}" for n in dict(config.get("data_mixture", {}))]}
     for key in (f"{name}.num_workers" for name in loaders.get(config.data_source, [])):
-        if key in old and key in new and (int(old[key]) > 0) != (int(new[key]) > 0):
-            raise ConfigError(f"{ckpt.directory}/{step} saved its data order {'without' if int(old[key]) == 0 else 'with'} "
-                              f"Grain worker processes ({key}={old[key]}), and it resumes only so, not with {key}="
+        if key in old and key in new and int(old[key]) != int(new[key]) and max(int(old[key]), int(new[key])) > 0:
+            # Grain's saved iterator state has one entry per worker process: it restores only onto as many.
+            raise ConfigError(f"{ckpt.directory}/{step} saved its data order with {int(old[key])} Grain worker "
+                              f"process(es) ({key}={old[key]}), and it resumes only with as many, not {key}="
                               f"{new[key]}; {advice}")
 
 
@@ -300,14 +303,15 @@ class MetricWriter:
 
     def start_at(self, step: int) -> int:
         """Drops the metrics.jsonl rows of steps after `step`, where the run starts (a run stopped
-        after its last checkpoint logged them, and logs them again), and lines cut short by a kill, so
-        that every step appears once; returns how many rows were dropped. TensorBoard hides the
-        earlier event files' points after `step` likewise (the event file's purge_step)."""
+        after its last checkpoint logged them, and logs them again), every row when it starts from
+        step 0 (a run killed before its first checkpoint: its step-0 validation comes again), and
+        lines cut short by a kill, so that every step appears once; returns how many rows were
+        dropped. TensorBoard hides the earlier event files' points likewise (the event file's purge_step)."""
         if not self.enabled:
             return 0
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1 if step > 0 else None)
+        self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1 if step > 0 else 0)
         self.jsonl.close()
         lines = self.path.read_text().splitlines(keepends=True)
         kept = []
@@ -316,7 +320,7 @@ class MetricWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            if step > 0 and isinstance(row, dict) and int(row.get("step", 0)) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
         if len(kept) != len(lines):
             write_text_atomically(self.path, "".join(kept))
@@ -477,6 +481,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"(data_source 'pipeline' or 'mixture'), the synthetic source has slices only")
     if config.num_train_steps <= 0 and config.optim.schedule != "constant":
         raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
+    if config.data_source == "mixture":
+        weights = dict(config.data_mixture)
+        defined = sorted(config.get("datasets", {}))
+        unknown = sorted(set(weights) - set(defined))
+        if unknown:
+            raise ConfigError(f"data_mixture names {', '.join(map(repr, unknown))}, which datasets does not define "
+                              f"(it has {', '.join(map(repr, defined)) or 'none'})")
+        if not weights or any(float(w) < 0 for w in weights.values()) or sum(map(float, weights.values())) <= 0:
+            raise ConfigError(f"data_mixture weights must be >= 0 with a positive sum, got {weights}")
     if config.data_source in ("pipeline", "mixture"):
         from radsam_jax.data.pipeline import check_cache, check_modality, check_root
 
@@ -535,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     maybe_initialize_distributed(config)
     if config.compilation_cache_dir:
         # Persistent XLA cache: a restarted (preempted) run or a sweep does not recompile.
-        jax.config.update("jax_compilation_cache_dir", resolve_path(config.compilation_cache_dir))
+        enable_compilation_cache(resolve_path(config.compilation_cache_dir))
     workdir = pathlib.Path(workdir)
     check_config(config)
     from radsam_jax.io import check_output_path
@@ -589,6 +602,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         changed = config_changes(saved_config, json.loads(config.to_json()))
         _check_resumable(ckpt, target, saved_config, config, changed)
         state, train_iter = ckpt.restore(target, train_iter)
+        if (saved_config or {}).get("precision", config.precision) != config.precision:
+            # The loss scale belongs to the precision: float16 starts at loss_scale.initial, others at 1.
+            shardings = jax.tree.map(lambda x: x.sharding, state.loss_scale)
+            state = state.replace(loss_scale=jax.jit(lambda: initial_loss_scale(config), out_shardings=shardings)())
         writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
         if changed:
             writer.print(f"warning: resumed with another config than the run's last checkpoint: {'; '.join(changed[:10])}"
@@ -611,10 +628,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     saved_step = ckpt.latest_step()
 
-    def save(force: bool):
+    def save():
         nonlocal saved_step
         if saved_step != step:
-            ckpt.save(step, state, train_iter, config_json, model_config=model_config.to_dict(), force=force)
+            ckpt.save(step, state, train_iter, config_json, model_config=model_config.to_dict())
             saved_step = step
 
     held_out = None  # read at the first validation, then kept
@@ -669,12 +686,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
                 t0, images_since = time.perf_counter(), 0  # images/s measures training only
             if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0:
-                save(force=True)
+                save()
                 t0, images_since = time.perf_counter(), 0
             if checkpointing.stop_requested_anywhere(guard.should_stop):
                 # Preemption: save where we are and leave; the next start resumes from here.
                 writer.print(f"signal {guard.received}: saving step {step} and exiting")
-                save(force=True)
+                save()
                 preempted = True
                 break
 
@@ -692,7 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              "(stopped before it): validating")
             if rerun or config.eval.every_steps <= 0 or step % config.eval.every_steps:
                 last.update({f"validation_{k}": v for k, v in validate().items()})
-            save(force=True)
+            save()
         ckpt.wait_until_finished()  # still guarded: a SIGTERM while the last save is written waits for it
     ckpt.close()
     writer.close()

@@ -8,7 +8,7 @@ Choices (the paper only says "soft Dice + binary cross-entropy, 1 primary + 3 se
 - **Resolution.** The decoder predicts logits at S/4 (256 for ViT-B); the target comes at the model
   input's S x S. We upsample the logits bilinearly x4 (`jax.image.resize`, half-pixel centres, i.e.
   torch's `align_corners=False`) to S x S rather than downsample the target, because (a) that is
-  exactly how predictions are turned into masks at inference (`postprocess_masks`), so the loss
+  exactly how predictions are turned into masks at inference (`preprocess.upscale_logits`), so the loss
   scores what the user sees; (b) downsampling a binary target makes a fractional or aliased target
   and loses thin structures (vessels, small organs at 3 mm); (c) the cost is negligible next to the
   ViT encoder (4 x S^2 elementwise ops per sample).

@@ -17,12 +17,9 @@ import jax
 import ml_collections
 import optax
 
+from radsam_jax.checkpoint import path_name
+
 TRAIN, FREEZE = "train", "freeze"
-
-
-def path_name(path) -> str:
-    """The "/"-joined keys of a pytree key path."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def param_paths(params) -> list[str]:

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from radsam_jax.model import ModelConfig, Sam, init_variables
 from radsam_jax.model.image_encoder import resolve_attention
+from radsam_jax.model.sam import check_compute_dtype
 from radsam_jax.prompts import Prompts
 from radsam_jax.train import optimizer as optimizer_lib
 from radsam_jax.train.loss import LossSettings, radsam_loss, radsam_loss_per_sample
@@ -37,9 +38,6 @@ BATCH_DTYPES = {
     "has_mask": np.bool_,
 }
 
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def training_attention(config: ml_collections.ConfigDict) -> str:
     """The encoder's attention implementation for `config.attention` at the run's precision: "auto"
     is cuDNN's fused kernel on GPUs in bfloat16/float16, else the chunked path, whose backward pass
@@ -49,9 +47,8 @@ def training_attention(config: ml_collections.ConfigDict) -> str:
 
 
 def compute_dtype(precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+    """config.precision as the model's compute dtype; ValueError naming it if it is not one."""
+    return check_compute_dtype(precision, "precision")
 
 
 def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
