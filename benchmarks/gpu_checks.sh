@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The device checks for a session that has a lent GPU, in priority order, each step under its own
-# time limit so one slow step cannot take the others' time (a session gets ~15 min of device time,
-# a few of them to start the machine).
+# The GPU checks in one command for a short, offline GPU session (about 10 minutes), in priority
+# order, each step under its own time limit so one slow step cannot take the others' time.
 #
-#   bash benchmarks/gpu_wheels.sh                  # here, first: the wheels the device image lacks -> .whl/
-#   bash benchmarks/gpu_checks.sh "$OUT"           # on the device (run tool, carry [".whl"], timeout_s=600)
+#   bash benchmarks/gpu_wheels.sh                  # first, on a machine with a package registry: the
+#                                                  # wheels a bare JAX image lacks -> .whl/
+#   bash benchmarks/gpu_checks.sh OUT              # on the GPU machine, with .whl/ copied beside the code
 #   SMALL=1 bash benchmarks/gpu_checks.sh /tmp/x   # the same steps shrunk, to check the script on a CPU
 #
-# Only 8 files come back from the device's $OUT, so the step folders (markdown + JSON + log each) are
-# bundled into OUT/gpu_checks.tgz after every step, and OUT/summary.txt says how each step ended.
+# OUT ends up with two files, whatever stops the session: gpu_checks.tgz (every step's markdown table,
+# JSON and log, bundled again after each step) and summary.txt (how each step ended).
 # Steps: 1 where the time goes (bf16 matmul peak, the attention op alone with V padded or not,
 # per-kernel profile of one global and one windowed ViT-B block, XLA option variants of the encoder);
 # 2 the training step's images/s and utilisation; 3 the ViT-L float32 encoder rows (never measured

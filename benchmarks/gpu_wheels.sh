@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run here (where pip reaches a package registry), before the device checks: the device machine's image
-# has JAX, Flax, Optax and Orbax but not these dependencies of radsam-jax, and nothing can be fetched
-# there. Downloads their Python 3.12 x86-64 wheels into .whl/ (git-ignored, ~10 MB); the device call
-# names it in carry and gpu_checks.sh installs it there:
+# Run where pip reaches a package registry, before gpu_checks.sh on an offline GPU machine whose image
+# has JAX, Flax, Optax and Orbax but not these dependencies of radsam-jax. Downloads their Python 3.12
+# x86-64 wheels into .whl/ (git-ignored, ~10 MB); copy it beside the code there, and gpu_checks.sh
+# installs what is missing from it:
 #
-#   bash benchmarks/gpu_wheels.sh      # then: device run, carry [".whl"], bash benchmarks/gpu_checks.sh "$OUT"
+#   bash benchmarks/gpu_wheels.sh      # then, on the GPU machine: bash benchmarks/gpu_checks.sh OUT
 set -eu
 cd "$(dirname "$0")/.."
 platforms=()

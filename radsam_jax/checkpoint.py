@@ -191,11 +191,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return tree_shapes(_abstract_variables(config))
 
 
+def path_name(path) -> str:
+    """A pytree key path as "a/b/0/c": dict keys, attribute and field names and sequence indices alike,
+    so a TrainState and the metadata of its saved form name their leaves the same."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def tree_shapes(tree) -> dict[str, tuple]:
-    """"a/b/0/c"-style path -> shape of each leaf (arrays, ShapeDtypeStructs, Orbax metadata): dict
-    keys, attribute and field names and sequence indices alike, so a TrainState and the metadata of
-    its saved form give the same paths."""
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+    """path_name -> shape of each leaf (arrays, ShapeDtypeStructs, Orbax metadata)."""
+    return {path_name(path): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

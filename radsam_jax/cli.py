@@ -6,6 +6,7 @@ They are imported lazily so `radsam --help` stays fast and a missing optional ex
 """
 
 import argparse
+import functools
 import importlib
 import sys
 import warnings
@@ -18,6 +19,35 @@ SUBCOMMAND_MODULES = (
     "radsam_jax.inference.cli",
     "radsam_jax.evaluate.cli",
 )
+
+
+class InputError(ValueError):
+    """Bad command-line input (an option, a path, a value): `radsam CMD: error: ...`, exit status 2."""
+
+
+# The user's to fix: ValueError covers the project's input errors (InputError, CheckpointError, ConfigError,
+# PromptError, ...), the OSErrors name the user's paths, ImportError a missing extra. Any other OSError
+# (a full disk) or a RuntimeError is a failure of the run itself.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+             ImportError)
+
+
+def reporting_errors(function):
+    """A subcommand's run(args) whose expected errors print as one line on stderr, no traceback: bad
+    input (BAD_INPUT) exits 2, a failure of the run (RuntimeError, another OSError) exits 1."""
+
+    @functools.wraps(function)
+    def run(args) -> int:
+        try:
+            return function(args)
+        except BAD_INPUT as e:
+            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except (RuntimeError, OSError) as e:
+            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:

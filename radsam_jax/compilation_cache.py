@@ -18,14 +18,12 @@ DIR_ENV = "RADSAM_COMPILATION_CACHE_DIR"
 DEFAULT_DIR = Path("~/.cache/radsam-jax/xla")
 
 
-def enable_compilation_cache(cache_dir: Optional[os.PathLike] = None, *, min_compile_time_s: float = 1.0,
-                             min_entry_size_bytes: int = 0) -> Optional[Path]:
+def enable_compilation_cache(cache_dir: Optional[os.PathLike] = None) -> Optional[Path]:
     """Points JAX's persistent cache at `cache_dir` (default $RADSAM_COMPILATION_CACHE_DIR, else
     ~/.cache/radsam-jax/xla) and returns it; returns None and changes nothing when
     $RADSAM_NO_COMPILATION_CACHE is set (to anything but "" or "0") or the directory cannot be created.
-
-    min_compile_time_s: only programs that took at least this long to compile are written (small
-    jitted helpers recompile faster than they load); min_entry_size_bytes: likewise by size.
+    Only programs that took a second or more to compile are written: small jitted helpers recompile
+    faster than they load.
     """
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
@@ -35,6 +33,6 @@ def enable_compilation_cache(cache_dir: Optional[os.PathLike] = None, *, min_com
     except OSError:
         return None  # a read-only home must not stop inference
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(min_entry_size_bytes))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

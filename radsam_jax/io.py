@@ -62,6 +62,16 @@ def is_nifti_path(path) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
+def nifti_stem(name: str) -> str:
+    """A NIfTI file name without its .nii / .nii.gz suffix, any case ("CT.NII.GZ" -> "CT"); other
+    names unchanged. The case id of every layout and of `radsam segment-batch`."""
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _squeeze_to_3d(shape: Sequence[int], path, what: str) -> tuple[int, ...]:
     """Shape checks shared by images and labels: 3D, or 4D+ whose extra axes all have size 1."""
     shape = tuple(int(s) for s in shape)
@@ -319,8 +329,6 @@ def resample_labels(
     perm = _signed_permutation(lin)
     if perm is not None and np.allclose(offset, np.rint(offset), atol=1e-3):
         axes, signs = perm
-        # label index along axes[d] = signs[d] * t_d + offset[axes[d]]... written per target axis d:
-        # row d of `lin` picks the target axis feeding label axis d.
         out = np.full(target_shape, fill, labels.dtype)
         # label axis a gets target axis axes[a] with sign signs[a]: l_a = s_a * t_{axes[a]} + o_a.
         src_sel, dst_sel = [slice(None)] * 3, [slice(None)] * 3
@@ -476,6 +484,15 @@ def file_sha256(path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 23), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_sha256(paths) -> str:
+    """One sha256 for several files in order: of their sha256s (a case's DICOM series and labels, a
+    sharded checkpoint's index and shards)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 

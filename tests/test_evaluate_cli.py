@@ -286,6 +286,9 @@ def test_empty_dataset_is_an_error(checkpoint, tmp_path, capsys):
     (amos / "imagesVa").mkdir(parents=True)
     (amos / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}}))
     err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(amos), "--out", str(tmp_path / "o"))
+    assert "no dataset found" in err and "imagesVa/ and labelsVa/ (AMOS)" in err  # labelsVa/ is missing
+    (amos / "labelsVa").mkdir()
+    err = _run_bad(capsys, "--checkpoint", str(checkpoint), "--data", str(amos), "--out", str(tmp_path / "o"))
     assert "no AMOS cases" in err
 
 

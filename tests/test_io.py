@@ -33,6 +33,12 @@ def _save(path, data, affine, slope=None, inter=None):
 # --------------------------------------------------------------------------- NIfTI
 
 
+@pytest.mark.parametrize("name, stem", [("ct.nii.gz", "ct"), ("CT.NII.GZ", "CT"), ("case_01.nii", "case_01"),
+                                        ("case.nii.v2.nii.gz", "case.nii.v2"), ("notes.txt", "notes.txt")])
+def test_nifti_stem_strips_one_suffix_in_any_case(name, stem):
+    assert io.nifti_stem(name) == stem
+
+
 def test_nifti_applies_scaling_and_keeps_voxel_order(tmp_path):
     data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     path = _save(tmp_path / "ct.nii.gz", data, _affine(), slope=2.0, inter=-1024.0)

@@ -419,3 +419,16 @@ def test_slice_index_cache_is_reused_and_rebuilt_when_a_file_changes(amos_root, 
     finally:
         os.utime(image, (stat.st_atime, stat.st_mtime))
     assert len(reads) == len(cases) and len(list(cache.iterdir())) == 2
+
+
+def test_slice_index_key_follows_every_file_of_a_nested_dicom_series(tmp_path):
+    series = tmp_path / "case" / "study" / "series"  # a series folder one level down, as PACS exports it
+    series.mkdir(parents=True)
+    for i in range(3):
+        (series / f"{i}.dcm").write_bytes(b"x" * 10)
+    case = datasets.Case("case", str(tmp_path / "case"), {"liver": 1}, label_path=str(tmp_path / "labels.nii.gz"))
+    (tmp_path / "labels.nii.gz").write_bytes(b"y")
+    before = pipeline._index_key([case], 1)
+    stat = (series / "1.dcm").stat()
+    os.utime(series / "1.dcm", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, rewritten
+    assert pipeline._index_key([case], 1) != before

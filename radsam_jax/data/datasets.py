@@ -67,10 +67,6 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if io.is_nifti_path(p.name)) if folder.is_dir() else []
 
 
-def _strip_nifti(name: str) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
-
-
 def structure_ids(table, source: str) -> dict[str, int]:
     """{structure name: label id} from a label table, background (0) left out. Two forms: id -> name
     ({"0": "background", "1": "spleen"}: AMOS's dataset.json, labels.json) and name -> id
@@ -126,7 +122,7 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
     cases = []
     for image_dir, label_dir in AMOS_FOLDERS[split]:
         for image in _nifti_files(root / image_dir):
-            case_id = _strip_nifti(image.name)
+            case_id = io.nifti_stem(image.name)
             label = root / label_dir / image.name
             channel = re.fullmatch(r"(.+)_\d{4}", case_id)  # nnU-Net names images <case>_0000, labels <case>
             if not label.exists() and channel:
@@ -176,7 +172,7 @@ def totalsegmentator_cases(root, split: str = "train") -> list[Case]:
         if split not in valid:
             raise ValueError(f"split {split!r} not in {meta_file} (splits there: {valid})")
         subjects = [s for s in subjects if splits.get(s.name) == split]
-    per_subject = {s: {_strip_nifti(p.name): p for p in _nifti_files(s / "segmentations")} for s in subjects}
+    per_subject = {s: {io.nifti_stem(p.name): p for p in _nifti_files(s / "segmentations")} for s in subjects}
     names = sorted(set().union(*[set(v) for v in per_subject.values()])) if per_subject else []
     ids = {name: i + 1 for i, name in enumerate(names)}
     cases = []

@@ -339,15 +339,7 @@ class SliceIndex:
 def _index_key(cases, min_area: int) -> str:
     items = []
     for c in cases:
-        files = [c.image_path] + ([c.label_path] if c.label_path else sorted(c.structure_paths.values()))
-        stats = []
-        for f in files:
-            p = Path(f)
-            if p.is_dir():
-                stats.append((f, sum(q.stat().st_size for q in p.iterdir() if q.is_file())))
-            else:
-                st = p.stat()
-                stats.append((f, st.st_size, int(st.st_mtime)))
+        stats = [(str(f), st.st_size, st.st_mtime_ns) for f in datasets.case_files(c) for st in [f.stat()]]
         items.append((c.case_id, stats, sorted(c.structures.items())))
     return hashlib.sha1(json.dumps([items, min_area], default=str).encode()).hexdigest()[:16]
 

@@ -33,13 +33,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from radsam_jax.cli import InputError, reporting_errors
 from radsam_jax.inference.cli import add_predictor_options, parse_shard, predictor_option_problem
 
 PROG = "radsam evaluate"
-
-
-class InputError(ValueError):
-    pass
 
 
 def _csv(text: str) -> list[str]:
@@ -138,27 +135,26 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------- data
 
 
-def detect_format(path: Path) -> str:
+def dataset_layout(path: Path) -> str:
     """'amos', 'totalsegmentator' or 'generic' from the files in a dataset folder."""
     if not path.exists():
         raise InputError(f"--data {path} does not exist")
     if not path.is_dir():
         raise InputError(f"--data {path} is a file: give --labels and --label-names to evaluate one image")
-    if (path / "dataset.json").is_file():
-        return "amos"
-    if (path / "meta.csv").is_file() or any(p.is_dir() and (p / "ct.nii.gz").is_file() and (p / "segmentations").is_dir()
-                                            for p in path.iterdir()):
-        return "totalsegmentator"
-    if (path / "labels.json").is_file() or any(p.is_dir() and (p / "labels.json").is_file() for p in path.iterdir()):
-        return "generic"
+    from radsam_jax.data.datasets import FORMATS, layout_problem
+
+    for format in FORMATS:  # the layout checks of training configs
+        if layout_problem(format, path) is None:
+            return format
     raise InputError(
-        f"no dataset found at {path}: expected dataset.json (AMOS), meta.csv or sXXXX/ct.nii.gz (TotalSegmentator), "
-        f"or labels.json in it or its sub-folders (generic); for one image pass --labels and --label-names")
+        f"no dataset found at {path}: expected dataset.json with imagesTr/ and labelsTr/ or imagesVa/ and labelsVa/ "
+        f"(AMOS), subject folders with ct.nii.gz and segmentations/ (TotalSegmentator), or labels.json in it or its "
+        f"sub-folders (generic); for one image pass --labels and --label-names")
 
 
 def _single_image_case(args):
     from radsam_jax.data.datasets import Case, structure_ids
-    from radsam_jax.io import read_json
+    from radsam_jax.io import nifti_stem, read_json
     from radsam_jax.intensity import UNKNOWN_MODALITY
 
     if not args.labels or not args.label_names:
@@ -180,7 +176,7 @@ def _single_image_case(args):
     if not structures:
         raise InputError(f"--label-names {args.label_names} names no structure besides background")
     image = Path(args.data)
-    case_id = image.name.split(".nii")[0] if image.is_file() else image.name
+    case_id = nifti_stem(image.name) if image.is_file() else image.name
     return Case(case_id, str(image), structures, label_path=str(args.labels),
                 modality=UNKNOWN_MODALITY)  # only datasets' layouts declare one
 
@@ -196,7 +192,7 @@ def read_dataset(args):
         cases = [_single_image_case(args)]
         fmt = "image"
     else:
-        fmt = detect_format(data)
+        fmt = dataset_layout(data)
         split = args.split
         if split == "auto":
             split = {"amos": "val", "generic": "all"}.get(fmt) or ("test" if (data / "meta.csv").is_file() else "all")
@@ -222,23 +218,6 @@ def _is_dicom_folder(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------- run
-
-
-def _errors_to_status(function):
-    """Runs a subcommand: bad input (exit 2) and failures (exit 1) as one line on stderr, no traceback."""
-    from radsam_jax.checkpoint import CheckpointError
-
-    def run(args) -> int:
-        try:
-            return function(args)
-        except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:
-            print(f"radsam {args.command}: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 def _identity(model, predictor, cases, settings, args, structures, known) -> dict:
@@ -326,16 +305,15 @@ def _evaluate(args) -> int:
     _check_intensity(cases, args)
     out = _output_folder(args.out)
 
-    import jax.numpy as jnp
-
     from radsam_jax.checkpoint import load_checkpoint
     from radsam_jax.data.datasets import load_case
     from radsam_jax.inference import VolumePredictor
+    from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 
-    model = load_checkpoint(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    model = load_checkpoint(args.checkpoint, dtype=args.dtype)
     volume_edits = max([e for e in args.edits] + [0]) if any(s.protocol == "volume" for s in settings) else 0
     # Every click of a volume-level run may land on the same slice (plus the initial point).
-    max_points = max(16, 2 + volume_edits, 2 + SLICE_EDITS_MAX)
+    max_points = max(DEFAULT_MAX_POINTS, 2 + volume_edits, 2 + SLICE_EDITS_MAX)
     predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
                                 bucket=args.bucket, max_points=max_points, window=args.window,
                                 intensity=args.intensity)
@@ -454,17 +432,7 @@ def _compare(args) -> int:
     return 0
 
 
-run = _errors_to_status(_evaluate)
-run_report = _errors_to_status(_report)
-run_compare = _errors_to_status(_compare)
+run = reporting_errors(_evaluate)
+run_report = reporting_errors(_report)
+run_compare = reporting_errors(_compare)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="radsam")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

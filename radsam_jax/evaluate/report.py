@@ -37,6 +37,7 @@ import numpy as np
 
 from radsam_jax.evaluate.metrics import DEFAULT_BOOTSTRAP, grouped_ci
 from radsam_jax.io import save_png_atomically, write_atomically, write_text_atomically
+from radsam_jax.inference.preview import mask_contour
 from radsam_jax.intensity import window_caption, window_unit
 
 SCORE_COLUMNS = ("case", "structure", "label", "known", "protocol", "prompt", "propagation", "edits", "dice",
@@ -410,13 +411,6 @@ def plot_per_structure(path, per_structure: Sequence[dict], model: str) -> Path:
     return save_png_atomically(path, img)
 
 
-def _contour(mask: np.ndarray) -> np.ndarray:
-    from radsam_jax.data.prompt_simulation import erode
-
-    m = np.asarray(mask, bool)
-    return m & ~erode(m, 1)
-
-
 def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile: int = 256) -> Optional[Path]:
     """Montage of the worst objects: the slice with the most errors through `window` (the level, width
     the model saw, in the units of its intensity), radiological view (patient right on the left, anterior up), ground truth
@@ -433,7 +427,7 @@ def plot_worst_cases(path, worst: Sequence, *, window: tuple[float, float], tile
     for i, w in enumerate(worst):
         # RAS canonical slice (rows = y = A, columns = x = R): flip both for the radiological view.
         ct = window_unit(w.image, window)[::-1, ::-1]
-        gt, pred = _contour(w.gt)[::-1, ::-1], _contour(w.pred)[::-1, ::-1]
+        gt, pred = mask_contour(w.gt)[::-1, ::-1], mask_contour(w.pred)[::-1, ::-1]
         rgb = np.repeat((ct * 255).astype(np.uint8)[..., None], 3, axis=2)
         rgb[gt] = (0, 220, 0)
         rgb[pred] = (230, 30, 30)

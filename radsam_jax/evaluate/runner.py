@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import heapq
 import itertools
 import sys
@@ -324,17 +323,14 @@ def case_content(case, recorded: Optional[dict] = None, *, before_reading: Calla
     else `before_reading()` is called first). The sha256 leaves the paths out: a dataset moved
     elsewhere keeps its content's."""
     from radsam_jax.data.datasets import case_files
-    from radsam_jax.io import file_sha256
+    from radsam_jax.io import files_sha256
 
     files = case_files(case)
     stats = [[str(f.resolve()), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
     if recorded is not None and recorded["files"] == stats:
         return recorded
     before_reading()
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(bytes.fromhex(file_sha256(f)))
-    return {"files": stats, "sha256": digest.hexdigest()}
+    return {"files": stats, "sha256": files_sha256(files)}
 
 
 def _check_case_files(mine, record: RunRecord, done: set) -> set:

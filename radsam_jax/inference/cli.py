@@ -25,13 +25,11 @@ from typing import Optional
 
 import numpy as np
 
+from radsam_jax.cli import InputError, reporting_errors
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "default_checkpoint"
 SAMPLE_DIR = ASSETS / "sample"  # the bundled CT (ct-abdomen-3mm of ../shared/data) and its labels
-
-
-class InputError(ValueError):
-    pass
 
 
 def add_predictor_options(g) -> None:
@@ -112,7 +110,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label-id", type=int, metavar="N", help="reference id compared with the object (--prompts: objects without reference_label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(p)
-    p.set_defaults(radsam_command="segment", func=run)
+    p.set_defaults(func=run)
 
     b = subparsers.add_parser(
         "segment-batch", help="segment every case of a manifest (CSV or JSON of image, prompts file)",
@@ -127,23 +125,17 @@ def add_parser(subparsers) -> None:
                         "--out-dir); the summary goes to segment-batch-summary-I-of-N.json")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
-    b.set_defaults(radsam_command="segment-batch", func=run)
-
-
-def _error(command: str, message: str) -> None:
-    print(f"radsam {command}: error: {message}", file=sys.stderr)
+    b.set_defaults(func=run)
 
 
 def _load_model(checkpoint, dtype: str):
-    import jax.numpy as jnp
-
     from radsam_jax.checkpoint import load_checkpoint
 
     if checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_dir():
             raise InputError(f"no --checkpoint given and no bundled default checkpoint at {DEFAULT_CHECKPOINT}; pass --checkpoint CKPT")
         checkpoint = DEFAULT_CHECKPOINT
-    return load_checkpoint(checkpoint, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    return load_checkpoint(checkpoint, dtype=dtype)
 
 
 def _predictor(model, args):
@@ -358,29 +350,7 @@ def run_batch_command(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+@reporting_errors
 def run(args) -> int:
     """Runs the parsed `segment` / `segment-batch` command; returns the exit status."""
-    command = getattr(args, "radsam_command", "segment")
-    from radsam_jax.checkpoint import CheckpointError
-
-    try:
-        if command == "segment":
-            return run_segment(args)
-        return run_batch_command(args)
-    except (InputError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        _error(command, str(e))
-        return 2
-    except (RuntimeError, OSError) as e:  # OSError: an output that could not be written after all (disk full, ...)
-        _error(command, str(e))
-        return 1
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point (`python -m radsam_jax.inference.cli segment ...`)."""
-    parser = argparse.ArgumentParser(prog="radsam")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_segment(args) if args.command == "segment" else run_batch_command(args)

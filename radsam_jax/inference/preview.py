@@ -22,8 +22,9 @@ from radsam_jax.intensity import window_caption, window_unit
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (200, 64, 255), (0, 220, 160), (255, 128, 0), (160, 255, 64)]
 
 
-def _contour(mask: np.ndarray) -> np.ndarray:
-    """Pixels of a 2D binary mask that touch the background (4-neighbourhood)."""
+def mask_contour(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D binary mask that touch the background (4-neighbourhood; outside the array counts
+    as background, so a mask cut by the image edge is outlined there too)."""
     m = mask.astype(bool)
     p = np.pad(m, 1)
     inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
@@ -67,7 +68,7 @@ def save_preview(path, volume_array: np.ndarray, labels: np.ndarray, objects: Se
         for i, obj in enumerate(objects):
             mask = (labels[:, :, k].T == obj.label)
             big = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
-            rgb[_contour(big)] = COLOURS[i % len(COLOURS)]
+            rgb[mask_contour(big)] = COLOURS[i % len(COLOURS)]
         pil = Image.fromarray(rgb)
         draw = ImageDraw.Draw(pil)
         c = lambda v: (float(v) + 0.5) * scale  # voxel centre -> panel pixel

@@ -45,6 +45,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from radsam_jax.inference.orientation import axial_grid
+from radsam_jax.inference.propagation import PROPAGATION_MODES
 from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 from radsam_jax.io import read_json
 
@@ -205,7 +206,6 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
     unknown = sorted(set(raw) - OBJECT_KEYS)
     if unknown:
         raise PromptError(f"{where}: unknown keys {unknown} (allowed: {sorted(OBJECT_KEYS)})")
-    nz = shape[2]
     if "slice" not in raw:
         raise PromptError(f"{where}: \"slice\" is required")
     if raw.get("box") is None and raw.get("points") is None and raw.get("mask") is None:
@@ -218,61 +218,20 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
             raise PromptError(f"{where}: mask_label needs a \"mask\" file")
         mask_label = _int(mask_label, f"{where}: mask_label")
     points, labels = _points(raw.get("points"), raw.get("point_labels"), where)
-    box = None
-    if raw.get("box") is not None:
-        try:
-            box = np.asarray(raw["box"], np.float64).reshape(4)
-        except (TypeError, ValueError):
-            box = None
-        if box is None or not np.isfinite(box).all() or _has_bool(raw["box"]):
-            raise PromptError(f"{where}: box must be [x0, y0, x1, y1] (numbers), got {raw['box']!r}")
-    ref_mm = None
+    box = _box(raw.get("box"), where)
+    ref_mm = None  # world: where the object's slices are placed in-plane (its first point, or its box's centre)
     if world:
         if points is None and box is None:
             raise PromptError(f"{where}: with world coordinates a mask needs a point or a box too (to place its slice)")
         ref_mm = points[0] if points is not None else (box[:2] + box[2:]) / 2
-        z_mm = _number(raw["slice"], f"{where}: slice")
-        k = _slice_from_world(affine, z_mm, ref_mm, nz, where)
-        if points is not None:
-            points = _xy_from_world(affine, points, z_mm, shape, k, where, "point")
-        if box is not None:
-            c = _xy_from_world(affine, box.reshape(2, 2), z_mm, shape, k, where, "box corner")
-            box = np.concatenate([c.min(axis=0), c.max(axis=0)])
-        prompted = f"z = {z_mm:g} mm (slice {k})"
-    else:
-        k = _int(raw["slice"], f"{where}: slice", SLICE_INDEX)
-        _check_slice(k, nz, where)
-        if points is not None:
-            _check_xy(points, shape, where, "point")
-        if box is not None:
-            _check_xy(box.reshape(2, 2), shape, where, "box corner")
-        prompted = f"{k}"
+    k, prompted, points, box = _place(raw["slice"], points, box, shape, affine, world, ref_mm, where)
     if box is not None and (box[0] > box[2] or box[1] > box[3]):
         raise PromptError(f"{where}: box {box.tolist()} must have x0 <= x1 and y0 <= y1")
-    if raw.get("bounds") is None:
-        lo, hi = 0, nz - 1
-        span = f"{lo}..{hi}"
-    else:
-        b = raw["bounds"]
-        if not isinstance(b, (list, tuple)) or len(b) != 2:
-            raise PromptError(f"{where}: bounds must be [lo, hi], got {b!r}")
-        if world:
-            b = [_number(v, f"{where}: bounds {n}") for v, n in zip(b, ("lo", "hi"))]
-            if b[0] > b[1]:
-                raise PromptError(f"{where}: bounds LO={b[0]:g} mm > HI={b[1]:g} mm; give the bottom (inferior) z first")
-            lo, hi = sorted(_slice_from_world(affine, v, ref_mm, nz, where, f"bound {n}") for v, n in zip(b, ("lo", "hi")))
-            span = f"{b[0]:g}..{b[1]:g} mm (slices {lo}..{hi})"
-        else:
-            lo, hi = _int(b[0], f"{where}: bounds lo", SLICE_INDEX), _int(b[1], f"{where}: bounds hi", SLICE_INDEX)
-            _check_slice(lo, nz, where, "bound lo")
-            _check_slice(hi, nz, where, "bound hi")
-            if lo > hi:
-                raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the lower slice index first")
-            span = f"{lo}..{hi}"
+    lo, hi, span = _bounds(raw.get("bounds"), shape[2], affine, world, ref_mm, where)
     if not lo <= k <= hi:
         raise PromptError(f"{where}: the prompted slice {prompted} is outside the bounds {span}")
     propagation = raw.get("propagation", default_propagation)
-    if propagation not in ("mask", "box"):
+    if propagation not in PROPAGATION_MODES:
         raise PromptError(f"{where}: propagation must be \"mask\" or \"box\", got {propagation!r}")
     label = raw.get("label", index + 1)
     label = _int(label, f"{where}: label")
@@ -280,13 +239,75 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
         raise PromptError(f"{where}: label must lie in 1..65535, got {label}")
     ref = raw.get("reference_label")
     ref = None if ref is None else _int(ref, f"{where}: reference_label")
-    # Points per slice as the predictor stores them: the prompt's, then every edit's on that slice.
-    stored = {k: 0 if points is None else len(points)}
-    if stored[k] > max_points:
-        raise PromptError(f"{where}: {stored[k]} points, more than the {max_points} a slice can hold")
-    raw_edits = raw.get("edits")
+    if points is not None and len(points) > max_points:
+        raise PromptError(f"{where}: {len(points)} points, more than the {max_points} a slice can hold")
+    edits = _edits(raw.get("edits"), {k: 0 if points is None else len(points)}, (lo, hi, span), shape, affine, world,
+                   max_points, where)
+    return ObjectPrompt(label, k, (lo, hi), points, labels, box, propagation, str(raw.get("name", "") or ""), ref, edits,
+                        mask_file, mask_label)
+
+
+def _box(raw_box, where: str) -> Optional[np.ndarray]:
+    if raw_box is None:
+        return None
+    try:
+        box = np.asarray(raw_box, np.float64).reshape(4)
+    except (TypeError, ValueError):
+        box = None
+    if box is None or not np.isfinite(box).all() or _has_bool(raw_box):
+        raise PromptError(f"{where}: box must be [x0, y0, x1, y1] (numbers), got {raw_box!r}")
+    return box
+
+
+def _place(raw_slice, points, box, shape, affine, world: bool, ref_mm, where: str):
+    """(slice index, how to name it in errors, points and box in voxels) of a prompt, checked inside the image."""
+    nz = shape[2]
+    if world:
+        z_mm = _number(raw_slice, f"{where}: slice")
+        k = _slice_from_world(affine, z_mm, ref_mm, nz, where)
+        if points is not None:
+            points = _xy_from_world(affine, points, z_mm, shape, k, where, "point")
+        if box is not None:
+            c = _xy_from_world(affine, box.reshape(2, 2), z_mm, shape, k, where, "box corner")
+            box = np.concatenate([c.min(axis=0), c.max(axis=0)])
+        return k, f"z = {z_mm:g} mm (slice {k})", points, box
+    k = _int(raw_slice, f"{where}: slice", SLICE_INDEX)
+    _check_slice(k, nz, where)
+    if points is not None:
+        _check_xy(points, shape, where, "point")
+    if box is not None:
+        _check_xy(box.reshape(2, 2), shape, where, "box corner")
+    return k, f"{k}", points, box
+
+
+def _bounds(raw_bounds, nz: int, affine, world: bool, ref_mm, where: str) -> tuple[int, int, str]:
+    """(lo, hi, how to name them in errors): the whole volume by default."""
+    if raw_bounds is None:
+        return 0, nz - 1, f"0..{nz - 1}"
+    b = raw_bounds
+    if not isinstance(b, (list, tuple)) or len(b) != 2:
+        raise PromptError(f"{where}: bounds must be [lo, hi], got {b!r}")
+    if world:
+        b = [_number(v, f"{where}: bounds {n}") for v, n in zip(b, ("lo", "hi"))]
+        if b[0] > b[1]:
+            raise PromptError(f"{where}: bounds LO={b[0]:g} mm > HI={b[1]:g} mm; give the bottom (inferior) z first")
+        lo, hi = sorted(_slice_from_world(affine, v, ref_mm, nz, where, f"bound {n}") for v, n in zip(b, ("lo", "hi")))
+        return lo, hi, f"{b[0]:g}..{b[1]:g} mm (slices {lo}..{hi})"
+    lo, hi = _int(b[0], f"{where}: bounds lo", SLICE_INDEX), _int(b[1], f"{where}: bounds hi", SLICE_INDEX)
+    _check_slice(lo, nz, where, "bound lo")
+    _check_slice(hi, nz, where, "bound hi")
+    if lo > hi:
+        raise PromptError(f"{where}: bounds LO={lo} > HI={hi}; give the lower slice index first")
+    return lo, hi, f"{lo}..{hi}"
+
+
+def _edits(raw_edits, stored: dict, bounds: tuple[int, int, str], shape, affine, world: bool, max_points: int,
+           where: str) -> list[Edit]:
+    """The object's correction rounds, each inside its bounds; `stored` counts the points per slice as
+    the predictor stores them (the prompt's, then every edit's on that slice), within max_points."""
     if raw_edits is not None and not isinstance(raw_edits, list):
         raise PromptError(f"{where}: edits must be a list of {{\"slice\", \"points\"}} objects, got {raw_edits!r}")
+    lo, hi, span = bounds
     edits = []
     for j, e in enumerate(raw_edits or []):
         ew = f"{where}, edit {j + 1}"
@@ -298,16 +319,7 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
         if "slice" not in e or e.get("points") is None:
             raise PromptError(f"{ew}: needs \"slice\" and \"points\"")
         ep, el = _points(e["points"], e.get("point_labels"), ew)
-        if world:
-            z_mm = _number(e["slice"], f"{ew}: slice")
-            ek = _slice_from_world(affine, z_mm, ep[0], nz, ew)
-            ep = _xy_from_world(affine, ep, z_mm, shape, ek, ew, "point")
-            edited = f"z = {z_mm:g} mm (slice {ek})"
-        else:
-            ek = _int(e["slice"], f"{ew}: slice", SLICE_INDEX)
-            _check_slice(ek, nz, ew)
-            _check_xy(ep, shape, ew, "point")
-            edited = f"{ek}"
+        ek, edited, ep, _ = _place(e["slice"], ep, None, shape, affine, world, ep[0], ew)
         if not lo <= ek <= hi:
             raise PromptError(f"{ew}: slice {edited} is outside the object's bounds {span}")
         stored[ek] = stored.get(ek, 0) + len(ep)
@@ -317,8 +329,7 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
                 f"more than the {max_points} a slice can hold"
             )
         edits.append(Edit(ek, ep, el))
-    return ObjectPrompt(label, k, (lo, hi), points, labels, box, propagation, str(raw.get("name", "") or ""), ref, edits,
-                        mask_file, mask_label)
+    return edits
 
 
 def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:

@@ -250,7 +250,6 @@ class Attention(nn.Module):
     num_heads: int
     input_size: tuple[int, int]
     window: int = 0
-    use_rel_pos: bool = True
     attention: str = "chunked"
     dtype: Dtype = jnp.float32
 
@@ -266,14 +265,10 @@ class Attention(nn.Module):
         n, gh, gw = qkv.shape[:3]
         qkv = qkv.reshape(n, gh * gw, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if self.use_rel_pos:
-            size_h, size_w = self.input_size
-            table_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * size_h - 1, hd))
-            table_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * size_w - 1, hd))
-            rel_h, rel_w = get_rel_pos(gh, gh, table_h), get_rel_pos(gw, gw, table_w)
-        else:
-            rel_h = jnp.zeros((gh, gh, hd), q.dtype)
-            rel_w = jnp.zeros((gw, gw, hd), q.dtype)
+        size_h, size_w = self.input_size  # SAM's encoders all use relative positions (use_rel_pos=True)
+        table_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * size_h - 1, hd))
+        table_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * size_w - 1, hd))
+        rel_h, rel_w = get_rel_pos(gh, gh, table_h), get_rel_pos(gw, gw, table_w)
         out = attention_with_rel_pos(q, k, v, rel_h, rel_w, (gh, gw), hd**-0.5, self.attention)
         out = out.reshape(n, self.num_heads, gh, gw, hd).transpose(0, 2, 3, 1, 4).reshape(n, gh, gw, c)
         if self.window > 0:
