@@ -182,6 +182,13 @@ def test_an_edit_that_empties_its_slice_keeps_the_object_towards_the_prompt_slic
     np.testing.assert_array_equal(masks[8:20], obj[8:20])
     assert not masks[20:].any()
     np.testing.assert_array_equal(np.asarray(iou)[2:20], np.asarray(previous[1])[2:20])
+    # Past the prompt slice the scan goes on under the policy: a previous leak there (21..25 above a
+    # prompt on 26) is not kept once the re-propagation, reaching 26 with a mask, finds the object ended.
+    leak = np.asarray(previous[0]).copy()
+    leak[21:26] = np.where(obj[20], 5.0, -5.0)  # the previous result leaked onto 21..25
+    logits, _ = propagate_volume(stub_decode, {}, emb, jnp.int32(10), jnp.int32(2), jnp.int32(30), point_prompt(30, 30),
+                                 *table, None, None, None, (jnp.asarray(leak), previous[1]), jnp.int32(14), **kw)
+    np.testing.assert_array_equal(np.asarray(logits) > 0, np.asarray(previous[0]) > 0)
     # The same click re-propagated as a new start (anchor = its own slice) erases everything: the old defect.
     erased = np.asarray(propagate_volume(stub_decode, {}, emb, jnp.int32(20), jnp.int32(2), jnp.int32(30), empty,
                                          *table, **kw)[0]) > 0

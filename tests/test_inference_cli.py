@@ -221,7 +221,20 @@ def test_segment_batch_records_the_prompts_it_read_and_redoes_a_changed_drawn_ma
     nib.save(nib.Nifti1Image(np.asarray(ball.dataobj)[::-1].copy(), ball.affine), tmp_path / "ball.nii.gz")  # redrawn
     assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
     text = capsys.readouterr().out
-    assert f"redo a: the drawn mask {tmp_path / 'ball.nii.gz'} its prompts file names changed" in text and "1 done" in text
+    assert f"redo a: its drawn mask {tmp_path / 'ball.nii.gz'} changed" in text and "1 done" in text
+    # Run from another folder, the manifest named relative to it: the same files are compared.
+    monkeypatch.chdir(tmp_path.parent)
+    redrawn = np.asarray(nib.load(str(tmp_path / "ball.nii.gz")).dataobj)[:, ::-1].copy()  # drawn again
+    nib.save(nib.Nifti1Image(redrawn, ball.affine), tmp_path / "ball.nii.gz")
+    relative = [tmp_path.name + "/cases.csv", "--out-dir", tmp_path.name + "/out"]
+    assert run_cli("segment-batch", *relative, "--checkpoint", checkpoint, "--no-progress") == 0
+    assert f"redo a: its drawn mask {tmp_path / 'ball.nii.gz'} changed" in capsys.readouterr().out
+    record = json.loads((out_dir / "segment-batch-summary.json").read_text())["done"][0]
+    assert list(record["masks_sha256"]) == [str(tmp_path / "ball.nii.gz")]  # absolute, whatever the folder
+    monkeypatch.chdir(tmp_path)
+    nib.save(nib.Nifti1Image(redrawn[::-1].copy(), ball.affine), tmp_path / "ball.nii.gz")
+    assert run_cli("segment-batch", "cases.csv", "--out-dir", "out", "--checkpoint", checkpoint, "--no-progress") == 0
+    assert "redo a: its drawn mask" in capsys.readouterr().out
 
 
 def test_segment_without_checkpoint_needs_one(image, tmp_path, capsys, monkeypatch):

@@ -184,7 +184,8 @@ def _load_case(case: ManifestCase, world: bool, max_points: int):
     for _ in range(3):
         before = _file_sha256(case.prompts)
         objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world, max_points=max_points)
-        masks = sorted({o.mask_file for o in objects if o.mask_file is not None})
+        # Absolute: a re-run from another folder reads the same files (a prompts file's mask is relative to it).
+        masks = sorted({str(Path(o.mask_file).resolve()) for o in objects if o.mask_file is not None})
         mask_hashes = {m: _file_sha256(Path(m)) for m in masks}
         for o in objects:
             if o.mask_file is not None:
@@ -300,7 +301,7 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
             if now not in (None, record["prompts_sha256"]):
                 changed = f"its prompts file {case.prompts}"
             elif stale:
-                changed = f"the drawn mask {', '.join(stale)} its prompts file names"
+                changed = f"its drawn mask {', '.join(stale)}"
         if changed:
             log(f"redo {case.id}: {changed} changed since its mask was written")
             todo.append(case)

@@ -28,10 +28,12 @@ prompt per slice (the initial box of a segmentation, on its slice). The scan pas
 re-sends the box with the propagated prompt: propagation="mask": box + previous mask (+ points);
 propagation="box": the stored box replaces the box derived from the previous mask.
 
-Edits (`previous` given, `anchor` = the object's prompt slice): the re-propagation from the edited
-slice towards the prompt slice ends where its mask vanishes, whatever the policy below, and the
-slices it did not reach keep their previous masks. The object is known to lie between the two, so
-a click that empties a leaked slice beyond the object's end must not erase the object behind it.
+Edits (`previous` given, `anchor` = the object's prompt slice): if the re-propagation from the edited
+slice towards the prompt slice vanishes before reaching it, that direction ends there, whatever the
+policy below, and every slice it did not reach (up to its bound, past the prompt slice too) keeps
+its previous mask. The object is known to lie between the two, so a click that empties a leaked
+slice beyond the object's end must not erase the object behind it. A direction that reaches the
+prompt slice goes on from there under the policy, as a segmentation does.
 
 Vanished masks (the previous slice's mask is empty before the bound is reached):
 - "stop" (default): the object is taken to have ended; every later slice in that direction stays
@@ -156,11 +158,12 @@ def _propagated_prompts(points, labels, box, has_box, prev_logits, resized, *, i
 
 
 def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, lo, hi, table_points, table_labels,
-                          table_boxes, table_has_box, resized, keep, *, image_size: int, mode: str, vanish_policy: str,
+                          table_boxes, table_has_box, resized, anchor, *, image_size: int, mode: str, vanish_policy: str,
                           mask_prompt: str):
     """Both directions in lockstep: step i decodes slice start + 1 + i (up, towards `hi`) and slice
-    start - 1 - i (down, towards `lo`), bounds inclusive. keep (2,) bool: the direction ends for good
-    where its mask vanishes (an edit heading to the prompt slice), no stored prompt restarts it.
+    start - 1 - i (down, towards `lo`), bounds inclusive. anchor: a direction whose mask vanishes
+    before it reaches this slice ends for good (an edit heading to its prompt slice), no stored
+    prompt restarts it.
 
     One decoder call per step serves both directions: batch 2 while both run, batch 1 once one has
     ended (its bound reached, or its mask vanished under "stop"), none when neither runs. A volume is
@@ -169,7 +172,7 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
 
     Returns per scan step i, direction d (0 up, 1 down): primary logits (Zp, 2, m, m), IoU (Zp, 2),
     written (Zp, 2) bool = the slice lies within the bound (its logits are the answer for that slice),
-    ran (Zp, 2) bool = the decoder ran on it.
+    ended (Zp, 2) bool = written, but its direction ended before the anchor (it keeps its previous mask).
     """
     num_slices = embeddings.shape[0]
     m = init_logits.shape[-1]
@@ -192,7 +195,8 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
     def decode_both(kc, prompts, run):
         return decode(embeddings[kc], prompts)
 
-    def body(prev_logits, i):  # (2, m, m): each direction's previous slice, its mask = logits > 0
+    def body(carry, i):  # each direction's previous slice (2, m, m), its mask = logits > 0; ended (2,)
+        prev_logits, ended = carry
         k = start + step * (i + 1)
         in_range = jnp.where(step > 0, k <= hi, k >= lo) & (k >= 0) & (k < num_slices)
         kc = jnp.clip(k, 0, num_slices - 1)
@@ -203,13 +207,15 @@ def _scan_both_directions(decode_fn, variables, embeddings, init_logits, start, 
         present = prompts.has_mask if mode == "mask" else jnp.any(prev_logits > 0, axis=(1, 2))
         restart = jnp.any(labels == 1, axis=1) | has_box
         policy = (present | restart) if vanish_policy == "stop" else jnp.ones_like(present)
-        run = in_range & jnp.where(keep, present, policy)
+        before_anchor = jnp.where(step > 0, k <= anchor, k >= anchor)  # the carried mask is from before it
+        ended = ended | (in_range & before_anchor & ~present)
+        run = in_range & ~ended & jnp.where(before_anchor, present, policy)
         logits, iou = jax.lax.switch(jnp.sum(run), (decode_none, decode_one, decode_both), kc, prompts, run)
-        return jnp.where(in_range[:, None, None], logits, prev_logits), (logits, iou, in_range, run)
+        return (jnp.where(in_range[:, None, None], logits, prev_logits), ended), (logits, iou, in_range, in_range & ended)
 
-    init = jnp.broadcast_to(init_logits, (2, m, m))
-    _, (logits, iou, written, ran) = jax.lax.scan(body, init, jnp.arange(num_slices))
-    return logits, iou, written, ran
+    init = jnp.broadcast_to(init_logits, (2, m, m)), jnp.zeros((2,), bool)
+    _, (logits, iou, written, ended) = jax.lax.scan(body, init, jnp.arange(num_slices))
+    return logits, iou, written, ended
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "image_size", "mode", "vanish_policy", "mask_prompt"))
@@ -245,18 +251,16 @@ def propagate_volume(decode_fn: DecodeFn, variables, embeddings, start, lo, hi, 
     logits0, iou0 = logits0[0, 0].astype(jnp.float32), iou0[0, 0].astype(jnp.float32)
     m = logits0.shape[-1]
 
-    anchor = start if anchor is None else anchor
-    keep = jnp.stack([anchor > start, anchor < start])  # the direction heading to the prompt slice
-    step_logits, step_iou, written, ran = _scan_both_directions(
+    step_logits, step_iou, written, ended = _scan_both_directions(
         decode_fn, variables, embeddings, logits0, start, lo, hi, table_points, table_labels, table_boxes, table_has_box,
-        resized, keep, image_size=image_size, mode=mode, vanish_policy=vanish_policy, mask_prompt=mask_prompt)
+        resized, start if anchor is None else anchor, image_size=image_size, mode=mode, vanish_policy=vanish_policy,
+        mask_prompt=mask_prompt)
     # Step i, direction d wrote slice start + (1, -1)[d] * (i + 1); unwritten ones get index num_slices,
     # which mode="drop" discards.
     slices = start + jnp.arange(1, num_slices + 1)[:, None] * jnp.array([1, -1])
-    if previous is not None:  # the edit's direction to the prompt slice ended: its slices keep their masks
-        kept = written & ~ran & keep
-        step_logits = jnp.where(kept[..., None, None], previous[0][jnp.clip(slices, 0, num_slices - 1)], step_logits)
-        step_iou = jnp.where(kept, previous[1][jnp.clip(slices, 0, num_slices - 1)], step_iou)
+    if previous is not None:  # an edit's direction that ended before the prompt slice: its slices keep their masks
+        step_logits = jnp.where(ended[..., None, None], previous[0][jnp.clip(slices, 0, num_slices - 1)], step_logits)
+        step_iou = jnp.where(ended, previous[1][jnp.clip(slices, 0, num_slices - 1)], step_iou)
     idx = jnp.where(written, slices, num_slices)
     logits = jnp.full((num_slices, m, m), EMPTY_LOGIT, jnp.float32).at[idx].set(step_logits, mode="drop")
     iou = jnp.full((num_slices,), jnp.nan, jnp.float32).at[idx].set(step_iou, mode="drop")

@@ -74,8 +74,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iter=None, config: Optional[dict] = None, *,
              model_config: Optional[dict] = None) -> bool:
-        """Saves `step` (the caller decides when); returns whether it saved (False: that step is
-        saved already). `model_config`: ModelConfig.to_dict() of the trained model."""
+        """Saves `step` (the caller decides when; Orbax refuses a step saved already); returns whether it
+        saved. `model_config`: ModelConfig.to_dict() of the trained model."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
