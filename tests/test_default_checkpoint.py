@@ -10,7 +10,7 @@ from radsam_jax.checkpoint import load_checkpoint
 from radsam_jax.inference.cli import DEFAULT_CHECKPOINT, SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-# MODEL_CARD.md: the README command gives liver Dice 0.602 with this checkpoint. Float32 summation
+# MODEL_CARD.md: the README command gives liver Dice 0.609 with this checkpoint. Float32 summation
 # order across CPUs (and TF32 products on GPUs) moves a few boundary pixels, well under 0.01 Dice; a
 # broken loader, preprocessing or propagation drops it far below the floor.
 README_DICE_FLOOR = 0.58

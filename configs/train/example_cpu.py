@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
     c.init_checkpoint = ""  # from scratch
     c.batch_size = 8  # global batch (one CPU device)
     c.num_epochs = -1  # repeat the single training volume; the run length is num_train_steps
-    c.num_train_steps = 3500  # 84 min on this 2-core CPU at 5.7 images/s: the bundled checkpoint (MODEL_CARD.md)
+    c.num_train_steps = 3500  # 84-90 min on this 2-core CPU at 5.2-5.7 images/s: the bundled checkpoint (MODEL_CARD.md)
     c.optim.learning_rate = 4e-4  # from scratch a tiny model needs far more than the paper's fine-tuning 1e-5
     c.optim.schedule = "cosine"  # decay to min_lr by the last step
     c.optim.min_lr = 1e-5  # final learning rate
@@ -44,8 +44,7 @@ def get_config(arg: str = ""):
     c.data.prompts.mixture.update(dict(point=0.3, box=0.4, mask=0.1, mask_points=0.1, box_mask=0.1,
                                        box_mask_points=0.0))
     # The bundled checkpoint's recipe predates the box + mask + points type, up to 11 clicks and V-Net's
-    # squared soft Dice (the defaults now); these three keep its recipe. It was also trained while unused
-    # point slots were attended (fixed since, MODEL_CARD.md), so a rerun gives a close, not the same, model.
+    # squared soft Dice (the defaults now); these three keep its recipe (MODEL_CARD.md).
     c.data.prompts.num_points = 4  # correction prompts draw 1..4 points
     c.loss.dice = "linear"  # sum(p) + sum(g) denominator
     c.data.augment.zoom = 0.3  # +-30%: the training CT is 1.43 mm per input pixel at 256 px, the DICOM patient 1.95 mm
