@@ -482,14 +482,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.num_train_steps <= 0 and config.optim.schedule != "constant":
         raise ConfigError(f"optim.schedule {config.optim.schedule!r} decays over num_train_steps, which must be > 0")
     if config.data_source == "mixture":
-        weights = dict(config.data_mixture)
-        defined = sorted(config.get("datasets", {}))
-        unknown = sorted(set(weights) - set(defined))
-        if unknown:
-            raise ConfigError(f"data_mixture names {', '.join(map(repr, unknown))}, which datasets does not define "
-                              f"(it has {', '.join(map(repr, defined)) or 'none'})")
-        if not weights or any(float(w) < 0 for w in weights.values()) or sum(map(float, weights.values())) <= 0:
-            raise ConfigError(f"data_mixture weights must be >= 0 with a positive sum, got {weights}")
+        from radsam_jax.train.mixture import mixture_probabilities
+
+        try:
+            mixture_probabilities(dict(config.data_mixture), list(config.get("datasets", {})))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if config.data_source in ("pipeline", "mixture"):
         from radsam_jax.data.pipeline import check_cache, check_modality, check_root
 

@@ -14,16 +14,26 @@ from typing import Sequence
 import numpy as np
 
 
+def mixture_probabilities(weights: dict, datasets: Sequence[str]) -> np.ndarray:
+    """The sampling probability of each of `weights`' datasets, in sorted name order; ValueError for a
+    name `datasets` lacks or weights that are negative or sum to 0 (the training config's check too)."""
+    unknown = sorted(set(weights) - set(datasets))
+    if unknown:
+        raise ValueError(f"data_mixture names {', '.join(map(repr, unknown))}, which datasets does not define "
+                         f"(it has {', '.join(map(repr, sorted(datasets))) or 'none'})")
+    w = np.asarray([float(weights[n]) for n in sorted(weights)])
+    if not len(w) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"data_mixture weights must be >= 0 with a positive sum, got {dict(weights)}")
+    return w / w.sum()
+
+
 class MixedIterator:
     def __init__(self, iterators: dict, weights: dict, seed: int):
         if set(iterators) != set(weights):
             raise ValueError(f"mixture weights {sorted(weights)} do not match datasets {sorted(iterators)}")
         self.names: Sequence[str] = sorted(iterators)
         self.iterators = iterators
-        w = np.asarray([float(weights[n]) for n in self.names])
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {dict(weights)}")
-        self.probs = w / w.sum()
+        self.probs = mixture_probabilities(weights, self.names)
         self.seed = seed
         self.position = 0
 
