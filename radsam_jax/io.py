@@ -384,6 +384,19 @@ def align_labels(labels: np.ndarray, labels_affine: np.ndarray, like: Volume, *,
     if inside < 1.0:
         warnings.warn(f"{label} covers {inside:.1%} of the voxels of {image}; the rest are taken as background",
                       stacklevel=2)
+    # As many voxels along each (RAS) axis but another grid: more often a wrong header than another grid.
+    labels_ras, labels_ras_affine = reorient_array(labels, labels_affine)
+    image_ras, image_ras_affine = reorient_array(like.array, like.affine)
+    if labels_ras.shape == image_ras.shape and not same_grid(labels_ras.shape, labels_ras_affine,
+                                                             image_ras.shape, image_ras_affine):
+
+        def grid(a):
+            return (f"spacing {np.round(np.linalg.norm(a[:3, :3], axis=0), 3).tolist()} mm, "
+                    f"origin {np.round(a[:3, 3], 2).tolist()}")
+
+        warnings.warn(f"{label} has the voxel counts of {image} but another grid ({grid(labels_ras_affine)} against "
+                      f"{grid(image_ras_affine)}, in RAS order): resampled through world coordinates; if the voxels "
+                      f"correspond, the label map's header is wrong", stacklevel=2)
     return out
 
 

@@ -16,7 +16,8 @@ from radsam_jax import preprocess
 from radsam_jax.inference import VolumePredictor, bucket_size
 from radsam_jax.model import RadSam
 from radsam_jax.prompts import make_prompts
-from test_inference import synthetic_volume, tiny_config, tiny_model  # noqa: F401 (tiny_model: a fixture)
+from test_inference import synthetic_volume, tiny_model  # noqa: F401 (tiny_model: a fixture)
+from tiny_model import tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ and launch/ are imported from the repository
@@ -180,7 +181,7 @@ def test_model_and_volume_types(tiny_model):  # noqa: F811
 
 
 def test_preprocess_shapes():
-    cfg = tiny_config()
+    cfg = tiny_model_config()
     with pytest.raises(ValueError, match=r"hu_slices must have shape \(N, H, W\).*\(40, 36\)"):
         preprocess.preprocess_ct_slices(np.zeros((40, 36), np.float32), cfg)
     geo = preprocess.geometry(cfg, 40, 36)
@@ -206,7 +207,7 @@ def test_bad_compute_dtype(tiny_model, tmp_path):  # noqa: F811
 
 
 def test_logits_to_mask_preprocessing_and_geometry():
-    cfg = tiny_config()
+    cfg = tiny_model_config()
     geo = preprocess.geometry(cfg, 40, 36)
     with pytest.raises(ValueError, match=r"preprocessing must be one of \('sam', 'medsam'\), got 'bogus'"):
         preprocess.logits_to_mask(np.zeros((16, 16), np.float32), geo, "bogus")

@@ -122,6 +122,23 @@ def test_overlapping_totalsegmentator_masks_are_named(tmp_path, caplog):
 def test_totalsegmentator_comma_meta_csv(tmp_path):
     root = write_totalsegmentator(tmp_path / "ts", splits={"s0001": "train", "s0002": "val"}, delimiter=",")
     assert [c.case_id for c in datasets.read_cases("totalsegmentator", root, "val")] == ["s0002"]
+    meta = root / "meta.csv"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())  # a byte-order mark, as a spreadsheet saves it
+    assert [c.case_id for c in datasets.read_cases("totalsegmentator", root, "val")] == ["s0002"]
+    meta.write_text("image_id,age,split\ns0001,50,train\ns0002\n")
+    with pytest.raises(ValueError, match=r"meta.csv line 3: no split"):
+        datasets.read_cases("totalsegmentator", root, "train")
+
+
+def test_totalsegmentator_ids_are_the_same_in_every_split(tmp_path):
+    """A structure present only in some subjects (here aorta, in the val subject) shifts no id of another split."""
+    root = write_totalsegmentator(tmp_path / "ts")
+    (root / "s0003" / "segmentations" / "aorta.nii.gz").write_bytes(
+        (root / "s0003" / "segmentations" / "liver.nii.gz").read_bytes())
+    ids = {split: datasets.read_cases("totalsegmentator", root, split)[0].structures for split in ("train", "val", "all")}
+    assert ids["train"] == {"liver": 2, "vertebrae_L1": 3}
+    assert ids["val"] == {"aorta": 1, "liver": 2, "vertebrae_L1": 3}
+    assert ids["all"] == ids["train"]  # s0001 first
 
 
 def test_generic_layout_and_structure_filter(tmp_path):

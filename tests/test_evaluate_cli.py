@@ -14,25 +14,18 @@ import numpy as np
 import pytest
 
 from radsam_jax.cli import main as radsam
-from radsam_jax.model import ModelConfig, RadSam, init_variables
+from radsam_jax.model import RadSam, init_variables
+from tiny_model import tiny_model_config
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 BUCKET = 128
-
-
-def tiny_config(**kw) -> ModelConfig:
-    return ModelConfig(
-        name="tiny", image_size=64, patch_size=16, encoder_dim=32, encoder_depth=2, encoder_heads=2,
-        window_size=2, global_attn_indexes=(1,), prompt_embed_dim=32, mask_in_chans=8, decoder_depth=1,
-        decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32, **kw,
-    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from radsam_jax.checkpoint import save_model
 
-    config = tiny_config()
+    config = tiny_model_config()
     path = tmp_path_factory.mktemp("ckpt") / "tiny_radsam"
     save_model(path, config, jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0)))
     return path
@@ -166,7 +159,7 @@ def test_medsam_preprocessing_reaches_the_predictor(checkpoint):
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.io import Volume
 
-    config = tiny_config(preprocessing="medsam")  # same parameters, MedSAM's input pipeline
+    config = tiny_model_config(preprocessing="medsam")  # same parameters, MedSAM's input pipeline
     p = VolumePredictor(RadSam(config, load_checkpoint(checkpoint).variables), bucket=BUCKET)
     p.set_volume(Volume(np.zeros((40, 24, 5), np.float32), np.eye(4), "x"))
     assert p.config.preprocessing == "medsam"
@@ -613,7 +606,7 @@ def test_compare_pairs_the_shared_objects_across_propagations(checkpoint, tmp_pa
     from radsam_jax.checkpoint import save_model
 
     other = tmp_path / "other_weights"
-    save_model(other, tiny_config(), jax.jit(init_variables, static_argnums=0)(tiny_config(), jax.random.key(1)))
+    save_model(other, tiny_model_config(), jax.jit(init_variables, static_argnums=0)(tiny_model_config(), jax.random.key(1)))
     data = write_generic(tmp_path / "data", ("a", "b"))
     volume = ["--protocol", "volume", "--prompt", "box", "--edits", "0,1"]
     assert _evaluate(checkpoint, data, tmp_path / "A", *volume, "--structures", "organ") == 0, capsys.readouterr().err

@@ -72,6 +72,15 @@ def test_bootstrap_is_seeded_and_handles_small_samples():
         metrics.bootstrap_ci([])
 
 
+def test_simulated_user_streams_differ_for_every_seed_and_object():
+    from radsam_jax.evaluate.runner import _rng
+
+    draws = {seed: _rng(seed, "case", "liver", "volume/box/mask").integers(1 << 62) for seed in (0, 1, 2**32, 2**40)}
+    assert len(set(draws.values())) == 4  # a seed is not folded to 32 bits (0 and 2**32 drew the same clicks)
+    assert _rng(0, "case", "liver", "volume/box/mask").integers(1 << 62) == draws[0]
+    assert _rng(0, "case", "spleen", "volume/box/mask").integers(1 << 62) != draws[0]
+
+
 def test_parse_known_classes(tmp_path):
     assert metrics.parse_known_classes(None) is None
     assert metrics.parse_known_classes("liver, spleen") == {"liver", "spleen"}
@@ -148,8 +157,14 @@ def test_initial_slice_bounds_and_prompts():
         p = su.slice_prompt(su.slice_2d(narrow, 1), "point", rng)
         x, y = p["points"][0].astype(int)
         assert narrow[x, y, 1] and p["point_labels"].tolist() == [1]
-    jb = su.slice_prompt(su.slice_2d(narrow, 1), "box", rng, box_jitter=(0, 3))["box"]
-    assert jb[0] <= 3 and jb[1] <= 10 and jb[2] >= 4 and jb[3] >= 15
+    # The jitter is in pixels at a 1024 input, training's unit: 64 px there are 8 voxels of a 128-voxel
+    # slice (the model sees both at the same size), 64 voxels of a 1024-voxel one.
+    for side in (128, 1024):
+        gt_slice = np.zeros((side // 2, side), bool)
+        gt_slice[20:30, 40:60] = True
+        jb = su.slice_prompt(gt_slice, "box", rng, box_jitter=(64, 64))["box"]
+        d = 64 * side / 1024
+        np.testing.assert_allclose(jb, np.clip([40 - d, 20 - d, 59 + d, 29 + d], 0, [side - 1, side // 2 - 1] * 2))
 
 
 def test_correction_clicks_land_on_errors_with_the_right_label():

@@ -13,21 +13,14 @@ import pytest
 
 from radsam_jax.inference import SliceFrame, VolumePredictor, bucket_size
 from radsam_jax.inference.propagation import (
-    box_from_mask, decode_slices, propagate_volume, redecode_slices, single_prompt, start_prompt,
+    box_from_mask, decode_slices, encode_mask_prompt, propagate_volume, redecode_slices, single_prompt, start_prompt,
 )
 from radsam_jax.inference.reference import per_slice_loop
 from radsam_jax.inference.volume_predictor import _logits_to_masks, default_encoder_batch_size
 from radsam_jax.io import Volume
 from radsam_jax.model import ModelConfig, RadSam, abstract_variables
 from radsam_jax.model.sam import Sam, encode_images
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        name="tiny", image_size=64, patch_size=16, encoder_dim=32, encoder_depth=2, encoder_heads=2,
-        window_size=2, global_attn_indexes=(1,), prompt_embed_dim=32, mask_in_chans=8, decoder_depth=1,
-        decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-    )
+from tiny_model import tiny_model_config
 
 
 def random_variables(config: ModelConfig, seed: int = 0) -> dict:
@@ -44,7 +37,7 @@ def random_variables(config: ModelConfig, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = tiny_config()
+    config = tiny_model_config()
     return RadSam(config, random_variables(config))
 
 
@@ -270,7 +263,7 @@ def test_binary_mask_prompt_is_the_one_training_makes_of_the_mask(tiny_model, se
     own size (64 x 52 in a 64 px model: no resampling besides SAM's); thresholding the low-res
     logits directly marked extra edge pixels."""
     from radsam_jax.data.pipeline import InputSpec, mask_to_prompt_np, resize_linear
-    from radsam_jax.inference.propagation import EMPTY_LOGIT, encode_mask_prompt
+    from radsam_jax.inference.propagation import EMPTY_LOGIT
     from radsam_jax.preprocess import geometry, logits_to_mask
 
     config = tiny_model.config
@@ -486,6 +479,12 @@ def _predict(model, p, k, points, labels, box=None, mask=None):
     return np.asarray(logits[0, 0]), float(iou[0, 0])
 
 
+def _mask_prompt(p, logits):
+    """The mask prompt the predictor makes of a slice's current low-res logits (`encode_mask_prompt`,
+    tested on its own by test_binary_mask_prompt_is_the_one_training_makes_of_the_mask), not `logits > 0`."""
+    return np.asarray(encode_mask_prompt(jnp.asarray(logits), p.config.mask_prompt, jnp.asarray(p._resized))[0])
+
+
 def test_segment_slices_all_masks(tiny_model):
     vol = synthetic_volume()
     p = VolumePredictor(tiny_model, bucket=32)
@@ -522,7 +521,7 @@ def test_edit_slices_batched_without_propagation(tiny_model):
     # Each slice: its stored points + stored box + its current mask, decoded once; others unchanged.
     for k, bx in ((7, p._box_to_model(box)), (10, None)):
         ref, ref_iou = _predict(tiny_model, p, k, after.table_points[k], after.table_labels[k], bx,
-                                np.asarray(before.logits[k]) > 0)
+                                _mask_prompt(p, before.logits[k]))
         np.testing.assert_allclose(np.asarray(r.logits[k]), ref, atol=1e-4, rtol=1e-5)
         assert r.iou[k] == pytest.approx(ref_iou, abs=1e-5)
     untouched = [k for k in range(p.padded_slices) if k not in (7, 10)]
@@ -587,11 +586,11 @@ def test_box_is_stored_and_re_sent_on_edits(tiny_model):
     # An edit on the box's slice: box + points + current mask.
     r1 = p.edit(10, [[20, 16]], [0])
     ref, _ = _predict(tiny_model, p, 10, p._state.table_points[10], p._state.table_labels[10], bx,
-                      np.asarray(state.logits[10]) > 0)
+                      _mask_prompt(p, state.logits[10]))
     np.testing.assert_allclose(np.asarray(r1.logits[10]), ref, atol=1e-4, rtol=1e-5)
     # A re-propagation passing slice 10 (edit on 6, going up) re-sends the box there, with slice 9's mask.
     r2 = p.edit(6, [[21, 15]], [1])
-    prev = np.asarray(r2.logits[9]) > 0
+    prev = _mask_prompt(p, r2.logits[9])
     pts, labels = p._state.table_points[10], p._state.table_labels[10]
     ref, _ = _predict(tiny_model, p, 10, pts, labels, bx, prev)
     np.testing.assert_allclose(np.asarray(r2.logits[10]), ref, atol=1e-4, rtol=1e-5)

@@ -12,12 +12,13 @@ import pytest
 
 from radsam_jax.checkpoint import save_model
 from radsam_jax.inference import cli
-from test_inference import random_variables, tiny_config
+from test_inference import random_variables
+from tiny_model import tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = tiny_config()
+    config = tiny_model_config()
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_model(path, config, random_variables(config))
     return path

@@ -16,7 +16,8 @@ from radsam_jax.intensity import volume_intensities, window_caption
 from radsam_jax.io import Volume
 from radsam_jax.model import ModelConfig, RadSam
 from radsam_jax.preprocess import window_ct
-from test_inference import random_variables, synthetic_volume, tiny_config
+from test_inference import random_variables, synthetic_volume
+from tiny_model import tiny_model_config
 
 PERCENTILE = dict(intensity="percentile", ct_window=(500.0, 1000.0))
 
@@ -104,7 +105,9 @@ def test_model_config_records_the_intensity():
 
 @pytest.fixture(scope="module")
 def models():
-    config = tiny_config()
+    # A one-layer decoder with 8 mask-prompt channels: the model whose fingerprint from before the
+    # intensity field is pinned below.
+    config = tiny_model_config(mask_in_chans=8, decoder_depth=1)
     variables = random_variables(config)
     return RadSam(config, variables), RadSam(dataclasses.replace(config, **PERCENTILE), variables)
 

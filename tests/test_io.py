@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -142,7 +143,9 @@ def test_label_stored_in_another_orientation_aligns_through_world(tmp_path):
     swapped = flipped.transpose(1, 0, 2)
     swap_aff = flip_aff[:, [1, 0, 2, 3]]
     path = _save(tmp_path / "lab.nii.gz", swapped, swap_aff)
-    out = io.load_label_map(path, like)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same grid in another order: nothing to warn about
+        out = io.load_label_map(path, like)
     np.testing.assert_array_equal(out, labels)
     # The general (non-permutation) nearest-neighbour path agrees.
     general, inside = io.resample_labels(swapped, swap_aff + np.diag([0, 0, 1e-7, 0]), (6, 7, 8), img_affine)
@@ -169,6 +172,19 @@ def test_label_without_overlap_is_an_error_naming_both(tmp_path):
     like = io.Volume(np.zeros((5, 5, 5), np.float32), _affine(), path="img.nii.gz")
     with pytest.raises(ValueError, match=r"\(4, 4, 4\).*does not overlap.*img\.nii\.gz.*\(5, 5, 5\)"):
         io.load_label_map(path, like)
+
+
+def test_label_with_the_images_voxel_counts_but_another_header_warns(tmp_path):
+    """Same shape, 0.8 mm in the label header against the image's 0.7 mm: most likely a wrong header;
+    resampled (its structure moves), and said."""
+    labels = np.zeros((20, 20, 5), np.uint8)
+    labels[5:10, 5:10, 2] = 1
+    path = _save(tmp_path / "lab.nii.gz", labels, np.diag([0.8, 0.8, 3.0, 1.0]))
+    like = io.Volume(np.zeros((20, 20, 5), np.float32), np.diag([0.7, 0.7, 3.0, 1.0]), path="img.nii.gz")
+    with pytest.warns(UserWarning, match=r"has the voxel counts of image img\.nii\.gz.*spacing \[0\.8, 0\.8, 3\.0\] mm.*"
+                                         r"against spacing \[0\.7, 0\.7, 3\.0\] mm.*header is wrong"):
+        out = io.load_label_map(path, like)
+    assert not np.array_equal(out, labels)
 
 
 def test_label_covering_part_of_the_image_warns_with_the_fraction(tmp_path):

@@ -5,17 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radsam_jax.model import ModelConfig, RadSam, abstract_variables, init_variables, load_model_config
+from radsam_jax.model import RadSam, abstract_variables, init_variables, load_model_config
 from radsam_jax.model.image_encoder import (ATTENTION_IMPLEMENTATIONS, attention_materialized, attention_query_chunked,
                                             attention_with_rel_pos, chunk_plan, resolve_attention)
 from radsam_jax.model.sam import _decode
 from radsam_jax.prompts import make_prompts
 from sam_reference import relative_error
+from tiny_model import tiny_model_config
 
-TINY = ModelConfig(
-    name="tiny", image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
-    global_attn_indexes=(1,), prompt_embed_dim=32, decoder_mlp_dim=64, decoder_heads=2, iou_head_hidden_dim=32,
-)
+TINY = tiny_model_config()
 
 
 def n_params(tree) -> int:

@@ -328,6 +328,17 @@ def test_training_reads_the_validation_index_once(amos_root, monkeypatch):
     assert validate(held_out) == validate(held_out) == (len(held_out[1]), cases)
 
 
+def test_a_selected_structure_no_slice_shows_is_named(tmp_path, caplog):
+    """labels.json names "absent" (id 3) but no voxel holds it: selected, it would silently not be trained on."""
+    root = write_generic(tmp_path / "gen")
+    with caplog.at_level(logging.WARNING, logger="radsam_jax.data.pipeline"):
+        pipeline.load_split(_config(root, format="generic", structures=("organ", "bone")), "train")
+        assert "not trained or validated on" not in caplog.text
+        _, index = pipeline.load_split(_config(root, format="generic", structures=("organ", "absent")), "train")
+    assert set(index.label.tolist()) == {1}
+    assert "no slice holds absent with >= " in caplog.text, caplog.text
+
+
 def test_volumes_that_do_not_look_like_hu_are_named_once(tmp_path, caplog):
     root = write_generic(tmp_path / "gen")
     image = nib.load(root / "b" / "ct.nii.gz")

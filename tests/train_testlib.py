@@ -8,15 +8,13 @@ import sys
 import tempfile
 
 import pytest
+from tiny_model import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("RADSAM_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "radsam_jax_test_cache"))
 # Cheaper XLA CPU compiles for tests (numerics are unchanged up to float rounding).
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
-TINY_MODEL = dict(name="small", image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
-                  global_attn_indexes=(1,), prompt_embed_dim=32, decoder_heads=2, decoder_mlp_dim=64,
-                  iou_head_hidden_dim=32)
 
 
 def tiny_config(**overrides):
@@ -26,6 +24,7 @@ def tiny_config(**overrides):
     c = base_config()
     for k, v in TINY_MODEL.items():
         c.model[k] = v
+    c.model.name = "small"  # the preset (a name the loader knows) under the tiny widths
     c.data_source = "synthetic"
     c.synthetic.num_train = 32
     c.synthetic.num_validation = 8

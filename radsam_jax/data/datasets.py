@@ -146,12 +146,15 @@ def amos_cases(root, split: str = "train", modality: str = "CT") -> list[Case]:
 
 
 def _read_meta_csv(path: Path) -> dict[str, str]:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (a spreadsheet's export) is not a column name
     first = text.splitlines()[0] if text else ""
     delimiter = ";" if first.count(";") >= first.count(",") else ","
     rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
     if not rows or "split" not in rows[0] or "image_id" not in rows[0]:
         raise ValueError(f"{path} needs columns 'image_id' and 'split' (found {list(rows[0]) if rows else []})")
+    for line, row in enumerate(rows, start=2):
+        if not row["image_id"] or not row["split"]:
+            raise ValueError(f"{path} line {line}: no {'image_id' if not row['image_id'] else 'split'} ({row})")
     return {row["image_id"].strip(): row["split"].strip() for row in rows}
 
 
@@ -171,10 +174,12 @@ def totalsegmentator_cases(root, split: str = "train") -> list[Case]:
         valid = sorted(set(splits.values()))
         if split not in valid:
             raise ValueError(f"split {split!r} not in {meta_file} (splits there: {valid})")
-        subjects = [s for s in subjects if splits.get(s.name) == split]
     per_subject = {s: {io.nifti_stem(p.name): p for p in _nifti_files(s / "segmentations")} for s in subjects}
-    names = sorted(set().union(*[set(v) for v in per_subject.values()])) if per_subject else []
+    # Ids over every subject, whatever the split: a structure has the same id in train, val and test.
+    names = sorted(set().union(*[set(v) for v in per_subject.values()]))
     ids = {name: i + 1 for i, name in enumerate(names)}
+    if split != "all":
+        per_subject = {s: files for s, files in per_subject.items() if splits.get(s.name) == split}
     cases = []
     for subject, files in per_subject.items():
         if not files:

@@ -621,7 +621,19 @@ def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
     if len(index) == 0:
         raise ValueError(f"no slice of split {split!r} under {root} holds a selected structure with >= "
                          f"{data_config.min_area} pixels")
+    unsampled = _unsampled_structures(cases, index, _structures(data_config))
+    if unsampled:  # named in a label table, but drawn in no slice: the run would leave them out unsaid
+        log.warning("split %r under %s: no slice holds %s with >= %d pixels, so it is not trained or validated on",
+                    split, root, ", ".join(unsampled), int(data_config.min_area))
     return cases, index
+
+
+def _unsampled_structures(cases, index: SliceIndex, requested: Sequence[str]) -> list[str]:
+    """The requested structure names no sample of `index` shows."""
+    sampled = set()
+    for i, label in set(zip(index.case.tolist(), index.label.tolist())):
+        sampled.update(name for name, lid in cases[i].structures.items() if lid == label)
+    return [name for name in requested if name not in sampled]
 
 
 def load_cases(data_config, split: str) -> list:

@@ -76,7 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated user and the bootstrap (default 0)")
     p.add_argument("--min-slices", type=int, default=1, metavar="N", help="skip objects spanning fewer than N slices (default 1)")
     p.add_argument("--box-jitter", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="move each box side outwards by U(LO, HI) pixels (default: no jitter, the tight box)")
+                   help="move each box side outwards by U(LO, HI) pixels at a 1024 input, as training's "
+                        "data.prompts.box_jitter (-5 20 in the paper's setting): LO * L / 1024 voxels on a slice whose "
+                        "longest side is L voxels (default: no jitter, the tight box)")
     p.add_argument("--max-cases", type=int, metavar="N", help="evaluate only the first N cases")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle Dice (slice-level secondary masks)")
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples for the CIs (default 10000)")
@@ -226,7 +228,9 @@ def _identity(model, predictor, cases, settings, args, structures, known) -> dic
 
     return without_later_defaults({"model_sha256": model_fingerprint(model), "cases": [[c.case_id, dict(c.structures)] for c in cases],
             "settings": [s.key for s in settings], "edits": sorted(set(args.edits)), "seed": args.seed,
-            "min_slices": args.min_slices, "box_jitter": list(args.box_jitter) if args.box_jitter else None,
+            "min_slices": args.min_slices,
+            # 1024-input pixels; a record whose jitter was in voxels (before) holds a plain list: not continued
+            "box_jitter": {"px_at_1024": list(args.box_jitter)} if args.box_jitter else None,
             "known_classes": sorted(known) if known is not None else None, "oracle": not args.no_oracle,
             "structures": structures, "dtype": args.dtype, "window": [float(v) for v in predictor.window],
             "vanish_policy": args.vanish_policy, "worst": args.worst, "intensity": predictor.intensity})
@@ -323,7 +327,7 @@ def _evaluate(args) -> int:
                           shard=args.shard)
     name = args.name or Path(args.checkpoint).resolve().name
     shown = {"data": args.data, "checkpoint": args.checkpoint, "seed": args.seed, "min_slices": args.min_slices,
-             "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px" if args.box_jitter else None,
+             "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px at a 1024 input" if args.box_jitter else None,
              "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
     inputs = {what: str(Path(v).resolve()) for what, v in (("data", args.data), ("labels", args.labels)) if v}
     run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),

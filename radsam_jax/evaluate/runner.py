@@ -110,7 +110,7 @@ class EvalOptions:
 
 
 def _rng(seed: int, *parts: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(zlib.crc32(p.encode()) for p in parts)]))
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *(zlib.crc32(p.encode()) for p in parts)]))
 
 
 def _honoured(mask: np.ndarray, clicks) -> int:

@@ -10,7 +10,8 @@ Project choices (the paper is silent on them; they are repeated in every summary
   point settings prompt the same slice.
 - Point prompt: one positive point drawn uniformly among that slice's object pixels (seeded).
 - Box prompt: the slice's tight bounding box (inclusive pixel indices), no jitter; with
-  `box_jitter=(lo, hi)` every side moves outwards by U(lo, hi) pixels (`jittered_box`).
+  `box_jitter=(lo, hi)` every side moves outwards by U(lo, hi) pixels at a 1024 input, training's unit
+  (data.prompts.box_jitter): lo * L / 1024 voxels for a slice whose longest side is L voxels.
 - Bounds: the object's bottom and top slices (first and last slice holding a voxel).
 - Volume-level edits: one point at a time, drawn uniformly among all 3D error voxels of the current
   prediction (false negative -> positive point, false positive -> negative point), then
@@ -66,7 +67,11 @@ def slice_prompt(gt_slice: np.ndarray, kind: str, rng: np.random.Generator,
     if kind == "point":
         return {"points": positive_point(gt_slice, rng)[None].astype(np.float64), "point_labels": np.array([1])}
     if kind == "box":
-        box = bounding_box(gt_slice) if box_jitter is None else jittered_box(gt_slice, rng, box_jitter)[0]
+        if box_jitter is None:
+            box = bounding_box(gt_slice)
+        else:  # pixels at a 1024 input -> this slice's voxels (the model sees its longest side at full size)
+            scale = max(gt_slice.shape) / 1024
+            box = jittered_box(gt_slice, rng, (box_jitter[0] * scale, box_jitter[1] * scale))[0]
         return {"box": box.astype(np.float64)}
     raise ValueError(f"prompt must be one of {PROMPT_KINDS}, got {kind!r}")
 

@@ -539,6 +539,26 @@ def validation_overlap(config: ml_collections.ConfigDict) -> list[str]:
             if pathlib.Path(c.image_path).resolve() in seen]
 
 
+def resume(ckpt: checkpointing.Checkpointer, config: ml_collections.ConfigDict, model_config: ModelConfig, tx, mesh,
+           train_iter, writer: MetricWriter):
+    """(train state, data iterator) of the run's last checkpoint, sharded over `mesh`, after checking that
+    `config` can go on from it (`_check_resumable`); config changes are printed as a warning."""
+    target = abstract_train_state(model_config, config, tx, mesh)
+    saved_config = ckpt.restore_config()
+    changed = config_changes(saved_config, json.loads(config.to_json()))
+    _check_resumable(ckpt, target, saved_config, config, changed)
+    state, train_iter = ckpt.restore(target, train_iter)
+    if (saved_config or {}).get("precision", config.precision) != config.precision:
+        # The loss scale belongs to the precision: float16 starts at loss_scale.initial, others at 1.
+        shardings = jax.tree.map(lambda x: x.sharding, state.loss_scale)
+        state = state.replace(loss_scale=jax.jit(lambda: initial_loss_scale(config), out_shardings=shardings)())
+    writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
+    if changed:
+        writer.print(f"warning: resumed with another config than the run's last checkpoint: {'; '.join(changed[:10])}"
+                     f"{' ...' if len(changed) > 10 else ''} (the run goes on with the new values)")
+    return state, train_iter
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
     with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it.
@@ -595,19 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       async_save=config.checkpoint.async_save)
     resumed = ckpt.latest_step() is not None
     if resumed:
-        target = abstract_train_state(model_config, config, tx, mesh)
-        saved_config = ckpt.restore_config()
-        changed = config_changes(saved_config, json.loads(config.to_json()))
-        _check_resumable(ckpt, target, saved_config, config, changed)
-        state, train_iter = ckpt.restore(target, train_iter)
-        if (saved_config or {}).get("precision", config.precision) != config.precision:
-            # The loss scale belongs to the precision: float16 starts at loss_scale.initial, others at 1.
-            shardings = jax.tree.map(lambda x: x.sharding, state.loss_scale)
-            state = state.replace(loss_scale=jax.jit(lambda: initial_loss_scale(config), out_shardings=shardings)())
-        writer.print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
-        if changed:
-            writer.print(f"warning: resumed with another config than the run's last checkpoint: {'; '.join(changed[:10])}"
-                         f"{' ...' if len(changed) > 10 else ''} (the run goes on with the new values)")
+        state, train_iter = resume(ckpt, config, model_config, tx, mesh, train_iter, writer)
     else:
         state = create_sharded_state(model_config, config, tx, mesh, init_vars)
     del init_vars

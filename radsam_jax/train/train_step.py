@@ -233,7 +233,7 @@ def make_train_step(
             finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         else:
             finite = jnp.asarray(True)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         grads = optimizer_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimiser zeroes those
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
