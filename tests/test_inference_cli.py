@@ -4,6 +4,7 @@ Dice, batch skip/failure handling, and bad input (clear error, non-zero exit, no
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -90,7 +91,15 @@ def test_segment_prompts_file_world_and_edits(image, checkpoint, tmp_path, capsy
     data = np.asarray(nib.load(str(out)).dataobj)
     assert set(np.unique(data)) <= {0, 3, 5}
     assert not (data == 3)[:, :, :7].any() and not (data == 3)[:, :, 14:].any()  # bounds 7..13
-    assert "object 3 (ball)" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "object 3 (ball)" in stdout
+    # Where the box object (later) overlaps the ball, its label is written: each line says what was.
+    for label in (3, 5):
+        line = next(x for x in stdout.splitlines() if x.startswith(f"object {label}"))
+        n = int(re.search(r": (\d+) voxels", line)[1])
+        written = int((data == label).sum())
+        assert (f"{n} voxels" in line) and ((f", {written} (" in line) == (written != n)), line
+    assert int((data == 3).sum()) < int(re.search(r"object 3 \(ball\): (\d+) voxels", stdout)[1])  # they overlap
 
 
 def test_segment_from_a_drawn_mask_file(image, checkpoint, tmp_path, capsys):
@@ -379,7 +388,7 @@ def test_bad_files_and_destinations(image, checkpoint, tmp_path, capsys):
     _bad(capsys, out, "segment", image, *ck, *prompt, "--labels", cut_labels, "--label-id", 7,
          match=f"cannot read NIfTI file {cut_labels} (label map)")
     _bad(capsys, out, "segment", image, *ck, *prompt, "--labels", image.parent / "labels.nii.gz", "--label-id", 250,
-         match=f"reference label(s) [250] are absent from {image.parent / 'labels.nii.gz'} (its labels: [7])")
+         match=f"reference label(s) [250] are absent from {image.parent / 'labels.nii.gz'} (its labels: 7)")
     afile = tmp_path / "afile"
     afile.write_text("x")
     _bad(capsys, afile / "m.nii.gz", "segment", image, *ck, *prompt, match=f"cannot be created: {afile} is a file")
@@ -520,6 +529,16 @@ def test_segment_batch_refuses_bad_out_dir(image, checkpoint, tmp_path, capsys):
     assert (folder / "ct.nii.gz").read_bytes() == image.read_bytes()
     assert run_cli("segment-batch", manifest, *ck, "--out-dir", folder / "p.json") == 2
     assert f"--out-dir {folder}/p.json is a file, not a folder" in capsys.readouterr().err
+    # A drawn mask that is a case's output (refining last run's mask in place): refused, not overwritten
+    # (and not taken for a finished output).
+    (folder / "out").mkdir()
+    (folder / "out" / "ct.nii.gz").write_bytes((image.parent / "labels.nii.gz").read_bytes())
+    (folder / "p.json").write_text(json.dumps([{"slice": 10, "mask": "out/ct.nii.gz", "mask_label": 7}]))
+    before = (folder / "out" / "ct.nii.gz").read_bytes()
+    assert run_cli("segment-batch", manifest, *ck, "--out-dir", folder / "out") == 2
+    err = capsys.readouterr().err
+    assert f"the output of case 'ct' {folder}/out/ct.nii.gz is the drawn mask of case 'ct'" in err, err
+    assert (folder / "out" / "ct.nii.gz").read_bytes() == before
 
 
 def test_segment_batch_mask_only_after_its_preview(image, checkpoint, tmp_path, capsys, monkeypatch):
@@ -546,6 +565,12 @@ def test_segment_batch_mask_only_after_its_preview(image, checkpoint, tmp_path, 
     assert "1 done, 0 skipped" in capsys.readouterr().out
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.nii.gz", "a.png", "segment-batch-summary.json",
                                                          "segment-batch-summary.lock"]
+    # Redone without --previews: the preview of the replaced mask goes (one the run did not write stays).
+    (out_dir / "notes.png").write_bytes(b"the user's")
+    pfile.write_text(json.dumps([{"slice": 10, "box": [14, 10, 26, 22], "bounds": [9, 11]}]))
+    assert run_cli(*argv[:-2], "--no-progress") == 0
+    assert "redo a: its prompts file" in capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.glob("*.png")) == ["notes.png"]
 
 
 def _with_ct_window(checkpoint, dst, window):

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from radsam_jax.inference.prompt_file import ObjectPrompt, drawn_mask, load_prompts_file
+from radsam_jax.inference.prompt_file import ObjectPrompt, drawn_mask, drawn_mask_paths, load_prompts_file
 from radsam_jax.io import nifti_stem
 
 
@@ -154,7 +154,8 @@ def check_out_dir(cases: Sequence[ManifestCase], out_dir, *, previews: bool = Fa
                   shard: tuple[int, int] = (0, 1)) -> None:
     """Raises ValueError unless every output can be written without destroying anything: --out-dir
     is (or can be made) a folder, no output is a folder, and no output is an input of any case (e.g.
-    an image in --out-dir whose id is its own name) or the manifest. Run
+    an image in --out-dir whose id is its own name, a drawn mask that is a case's earlier output) or the
+    manifest. Run
     before the model loads; every case is checked, also those of other shards."""
     from radsam_jax.data.datasets import select_shard
     from radsam_jax.io import check_output_path, check_outputs_spare_inputs
@@ -169,6 +170,7 @@ def check_out_dir(cases: Sequence[ManifestCase], out_dir, *, previews: bool = Fa
     for what, out in outputs:  # all in out_dir, whose files were tried above: each only for what is in the way
         check_output_path(out, what, probe=False)
     inputs = [(f"image of case {c.id!r}", c.image) for c in cases] + [(f"prompts file of case {c.id!r}", c.prompts) for c in cases]
+    inputs += [(f"drawn mask of case {c.id!r}", m) for c in cases for m in drawn_mask_paths(c.prompts)]
     if manifest is not None:
         inputs.append(("manifest", manifest))
     check_outputs_spare_inputs(outputs, inputs)
@@ -339,19 +341,22 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
                 if volume is None:
                     raise error
                 labels, _ = segment_objects(predictor, volume, objects)
+                preview = out_dir / f"{case.id}.png"
                 if previews:
                     from radsam_jax.inference.preview import save_predictor_preview
 
-                    save_predictor_preview(out_dir / f"{case.id}.png", predictor, labels, objects)
+                    save_predictor_preview(preview, predictor, labels, objects)
                 out = out_dir / f"{case.id}.nii.gz"
                 save_label_map(out, labels, like=volume)
+                if not previews and records.get(case.id, {}).get("preview"):  # it showed the mask just replaced
+                    preview.unlink(missing_ok=True)
                 seconds = time.perf_counter() - start
                 counts = np.bincount(labels.ravel(), minlength=max(o.label for o in objects) + 1)  # per label, as written
                 done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
                              "objects": len(objects), "slices": predictor.num_slices,
                              "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
                                             for o in objects},
-                             **hashes, "settings": settings})
+                             **hashes, **({"preview": str(preview)} if previews else {}), "settings": settings})
                 log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"

@@ -242,7 +242,8 @@ def run_segment(args) -> int:
         absent = sorted(label for label in wanted if not (reference == label).any())  # not a sort of the whole map
         if absent:
             present = [int(v) for v in np.unique(reference) if v != 0]
-            raise InputError(f"reference label(s) {absent} are absent from {args.labels} (its labels: {present[:30]})")
+            shown = ", ".join(map(str, present[:30])) + (f", ... ({len(present)} labels)" if len(present) > 30 else "")
+            raise InputError(f"reference label(s) {absent} are absent from {args.labels} (its labels: {shown})")
     model = _load_model(args.checkpoint, args.dtype)
     predictor = _predictor(model, args)
 
@@ -260,10 +261,11 @@ def run_segment(args) -> int:
     _write_preview_then_mask(args, out, labels, volume, predictor, objects)
     seconds = time.perf_counter() - t0
     for o, r in zip(objects, results):
-        n = int((r.mask > 0).sum())
+        n, written = int((r.mask > 0).sum()), int((labels == o.label).sum())
         lo, hi = r.bounds
-        ml = n * voxel_ml(volume)
-        print(f"{o.title}: {n} voxels ({ml:.1f} mL) on slices {lo}..{hi}, "
+        kept = (f", {written} ({written * voxel_ml(volume):.1f} mL) written, later objects taking the others"
+                if written != n else "")
+        print(f"{o.title}: {n} voxels ({n * voxel_ml(volume):.1f} mL){kept} on slices {lo}..{hi}, "
               f"mean predicted IoU {np.nanmean(r.iou[lo:hi + 1]):.3f}")
         if reference is not None and o.reference_label is not None:
             ref = reference == o.reference_label

@@ -381,6 +381,20 @@ def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = Fals
     return parsed
 
 
+def drawn_mask_paths(path) -> list[Path]:
+    """The drawn masks a prompts file names (relative to it), reading no volume: the inputs a batch's
+    outputs must spare. A file that cannot be read or parsed names none (reading it for the case fails
+    with its own error)."""
+    path = Path(path)
+    try:
+        data = read_json(path, "prompts file")
+    except (OSError, ValueError):
+        return []
+    objects = data if isinstance(data, list) else data.get("objects") if isinstance(data, dict) else None
+    return [path.parent / o["mask"] for o in objects or [] if isinstance(o, dict) and isinstance(o.get("mask"), str)
+            and o["mask"].strip()]
+
+
 def load_prompts_file(path, shape, affine, *, world: bool = False, max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
     path = Path(path)
     if not path.is_file():
