@@ -1,6 +1,7 @@
 """GPU benchmark in one script: encoder slices/s (ViT-B/L, float32/bfloat16, batch 1/8/32, attention
-implementations), bfloat16 parity, PyTorch segment_anything on the same device, propagation ms/slice,
-the training step's images/s with utilisation from `cost_analysis`, a per-kernel profile of one
+implementations; each bfloat16 row's error against the float32 one), bfloat16 parity per attention path,
+PyTorch segment_anything on the same device, propagation ms/slice, the training step's images/s with
+utilisation (FLOPs: XLA's count of the lowered program, `common.lowered_flops`), a per-kernel profile of one
 global and one windowed block (`--sections profile`: which fusions take the time), the attention op
 alone per implementation (`--sections attention`), and the encoder under alternative XLA options
 (`--sections variants`).
@@ -37,40 +38,61 @@ def matmul_rate(n: int, dtype) -> float:
     return 2 * n**3 / seconds
 
 
+def random_variables(config, seed: int = 0) -> dict:
+    """Random weights (init from key `seed`, plus noise from `seed + 1`, which also fills SAM's
+    zero-initialised position tables so every path of the encoder is exercised), one program."""
+    def make():
+        leaves, tree = jax.tree.flatten(init_variables(config, jax.random.key(seed)))
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+    return jax.jit(make)()
+
+
+def max_slice_rel_error(out, reference) -> float:
+    """The largest relative L2 error of one slice of `out` against `reference` (both (B, ...))."""
+    out, reference = (np.asarray(x, np.float32).reshape(len(x), -1) for x in (out, reference))
+    return float(np.max(np.linalg.norm(out - reference, axis=1) / np.linalg.norm(reference, axis=1)))
+
+
 def encoder_rows(args, peak_bf16: float) -> list[dict]:
-    rows, per_slice_flops = [], {}
-    plan = args.encoder_plan
-    for name, dtype_name, attention, batches in plan:
+    """The rows of `args.encoder_plan` in order, each printed as soon as it is timed. The second row of
+    a model and batch timed in both dtypes reports the bfloat16 output's error against the float32 one
+    (the same weights and images), which costs no compile."""
+    rows, variables, per_slice_flops, outputs = [], {}, {}, {}
+    for name, dtype_name, attention, batch in args.encoder_plan:
         config = load_model_config(name)
-        if args.small:
-            config = load_model_config("small")
-        variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
-        for batch in batches:
-            row = {"model": config.name, "dtype": dtype_name, "attention": attention, "batch": batch}
-            try:
-                dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-                images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
-                t0 = time.perf_counter()
-                compiled = encode_images.lower(variables, images, config=config, dtype=dtype, attention=attention).compile()
-                row["compile_s"] = time.perf_counter() - t0
-                seconds = time_call(blocking(lambda: compiled(variables, images)), repeats=args.repeats)
-                row["ms_per_batch"] = seconds * 1e3
-                row["slices_per_s"] = batch / seconds
-                row["executable_gib"] = (executable_bytes(compiled) or 0) / 2**30 or None
-                row["process_peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
-                # Counted once per model and dtype, on one slice with the attention materialised: the
-                # same maths without the chunked path's loops, whose bodies XLA counts once.
-                key = (config.name, dtype_name)
-                if key not in per_slice_flops:
-                    per_slice_flops[key] = lowered_flops(encode_images.lower(variables, images[:1], config=config,
-                                                                       dtype=dtype, attention="materialized"))
-                flops = per_slice_flops[key] * batch if per_slice_flops[key] else None
-                row["tflops_per_s"] = flops / seconds / 1e12 if flops else None
-                row["of_matmul_peak"] = flops / seconds / peak_bf16 if flops else None
-            except Exception as e:  # keep going: one OOM must not lose the other rows
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            print(row, flush=True)
-            rows.append(row)
+        row = {"model": config.name, "dtype": dtype_name, "attention": attention, "batch": batch}
+        try:
+            dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+            if name not in variables:
+                variables[name] = random_variables(config)
+            images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
+            # Counted once per model and dtype (lowered, not compiled), on one slice with the attention
+            # materialised: the same maths without the chunked path's loops, whose bodies XLA counts once.
+            if (name, dtype_name) not in per_slice_flops:
+                per_slice_flops[name, dtype_name] = lowered_flops(encode_images.lower(
+                    variables[name], images[:1], config=config, dtype=dtype, attention="materialized"))
+            t0 = time.perf_counter()
+            compiled = encode_images.lower(variables[name], images, config=config, dtype=dtype, attention=attention).compile()
+            row["compile_s"] = time.perf_counter() - t0
+            out = jax.block_until_ready(compiled(variables[name], images))  # also the warm-up
+            seconds = time_call(blocking(lambda: compiled(variables[name], images)), repeats=args.repeats, warmup=0)
+            row["ms_per_batch"] = seconds * 1e3
+            row["slices_per_s"] = batch / seconds
+            row["executable_gib"] = (executable_bytes(compiled) or 0) / 2**30 or None
+            row["process_peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+            if flops := per_slice_flops[name, dtype_name]:
+                row["tflops_per_s"] = flops * batch / seconds / 1e12
+                row["of_matmul_peak"] = flops * batch / seconds / peak_bf16
+            outputs[name, batch, dtype_name] = np.asarray(out, np.float32)
+            if (name, batch, "float32") in outputs and (name, batch, "bfloat16") in outputs:
+                row["bf16_max_slice_rel_err_vs_f32"] = max_slice_rel_error(outputs[name, batch, "bfloat16"],
+                                                                            outputs[name, batch, "float32"])
+        except Exception as e:  # keep going: one OOM must not lose the other rows
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(row, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -191,7 +213,7 @@ def variant_rows(args) -> list[dict]:
     batch = 2 if args.small else 8
     on_cpu = jax.default_backend() == "cpu"
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
-    variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(0))
+    variables = random_variables(config)  # the encoder rows' init program: later steps find it in the compilation cache
     images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, config.image_size, config.image_size, 3)), jnp.float32)
     attention = resolve_attention("auto", dtype)
     runs, rows, reference = {}, {}, None
@@ -221,11 +243,7 @@ def variant_rows(args) -> list[dict]:
 def bf16_parity_rows(args) -> list[dict]:
     """Relative error of bfloat16 (and of each attention path) against float32 'chunked' on this device."""
     config = load_model_config("small" if args.small else "vit_b")
-    variables = jax.jit(lambda r: init_variables(config, r))(jax.random.key(1))
-    # Random weights with SAM's zero-initialised position tables filled in, so every path is exercised.
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    variables = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    variables = random_variables(config, seed=1)
     images = jnp.asarray(np.random.default_rng(3).normal(size=(2, config.image_size, config.image_size, 3)), jnp.float32)
     reference = RadSam(config, variables).encode_image(images)
     rows = []
@@ -289,7 +307,7 @@ def propagation_rows(args) -> list[dict]:
     lo, hi = side * 3 // 10, side * 7 // 10
     array[lo:hi, lo:hi, :] += 200.0  # a bright block to segment
     volume = Volume(array, np.eye(4))
-    for dtype_name, attention in (("float32", "chunked"), ("bfloat16", "fused")):
+    for dtype_name, attention in (("bfloat16", "fused"), ("float32", "chunked")):
         dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
         model = RadSam(config, variables, dtype, attention=attention)
         predictor = VolumePredictor(model, encoder_batch_size=8 if args.small else 32)
@@ -316,14 +334,17 @@ def propagation_rows(args) -> list[dict]:
 
 
 def train_rows(args) -> list[dict]:
-    """The sharded training step (forward + backward + Adam) on synthetic batches: images/s and FLOP rate."""
+    """The sharded training step (forward + backward + Adam) on synthetic batches: images/s and FLOP rate.
+    Each row is printed twice: "timed:" as soon as it is timed, then with its FLOPs (counting them
+    lowers the step again: seconds of tracing)."""
     from benchmarks.train_throughput import synthetic_training_setup, train_step_flops
 
     rows = []
     name = "small" if args.small else "vit_b"
-    # (precision, batch, remat, microbatches, attention); "auto" is cuDNN's fused attention on a GPU in bf16
-    settings = (("float32", 8, False, 1, "chunked"), ("bfloat16", 8, False, 1, "chunked"), ("bfloat16", 8, False, 1, "auto"),
-                ("bfloat16", 32, True, 1, "chunked"), ("bfloat16", 32, False, 4, "chunked"))
+    # (precision, batch, remat, microbatches, attention), bfloat16 first; "auto" is cuDNN's fused
+    # attention on a GPU in bf16
+    settings = (("bfloat16", 8, False, 1, "chunked"), ("bfloat16", 8, False, 1, "auto"), ("bfloat16", 32, True, 1, "chunked"),
+                ("bfloat16", 32, False, 4, "chunked"), ("float32", 8, False, 1, "chunked"))
     for precision, batch, remat, accum, attention in settings:
         row = {"model": name, "precision": precision, "batch": batch, "remat": remat, "microbatches": accum,
                "attention": attention}
@@ -344,6 +365,7 @@ def train_rows(args) -> list[dict]:
             row["images_per_s"] = batch / seconds
             row["executable_gib"] = (executable_bytes(compiled) or 0) / 2**30 or None
             row["process_peak_gib"] = (peak_device_bytes() or 0) / 2**30 or None
+            print("timed:", row, flush=True)
             del state
             flops = train_step_flops(name, batch, precision, remat)  # without loops, which XLA counts once
             row["xla_tflop_per_step"] = flops / 1e12 if flops else None
@@ -372,15 +394,19 @@ def main():
         parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # (model, dtype, attention, batch) in order of need: ViT-B bfloat16 (the 400 slices/s target), batch 8
+    # first, then ViT-L float32 (never measured); the second dtype of a model and batch reports parity.
     if args.small:
-        args.encoder_plan = [("small", "float32", "chunked", (1, 4)), ("small", "bfloat16", "fused", (4,))]
+        args.encoder_plan = [("small", "bfloat16", "fused", 4), ("small", "float32", "chunked", 4),
+                             ("small", "float32", "chunked", 1)]
     else:
         args.encoder_plan = [
-            ("vit_b", "bfloat16", "fused", (1, 8, 32)),
-            ("vit_b", "float32", "chunked", (1, 8, 32)),
-            ("vit_b", "bfloat16", "chunked", (8,)),
-            ("vit_l", "bfloat16", "fused", (1, 8, 32)),
-            ("vit_l", "float32", "chunked", (1, 8, 32)),
+            ("vit_b", "bfloat16", "fused", 8), ("vit_b", "bfloat16", "fused", 32), ("vit_b", "bfloat16", "fused", 1),
+            ("vit_b", "float32", "chunked", 8), ("vit_b", "bfloat16", "chunked", 8),
+            ("vit_b", "float32", "chunked", 32), ("vit_b", "float32", "chunked", 1),
+            ("vit_l", "float32", "chunked", 8), ("vit_l", "bfloat16", "fused", 8),
+            ("vit_l", "float32", "chunked", 32), ("vit_l", "bfloat16", "fused", 32),
+            ("vit_l", "float32", "chunked", 1), ("vit_l", "bfloat16", "fused", 1),
         ]
     if args.encoder_rows:
         keep = set(args.encoder_rows.split(","))

@@ -43,14 +43,20 @@ def training_setup(name: str, precision: str, batch: int, *, remat: bool = False
     return config, mc, optimizer_lib.make_optimizer(config.optim, params, 1), make_mesh(devices)
 
 
+@functools.cache
+def synthetic_host_batches(name: str, batch: int) -> tuple[dict, dict]:
+    """2 synthetic batches of model preset `name`, made once per process (~0.14 s per 1024 px example)."""
+    it = make_synthetic_iterator(load_model_config(name), split="train", batch_size=batch, seed=0, num_examples=4 * batch)
+    return next(it), next(it)
+
+
 def synthetic_training_setup(name: str, precision: str, batch: int, remat: bool = False, accum: int = 1,
                              attention: str = "chunked"):
     """(state, jitted train step, 2 global synthetic batches, mesh) for model preset `name`."""
     config, mc, tx, mesh = training_setup(name, precision, batch, remat=remat, accum=accum, attention=attention)
     state = create_sharded_state(mc, config, tx, mesh)
     step = make_train_step(mc, config, tx, mesh)
-    it = make_synthetic_iterator(mc, split="train", batch_size=batch, seed=0, num_examples=4 * batch)
-    batches = [to_global_batch(next(it), mesh) for _ in range(2)]
+    batches = [to_global_batch(b, mesh) for b in synthetic_host_batches(name, batch)]
     return state, step, batches, mesh
 
 

@@ -120,7 +120,10 @@ def read_header(path) -> dict:
         raise CheckpointError(f"{path} is not a RadSAM model checkpoint directory (it is a file; convert PyTorch checkpoints with `radsam convert`)")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise CheckpointError(f"{path} is not a RadSAM model checkpoint: {CONFIG_FILE} is missing")
+        # A training run's folder, or one of its step folders: its model comes out with `radsam export`.
+        run = next((p for p in (path, path.parent.parent) if (p / "checkpoints").is_dir()), None)
+        hint = f"; {run} is a training run: `radsam export {run} DST` writes its model" if run is not None else ""
+        raise CheckpointError(f"{path} is not a RadSAM model checkpoint: {CONFIG_FILE} is missing{hint}")
     try:
         header = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

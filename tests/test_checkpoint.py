@@ -66,8 +66,13 @@ def test_missing_directory_and_header(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="radsam.json is missing"):
+    with pytest.raises(CheckpointError, match="radsam.json is missing$"):
         load_checkpoint(tmp_path / "empty")
+    (tmp_path / "run" / "checkpoints" / "200").mkdir(parents=True)  # a training run's folder, or its step
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "200"):
+        with pytest.raises(CheckpointError, match=f"radsam.json is missing; {tmp_path / 'run'} is a training run: "
+                                                  f"`radsam export {tmp_path / 'run'} DST` writes its model"):
+            load_checkpoint(given)
     (tmp_path / "file.pth").write_text("x")
     with pytest.raises(CheckpointError, match="radsam convert"):
         load_checkpoint(tmp_path / "file.pth")

@@ -154,6 +154,15 @@ def test_training_from_a_sam_conversion_records_binary_mask_prompts(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     c = apply_overrides(load_config_file(str(REPO / "configs/train/example_cpu.py")), ["init_checkpoint=sam"])
     assert c.init_checkpoint == str(tmp_path / "sam") and loop.load_model(c)[0].mask_prompt == "binary"
+    # The checkpoint's weights fix the architecture: model.* may repeat it, never ask for another.
+    same = apply_overrides(c, ["model.image_size=256", "model.global_attn_indexes=(2, 5)"])
+    assert loop.configured_model_config(same).image_size == 256
+    other = apply_overrides(c, ["model.image_size=128", "model.decoder_heads=4"])
+    for build in (loop.configured_model_config, loop.load_model):
+        with pytest.raises(ValueError, match=r"init_checkpoint .*sam fixes the architecture, but the config sets "
+                                             r"model.decoder_heads=4 \(the checkpoint has 8\); model.image_size=128 "
+                                             r"\(the checkpoint has 256\)"):
+            build(other)
 
 
 def test_sweep_dry_run_prints_each_run(tmp_path, capsys):

@@ -194,20 +194,30 @@ stage("resume_unfrozen", lambda: train(run, num_train_steps=8, **no_init))
 # float16 from here on: the loss scale starts at loss_scale.initial, not at the float32 run's 1.
 frozen = {"optim.frozen": ("image_encoder/.*",)}
 stage("resume_float16", lambda: train(run, num_train_steps=8, **no_init, **frozen, precision="float16"))
-def workers_changed(saved_workers, workers):
+def resumable(saved_changes, **overrides):  # _check_resumable of the last checkpoint, its saved config changed
     import copy
     ck = checkpointing.Checkpointer(run / "checkpoints", async_save=False, read_only=True)
     try:
         state = ck.manager.item_metadata(ck.latest_step())["state"].tree
         saved = copy.deepcopy(ck.restore_config())
-        saved["data"]["num_workers"] = saved_workers
-        loop._check_resumable(ck, state, saved, tiny_config(data_source="pipeline", **{"data.num_workers": workers}), [])
+        saved_changes(saved)
+        loop._check_resumable(ck, state, saved, tiny_config(**overrides), [])
         return "no error"
     finally:
         ck.close()
+def workers_changed(saved_workers, workers):
+    def saved_with(saved):
+        saved["data_source"], saved["data"]["num_workers"] = "pipeline", saved_workers
+    return resumable(saved_with, data_source="pipeline", **{"data.num_workers": workers})
 stage("resume_with_workers", lambda: workers_changed(0, 2))
 stage("resume_with_fewer_workers", lambda: workers_changed(2, 1))
 stage("resume_with_as_many_workers", lambda: workers_changed(2, 2))
+def mixture(saved):
+    saved["data_source"], saved["data_mixture"] = "mixture", {"amos": 1.0, "totalseg": 1.0}
+stage("resume_synthetic_as_pipeline", lambda: resumable(lambda saved: None, data_source="pipeline"))
+stage("resume_mixture_with_another_dataset", lambda: resumable(
+    mixture, data_source="mixture", data_mixture={"amos": 1.0, "totalseg": 1.0, "generic": 1.0}))
+stage("resume_mixture_reweighted", lambda: resumable(mixture, data_source="mixture", data_mixture={"amos": 3.0, "totalseg": 1.0}))
 print(json.dumps(out))
 """
 
@@ -257,6 +267,14 @@ def test_a_resume_that_changes_the_state_form_is_a_config_error(run_record):
         assert f"saved its data order with {saved} Grain worker process(es) (data.num_workers={saved})" in workers, workers
         assert f"resumes only with as many, not data.num_workers={now}" in workers, workers
     assert _ok(r["resume_with_as_many_workers"]) == "no error"
+    # The saved data order is its source's (one state per mixture dataset): another source is refused.
+    other = r["resume_synthetic_as_pipeline"].get("error", "")
+    assert other.startswith("ConfigError: ") and "saved the data order of data_source 'synthetic', and it resumes only " \
+        "from the same data, not 'pipeline'; resume with the run's settings" in other, other
+    added = r["resume_mixture_with_another_dataset"].get("error", "")
+    assert "data_source 'mixture' of amos, totalseg, and it resumes only from the same data, not 'mixture' of " \
+        "amos, generic, totalseg" in added, added
+    assert _ok(r["resume_mixture_reweighted"]) == "no error"  # new weights, the same datasets
 
 
 def test_a_resume_in_float16_starts_the_loss_scale_afresh(run_record):

@@ -60,6 +60,54 @@ def test_volume_validation_is_the_benchmarks_volume_dice(tmp_path, devices):
     assert logged["validation_volume_dice/organ"] == logged["validation_volume_dice"]
 
 
+# A run from an init checkpoint that reads mask prompts as logits (a converted SAM): the baseline
+# before the first step scores it as it declares, the later validations as trained (binary).
+FROM_A_LOGITS_CHECKPOINT = r"""
+import dataclasses, json, sys
+from pathlib import Path
+import jax
+from data_fixtures import write_generic
+from radsam_jax.checkpoint import save_model
+from radsam_jax.cli import main as radsam
+from radsam_jax.model import init_variables
+from radsam_jax.train import loop
+from radsam_jax.train.config_lib import pipeline_data_config
+from train_testlib import tiny_config
+
+encodings = []  # the mask-prompt encoding of each volume validation
+volume_validation = loop.volume_validation
+def spy(variables, model_config, config):
+    encodings.append(model_config.mask_prompt)
+    return volume_validation(variables, model_config, config)
+loop.volume_validation = spy
+
+tmp = Path(sys.argv[1])
+train, val = write_generic(tmp / "train", ("a",)), write_generic(tmp / "val", ("b",))
+c = tiny_config(**{"data_source": "pipeline", "num_train_steps": 1, "eval.volume_cases": 1, "eval.max_batches": 1,
+                   "eval.at_start": True})
+c.data = pipeline_data_config(format="generic", root=str(train), val_root=str(val), min_area=4, read_threads=1,
+                              structures=("organ",))
+mc = dataclasses.replace(loop.configured_model_config(c), mask_prompt="logits")
+save_model(tmp / "sam", mc, jax.device_get(init_variables(mc, jax.random.PRNGKey(3))))
+c.init_checkpoint = str(tmp / "sam")
+loop.train_and_evaluate(c, str(tmp / "run"))
+assert radsam(["evaluate", "--checkpoint", str(tmp / "sam"), "--data", str(val), "--protocol", "volume",
+               "--prompt", "box", "--propagation", "mask", "--edits", "0", "--bootstrap", "10", "--structures", "organ",
+               "--max-cases", "1", "--worst", "0", "--no-progress", "--out", str(tmp / "eval")]) == 0
+print(json.dumps(encodings))
+"""
+
+
+def test_the_baseline_reads_mask_prompts_as_the_init_checkpoint_declares(tmp_path):
+    out = check(run_python(FROM_A_LOGITS_CHECKPOINT.replace("sys.argv[1]", repr(str(tmp_path))), timeout=900))
+    assert json.loads(out.strip().splitlines()[-1]) == ["logits", "binary"]  # step 0, then the last step
+    baseline = next(row for row in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+                    if row["step"] == 0 and "validation_volume_dice" in row)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    setting = next(s for s in summary["settings"] if s["protocol"] == "volume" and s["edits"] == 0)
+    assert baseline["validation_volume_dice"] == pytest.approx(setting["mean_dice"], abs=1e-9)
+
+
 # Each of 2 processes (1 CPU device each) trains the same 2 steps; the volume validation's spy records
 # which validation volumes this process scored.
 TWO_PROCESS_TRAIN = r"""

@@ -191,7 +191,8 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- model
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_b"  # preset configs/<name>.py used when init_checkpoint is empty
-    # Optional architecture overrides of the preset (None = the preset's value); for tiny test models.
+    # Optional architecture overrides of the preset (None = the preset's value); for tiny test models. With an
+    # init_checkpoint its weights fix them: a value other than its own is a config error.
     c.model.image_size = None  # model input side S
     c.model.encoder_dim = None  # ViT width
     c.model.encoder_depth = None  # number of ViT blocks

@@ -164,9 +164,9 @@ def configured_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if config.init_checkpoint:
         from radsam_jax.checkpoint import load_config
 
-        return as_trained(load_config(resolve_path(config.init_checkpoint)), config)
+        return as_trained(_init_architecture(load_config(resolve_path(config.init_checkpoint)), config), config)
     model_config = load_model_config(config.model.name)
-    overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+    overrides = _model_overrides(config)
     if overrides:
         model_config = ModelConfig.from_mapping({**model_config.to_dict(), **overrides})
     return as_trained(model_config, config)
@@ -179,8 +179,25 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Optional
         from radsam_jax.checkpoint import load_checkpoint
 
         model = load_checkpoint(resolve_path(config.init_checkpoint))
-        return as_trained(model.config, config), jax.device_get(model.variables)
+        return as_trained(_init_architecture(model.config, config), config), jax.device_get(model.variables)
     return configured_model_config(config), None
+
+
+def _model_overrides(config: ml_collections.ConfigDict) -> dict:
+    """The model.* fields the config sets (None: the preset's or the init checkpoint's)."""
+    return {k: v for k, v in config.model.items() if k != "name" and v is not None}
+
+
+def _init_architecture(init: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    """`init` (an init checkpoint's model), ValueError if a model.* override asks for another value:
+    the weights fix the architecture, and an override that silently did nothing would mislead."""
+    header = init.to_dict()
+    differ = [f"model.{k}={v!r} (the checkpoint has {header[k]!r})" for k, v in _model_overrides(config).items()
+              if k in header and json.loads(json.dumps(v)) != json.loads(json.dumps(header[k]))]
+    if differ:
+        raise ValueError(f"init_checkpoint {config.init_checkpoint} fixes the architecture, but the config sets "
+                         f"{'; '.join(differ)}: drop those model.* settings, or train from scratch (init_checkpoint='')")
+    return init
 
 
 def run_model(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer) -> tuple[ModelConfig, Optional[dict]]:
@@ -241,8 +258,9 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
                      config: ml_collections.ConfigDict, changed: list[str]) -> None:
     """ConfigError, before Orbax, Grain or the first step fail on it, when the config builds a state the
     latest checkpoint cannot fill: an optimiser of another form (gradient clipping or weight decay
-    switched on or off, parameters unfrozen: their Adam moments were never kept) or another number of
-    Grain worker processes (the iterator's saved state has one entry per worker).
+    switched on or off, parameters unfrozen: their Adam moments were never kept), another data source or
+    mixture datasets, or another number of Grain worker processes (the iterator's saved state has one
+    entry per dataset and worker).
     Freezing parameters is fine: their saved moments are left unread."""
     step = ckpt.latest_step()
     saved, wanted = ckpt.state_shapes(step, parts=None), tree_shapes(target)
@@ -255,7 +273,17 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
                           f"{missing[0]} of shape {wanted[missing[0]]}"
                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the optimiser's form "
                           f"changed ({'; '.join(settings) or 'see optim'}); {advice}")
-    old, new = _flat(saved_config or {}), _flat(config.to_dict())
+    saved_config = saved_config or {}
+    sources = [(c.get("data_source"), sorted(dict(c.get("data_mixture") or {})) if c.get("data_source") == "mixture" else None)
+               for c in (saved_config, config.to_dict())]
+    if saved_config.get("data_source") is not None and sources[0] != sources[1]:
+        # The iterator's saved state is that of its source (one entry per mixture dataset): no other can take it.
+        def named(source, names):
+            return f"{source!r}" + (f" of {', '.join(names)}" if names else "")
+
+        raise ConfigError(f"{ckpt.directory}/{step} saved the data order of data_source {named(*sources[0])}, and it "
+                          f"resumes only from the same data, not {named(*sources[1])}; {advice}")
+    old, new = _flat(saved_config), _flat(config.to_dict())
     loaders = {"pipeline": ["data"], "mixture": [f"datasets.{n}" for n in dict(config.get("data_mixture", {}))]}
     for key in (f"{name}.num_workers" for name in loaders.get(config.data_source, [])):
         if key in old and key in new and int(old[key]) != int(new[key]) and max(int(old[key]), int(new[key])) > 0:
@@ -641,6 +669,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             saved_step = step
 
     held_out = None  # read at the first validation, then kept
+    # Before the first step the weights are the init checkpoint's: its volume validation reads mask prompts
+    # as that checkpoint declares (logits for a converted SAM), so the baseline is what `radsam evaluate`
+    # gives it; from the first step on, as trained (binary).
+    start_config = model_config
+    if step == 0 and config.init_checkpoint and config.eval.volume_cases > 0:
+        from radsam_jax.checkpoint import load_config
+
+        init_prompt = load_config(resolve_path(config.init_checkpoint)).mask_prompt
+        start_config = dataclasses.replace(model_config, mask_prompt=init_prompt)
 
     def validate():
         nonlocal held_out
@@ -648,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch, held_out)
         volume = ""
         if config.eval.volume_cases > 0:
-            m.update(volume_validation(state.variables, model_config, config))
+            m.update(volume_validation(state.variables, start_config if step == 0 else model_config, config))
             volume = (f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
                       if m["volume_objects"] else f"; no object of the first {config.eval.volume_cases} validation "
                       f"volume(s) spans >= {config.eval.volume_min_slices} slices (eval.volume_min_slices)")

@@ -85,4 +85,6 @@ def make_synthetic_iterator(
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds.map(lambda i: synthetic_example(int(i) + offset, image_size=model_config.image_size, seed=seed))
     ds = ds.batch(batch_size, drop_remainder=split == "train")
-    return iter(ds.to_iter_dataset())
+    # Each element is a whole batch: 2 threads keeping 2 batches ready. Grain's defaults (16 threads,
+    # 500 elements) build dozens of batches ahead, GiBs at 1024 px, for a consumer that takes two.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
