@@ -3,10 +3,12 @@
 
 from radsam_jax.model import ModelConfig
 
-TINY_MODEL = dict(name="tiny", image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
+# The widths, also the model.* overrides of the training tests (on the "small" preset, a name the
+# training config's loader knows).
+TINY_MODEL = dict(image_size=64, encoder_dim=32, encoder_depth=2, encoder_heads=2, window_size=2,
                   global_attn_indexes=(1,), prompt_embed_dim=32, decoder_heads=2, decoder_mlp_dim=64,
                   iou_head_hidden_dim=32)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**TINY_MODEL, **overrides})
+    return ModelConfig(**{"name": "tiny", **TINY_MODEL, **overrides})

@@ -22,9 +22,9 @@ def tiny_config(**overrides):
     from radsam_jax.train.config_lib import base_config
 
     c = base_config()
+    c.model.name = "small"
     for k, v in TINY_MODEL.items():
         c.model[k] = v
-    c.model.name = "small"  # the preset (a name the loader knows) under the tiny widths
     c.data_source = "synthetic"
     c.synthetic.num_train = 32
     c.synthetic.num_validation = 8
