@@ -385,10 +385,9 @@ def align_labels(labels: np.ndarray, labels_affine: np.ndarray, like: Volume, *,
         warnings.warn(f"{label} covers {inside:.1%} of the voxels of {image}; the rest are taken as background",
                       stacklevel=2)
     # As many voxels along each (RAS) axis but another grid: more often a wrong header than another grid.
-    labels_ras, labels_ras_affine = reorient_array(labels, labels_affine)
-    image_ras, image_ras_affine = reorient_array(like.array, like.affine)
-    if labels_ras.shape == image_ras.shape and not same_grid(labels_ras.shape, labels_ras_affine,
-                                                             image_ras.shape, image_ras_affine):
+    labels_ras, labels_ras_affine = reoriented_grid(labels.shape, labels_affine)
+    image_ras, image_ras_affine = reoriented_grid(like.array.shape, like.affine)
+    if labels_ras == image_ras and not same_grid(labels_ras, labels_ras_affine, image_ras, image_ras_affine):
 
         def grid(a):
             return (f"spacing {np.round(np.linalg.norm(a[:3, :3], axis=0), 3).tolist()} mm, "
@@ -423,12 +422,21 @@ def reorient_array(array: np.ndarray, affine: np.ndarray, axcodes: str = "RAS") 
     an oblique scan keeps its obliquity in the new affine. Apply the same call to an image and its
     label map on the same grid and they stay aligned.
     """
-    current = nib.orientations.io_orientation(affine)
-    target = nib.orientations.axcodes2ornt(tuple(axcodes))
-    transform = nib.orientations.ornt_transform(current, target)
+    transform = _orientation_transform(affine, axcodes)
     out = nib.orientations.apply_orientation(array, transform)
-    new_affine = affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
-    return np.ascontiguousarray(out), new_affine
+    return np.ascontiguousarray(out), affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
+
+
+def reoriented_grid(shape, affine: np.ndarray, axcodes: str = "RAS") -> tuple[tuple, np.ndarray]:
+    """(shape, affine) that `reorient_array` gives an array of `shape`, without touching any array."""
+    transform = _orientation_transform(affine, axcodes)
+    order = np.argsort(transform[:, 0])  # output axis j holds input axis order[j]
+    return tuple(int(shape[i]) for i in order), affine @ nib.orientations.inv_ornt_aff(transform, shape)
+
+
+def _orientation_transform(affine: np.ndarray, axcodes: str) -> np.ndarray:
+    current = nib.orientations.io_orientation(affine)
+    return nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(tuple(axcodes)))
 
 
 def to_canonical(volume: Volume) -> Volume:

@@ -630,8 +630,10 @@ def load_split(data_config, split: str) -> tuple[list, SliceIndex]:
 
 def _unsampled_structures(cases, index: SliceIndex, requested: Sequence[str]) -> list[str]:
     """The requested structure names no sample of `index` shows."""
+    if not requested:
+        return []
     sampled = set()
-    for i, label in set(zip(index.case.tolist(), index.label.tolist())):
+    for i, label in np.unique(np.stack([index.case, index.label], axis=1), axis=0).tolist():  # (case, label) pairs
         sampled.update(name for name, lid in cases[i].structures.items() if lid == label)
     return [name for name in requested if name not in sampled]
 
