@@ -272,13 +272,57 @@ def _output_folder(path) -> Path:
 
 
 def _evaluate(args) -> int:
+    from radsam_jax.data.datasets import select_shard
     from radsam_jax.evaluate.metrics import parse_known_classes
-    from radsam_jax.evaluate.record import OBJECTS_FILE, RunRecord, code_fingerprint
+    from radsam_jax.evaluate.record import RunRecord
     from radsam_jax.evaluate.report import write_record_report
+    from radsam_jax.evaluate.runner import EvalOptions
     from radsam_jax.intensity import window_caption
-    from radsam_jax.evaluate.runner import (
-        SLICE_EDITS_MAX, EvalOptions, EvaluationInterrupted, UnreadableCases, evaluate_cases, make_settings,
-    )
+
+    settings = _checked_settings(args)
+    cases, fmt, structures, names = read_dataset(args)
+    index, count = args.shard
+    mine = select_shard(cases, args.shard)
+    if not mine:  # more shards than cases (a Slurm array over a small dataset): an empty, finished shard
+        print(f"{PROG}: --shard {index}/{count} has no case (the run has {len(cases)}): it records an empty shard, "
+              f"which radsam report merges with the others", file=sys.stderr)
+    known = parse_known_classes(args.known_classes, valid=names)
+    _check_intensity(cases, args)
+    out = _output_folder(args.out)
+    model, predictor = _load_predictor(args, settings)
+    options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
+                          box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
+                          oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures,
+                          shard=args.shard)
+    name = args.name or Path(args.checkpoint).resolve().name
+    run = _run_description(args, model, predictor, cases, settings, structures, known, name)
+    with RunRecord.open(out, run, restart=args.restart) as record:
+        shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
+        print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
+              f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
+              f"{window_caption(predictor.window, predictor.intensity)}, {model.config.mask_prompt} mask prompts)", file=sys.stderr)
+        objects = {(c.case_id, n) for c in mine for n in c.structures}
+        _tell_record_state(record, run, objects, out)
+        stopped = _evaluate_into(record, cases, predictor, settings, options, objects, out, args)
+        if stopped is not None:
+            return stopped
+        if count > 1:
+            print(f"{PROG}: shard {index}/{count} finished ({len(objects)} object(s) in {out}); once every shard is: "
+                  f"radsam report <the {count} --out folders> --out DIR", file=sys.stderr)
+            return 0
+        try:
+            summary, result = write_record_report(out, record, num_resamples=args.bootstrap)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted while writing the report; the run is finished and recorded in {out}: "
+                  f"the same command (or radsam report {out} --out {out}) writes it", file=sys.stderr)
+            return 130
+    return _finish(summary, result, out, args.out)
+
+
+def _checked_settings(args) -> list:
+    """The settings of the command line; InputError for options that cannot run, a warning for edit
+    counts the slice-level protocol does not reach."""
+    from radsam_jax.evaluate.runner import SLICE_EDITS_MAX, make_settings
 
     settings = make_settings(_csv(args.protocol), _csv(args.prompt), _csv(args.propagation))
     if not args.edits:
@@ -297,20 +341,13 @@ def _evaluate(args) -> int:
         raise InputError(f"--box-jitter LO HI needs LO <= HI, got {args.box_jitter}")
     if not Path(args.checkpoint).exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist")
-    cases, fmt, structures, names = read_dataset(args)
-    from radsam_jax.data.datasets import select_shard
+    return settings
 
-    index, count = args.shard
-    mine = select_shard(cases, args.shard)
-    if not mine:  # more shards than cases (a Slurm array over a small dataset): an empty, finished shard
-        print(f"{PROG}: --shard {index}/{count} has no case (the run has {len(cases)}): it records an empty shard, "
-              f"which radsam report merges with the others", file=sys.stderr)
-    known = parse_known_classes(args.known_classes, valid=names)
-    _check_intensity(cases, args)
-    out = _output_folder(args.out)
 
+def _load_predictor(args, settings) -> tuple:
+    """(model, VolumePredictor) with room for every click the settings' edits can place on one slice."""
     from radsam_jax.checkpoint import load_checkpoint
-    from radsam_jax.data.datasets import load_case
+    from radsam_jax.evaluate.runner import SLICE_EDITS_MAX
     from radsam_jax.inference import VolumePredictor
     from radsam_jax.inference.volume_predictor import DEFAULT_MAX_POINTS
 
@@ -321,69 +358,71 @@ def _evaluate(args) -> int:
     predictor = VolumePredictor(model, encoder_batch_size=args.encoder_batch_size, vanish_policy=args.vanish_policy,
                                 bucket=args.bucket, max_points=max_points, window=args.window,
                                 intensity=args.intensity)
-    options = EvalOptions(edits=args.edits, seed=args.seed, min_slices=args.min_slices,
-                          box_jitter=tuple(args.box_jitter) if args.box_jitter else None, known_classes=known,
-                          oracle=not args.no_oracle, worst_count=args.worst, requested_structures=structures,
-                          shard=args.shard)
-    name = args.name or Path(args.checkpoint).resolve().name
+    return model, predictor
+
+
+def _run_description(args, model, predictor, cases, settings, structures, known, name: str) -> dict:
+    """The run's record header: its identity (what a continued run must share), shard, report options,
+    code fingerprint and input paths."""
+    from radsam_jax.evaluate.record import code_fingerprint
+    from radsam_jax.evaluate.runner import SLICE_EDITS_MAX
+
     shown = {"data": args.data, "checkpoint": args.checkpoint, "seed": args.seed, "min_slices": args.min_slices,
              "jitter": f"U({args.box_jitter[0]:g}, {args.box_jitter[1]:g}) px at a 1024 input" if args.box_jitter else None,
              "vanish_policy": args.vanish_policy, "slice_edits_max": SLICE_EDITS_MAX, "mask_prompt": predictor.config.mask_prompt}
     inputs = {what: str(Path(v).resolve()) for what, v in (("data", args.data), ("labels", args.labels)) if v}
-    run = {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
-           "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window],
-                      "intensity": predictor.intensity},
-           "code_sha256": [code_fingerprint()], "inputs": inputs}
-    with RunRecord.open(out, run, restart=args.restart) as record:
-        shard_text = f" (shard {index}/{count}: {len(mine)} of {len(cases)})" if count > 1 else ""
-        print(f"{PROG}: {len(cases)} case(s) ({fmt}){shard_text}, settings {', '.join(s.key for s in settings)}, "
-              f"edits {sorted(set(args.edits))}, model {name} ({model.config.name}, preprocessing {model.config.preprocessing}, "
-              f"{window_caption(predictor.window, predictor.intensity)}, {model.config.mask_prompt} mask prompts)",
+    return {"identity": _identity(model, predictor, cases, settings, args, structures, known), "shard": list(args.shard),
+            "report": {"model": name, "options": shown, "window": [float(v) for v in predictor.window],
+                       "intensity": predictor.intensity},
+            "code_sha256": [code_fingerprint()], "inputs": inputs}
+
+
+def _tell_record_state(record, run: dict, objects: set, out: Path) -> None:
+    """Says whether `out` holds this run finished (nothing to do) or in part (continued), with warnings
+    for other code or other input paths than the run started with."""
+    if record.complete:
+        other_code = record.run["code_sha256"] != run["code_sha256"]  # it lists every invocation's code
+        print(f"{PROG}: {out} holds this run, finished" + (" (partly) by other radsam-jax code" if other_code else "")
+              + ": nothing to evaluate (--restart computes it again" + (" with this code)" if other_code else ")"),
               file=sys.stderr)
-        objects = {(c.case_id, n) for c in mine for n in c.structures}
-        if record.complete:
-            other_code = record.run["code_sha256"] != run["code_sha256"]  # it lists every invocation's code
-            print(f"{PROG}: {out} holds this run, finished" + (" (partly) by other radsam-jax code" if other_code else "")
-                  + ": nothing to evaluate (--restart computes it again" + (" with this code)" if other_code else ")"),
-                  file=sys.stderr)
-        elif record.finished() & objects:
-            print(f"{PROG}: continuing the run recorded in {out}: {len(record.finished() & objects)} of {len(objects)} "
-                  f"object(s) done (--restart starts again)", file=sys.stderr)
-            if len(record.run["code_sha256"]) > 1:
-                print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
-                      f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
-            if record.run.get("inputs", inputs) != inputs:
-                print(f"{PROG}: warning: this run started on {record.run.get('inputs')}, this command reads {inputs} "
-                      f"(same cases and structures)", file=sys.stderr)
-        try:
-            evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
-                           record=record)
-        except EvaluationInterrupted:
-            print(f"{PROG}: interrupted; {len(record.finished() & objects)} of {len(objects)} object(s) finished and kept "
-                  f"in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
-            return 130
-        except UnreadableCases as e:
-            done = len(record.finished() & objects)
-            print(f"{PROG}: the other cases are evaluated: {done} of {len(objects)} object(s) are kept in {out}; "
-                  f"once the file(s) are mended, the same command evaluates the {len(e.failures)} case(s) left "
-                  f"(radsam report {out} --partial --out DIR reports the finished objects now)", file=sys.stderr)
-            raise
-        except Exception:
-            if record.finished() & objects and not record.complete:
-                print(f"{PROG}: the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
-                      f"once the problem is mended, the same command continues the run", file=sys.stderr)
-            raise
-        if count > 1:
-            print(f"{PROG}: shard {index}/{count} finished ({len(objects)} object(s) in {out}); once every shard is: "
-                  f"radsam report <the {count} --out folders> --out DIR", file=sys.stderr)
-            return 0
-        try:
-            summary, result = write_record_report(out, record, num_resamples=args.bootstrap)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted while writing the report; the run is finished and recorded in {out}: "
-                  f"the same command (or radsam report {out} --out {out}) writes it", file=sys.stderr)
-            return 130
-    return _finish(summary, result, out, args.out)
+    elif record.finished() & objects:
+        print(f"{PROG}: continuing the run recorded in {out}: {len(record.finished() & objects)} of {len(objects)} "
+              f"object(s) done (--restart starts again)", file=sys.stderr)
+        if len(record.run["code_sha256"]) > 1:
+            print(f"{PROG}: warning: radsam-jax's code differs from the code that started this run (its Python "
+                  f"files changed): the report will mix scores of both; --restart computes them all again", file=sys.stderr)
+        inputs = run["inputs"]
+        if record.run.get("inputs", inputs) != inputs:
+            print(f"{PROG}: warning: this run started on {record.run.get('inputs')}, this command reads {inputs} "
+                  f"(same cases and structures)", file=sys.stderr)
+
+
+def _evaluate_into(record, cases, predictor, settings, options, objects: set, out: Path, args) -> int | None:
+    """evaluate_cases into `record`; 130 after Ctrl-C, None when finished. On an error, says which
+    objects are kept and how to continue, then raises it."""
+    from radsam_jax.data.datasets import load_case
+    from radsam_jax.evaluate.record import OBJECTS_FILE
+    from radsam_jax.evaluate.runner import EvaluationInterrupted, UnreadableCases, evaluate_cases
+
+    try:
+        evaluate_cases(cases, predictor, settings, options, load_case=load_case, progress=not args.no_progress,
+                       record=record)
+    except EvaluationInterrupted:
+        print(f"{PROG}: interrupted; {len(record.finished() & objects)} of {len(objects)} object(s) finished and kept "
+              f"in {out / OBJECTS_FILE}: the same command continues the run", file=sys.stderr)
+        return 130
+    except UnreadableCases as e:
+        done = len(record.finished() & objects)
+        print(f"{PROG}: the other cases are evaluated: {done} of {len(objects)} object(s) are kept in {out}; "
+              f"once the file(s) are mended, the same command evaluates the {len(e.failures)} case(s) left "
+              f"(radsam report {out} --partial --out DIR reports the finished objects now)", file=sys.stderr)
+        raise
+    except Exception:
+        if record.finished() & objects and not record.complete:
+            print(f"{PROG}: the {len(record.finished() & objects)} finished object(s) are kept in {out}: "
+                  f"once the problem is mended, the same command continues the run", file=sys.stderr)
+        raise
+    return None
 
 
 def _finish(summary: dict, result, out: Path, where) -> int:

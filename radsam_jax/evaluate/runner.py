@@ -202,24 +202,10 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
     record: where each finished object goes at once (default: a new one in memory); the objects it
     already holds are not run again, and a case all of whose objects it holds is not even loaded.
     """
-    import jax
-
-    if not cases:
-        raise EvaluationInputError("no case to evaluate: the dataset is empty")
-    twice = sorted(i for i, n in collections.Counter(c.case_id for c in cases).items() if n > 1)
-    if twice:
-        raise EvaluationInputError(f"case id(s) {twice} name more than one case (e.g. x.nii beside x.nii.gz): "
-                                   f"their scores could not be told apart")
-    if options.min_slices < 1:
-        raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
     from radsam_jax.data.datasets import select_shard
 
+    checkpoints = _check_run(cases, settings, options)
     mine = select_shard(list(enumerate(cases)), options.shard)  # (index in cases, case); none: an empty shard
-    checkpoints = {s.protocol: edit_checkpoints(options.edits, s.protocol) for s in settings}
-    for protocol, cps in checkpoints.items():
-        if not cps:
-            raise ValueError(f"--edits {list(options.edits)} leaves no checkpoint for the {protocol}-level protocol "
-                             f"(slice-level allows at most {SLICE_EDITS_MAX} points per slice)")
     record = RunRecord() if record is None else record
     requested = list(options.requested_structures or [])
     done = record.finished()
@@ -233,6 +219,7 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
 
         bar = tqdm(total=sum(len(c.structures) for _, c in mine), unit="object", file=sys.stderr, desc="evaluate",
                    initial=sum((c.case_id, n) in done for _, c in mine for n in c.structures))
+    tick = bar.update if bar is not None else lambda n: None
     work = [(case_index, case, todo) for case_index, case in mine
             if (todo := [(i, name, label_id) for i, (name, label_id) in enumerate(case.structures.items())
                          if (case.case_id, name) not in done])]
@@ -248,55 +235,22 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
             return volume_and_labels, None
 
     try:
-        pending = _Reading(read, work[0][1]) if work else None
-        for position, (case_index, case, todo) in enumerate(work):
-            try:
-                ((volume, labels), content), read_s = pending.result()
-            except Exception as e:  # this case's files; the model has not run on it
-                unreadable.append((case.case_id, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        for case_index, case, todo, outcome in _read_ahead(work, read):
+            if isinstance(outcome, Exception):  # this case's files; the model has not run on it
+                unreadable.append((case.case_id, str(outcome) if isinstance(outcome, ValueError)
+                                   else f"{type(outcome).__name__}: {outcome}"))
                 (bar.write if bar is not None else print)(f"evaluate: case {case.case_id} left for later, it cannot "
                                                           f"be read: {unreadable[-1][1]}", file=sys.stderr)
-                volume = labels = None
-            pending = _Reading(read, work[position + 1][1]) if position + 1 < len(work) else None
-            if volume is None:
                 continue
+            ((volume, labels), content), read_s = outcome
+            started = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
             if content is not None:
                 record.add_case_files(case.case_id, content)
-            t0 = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
             present_ids = set(np.unique(labels).tolist())
             if requested and len(cases) == 1:
-                missing = [n for n in requested if case.structures.get(n) not in present_ids]
-                if missing:
-                    raise EvaluationInputError(
-                        f"structure(s) {missing} absent from the label map of {case.case_id} "
-                        f"(no voxel with their label id {[case.structures.get(n) for n in missing]})")
-            predictor.set_volume(volume)
-            encoded, encode_s, n_objects = 0, 0.0, 0
-            for structure_index, name, label_id in todo:
-                if label_id not in present_ids:
-                    record.add_skipped(case.case_id, name, "absent")
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                gt = labels == label_id
-                lo, hi = object_bounds(gt)
-                if hi - lo + 1 < options.min_slices:
-                    record.add_skipped(case.case_id, name, f"spans {hi - lo + 1} < --min-slices {options.min_slices} slices")
-                else:
-                    te = time.perf_counter()
-                    encoded += predictor.encode_slices(lo, hi)  # cached slices are skipped
-                    jax.block_until_ready(predictor.embeddings)
-                    encode_s += time.perf_counter() - te
-                    n_objects += 1
-                    rows, offered = _evaluate_object(predictor, volume, case, (case_index, structure_index), name,
-                                                     label_id, gt, (lo, hi), settings, checkpoints, options, heap)
-                    if offered:
-                        record.set_worst([w for *_, w in heap])
-                    record.add_object(case.case_id, name, rows)
-                if bar is not None:
-                    bar.update(1)
-            record.add_timing({"case": case.case_id, "slices": int(volume.array.shape[2]), "encoded": int(encoded),
-                               "encode_s": encode_s, "total_s": time.perf_counter() - t0, "objects": n_objects})
+                _check_requested_present(case, present_ids, requested)
+            _evaluate_case(predictor, case_index, case, todo, volume, labels, present_ids, started, settings,
+                           checkpoints, options, heap, record, tick)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(list(record.rows)) from None
     finally:
@@ -306,12 +260,91 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
         raise UnreadableCases(unreadable)
     if not record.complete:
         record.mark_complete()
+    return _checked_result(record, requested, options, len(mine))
+
+
+def _check_run(cases, settings: Sequence[Setting], options: EvalOptions) -> dict:
+    """The edit checkpoints per protocol; EvaluationInputError or ValueError for a run that cannot start."""
+    if not cases:
+        raise EvaluationInputError("no case to evaluate: the dataset is empty")
+    twice = sorted(i for i, n in collections.Counter(c.case_id for c in cases).items() if n > 1)
+    if twice:
+        raise EvaluationInputError(f"case id(s) {twice} name more than one case (e.g. x.nii beside x.nii.gz): "
+                                   f"their scores could not be told apart")
+    if options.min_slices < 1:
+        raise ValueError(f"--min-slices must be >= 1, got {options.min_slices}")
+    checkpoints = {s.protocol: edit_checkpoints(options.edits, s.protocol) for s in settings}
+    for protocol, cps in checkpoints.items():
+        if not cps:
+            raise ValueError(f"--edits {list(options.edits)} leaves no checkpoint for the {protocol}-level protocol "
+                             f"(slice-level allows at most {SLICE_EDITS_MAX} points per slice)")
+    return checkpoints
+
+
+def _read_ahead(work: list, read: Callable):
+    """(case index, case, todo, (read's value, seconds) or the exception it raised) per item of `work`;
+    the next case is read in a background thread while the caller evaluates this one."""
+    pending = _Reading(read, work[0][1]) if work else None
+    for position, (case_index, case, todo) in enumerate(work):
+        try:
+            outcome = pending.result()
+        except Exception as e:
+            outcome = e
+        pending = _Reading(read, work[position + 1][1]) if position + 1 < len(work) else None
+        yield case_index, case, todo, outcome
+
+
+def _check_requested_present(case, present_ids: set, requested: list) -> None:
+    """A one-case run: EvaluationInputError for requested structures with no voxel in its label map."""
+    missing = [n for n in requested if case.structures.get(n) not in present_ids]
+    if missing:
+        raise EvaluationInputError(
+            f"structure(s) {missing} absent from the label map of {case.case_id} "
+            f"(no voxel with their label id {[case.structures.get(n) for n in missing]})")
+
+
+def _evaluate_case(predictor, case_index: int, case, todo: list, volume, labels: np.ndarray, present_ids: set,
+                   started: float, settings: Sequence[Setting], checkpoints: dict, options: EvalOptions, heap: list,
+                   record: RunRecord, tick: Callable) -> None:
+    """Every object of one read case still to do (`todo`: (structure index, name, label id)) into
+    `record`, then the case's timing row (from `started`); tick(1) per object, evaluated or skipped."""
+    import jax
+
+    predictor.set_volume(volume)
+    encoded, encode_s, n_objects = 0, 0.0, 0
+    for structure_index, name, label_id in todo:
+        if label_id not in present_ids:
+            record.add_skipped(case.case_id, name, "absent")
+            tick(1)
+            continue
+        gt = labels == label_id
+        lo, hi = object_bounds(gt)
+        if hi - lo + 1 < options.min_slices:
+            record.add_skipped(case.case_id, name, f"spans {hi - lo + 1} < --min-slices {options.min_slices} slices")
+        else:
+            te = time.perf_counter()
+            encoded += predictor.encode_slices(lo, hi)  # cached slices are skipped
+            jax.block_until_ready(predictor.embeddings)
+            encode_s += time.perf_counter() - te
+            n_objects += 1
+            rows, offered = _evaluate_object(predictor, volume, case, (case_index, structure_index), name,
+                                             label_id, gt, (lo, hi), settings, checkpoints, options, heap)
+            if offered:
+                record.set_worst([w for *_, w in heap])
+            record.add_object(case.case_id, name, rows)
+        tick(1)
+    record.add_timing({"case": case.case_id, "slices": int(volume.array.shape[2]), "encoded": int(encoded),
+                       "encode_s": encode_s, "total_s": time.perf_counter() - started, "objects": n_objects})
+
+
+def _checked_result(record: RunRecord, requested: list, options: EvalOptions, num_cases: int) -> EvalResult:
+    """The record's result; EvaluationInputError for a whole run (not a shard) with no object scored."""
     result = record.result(requested)
     if not result.rows and options.shard[1] == 1:  # a shard may hold no object: its run's report decides
         if result.missing_structures:
             raise EvaluationInputError(f"structure(s) {result.missing_structures} absent from every label map (no voxel in any case)")
         reasons = sorted({r for _, _, r in result.skipped})
-        raise EvaluationInputError(f"no object to evaluate in {len(mine)} case(s): every object was skipped "
+        raise EvaluationInputError(f"no object to evaluate in {num_cases} case(s): every object was skipped "
                                    f"({'; '.join(reasons) or 'none listed'}); a smaller --min-slices or other "
                                    f"--structures give some")
     return result
