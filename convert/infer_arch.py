@@ -115,6 +115,9 @@ def _mlp_ratio(hidden: int, dim: int) -> float:
     return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
 
 
+_ENC, _PE, _DEC = "params/image_encoder", "params/prompt_encoder", "params/mask_decoder"
+
+
 def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8,
                              names: Optional[Mapping[str, str]] = None) -> tuple[ModelConfig, list[str]]:
     """`infer_config`, where a size that a minority of its tensors contradicts is the majority's:
@@ -122,108 +125,15 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
     The converter reports these with the model check, which names the same odd tensors mis-shaped
     and every other problem of the checkpoint at once."""
     s = _Shapes(shapes, names)
-    enc, pe, dec = "params/image_encoder", "params/prompt_encoder", "params/mask_decoder"
-    kh, kw, in_chans, _ = s.shape(f"{enc}/patch_embed/kernel")
-    if kh != kw or in_chans != 3:
-        raise ArchitectureError(f"patch embedding kernel {kh}x{kw} over {in_chans} channels: expected square patches of RGB")
-    pos = s.shape(f"{enc}/pos_embed")
-    if len(pos) != 4 or pos[0] != 1 or pos[1] != pos[2]:
-        raise ArchitectureError(f"{s.label(f'{enc}/pos_embed')} is not (1, g, g, width): a square grid of patches")
-    grid = pos[1]
-
-    depth = s.count("encoder block", rf"{enc}/blocks_(\d+)/")
-    if depth == 0:
-        raise ArchitectureError("cannot infer the architecture: no encoder blocks")
-    blocks = [f"{enc}/blocks_{i}" for i in range(depth)]
-    dim = s.size("encoder width", s.dims(
-        [(f"{enc}/patch_embed/kernel", 3), (f"{enc}/patch_embed/bias", 0), (f"{enc}/pos_embed", 3),
-         (f"{enc}/neck_conv1/kernel", 2)]
-        + [(f"{b}/{leaf}", 0) for b in blocks for leaf in ("norm1/scale", "norm1/bias", "norm2/scale", "norm2/bias",
-                                                            "attn/qkv/kernel", "attn/proj/kernel", "attn/proj/bias",
-                                                            "mlp/lin1/kernel", "mlp/lin2/bias")]
-        + [(f"{b}/{leaf}", 1) for b in blocks for leaf in ("attn/proj/kernel", "mlp/lin2/kernel")]))
-    mlp_hidden = s.size("encoder MLP width", s.dims(
-        [(f"{b}/{leaf}", axis) for b in blocks for leaf, axis in (("mlp/lin1/kernel", 1), ("mlp/lin1/bias", 0), ("mlp/lin2/kernel", 0))]))
-    tables = {b: [f"{b}/attn/rel_pos_{a}" for a in "hw" if f"{b}/attn/rel_pos_{a}" in s.shapes] for b in blocks}
-    head_dim = s.size("rel-pos table width (head dim)", s.dims((t, 1) for ts in tables.values() for t in ts))
-
-    # A block's two tables are both 2g - 1 long (global attention) or both 2w - 1 (windowed).
-    global_len = 2 * grid - 1
-    lengths = {}  # block -> its tables' length
-    for i, b in enumerate(blocks):
-        if not tables[b]:
-            raise ArchitectureError(f"cannot infer the architecture: no rel-pos table for encoder block {i} ({b}/attn/rel_pos_h)")
-        block_lengths = {s.shapes[t][0] for t in tables[b]}
-        if len(block_lengths) > 1:
-            s.problems.append(f"encoder block {i}: its rel-pos tables {_some([s.label(t) for t in tables[b]])} differ in length")
-        lengths[b] = global_len if global_len in block_lengths else max(block_lengths)
-    global_blocks = [i for i, b in enumerate(blocks) if lengths[b] == global_len]
-    distinct = sorted(set(lengths.values()))
-    windowed = [(t, s.shapes[t][0]) for b in blocks if lengths[b] != global_len for t in tables[b]]
-    if not global_blocks and len(distinct) == 2:  # global and windowed blocks, but pos_embed fits neither
-        long = [b for b in blocks if lengths[b] == distinct[1]]
-        g = (distinct[1] + 1) // 2
-        s.problems.append(
-            f"image grid {grid}x{grid} from {s.label(f'{enc}/pos_embed')} (global rel-pos tables of length {global_len}), "
-            f"but the encoder's rel-pos tables have lengths {distinct[0]} and {distinct[1]}, and those of length "
-            f"{distinct[1]} ({_some([s.label(t) for b in long for t in tables[b]], 2)}) fit a {g}x{g} grid")
-        window = grid  # unknown until the grid is; the problem is reported below
-    elif windowed:
-        length = s.size("windowed rel-pos table length", windowed)
-        if length % 2 == 0:
-            raise ArchitectureError(f"rel-pos table length {length} is not 2 * window - 1")
-        window = (length + 1) // 2
-    else:
-        window = grid  # every block global; a window covering the grid would be the same computation
-
-    neck = [(f"{enc}/neck_conv1/kernel", 3), (f"{enc}/neck_conv2/kernel", 2), (f"{enc}/neck_conv2/kernel", 3)]
-    neck += [(f"{enc}/{n}/{leaf}", 0) for n in ("neck_norm1", "neck_norm2") for leaf in ("scale", "bias")]
-    prompt = [(f"{pe}/point_embeddings", 1), (f"{pe}/not_a_point_embed", 0), (f"{pe}/no_mask_embed", 0),
-              (f"{pe}/mask_conv3/kernel", 3), (f"{pe}/mask_conv3/bias", 0), (f"{dec}/iou_token", 1), (f"{dec}/mask_tokens", 1),
-              (f"{dec}/upscale_conv1/kernel", 3), (f"{dec}/transformer/norm_final_attn/scale", 0)]
-    prompt_dim = s.size("prompt width", s.dims(neck + prompt))
-    mask_in_chans = s.size("mask_in_chans", s.dims(
-        [(f"{pe}/mask_conv2/kernel", 3), (f"{pe}/mask_conv2/bias", 0), (f"{pe}/mask_norm2/scale", 0),
-         (f"{pe}/mask_norm2/bias", 0), (f"{pe}/mask_conv3/kernel", 2)]))
-
-    decoder_depth = s.count("mask decoder layer", rf"{dec}/transformer/layers_(\d+)/")
-    if decoder_depth == 0:
-        raise ArchitectureError("cannot infer the architecture: no mask decoder transformer layers")
-    layers = [f"{dec}/transformer/layers_{i}/mlp" for i in range(decoder_depth)]
-    decoder_mlp = s.size("mask decoder MLP width", s.dims(
-        [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))]))
-    iou_depth = s.count("IoU head layer", rf"{dec}/iou_prediction_head/layers_(\d+)/")
-    iou = [f"{dec}/iou_prediction_head/layers_{i}" for i in range(iou_depth)]
-    iou_hidden = s.size("IoU head width", s.dims(
-        [(f"{m}/kernel", 1) for m in iou[:-1]] + [(f"{m}/bias", 0) for m in iou[:-1]] + [(f"{m}/kernel", 0) for m in iou[1:]]))
-    hypernetworks = s.count("output hypernetwork MLP", rf"{dec}/output_hypernetworks_mlps_(\d+)/")
-    num_masks = s.size("number of masks", s.dims(
-        [(f"{dec}/mask_tokens", 0)] + ([(f"{iou[-1]}/kernel", 1), (f"{iou[-1]}/bias", 0)] if iou else []))
-        + ([(f"{dec}/output_hypernetworks_mlps_0..{hypernetworks - 1} ({hypernetworks} MLPs)", hypernetworks)] if hypernetworks else []))
-
+    encoder = _encoder_fields(s)
+    head_dim = encoder.pop("head_dim")
+    decoder = _prompt_and_decoder_fields(s)
     if s.problems:
         raise ArchitectureError("cannot infer the architecture, the shapes disagree:\n    " + "\n    ".join(s.problems + s.conflicts))
+    dim = encoder["encoder_dim"]
     if dim % head_dim:
         raise ArchitectureError(f"encoder width {dim} is not a multiple of the rel-pos table width {head_dim}")
-    config = ModelConfig(
-        name="custom",
-        image_size=grid * kh,
-        patch_size=kh,
-        encoder_dim=dim,
-        encoder_depth=depth,
-        encoder_heads=dim // head_dim,
-        encoder_mlp_ratio=_mlp_ratio(mlp_hidden, dim),
-        window_size=window,
-        global_attn_indexes=tuple(global_blocks),
-        prompt_embed_dim=prompt_dim,
-        mask_in_chans=mask_in_chans,
-        decoder_depth=decoder_depth,
-        decoder_heads=decoder_heads,
-        decoder_mlp_dim=decoder_mlp,
-        iou_head_depth=iou_depth,
-        iou_head_hidden_dim=iou_hidden,
-        num_multimask_outputs=num_masks - 1,
-    )
+    config = ModelConfig(name="custom", encoder_heads=dim // head_dim, decoder_heads=decoder_heads, **encoder, **decoder)
     try:
         config.validate()
     except ValueError as e:
@@ -232,6 +142,102 @@ def infer_config_by_majority(shapes: Mapping[str, tuple], decoder_heads: int = 8
     if preset is not None:
         config = dataclasses.replace(config, name=preset)
     return config, s.conflicts
+
+
+def _encoder_fields(s: _Shapes) -> dict:
+    """The image encoder's ModelConfig fields, and "head_dim" (the heads follow once the width is
+    known to be a multiple of it)."""
+    kh, kw, in_chans, _ = s.shape(f"{_ENC}/patch_embed/kernel")
+    if kh != kw or in_chans != 3:
+        raise ArchitectureError(f"patch embedding kernel {kh}x{kw} over {in_chans} channels: expected square patches of RGB")
+    pos = s.shape(f"{_ENC}/pos_embed")
+    if len(pos) != 4 or pos[0] != 1 or pos[1] != pos[2]:
+        raise ArchitectureError(f"{s.label(f'{_ENC}/pos_embed')} is not (1, g, g, width): a square grid of patches")
+    grid = pos[1]
+
+    depth = s.count("encoder block", rf"{_ENC}/blocks_(\d+)/")
+    if depth == 0:
+        raise ArchitectureError("cannot infer the architecture: no encoder blocks")
+    blocks = [f"{_ENC}/blocks_{i}" for i in range(depth)]
+    dim = s.size("encoder width", s.dims(
+        [(f"{_ENC}/patch_embed/kernel", 3), (f"{_ENC}/patch_embed/bias", 0), (f"{_ENC}/pos_embed", 3),
+         (f"{_ENC}/neck_conv1/kernel", 2)]
+        + [(f"{b}/{leaf}", 0) for b in blocks for leaf in ("norm1/scale", "norm1/bias", "norm2/scale", "norm2/bias",
+                                                            "attn/qkv/kernel", "attn/proj/kernel", "attn/proj/bias",
+                                                            "mlp/lin1/kernel", "mlp/lin2/bias")]
+        + [(f"{b}/{leaf}", 1) for b in blocks for leaf in ("attn/proj/kernel", "mlp/lin2/kernel")]))
+    mlp_hidden = s.size("encoder MLP width", s.dims(
+        [(f"{b}/{leaf}", axis) for b in blocks for leaf, axis in (("mlp/lin1/kernel", 1), ("mlp/lin1/bias", 0), ("mlp/lin2/kernel", 0))]))
+    tables = {b: [f"{b}/attn/rel_pos_{a}" for a in "hw" if f"{b}/attn/rel_pos_{a}" in s.shapes] for b in blocks}
+    head_dim = s.size("rel-pos table width (head dim)", s.dims((t, 1) for ts in tables.values() for t in ts))
+    window, global_blocks = _window_and_global_blocks(s, tables, grid)
+    return dict(image_size=grid * kh, patch_size=kh, encoder_dim=dim, encoder_depth=depth,
+                encoder_mlp_ratio=_mlp_ratio(mlp_hidden, dim), window_size=window,
+                global_attn_indexes=tuple(global_blocks), head_dim=head_dim)
+
+
+def _window_and_global_blocks(s: _Shapes, tables: dict, grid: int) -> tuple[int, list[int]]:
+    """(window size, indices of the global-attention blocks) from each block's rel-pos tables
+    (`tables`: block path -> its table paths, in block order): a block's two tables are both 2g - 1
+    long (global attention over the g x g grid) or both 2w - 1 (windowed)."""
+    global_len = 2 * grid - 1
+    lengths = {}  # block -> its tables' length
+    for i, (b, ts) in enumerate(tables.items()):
+        if not ts:
+            raise ArchitectureError(f"cannot infer the architecture: no rel-pos table for encoder block {i} ({b}/attn/rel_pos_h)")
+        block_lengths = {s.shapes[t][0] for t in ts}
+        if len(block_lengths) > 1:
+            s.problems.append(f"encoder block {i}: its rel-pos tables {_some([s.label(t) for t in ts])} differ in length")
+        lengths[b] = global_len if global_len in block_lengths else max(block_lengths)
+    global_blocks = [i for i, b in enumerate(tables) if lengths[b] == global_len]
+    distinct = sorted(set(lengths.values()))
+    windowed = [(t, s.shapes[t][0]) for b, ts in tables.items() if lengths[b] != global_len for t in ts]
+    if not global_blocks and len(distinct) == 2:  # global and windowed blocks, but pos_embed fits neither
+        long = [b for b in tables if lengths[b] == distinct[1]]
+        g = (distinct[1] + 1) // 2
+        s.problems.append(
+            f"image grid {grid}x{grid} from {s.label(f'{_ENC}/pos_embed')} (global rel-pos tables of length {global_len}), "
+            f"but the encoder's rel-pos tables have lengths {distinct[0]} and {distinct[1]}, and those of length "
+            f"{distinct[1]} ({_some([s.label(t) for b in long for t in tables[b]], 2)}) fit a {g}x{g} grid")
+        return grid, global_blocks  # unknown until the grid is; the problem is reported by the caller
+    if windowed:
+        length = s.size("windowed rel-pos table length", windowed)
+        if length % 2 == 0:
+            raise ArchitectureError(f"rel-pos table length {length} is not 2 * window - 1")
+        return (length + 1) // 2, global_blocks
+    return grid, global_blocks  # every block global; a window covering the grid would be the same computation
+
+
+def _prompt_and_decoder_fields(s: _Shapes) -> dict:
+    """The prompt encoder's and mask decoder's ModelConfig fields (all but the head count, which no
+    shape carries)."""
+    neck = [(f"{_ENC}/neck_conv1/kernel", 3), (f"{_ENC}/neck_conv2/kernel", 2), (f"{_ENC}/neck_conv2/kernel", 3)]
+    neck += [(f"{_ENC}/{n}/{leaf}", 0) for n in ("neck_norm1", "neck_norm2") for leaf in ("scale", "bias")]
+    prompt = [(f"{_PE}/point_embeddings", 1), (f"{_PE}/not_a_point_embed", 0), (f"{_PE}/no_mask_embed", 0),
+              (f"{_PE}/mask_conv3/kernel", 3), (f"{_PE}/mask_conv3/bias", 0), (f"{_DEC}/iou_token", 1), (f"{_DEC}/mask_tokens", 1),
+              (f"{_DEC}/upscale_conv1/kernel", 3), (f"{_DEC}/transformer/norm_final_attn/scale", 0)]
+    prompt_dim = s.size("prompt width", s.dims(neck + prompt))
+    mask_in_chans = s.size("mask_in_chans", s.dims(
+        [(f"{_PE}/mask_conv2/kernel", 3), (f"{_PE}/mask_conv2/bias", 0), (f"{_PE}/mask_norm2/scale", 0),
+         (f"{_PE}/mask_norm2/bias", 0), (f"{_PE}/mask_conv3/kernel", 2)]))
+
+    decoder_depth = s.count("mask decoder layer", rf"{_DEC}/transformer/layers_(\d+)/")
+    if decoder_depth == 0:
+        raise ArchitectureError("cannot infer the architecture: no mask decoder transformer layers")
+    layers = [f"{_DEC}/transformer/layers_{i}/mlp" for i in range(decoder_depth)]
+    decoder_mlp = s.size("mask decoder MLP width", s.dims(
+        [(f"{m}/{leaf}", axis) for m in layers for leaf, axis in (("lin1/kernel", 1), ("lin1/bias", 0), ("lin2/kernel", 0))]))
+    iou_depth = s.count("IoU head layer", rf"{_DEC}/iou_prediction_head/layers_(\d+)/")
+    iou = [f"{_DEC}/iou_prediction_head/layers_{i}" for i in range(iou_depth)]
+    iou_hidden = s.size("IoU head width", s.dims(
+        [(f"{m}/kernel", 1) for m in iou[:-1]] + [(f"{m}/bias", 0) for m in iou[:-1]] + [(f"{m}/kernel", 0) for m in iou[1:]]))
+    hypernetworks = s.count("output hypernetwork MLP", rf"{_DEC}/output_hypernetworks_mlps_(\d+)/")
+    num_masks = s.size("number of masks", s.dims(
+        [(f"{_DEC}/mask_tokens", 0)] + ([(f"{iou[-1]}/kernel", 1), (f"{iou[-1]}/bias", 0)] if iou else []))
+        + ([(f"{_DEC}/output_hypernetworks_mlps_0..{hypernetworks - 1} ({hypernetworks} MLPs)", hypernetworks)] if hypernetworks else []))
+    return dict(prompt_embed_dim=prompt_dim, mask_in_chans=mask_in_chans, decoder_depth=decoder_depth,
+                decoder_mlp_dim=decoder_mlp, iou_head_depth=iou_depth, iou_head_hidden_dim=iou_hidden,
+                num_multimask_outputs=num_masks - 1)
 
 
 def architecture_fields(config: ModelConfig) -> dict:
