@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -85,14 +87,15 @@ def _squeeze_to_3d(shape: Sequence[int], path, what: str) -> tuple[int, ...]:
     return shape[:3]
 
 
-def _read_nifti(path: Path, what: str, read) -> tuple[np.ndarray, np.ndarray]:
-    """(`read(img)` as a 3D array, affine) of a NIfTI file; `what` ("image", "label map") names it.
+def _read_nifti(path: Path, what: str, read, raw: Optional[bytes] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(`read(img)` as a 3D array, affine) of a NIfTI file; `what` ("image", "label map") names it;
+    `raw`: the file's bytes, read already (parsed from memory, not from the disk again).
 
     nib.load reads only the header, so a truncated or corrupt file fails in `read` (EOFError,
     OSError, zlib errors naming no file): both steps turn any error into a ValueError naming it.
     """
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path)) if raw is None else _nifti_from_bytes(raw, path)
     except Exception as e:  # nibabel raises several types for corrupt files
         raise ValueError(f"cannot read NIfTI file {path} ({what}): {e}") from e
     shape = _squeeze_to_3d(img.shape, path, what)
@@ -101,6 +104,33 @@ def _read_nifti(path: Path, what: str, read) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:
         raise ValueError(f"cannot read NIfTI file {path} ({what}): {e}") from e
     return np.asarray(data).reshape(shape), np.asarray(img.affine, np.float64)
+
+
+def _nifti_from_bytes(raw: bytes, path: Path):
+    """The NIfTI-1 or NIfTI-2 image nib.load(path) gives, from the file's bytes (with its errors)."""
+    import gzip
+    import io as stdlib_io
+
+    from nibabel.filebasedimages import ImageFileError
+
+    gz = str(path).lower().endswith(".gz")
+    if not raw:
+        raise ImageFileError(f"Empty file: '{path}'")
+    if gz and raw[:2] != b"\x1f\x8b":
+        raise ImageFileError(f"File {path} is not a gzip file")
+    stream = stdlib_io.BytesIO(raw)
+    stream.name = str(path)  # nibabel's errors name the file they read
+    if gz:
+        stream = gzip.GzipFile(str(path), "rb", fileobj=stream)
+    try:
+        head = stream.read(nib.Nifti2Header.sizeof_hdr)
+    except EOFError:  # a header cut short
+        head = b""
+    stream.seek(0)
+    image_class = next((c for c in (nib.Nifti1Image, nib.Nifti2Image) if c.header_class.may_contain_header(head)), None)
+    if image_class is None:  # the class nib.load would pick for a .nii file, else its error
+        raise ImageFileError(f'Cannot work out file type of "{path}"')
+    return image_class.from_stream(stream)
 
 
 def _load_nifti(path: Path) -> Volume:
@@ -278,15 +308,23 @@ def _as_integer_labels(data: np.ndarray, path) -> np.ndarray:
     return np.ascontiguousarray(labels, dtype=dtype)
 
 
-def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine)."""
+def read_label_file(path) -> tuple[np.ndarray, np.ndarray, str]:
+    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine, sha256 of the
+    file): one read of its bytes, so the hash names the voxels returned even if the file changes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"label map not found: {path}")
     if not is_nifti_path(path):
         raise ValueError(f"label map {path} is not a NIfTI file (.nii, .nii.gz)")
-    data, affine = _read_nifti(path, "label map", lambda img: np.asanyarray(img.dataobj))  # applies scl_slope/inter
-    return _as_integer_labels(data, path), affine
+    raw = path.read_bytes()
+    data, affine = _read_nifti(path, "label map", lambda img: np.asanyarray(img.dataobj), raw)  # applies scl_slope/inter
+    return _as_integer_labels(data, path), affine, hashlib.sha256(raw).hexdigest()
+
+
+def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine)."""
+    labels, affine, _ = read_label_file(path)
+    return labels, affine
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = AFFINE_ATOL_MM) -> bool:
@@ -410,6 +448,45 @@ def load_label_map(path, like: Volume) -> np.ndarray:
     return align_labels(labels, affine, like, label_path=str(path))
 
 
+class _Reading:
+    """read(item) in a daemon thread: a stop (Ctrl-C) does not wait for a read in progress.
+    `result()` gives read's value or raises its exception; `seconds`: how long the read took."""
+
+    def __init__(self, read: Callable, item):
+        self._value, self._error, self.seconds = None, None, 0.0
+        self._thread = threading.Thread(target=self._run, args=(read, item), daemon=True)
+        self._thread.start()
+
+    def _run(self, read, item):
+        t0 = time.perf_counter()
+        try:
+            self._value = read(item)
+        except BaseException as e:  # re-raised in the caller's thread, at this item
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self):
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def read_ahead(items: Sequence, read: Callable):
+    """Yields (item, its reading) for each item, `reading.result()` being read(item) (or raising what
+    it raised) and `reading.seconds` its time: the next item is read in the background while the
+    caller works on this one (volumes read and decoded while the model runs), one read at a time."""
+    reading = _Reading(read, items[0]) if items else None
+    for i, item in enumerate(items):
+        reading.wait()  # the next read starts when this one is done
+        ahead = _Reading(read, items[i + 1]) if i + 1 < len(items) else None
+        yield item, reading
+        reading = ahead
+
+
 # ---------------------------------------------------------------------------------------------
 # Reorientation
 # ---------------------------------------------------------------------------------------------
@@ -489,12 +566,12 @@ def save_label_map(path, labels: np.ndarray, like: Volume) -> Path:
     return write_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
 
 
-def read_json(path, what: str = ""):
+def read_json(path, what: str = "", raw: Optional[bytes] = None):
     """The JSON a person wrote in `path` (labels.json, splits, manifests, prompts), a byte-order mark
     some editors write included; ValueError naming the file (as `what`, e.g. "prompts file") where
-    it is not UTF-8 JSON."""
+    it is not UTF-8 JSON. `raw`: the file's bytes, read already."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        return json.loads(Path(path).read_text(encoding="utf-8-sig") if raw is None else raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{what + ' ' if what else ''}{path} is not valid JSON: {e}") from None
 

@@ -207,24 +207,28 @@ def test_segment_batch_records_the_prompts_it_read_and_redoes_a_changed_drawn_ma
     prompts.write_text(json.dumps([{"slice": 10, "bounds": [6, 14], "mask": "ball.nii.gz"}]))
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"id,image,prompts\na,{image},p.json\n")
+    first = prompts.read_text()
     fixed = json.dumps([{"slice": 10, "bounds": [8, 12], "mask": "ball.nii.gz"}])
-    real_load, reads = batch.load_prompts_file, []
+    real_segment, used = batch.segment_objects, []
 
-    def edited_while_read(path, *args, **kwargs):  # the user saves a fix just after the first read
-        objects = real_load(path, *args, **kwargs)
-        reads.append(objects[0].bounds)
-        if Path(path).read_text() != fixed:
-            Path(path).write_text(fixed)
-        return objects
+    def edited_once_read(predictor, volume, objects, **kwargs):  # the user saves a fix after the prompts were read
+        used.append(objects[0].bounds)
+        prompts.write_text(fixed)
+        return real_segment(predictor, volume, objects, **kwargs)
 
-    monkeypatch.setattr(batch, "load_prompts_file", edited_while_read)
     out_dir = tmp_path / "out"
-    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
-    assert reads == [(6, 14), (8, 12)]  # read again: the mask is made from the fixed prompts, as recorded
+    with monkeypatch.context() as m:
+        m.setattr(batch, "segment_objects", edited_once_read)
+        assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
+    assert used == [(6, 14)]
     record = json.loads((out_dir / "segment-batch-summary.json").read_text())["done"][0]
-    assert record["prompts_sha256"] == hashlib.sha256(fixed.encode()).hexdigest()
+    assert record["prompts_sha256"] == hashlib.sha256(first.encode()).hexdigest()  # the prompts the mask is made from
     assert list(record["masks_sha256"]) == [str(tmp_path / "ball.nii.gz")]
     capsys.readouterr()
+    assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
+    assert f"redo a: its prompts file {prompts} changed" in capsys.readouterr().out  # the fix, segmented
+    record = json.loads((out_dir / "segment-batch-summary.json").read_text())["done"][0]
+    assert record["prompts_sha256"] == hashlib.sha256(fixed.encode()).hexdigest()
     assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", out_dir, "--no-progress") == 0
     assert "0 done, 1 skipped" in capsys.readouterr().out
     ball = nib.load(str(tmp_path / "ball.nii.gz"))
@@ -245,6 +249,40 @@ def test_segment_batch_records_the_prompts_it_read_and_redoes_a_changed_drawn_ma
     nib.save(nib.Nifti1Image(redrawn[::-1].copy(), ball.affine), tmp_path / "ball.nii.gz")
     assert run_cli("segment-batch", "cases.csv", "--out-dir", "out", "--checkpoint", checkpoint, "--no-progress") == 0
     assert "redo a: its drawn mask" in capsys.readouterr().out
+
+
+def test_segment_batch_reads_each_prompts_file_once_and_each_drawn_mask_once_per_case(image, checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """A prompts file is read once (its masks' paths checked before the model loads, its objects run),
+    a drawn mask once per case however many objects name it: hashes and prompts from the same read."""
+    import builtins
+    import io
+
+    for name in ("ball.nii.gz", "ball_b.nii.gz"):
+        (tmp_path / name).write_bytes((image.parent / "labels.nii.gz").read_bytes())  # the ball, label 7
+    (tmp_path / "a.json").write_text(json.dumps([{"label": k, "slice": 10, "bounds": [8, 12], "mask": "ball.nii.gz",
+                                                  "mask_label": 7} for k in (1, 2)]))
+    (tmp_path / "b.json").write_text(json.dumps([{"slice": 10, "bounds": [8, 12], "mask": "ball_b.nii.gz"}]))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,image,prompts\na,{image},a.json\nb,{image},b.json\n")
+    watched = {str((tmp_path / name).resolve()): name for name in ("a.json", "b.json", "ball.nii.gz", "ball_b.nii.gz")}
+    real_open, opened = builtins.open, {name: 0 for name in watched.values()}
+
+    def counted_open(file, *args, **kwargs):  # every Python-level open: builtins.open, io.open (pathlib), gzip
+        if isinstance(file, (str, Path)) and str(Path(file).resolve()) in watched:
+            opened[watched[str(Path(file).resolve())]] += 1
+        return real_open(file, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", counted_open)
+        m.setattr(io, "open", counted_open)
+        assert run_cli("segment-batch", manifest, "--checkpoint", checkpoint, "--out-dir", tmp_path / "out",
+                       "--no-progress") == 0
+    assert opened == {"a.json": 1, "b.json": 1, "ball.nii.gz": 1, "ball_b.nii.gz": 1}
+    done = json.loads((tmp_path / "out" / "segment-batch-summary.json").read_text())["done"]
+    sha = hashlib.sha256((image.parent / "labels.nii.gz").read_bytes()).hexdigest()
+    assert [r["masks_sha256"] for r in done] == [{str(tmp_path / "ball.nii.gz"): sha}, {str(tmp_path / "ball_b.nii.gz"): sha}]
+    assert done[0]["volumes_ml"].keys() == {"1", "2"}
 
 
 def test_segment_without_checkpoint_needs_one(image, tmp_path, capsys, monkeypatch):
@@ -435,6 +473,28 @@ def _prompt_error(data, match, world=False, shape=(40, 36, 20)):
 ])
 def test_world_prompts_errors_name_key_and_millimetres(obj, match):
     _prompt_error({"coordinates": "world", "objects": [obj]}, match)
+
+
+def test_world_drawn_mask_alone_places_its_slices_at_the_image_centre():
+    """A drawn mask needs no point or box in world coordinates: its slice and bounds are the z heights
+    taken at the image's centre voxel (on an oblique scan the slice at a height varies in-plane)."""
+    from radsam_jax.inference.prompt_file import parse_prompts
+
+    shape = (40, 36, 20)
+    axial = np.array([[-1.5, 0, 0, 30.0], [0, -1.5, 0, 20.0], [0, 0, 3.0, -40.0], [0, 0, 0, 1]])
+    (obj,) = parse_prompts({"coordinates": "world", "objects": [{"slice": 0, "mask": "m.nii.gz", "bounds": [-30, 9]}]},
+                           shape, axial)
+    assert (obj.slice, obj.bounds, obj.points, obj.box) == (13, (3, 16), None, None)  # z = -40 + 3 k, rounded
+    c, sn = np.cos(0.3), np.sin(0.3)  # tilted about x: a slice's z rises 1.5 * sin(0.3) mm per voxel of y
+    oblique = np.array([[1.5, 0, 0, 0], [0, 1.5 * c, -3 * sn, 0], [0, 1.5 * sn, 3 * c, -40.0], [0, 0, 0, 1]])
+    centre_y = 1.5 * c * 17.5 - 3 * sn * 9.5  # voxel (19.5, 17.5, 9.5)'s y in mm
+    for z in (-20.0, 0.0, 10.0):
+        (alone,) = parse_prompts({"coordinates": "world", "objects": [{"slice": z, "mask": "m.nii.gz"}]}, shape, oblique)
+        (point,) = parse_prompts({"coordinates": "world", "objects": [{"slice": z, "points": [[29.25, centre_y]]}]},
+                                 shape, oblique)
+        assert alone.slice == point.slice
+        corner = np.linalg.inv(oblique) @ [0.0, 0.0, z, 1.0]  # the slice at that height at x = y = 0 differs
+        assert alone.slice != int(np.floor(corner[2] + 0.5))
 
 
 def test_prompts_errors_per_key_and_point_limit():

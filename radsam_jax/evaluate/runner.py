@@ -3,7 +3,7 @@
 Per volume the predictor's `set_volume` runs once and the slices an object spans are encoded once
 (`encode_slices`, which skips cached slices); every structure, prompt kind, propagation mode, edit
 and protocol after that re-uses the cached embeddings, so the image encoder runs at most once per
-slice per volume; the next volume is read in a background thread meanwhile. Randomness (point prompts, correction clicks, optional box jitter) comes from a
+slice per volume; the next volume is read in a background thread meanwhile (io.read_ahead). Randomness (point prompts, correction clicks, optional box jitter) comes from a
 generator seeded by (seed, case, structure, setting), so the same seed gives the same numbers, and
 adding a setting or a structure to a run does not change the others. Each finished object goes into
 a `RunRecord` (record.py) at once, so a run can continue after a stop and shards of a run merge.
@@ -20,7 +20,6 @@ import dataclasses
 import heapq
 import itertools
 import sys
-import threading
 import time
 import zlib
 from typing import Callable, Optional, Sequence
@@ -32,6 +31,7 @@ from radsam_jax.evaluate.record import EvalResult, RunRecord, WorstCase
 from radsam_jax.evaluate.simulated_user import (
     PROMPT_KINDS, correction_2d, correction_3d, initial_slice, object_bounds, slice_2d, slice_prompt,
 )
+from radsam_jax.io import read_ahead
 
 PROTOCOLS = ("volume", "slice")
 PROPAGATIONS = ("mask", "box")
@@ -235,15 +235,15 @@ def evaluate_cases(cases, predictor, settings: Sequence[Setting], options: EvalO
             return volume_and_labels, None
 
     try:
-        for case_index, case, todo, outcome in _read_ahead(work, read):
-            if isinstance(outcome, Exception):  # this case's files; the model has not run on it
-                unreadable.append((case.case_id, str(outcome) if isinstance(outcome, ValueError)
-                                   else f"{type(outcome).__name__}: {outcome}"))
+        for (case_index, case, todo), reading in read_ahead(work, lambda w: read(w[1])):
+            try:
+                (volume, labels), content = reading.result()
+            except Exception as e:  # this case's files; the model has not run on it
+                unreadable.append((case.case_id, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
                 (bar.write if bar is not None else print)(f"evaluate: case {case.case_id} left for later, it cannot "
                                                           f"be read: {unreadable[-1][1]}", file=sys.stderr)
                 continue
-            ((volume, labels), content), read_s = outcome
-            started = time.perf_counter() - read_s  # the case's time includes its read, overlapped or not
+            started = time.perf_counter() - reading.seconds  # the case's time includes its read, overlapped or not
             if content is not None:
                 record.add_case_files(case.case_id, content)
             present_ids = set(np.unique(labels).tolist())
@@ -279,19 +279,6 @@ def _check_run(cases, settings: Sequence[Setting], options: EvalOptions) -> dict
             raise ValueError(f"--edits {list(options.edits)} leaves no checkpoint for the {protocol}-level protocol "
                              f"(slice-level allows at most {SLICE_EDITS_MAX} points per slice)")
     return checkpoints
-
-
-def _read_ahead(work: list, read: Callable):
-    """(case index, case, todo, (read's value, seconds) or the exception it raised) per item of `work`;
-    the next case is read in a background thread while the caller evaluates this one."""
-    pending = _Reading(read, work[0][1]) if work else None
-    for position, (case_index, case, todo) in enumerate(work):
-        try:
-            outcome = pending.result()
-        except Exception as e:
-            outcome = e
-        pending = _Reading(read, work[position + 1][1]) if position + 1 < len(work) else None
-        yield case_index, case, todo, outcome
 
 
 def _check_requested_present(case, present_ids: set, requested: list) -> None:
@@ -397,30 +384,6 @@ def _check_case_files(mine, record: RunRecord, done: set) -> set:
             f"changed since the run recorded in {record.folder} evaluated them: its scores for them are not those of "
             f"the files now. --restart evaluates the run again (or give another --out)")
     return verified
-
-
-class _Reading:
-    """load_case(case) in a daemon thread: the next case is read and decoded while this one is
-    evaluated, and a stop (Ctrl-C) does not wait for a read in progress. `result()` gives
-    (load_case's value, seconds it took) or raises its exception."""
-
-    def __init__(self, load_case: Callable, case):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(load_case, case), daemon=True)
-        self._thread.start()
-
-    def _run(self, load_case, case):
-        t0 = time.perf_counter()
-        try:
-            self._value = (load_case(case), time.perf_counter() - t0)
-        except BaseException as e:  # re-raised in the evaluating thread, at this case
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _evaluate_object(predictor, volume, case, position: tuple[int, int], name: str, label_id: int, gt: np.ndarray,

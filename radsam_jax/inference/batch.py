@@ -7,7 +7,10 @@ paths are taken from the manifest's folder. Case i is written to OUT_DIR/<id>.ni
 defaults to the image's file name without .nii/.nii.gz (a DICOM folder: its name).
 
 One `VolumePredictor` serves every case, so its compiled functions (bucketed shapes) are reused; the
-next case is read and its prompts validated in a background thread while the current one runs. A
+next case is read and its prompts validated in a background thread while the current one runs. Each
+prompts file is read once, before anything runs (`ManifestCase.prompts_file`: the output check and
+the run use it), each drawn mask once per case, when the case is read; a case's record holds the
+hashes of the bytes it was made from. A
 failing case is reported and skipped; a re-run skips cases whose output already exists (outputs are
 written atomically, and a case's mask last, so an existing mask is a finished case; one whose prompts
 file changed since is segmented again, and masks recorded with other settings (model, dtype, window,
@@ -22,9 +25,9 @@ share one manifest and one OUT_DIR.
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -34,8 +37,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from radsam_jax.inference.prompt_file import ObjectPrompt, drawn_mask, drawn_mask_paths, load_prompts_file
-from radsam_jax.io import nifti_stem
+from radsam_jax.inference.prompt_file import ObjectPrompt, PromptsFile, drawn_mask, read_drawn_masks
+from radsam_jax.io import nifti_stem, read_ahead
 
 
 def voxel_ml(volume) -> float:
@@ -70,6 +73,12 @@ class ManifestCase:
     id: str
     image: Path
     prompts: Path
+
+    @functools.cached_property
+    def prompts_file(self) -> PromptsFile:
+        """The prompts file as read, once: by `check_out_dir` (its drawn masks' paths), then for the
+        run (its objects and hash)."""
+        return PromptsFile.read(self.prompts)
 
 
 def _case_cell(value, path, where: str, key: str) -> str:
@@ -170,7 +179,7 @@ def check_out_dir(cases: Sequence[ManifestCase], out_dir, *, previews: bool = Fa
     for what, out in outputs:  # all in out_dir, whose files were tried above: each only for what is in the way
         check_output_path(out, what, probe=False)
     inputs = [(f"image of case {c.id!r}", c.image) for c in cases] + [(f"prompts file of case {c.id!r}", c.prompts) for c in cases]
-    inputs += [(f"drawn mask of case {c.id!r}", m) for c in cases for m in drawn_mask_paths(c.prompts)]
+    inputs += [(f"drawn mask of case {c.id!r}", m) for c in cases for m in c.prompts_file.mask_paths()]
     if manifest is not None:
         inputs.append(("manifest", manifest))
     check_outputs_spare_inputs(outputs, inputs)
@@ -178,24 +187,13 @@ def check_out_dir(cases: Sequence[ManifestCase], out_dir, *, previews: bool = Fa
 
 def _load_case(case: ManifestCase, world: bool, max_points: int):
     """(volume, objects with their drawn masks read, the hashes of the prompt files as read: `_hashes`).
-    A prompts file or drawn mask edited while it is read is read again, so the record of a case
-    names the prompts its mask was made from."""
+    The prompts file was read before the run (`ManifestCase.prompts_file`), each drawn mask is read
+    here, once: each hash is that of the bytes the case is made from."""
     from radsam_jax.io import load_volume
 
     volume = load_volume(case.image)
-    for _ in range(3):
-        before = _file_sha256(case.prompts)
-        objects = load_prompts_file(case.prompts, volume.array.shape, volume.affine, world=world, max_points=max_points)
-        # Absolute: a re-run from another folder reads the same files (a prompts file's mask is relative to it).
-        masks = sorted({str(Path(o.mask_file).resolve()) for o in objects if o.mask_file is not None})
-        mask_hashes = {m: _file_sha256(Path(m)) for m in masks}
-        for o in objects:
-            if o.mask_file is not None:
-                drawn_mask(o, volume)
-        hashes = _hashes(before, mask_hashes)
-        if hashes == _hashes(_file_sha256(case.prompts), {m: _file_sha256(Path(m)) for m in masks}):
-            return volume, objects, hashes
-    raise RuntimeError(f"the prompts file {case.prompts} or a mask it names kept changing while it was read")
+    objects = case.prompts_file.objects(volume.array.shape, volume.affine, world=world, max_points=max_points)
+    return volume, objects, _hashes(case.prompts_file.sha256, read_drawn_masks(objects, volume))
 
 
 def _hashes(prompts_sha256: Optional[str], masks_sha256: dict) -> dict:
@@ -280,14 +278,36 @@ def run_batch(predictor, cases: Sequence[ManifestCase], out_dir, *, world: bool 
 
 def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previews, log, progress, shard) -> dict:
     from radsam_jax.data.datasets import select_shard
-    from radsam_jax.io import save_label_map, write_text_atomically
 
     mine = select_shard(cases, shard)
     existing = [case.id for case in mine if (out_dir / f"{case.id}.nii.gz").exists()]
     records = _earlier_records(out_dir, shard)
     _check_settings(out_dir, records, existing, settings)
+    todo, skipped, kept = _triage(mine, set(existing), records, out_dir, log)
+    summary = _Summary(out_dir / summary_name(shard), settings, mine, kept, skipped)
+    bar = _progress_bar(len(todo)) if progress and todo else None
+    for case, read in read_ahead(todo, lambda c: _load_case(c, world, predictor.max_points)):
+        try:
+            summary.done.append(_run_case(predictor, case, read, out_dir, settings, previews=previews,
+                                          earlier=records.get(case.id), log=log))
+        except Exception as e:
+            summary.failed.append(_failure(case, e, log))
+        summary.write(complete=False)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    written = summary.write(complete=True)
+    log(f"segment-batch: {len(summary.done)} done, {len(skipped)} skipped (output exists), {len(summary.failed)} failed")
+    for f in summary.failed:
+        log(f"  failed {f['id']}: {f['error']}")
+    return written
+
+
+def _triage(mine: Sequence[ManifestCase], existing: set, records: dict, out_dir: Path, log):
+    """(cases to segment, cases skipped, the earlier records of the cases whose mask exists, by id): a
+    case runs unless its mask exists and its record names no prompt file changed since (`_changed`)."""
     todo, skipped, kept = [], [], {}
-    existing = set(existing)
     for case in mine:
         record = records.get(case.id)
         if case.id not in existing:
@@ -295,82 +315,89 @@ def _run_locked(predictor, cases, out_dir: Path, settings: dict, *, world, previ
             continue
         if record is not None:
             kept[case.id] = record
-        changed = None
-        if record is not None and record.get("prompts_sha256"):
-            # A file removed since (hash None) leaves nothing to compare: the mask stands.
-            now = _file_sha256(case.prompts)
-            stale = [m for m, sha in record.get("masks_sha256", {}).items() if _file_sha256(Path(m)) not in (None, sha)]
-            if now not in (None, record["prompts_sha256"]):
-                changed = f"its prompts file {case.prompts}"
-            elif stale:
-                changed = f"its drawn mask {', '.join(stale)}"
+        changed = _changed(case, record)
         if changed:
             log(f"redo {case.id}: {changed} changed since its mask was written")
             todo.append(case)
         else:
             skipped.append(case)
             log(f"skip {case.id}: {out_dir / (case.id + '.nii.gz')} exists")
-    done, failed = [], []
+    return todo, skipped, kept
 
-    def write_summary(complete: bool) -> dict:
-        order = {case.id: i for i, case in enumerate(mine)}
-        records = {**kept, **{r["id"]: r for r in done}}
-        summary = {"settings": settings, "complete": complete,
-                   "done": sorted(records.values(), key=lambda r: order[r["id"]]), "skipped": [c.id for c in skipped],
-                   "failed": failed}
-        write_text_atomically(out_dir / summary_name(shard), json.dumps(summary, indent=2) + "\n")
+
+def _changed(case: ManifestCase, record: Optional[dict]) -> Optional[str]:
+    """Which prompt file of a finished case changed since its record ("its prompts file P", "its
+    drawn mask M, ..."), or None. A file removed since (hash None) leaves nothing to compare: the
+    mask stands; so does one whose record names no prompts."""
+    if record is None or not record.get("prompts_sha256"):
+        return None
+    if case.prompts_file.sha256 not in (None, record["prompts_sha256"]):
+        return f"its prompts file {case.prompts}"
+    stale = [m for m, sha in record.get("masks_sha256", {}).items() if _file_sha256(Path(m)) not in (None, sha)]
+    return f"its drawn mask {', '.join(stale)}" if stale else None
+
+
+@dataclasses.dataclass
+class _Summary:
+    """A run's summary as it goes, written to `path` after every case (`run_batch`)."""
+
+    path: Path
+    settings: dict
+    mine: Sequence[ManifestCase]  # the shard's cases, in the order records are listed
+    kept: dict  # earlier runs' records of the cases whose mask exists, by id
+    skipped: list
+    done: list = dataclasses.field(default_factory=list)  # this run's records
+    failed: list = dataclasses.field(default_factory=list)
+
+    def write(self, complete: bool) -> dict:
+        from radsam_jax.io import write_text_atomically
+
+        order = {case.id: i for i, case in enumerate(self.mine)}
+        records = {**self.kept, **{r["id"]: r for r in self.done}}
+        summary = {"settings": self.settings, "complete": complete,
+                   "done": sorted(records.values(), key=lambda r: order[r["id"]]), "skipped": [c.id for c in self.skipped],
+                   "failed": self.failed}
+        write_text_atomically(self.path, json.dumps(summary, indent=2) + "\n")
         return summary
 
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), unit="case", file=sys.stderr, desc="segment-batch")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="radsam-reader") as reader:
-        future = reader.submit(_load_case, todo[0], world, predictor.max_points) if todo else None
-        for i, case in enumerate(todo):
-            start = time.perf_counter()
-            try:
-                volume, objects, hashes = future.result()
-            except Exception as e:  # reported below; the next case is already being read
-                volume = None
-                error = e
-            # Read the next case while this one runs on the device.
-            future = reader.submit(_load_case, todo[i + 1], world, predictor.max_points) if i + 1 < len(todo) else None
-            try:
-                if volume is None:
-                    raise error
-                labels, _ = segment_objects(predictor, volume, objects)
-                preview = out_dir / f"{case.id}.png"
-                if previews:
-                    from radsam_jax.inference.preview import save_predictor_preview
+def _progress_bar(total: int):
+    from tqdm import tqdm
 
-                    save_predictor_preview(preview, predictor, labels, objects)
-                out = out_dir / f"{case.id}.nii.gz"
-                save_label_map(out, labels, like=volume)
-                if not previews and records.get(case.id, {}).get("preview"):  # it showed the mask just replaced
-                    preview.unlink(missing_ok=True)
-                seconds = time.perf_counter() - start
-                counts = np.bincount(labels.ravel(), minlength=max(o.label for o in objects) + 1)  # per label, as written
-                done.append({"id": case.id, "output": str(out), "seconds": round(seconds, 3),
-                             "objects": len(objects), "slices": predictor.num_slices,
-                             "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3)
-                                            for o in objects},
-                             **hashes, **({"preview": str(preview)} if previews else {}), "settings": settings})
-                log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
-            except Exception as e:
-                msg = f"{type(e).__name__}: {e}"
-                failed.append({"id": case.id, "image": str(case.image), "prompts": str(case.prompts), "error": msg})
-                log(f"FAILED {case.id}: {msg}")
-                if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
-                    traceback.print_exc(file=sys.stderr)
-            write_summary(complete=False)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    summary = write_summary(complete=True)
-    log(f"segment-batch: {len(done)} done, {len(skipped)} skipped (output exists), {len(failed)} failed")
-    for f in failed:
-        log(f"  failed {f['id']}: {f['error']}")
-    return summary
+    return tqdm(total=total, unit="case", file=sys.stderr, desc="segment-batch")
+
+
+def _run_case(predictor, case: ManifestCase, read, out_dir: Path, settings: dict, *, previews: bool,
+              earlier: Optional[dict], log) -> dict:
+    """Segments a case once `read` (its `_load_case` reading, io.read_ahead) is done and writes its outputs, the mask
+    last; returns its record. Raises what reading or segmenting it raised."""
+    from radsam_jax.io import save_label_map
+
+    start = time.perf_counter()
+    volume, objects, hashes = read.result()
+    labels, _ = segment_objects(predictor, volume, objects)
+    preview = out_dir / f"{case.id}.png"
+    if previews:
+        from radsam_jax.inference.preview import save_predictor_preview
+
+        save_predictor_preview(preview, predictor, labels, objects)
+    out = out_dir / f"{case.id}.nii.gz"
+    save_label_map(out, labels, like=volume)
+    if not previews and (earlier or {}).get("preview"):  # it showed the mask just replaced
+        preview.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    counts = np.bincount(labels.ravel(), minlength=max(o.label for o in objects) + 1)  # per label, as written
+    log(f"done {case.id}: {len(objects)} object(s), {predictor.num_slices} slices, {seconds:.2f} s -> {out}")
+    return {"id": case.id, "output": str(out), "seconds": round(seconds, 3), "objects": len(objects),
+            "slices": predictor.num_slices,
+            "volumes_ml": {str(o.label): round(int(counts[o.label]) * voxel_ml(volume), 3) for o in objects},
+            **hashes, **({"preview": str(preview)} if previews else {}), "settings": settings}
+
+
+def _failure(case: ManifestCase, error: Exception, log) -> dict:
+    """A failed case's record, logged (with the traceback of an unexpected error: call it in the except block)."""
+    msg = f"{type(error).__name__}: {error}"
+    log(f"FAILED {case.id}: {msg}")
+    if not isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+        traceback.print_exc(file=sys.stderr)
+    return {"id": case.id, "image": str(case.image), "prompts": str(case.prompts), "error": msg}

@@ -31,7 +31,8 @@ other two axes in array order; for the usual axial file x = first array axis, y 
 third (the slice shown as `array[:, :, k].T`), for a sagittal file stored (A, S, R) x runs along A,
 y along R and slices along S (`orientation.axial_grid`). World coordinates: x, y are RAS millimetres and slice / bounds are the z (S)
 coordinate in millimetres; each is converted with the inverse affine (points at their slice's
-height; slice heights at the prompt's x, y) and slices are rounded to the nearest index.
+height; slice heights at the prompt's x, y, or a drawn mask alone's at the image's centre voxel) and
+slices are rounded to the nearest index.
 Objects are written in order; where two overlap, the later one wins. A slice holds at most
 `DEFAULT_MAX_POINTS` (16) points, the prompt's plus every edit's on it, as `VolumePredictor` does.
 """
@@ -39,6 +40,7 @@ Objects are written in order; where two overlap, the later one wins. A slice hol
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -92,6 +94,13 @@ class PromptError(ValueError):
 def _world_to_voxel(affine: np.ndarray, xyz) -> np.ndarray:
     xyz = np.asarray(xyz, np.float64)
     return (np.linalg.inv(affine) @ np.append(xyz, 1.0))[:3]
+
+
+def _grid_centre_mm(affine, shape) -> np.ndarray:
+    """The RAS (x, y) of the image's centre voxel: where a drawn mask alone (no point, no box) places
+    its slices in world coordinates (the same slice wherever taken unless the scan is oblique)."""
+    centre = (np.asarray(shape[:3], np.float64) - 1) / 2
+    return (np.asarray(affine, np.float64) @ np.append(centre, 1.0))[:2]
 
 
 def _slice_from_world(affine, z_mm: float, xy_mm, nz: int, where: str, what: str = "slice") -> int:
@@ -219,11 +228,10 @@ def parse_object(raw: dict, index: int, shape: Sequence[int], affine, *, world: 
         mask_label = _int(mask_label, f"{where}: mask_label")
     points, labels = _points(raw.get("points"), raw.get("point_labels"), where)
     box = _box(raw.get("box"), where)
-    ref_mm = None  # world: where the object's slices are placed in-plane (its first point, or its box's centre)
+    ref_mm = None  # world: where the object's slices are placed in-plane
     if world:
-        if points is None and box is None:
-            raise PromptError(f"{where}: with world coordinates a mask needs a point or a box too (to place its slice)")
-        ref_mm = points[0] if points is not None else (box[:2] + box[2:]) / 2
+        ref_mm = (points[0] if points is not None else (box[:2] + box[2:]) / 2 if box is not None
+                  else _grid_centre_mm(affine, shape))
     k, prompted, points, box = _place(raw["slice"], points, box, shape, affine, world, ref_mm, where)
     if box is not None and (box[0] > box[2] or box[1] > box[3]):
         raise PromptError(f"{where}: box {box.tolist()} must have x0 <= x1 and y0 <= y1")
@@ -332,16 +340,18 @@ def _edits(raw_edits, stored: dict, bounds: tuple[int, int, str], shape, affine,
     return edits
 
 
-def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:
+def drawn_mask(obj: ObjectPrompt, volume, labels: Optional[np.ndarray] = None) -> np.ndarray:
     """The object's drawn mask prompt: its `mask_file` aligned to `volume` (io.load_label_map), on
     slice `obj.slice`, as a bool array of that slice's shape (VolumePredictor.segment's `mask`).
-    Read once per object (kept in `obj.drawn`): the command line checks it before the model loads."""
+    Read once per object (kept in `obj.drawn`): the command line checks it before the model loads.
+    `labels`: the `mask_file` already read on `volume`'s grid (`read_drawn_masks`)."""
     if obj.drawn is not None:
         return obj.drawn
     from radsam_jax.inference.orientation import SliceFrame
     from radsam_jax.io import load_label_map
 
-    labels = load_label_map(obj.mask_file, like=volume)
+    if labels is None:
+        labels = load_label_map(obj.mask_file, like=volume)
     drawn = SliceFrame.from_affine(volume.affine, labels.shape).axial(labels)[:, :, obj.slice]
     drawn = drawn > 0 if obj.mask_label is None else drawn == obj.mask_label
     if not drawn.any():
@@ -349,6 +359,27 @@ def drawn_mask(obj: ObjectPrompt, volume) -> np.ndarray:
         raise PromptError(f"{obj.title}: its mask {obj.mask_file} has {which} on slice {obj.slice}")
     obj.drawn = drawn
     return drawn
+
+
+def read_drawn_masks(objects: Sequence[ObjectPrompt], volume) -> dict[str, str]:
+    """Reads every drawn mask file the objects name once from disk (objects naming one file share
+    it; one file's voxels held at a time) and keeps each object's `drawn_mask`; returns {absolute
+    path: sha256 of the bytes read}, sorted: the files the objects' masks are made from, whatever
+    the current folder (a re-run from another one compares the same files)."""
+    from radsam_jax.io import align_labels, read_label_file
+
+    by_file: dict[str, list[ObjectPrompt]] = {}
+    for o in objects:
+        if o.mask_file is not None:
+            by_file.setdefault(str(Path(o.mask_file).resolve()), []).append(o)
+    hashes = {}
+    for key, named in by_file.items():
+        path = named[0].mask_file
+        labels, affine, hashes[key] = read_label_file(path)  # one read: the hash names these voxels
+        labels = align_labels(labels, affine, volume, label_path=str(path))
+        for o in named:
+            drawn_mask(o, volume, labels)
+    return dict(sorted(hashes.items()))
 
 
 def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = False,
@@ -381,33 +412,53 @@ def parse_prompts(data: Any, shape: Sequence[int], affine, *, world: bool = Fals
     return parsed
 
 
-def drawn_mask_paths(path) -> list[Path]:
-    """The drawn masks a prompts file names (relative to it), reading no volume: the inputs a batch's
-    outputs must spare. A file that cannot be read or parsed names none (reading it for the case fails
-    with its own error)."""
-    path = Path(path)
-    try:
-        data = read_json(path, "prompts file")
-    except (OSError, ValueError):
-        return []
-    objects = data if isinstance(data, list) else data.get("objects") if isinstance(data, dict) else None
-    return [path.parent / o["mask"] for o in objects or [] if isinstance(o, dict) and isinstance(o.get("mask"), str)
-            and o["mask"].strip()]
+@dataclasses.dataclass
+class PromptsFile:
+    """A prompts file read once: its JSON and the sha256 of the bytes it was parsed from (None where
+    it cannot be read), or the error `objects` raises. `mask_paths` reads no volume; `objects`
+    validates the prompts against one."""
+
+    path: Path
+    data: Any = None
+    sha256: Optional[str] = None
+    error: Optional[Exception] = None
+
+    @classmethod
+    def read(cls, path) -> "PromptsFile":
+        path = Path(path)
+        if not path.is_file():
+            return cls(path, error=FileNotFoundError(f"prompts file not found: {path}"))
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return cls(path, error=e)
+        sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            return cls(path, read_json(path, "prompts file", raw), sha256)
+        except ValueError as e:
+            return cls(path, sha256=sha256, error=PromptError(str(e)))
+
+    def mask_paths(self) -> list[Path]:
+        """The drawn masks the file names (relative to it): the inputs a batch's outputs must spare. A
+        file that cannot be read or parsed names none (`objects` fails with its own error)."""
+        data = self.data
+        objects = data if isinstance(data, list) else data.get("objects") if isinstance(data, dict) else None
+        return [self.path.parent / o["mask"] for o in objects or [] if isinstance(o, dict) and isinstance(o.get("mask"), str)
+                and o["mask"].strip()]
+
+    def objects(self, shape, affine, *, world: bool = False, max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
+        """The validated objects (`parse_prompts`), errors naming the file; a drawn mask's path is the file's."""
+        if self.error is not None:
+            raise self.error
+        try:
+            objects = parse_prompts(self.data, shape, affine, world=world, max_points=max_points)
+        except PromptError as e:
+            raise PromptError(f"{self.path}: {e}") from None
+        for o in objects:
+            if o.mask_file is not None:
+                o.mask_file = str(self.path.parent / o.mask_file)
+        return objects
 
 
 def load_prompts_file(path, shape, affine, *, world: bool = False, max_points: int = DEFAULT_MAX_POINTS) -> list[ObjectPrompt]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    try:
-        data = read_json(path, "prompts file")
-    except ValueError as e:
-        raise PromptError(str(e)) from None
-    try:
-        objects = parse_prompts(data, shape, affine, world=world, max_points=max_points)
-    except PromptError as e:
-        raise PromptError(f"{path}: {e}") from None
-    for o in objects:  # a drawn mask's path is the prompts file's
-        if o.mask_file is not None:
-            o.mask_file = str(path.parent / o.mask_file)
-    return objects
+    return PromptsFile.read(path).objects(shape, affine, world=world, max_points=max_points)
