@@ -21,17 +21,19 @@ from typing import Iterator, Optional
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from radsam_jax.checkpoint import expected_shapes, tree_shapes
 from radsam_jax.compilation_cache import enable_compilation_cache
 from radsam_jax.intensity import DEFAULT_CT_WINDOW, INTENSITY_MODES, window_caption
-from radsam_jax.io import write_text_atomically
+from radsam_jax.io import check_output_path, write_text_atomically
 from radsam_jax.model import ModelConfig, init_variables, load_model_config
 from radsam_jax.train import checkpointing, optimizer as optimizer_lib
 from radsam_jax.train.config_lib import ConfigError, resolve_path
 from radsam_jax.train.loss import DICE_FORMS
 from radsam_jax.train.train_step import (
     abstract_train_state,
+    batch_sharding,
     compute_dtype,
     create_sharded_state,
     initial_loss_scale,
@@ -436,7 +438,7 @@ def evaluate(eval_step, variables, config, model_config, mesh, batch_size: int, 
     for batch, weight in validation_batches(config, model_config, batch_size, held_out):
         global_batch = to_global_batch({k: v[rows] for k, v in batch.items()}, mesh)
         global_batch["weight"] = jax.make_array_from_process_local_data(
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), weight[rows])
+            batch_sharding(mesh), weight[rows])
         out = jax.device_get(eval_step(variables, global_batch))
         sums = out if sums is None else {k: sums[k] + out[k] for k in out}
     if not sums or sums["count"] == 0:
@@ -456,7 +458,7 @@ def validation_recorded(workdir: pathlib.Path, step: int) -> bool:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                if row.get("step") == step and "validation_loss" in row:
+                if isinstance(row, dict) and row.get("step") == step and "validation_loss" in row:
                     found = True
                     break
     if jax.process_count() == 1:
@@ -587,56 +589,239 @@ def resume(ckpt: checkpointing.Checkpointer, config: ml_collections.ConfigDict, 
     return state, train_iter
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
-    with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it.
-    A mistake in the config raises ConfigError before the workdir is created or written to."""
+def _set_up_process(config: ml_collections.ConfigDict) -> None:
+    """Joins the other processes (multi-host) and enables the compilation cache: before anything touches a
+    JAX backend."""
     maybe_initialize_distributed(config)
     if config.compilation_cache_dir:
         # Persistent XLA cache: a restarted (preempted) run or a sweep does not recompile.
         enable_compilation_cache(resolve_path(config.compilation_cache_dir))
-    workdir = pathlib.Path(workdir)
-    check_config(config)
-    from radsam_jax.io import check_output_path
 
+
+def _check_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """ConfigError for a mistake in `config` (`check_config`) or a `workdir` that cannot be written."""
+    check_config(config)
     try:  # not found unusable after the data and the model are set up
         check_output_path(workdir, "--workdir", folder=True)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    # ---------------------------------------------------------------- Set up mesh
-    # One "data" axis over every device of every process: params replicated, batch split.
-    mesh = make_mesh(config.num_devices if config.num_devices > 0 else None)
-    num_processes = jax.process_count()
-    local_batch = config.batch_size // num_processes
-    eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
 
-    # ---------------------------------------------------------------- Create model & optimizer
-    # Read-only: nothing is written to the workdir before the model is known to build.
+def _probe_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[ModelConfig, Optional[dict]]:
+    """`run_model` of the run in `workdir`, whose checkpoints it opens read-only: nothing is written to the
+    workdir before the model is known to build."""
     probe = checkpointing.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
-        model_config, init_vars = run_model(config, probe)
+        return run_model(config, probe)
     finally:
         probe.close()
-    abstract_params = jax.eval_shape(lambda: init_variables(model_config, jax.random.PRNGKey(0))["params"])
-    total_steps = config.num_train_steps if config.num_train_steps > 0 else None
-    tx = optimizer_lib.make_optimizer(config.optim, abstract_params, total_steps or 1)
-    schedule = optimizer_lib.make_schedule(config.optim, total_steps or 1)
 
-    # ---------------------------------------------------------------- Data
-    train_iter = make_iterator(config, model_config, split="train", batch_size=local_batch, seed=config.seed,
-                               num_epochs=config.num_epochs if config.num_epochs > 0 else None)
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = MetricWriter(workdir)
+
+def _optimizer_and_schedule(config: ml_collections.ConfigDict, model_config: ModelConfig,
+                            total_steps: Optional[int]) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser of `model_config`'s parameters (their shapes only) and its learning-rate schedule, over
+    `total_steps` (None: unbounded, which check_config allows only with a constant schedule)."""
+    abstract_params = jax.eval_shape(lambda: init_variables(model_config, jax.random.PRNGKey(0))["params"])
+    tx = optimizer_lib.make_optimizer(config.optim, abstract_params, total_steps or 1)
+    return tx, optimizer_lib.make_schedule(config.optim, total_steps or 1)
+
+
+def _print_mesh(writer: MetricWriter, config: ml_collections.ConfigDict, mesh) -> None:
+    """The mesh, the devices and processes it spans, and the global batch (and its microbatches)."""
     writer.print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-                 f"{num_processes} process(es); global batch {config.batch_size}"
+                 f"{jax.process_count()} process(es); global batch {config.batch_size}"
                  + (f" in {config.grad_accum_steps} microbatches of {config.batch_size // config.grad_accum_steps}"
                     if config.grad_accum_steps > 1 else ""))
+
+
+def _warn_validation_overlap(writer: MetricWriter, config: ml_collections.ConfigDict) -> None:
+    """A warning when validation cases are also training cases (`validation_overlap`)."""
     overlap = validation_overlap(config) if writer.enabled else []  # lists the cases: where it is printed only
     if overlap:
         writer.print(f"warning: {len(overlap)} validation case(s) ({', '.join(overlap[:5])}) are also training cases, "
                      f"so validation measures the training set (a generic layout holds every case in every split "
                      f"unless its root has a splits.json or data.val_root names another folder)")
+
+
+def _start_metrics_at(writer: MetricWriter, step: int) -> None:
+    """`writer.start_at(step)`, saying how many metrics.jsonl rows it dropped."""
+    dropped = writer.start_at(step)
+    if dropped:
+        writer.print(f"dropped {dropped} row(s) of {writer.path} after step {step}, where the run starts again")
+
+
+def _print_model(writer: MetricWriter, config: ml_collections.ConfigDict, model_config: ModelConfig,
+                 params) -> None:
+    """The model's name and size, the precision, and the intensity window it is trained for."""
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}, "
+                 f"{window_caption(model_config.ct_window, model_config.intensity)}")
+
+
+def _volume_baseline_config(config: ml_collections.ConfigDict, model_config: ModelConfig, step: int) -> ModelConfig:
+    """The model config of a volume validation before the first step. The weights are then the init
+    checkpoint's: its volume validation reads mask prompts as that checkpoint declares (logits for a converted
+    SAM), so the baseline is what `radsam evaluate` gives it; from the first step on, as trained (binary)."""
+    if step == 0 and config.init_checkpoint and config.eval.volume_cases > 0:
+        from radsam_jax.checkpoint import load_config
+
+        init_prompt = load_config(resolve_path(config.init_checkpoint)).mask_prompt
+        return dataclasses.replace(model_config, mask_prompt=init_prompt)
+    return model_config
+
+
+class _TrainingLoop:
+    """The state the loop carries from step to step (train state, data iterator, step, last metrics), and
+    what it does on the way: log, validate, checkpoint."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, model_config: ModelConfig,
+                 train_step: CompiledInStep, eval_step: CompiledInStep, total_steps: Optional[int],
+                 ckpt: checkpointing.Checkpointer, writer: MetricWriter, state, train_iter, resumed: bool):
+        self.config, self.workdir, self.mesh, self.model_config = config, workdir, mesh, model_config
+        self.train_step, self.eval_step, self.total_steps = train_step, eval_step, total_steps
+        self.ckpt, self.writer, self.resumed = ckpt, writer, resumed
+        self.state, self.train_iter = state, train_iter
+        self.step = self.start_step = int(state.step)
+        self.eval_batch = config.eval.batch_size if config.eval.batch_size > 0 else config.batch_size
+        self.config_json = json.loads(config.to_json())
+        self.saved_step = ckpt.latest_step()
+        self.held_out = None  # read at the first validation, then kept
+        self.start_config = _volume_baseline_config(config, model_config, self.step)
+        self.last, self.preempted = {}, False
+        self.logged_step, self.metrics = self.step, None
+        self._restart_throughput()
+
+    def _restart_throughput(self) -> None:
+        """Starts measuring images/s afresh (it measures training only, not validations or saves)."""
+        self.t0, self.images_since = time.perf_counter(), 0
+
+    def _due(self, every: int) -> bool:
+        """Whether the current step is one of every `every` steps (never when `every` <= 0)."""
+        return every > 0 and self.step % every == 0
+
+    def save(self) -> None:
+        """Checkpoints the current step, unless it is saved already."""
+        if self.saved_step != self.step:
+            self.ckpt.save(self.step, self.state, self.train_iter, self.config_json,
+                           model_config=self.model_config.to_dict())
+            self.saved_step = self.step
+
+    def validate(self) -> None:
+        """Validates the current state (slices, and volumes if eval.volume_cases > 0), writes and prints the
+        result, and keeps it in `last` as validation_*."""
+        config = self.config
+        self.held_out = self.held_out or held_out_split(config)
+        m = evaluate(self.eval_step, self.state.variables, config, self.model_config, self.mesh, self.eval_batch,
+                     self.held_out)
+        volume = ""
+        if config.eval.volume_cases > 0:
+            m.update(volume_validation(self.state.variables, self.start_config if self.step == 0 else self.model_config,
+                                       config))
+            volume = (f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
+                      if m["volume_objects"] else f"; no object of the first {config.eval.volume_cases} validation "
+                      f"volume(s) spans >= {config.eval.volume_min_slices} slices (eval.volume_min_slices)")
+        self.writer.write(self.step, m, prefix="validation_")
+        self.writer.print(f"step {self.step}: validation loss {m['loss']:.4f} dice {m['dice']:.4f} "
+                          f"({int(m['num_examples'])} slices){volume}")
+        self.last.update({f"validation_{k}": v for k, v in m.items()})
+
+    def log(self) -> None:
+        """Writes and prints the last step's metrics and the images/s since the last log."""
+        values = {k: float(v) for k, v in jax.device_get(self.metrics).items()}  # syncs the device
+        values["images_per_s"] = self.images_since / (time.perf_counter() - self.t0)
+        self.writer.write(self.step, values)
+        self.writer.print(f"step {self.step}{'/' + str(self.total_steps) if self.total_steps else ''} "
+                          f"loss {values['loss']:.4f} dice {values['dice']:.3f} {values['images_per_s']:.1f} images/s")
+        self.last.update(values)
+        self.logged_step = self.step
+        self._restart_throughput()
+
+    def train(self, guard: checkpointing.PreemptionGuard) -> None:
+        """Trains until num_train_steps, the end of the data (num_epochs) or a preemption signal (`guard`) on
+        any process, which saves the step reached."""
+        if self.step == 0 and self.config.eval.at_start:
+            self.validate()
+        while self.total_steps is None or self.step < self.total_steps:
+            try:
+                batch = next(self.train_iter)
+            except StopIteration:
+                break
+            self.state, self.metrics = self.train_step(self.state, to_global_batch(batch, self.mesh))
+            self.step += 1
+            self.images_since += self.config.batch_size
+            self._log_validate_save()
+            if checkpointing.stop_requested_anywhere(guard.should_stop):
+                # Preemption: save where we are and leave; the next start resumes from here.
+                self.writer.print(f"signal {guard.received}: saving step {self.step} and exiting")
+                self.save()
+                self.preempted = True
+                break
+
+    def _log_validate_save(self) -> None:
+        """The periodic work after a step: every log_every_steps, eval.every_steps and checkpoint.every_steps
+        steps (each <= 0: the last step only, which `finish` validates and saves)."""
+        config = self.config
+        if self._due(config.log_every_steps) or self.step == self.total_steps:
+            self.log()
+        if self._due(config.eval.every_steps):
+            self.validate()
+            self._restart_throughput()
+        if self._due(config.checkpoint.every_steps):
+            self.save()
+            self._restart_throughput()
+
+    def finish(self) -> None:
+        """Logs the last step if it is not yet, then, unless preempted, validates (if that step's validation is
+        not done) and saves it."""
+        if self.logged_step != self.step:  # the last step of an epoch-bounded or preempted run
+            self.log()
+        # A re-run that had nothing left to train: the run is finished if its last step's validation is
+        # recorded; one stopped by SIGTERM (or killed in that validation) at its last step validates now.
+        rerun = self.resumed and self.step == self.start_step and not self.preempted
+        if rerun and validation_recorded(self.workdir, self.step):
+            self.writer.print(f"the run in {self.workdir} is already finished at step {self.step} (num_train_steps / "
+                              "num_epochs): nothing to train or validate")
+        elif not self.preempted:
+            if rerun:
+                self.writer.print(f"the run in {self.workdir} reached its last step {self.step} but not its final "
+                                  "validation (stopped before it): validating")
+            if rerun or not self._due(self.config.eval.every_steps):
+                self.validate()
+            self.save()
+
+    def result(self, signal: Optional[int]) -> dict:
+        """The last logged metrics, with the last validation's as validation_*, the step reached, and whether
+        (and by which signal) a preemption stopped the run."""
+        self.last["step"] = self.step
+        self.last["preempted"] = self.preempted
+        self.last["signal"] = signal if self.preempted else None
+        return self.last
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics,
+    with "validation_*" entries of the last validation and "preempted" True if SIGTERM stopped it.
+    A mistake in the config raises ConfigError before the workdir is created or written to."""
+    _set_up_process(config)
+    workdir = pathlib.Path(workdir)
+    _check_run(config, workdir)
+
+    # ---------------------------------------------------------------- Set up mesh
+    # One "data" axis over every device of every process: params replicated, batch split.
+    mesh = make_mesh(config.num_devices if config.num_devices > 0 else None)
+
+    # ---------------------------------------------------------------- Create model & optimizer
+    model_config, init_vars = _probe_model(config, workdir)
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else None
+    tx, schedule = _optimizer_and_schedule(config, model_config, total_steps)
+
+    # ---------------------------------------------------------------- Data
+    train_iter = make_iterator(config, model_config, split="train", batch_size=config.batch_size // jax.process_count(),
+                               seed=config.seed, num_epochs=config.num_epochs if config.num_epochs > 0 else None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricWriter(workdir)
+    _print_mesh(writer, config, mesh)
+    _warn_validation_overlap(writer, config)
 
     # ---------------------------------------------------------------- Shard & transfer (or restore)
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
@@ -647,116 +832,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = create_sharded_state(model_config, config, tx, mesh, init_vars)
     del init_vars
-    step = start_step = int(state.step)
-    dropped = writer.start_at(start_step)
-    if dropped:
-        writer.print(f"dropped {dropped} row(s) of {writer.path} after step {start_step}, where the run starts again")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    writer.print(f"model {model_config.name}: {n_params / 1e6:.2f} M parameters, precision {config.precision}, "
-                 f"{window_caption(model_config.ct_window, model_config.intensity)}")
+    _start_metrics_at(writer, int(state.step))
+    _print_model(writer, config, model_config, state.params)
 
     # ---------------------------------------------------------------- Update step
     train_step = CompiledInStep("train_step", make_train_step(model_config, config, tx, mesh, schedule))
     eval_step = CompiledInStep("eval_step", make_eval_step(model_config, config, mesh))
-    config_json = json.loads(config.to_json())
-
-    saved_step = ckpt.latest_step()
-
-    def save():
-        nonlocal saved_step
-        if saved_step != step:
-            ckpt.save(step, state, train_iter, config_json, model_config=model_config.to_dict())
-            saved_step = step
-
-    held_out = None  # read at the first validation, then kept
-    # Before the first step the weights are the init checkpoint's: its volume validation reads mask prompts
-    # as that checkpoint declares (logits for a converted SAM), so the baseline is what `radsam evaluate`
-    # gives it; from the first step on, as trained (binary).
-    start_config = model_config
-    if step == 0 and config.init_checkpoint and config.eval.volume_cases > 0:
-        from radsam_jax.checkpoint import load_config
-
-        init_prompt = load_config(resolve_path(config.init_checkpoint)).mask_prompt
-        start_config = dataclasses.replace(model_config, mask_prompt=init_prompt)
-
-    def validate():
-        nonlocal held_out
-        held_out = held_out or held_out_split(config)
-        m = evaluate(eval_step, state.variables, config, model_config, mesh, eval_batch, held_out)
-        volume = ""
-        if config.eval.volume_cases > 0:
-            m.update(volume_validation(state.variables, start_config if step == 0 else model_config, config))
-            volume = (f"; 3D dice {m['volume_dice']:.4f} ({int(m['volume_objects'])} objects, one box each)"
-                      if m["volume_objects"] else f"; no object of the first {config.eval.volume_cases} validation "
-                      f"volume(s) spans >= {config.eval.volume_min_slices} slices (eval.volume_min_slices)")
-        writer.write(step, m, prefix="validation_")
-        writer.print(f"step {step}: validation loss {m['loss']:.4f} dice {m['dice']:.4f} "
-                     f"({int(m['num_examples'])} slices){volume}")
-        return m
-
-    last = {}
-    preempted = False
-    logged_step, metrics = step, None
-    t0, images_since = time.perf_counter(), 0
-
-    def log():
-        nonlocal logged_step, t0, images_since
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs the device
-        values["images_per_s"] = images_since / (time.perf_counter() - t0)
-        writer.write(step, values)
-        writer.print(f"step {step}{'/' + str(total_steps) if total_steps else ''} "
-                     f"loss {values['loss']:.4f} dice {values['dice']:.3f} {values['images_per_s']:.1f} images/s")
-        last.update(values)
-        logged_step, t0, images_since = step, time.perf_counter(), 0
 
     # ---------------------------------------------------------------- Train loop
+    loop = _TrainingLoop(config, workdir, mesh, model_config, train_step, eval_step, total_steps, ckpt, writer,
+                         state, train_iter, resumed)
+    del state  # the loop replaces it at every step, donating the old one: no reference here may keep it alive
     with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh):
-        if step == 0 and config.eval.at_start:
-            last.update({f"validation_{k}": v for k, v in validate().items()})
-        while total_steps is None or step < total_steps:
-            try:
-                batch = next(train_iter)
-            except StopIteration:
-                break
-            state, metrics = train_step(state, to_global_batch(batch, mesh))
-            step += 1
-            images_since += config.batch_size
-
-            # Every log_every_steps steps (<= 0: the last step only, as validations and checkpoints).
-            if (config.log_every_steps > 0 and step % config.log_every_steps == 0) or step == total_steps:
-                log()
-            if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
-                last.update({f"validation_{k}": v for k, v in validate().items()})
-                t0, images_since = time.perf_counter(), 0  # images/s measures training only
-            if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0:
-                save()
-                t0, images_since = time.perf_counter(), 0
-            if checkpointing.stop_requested_anywhere(guard.should_stop):
-                # Preemption: save where we are and leave; the next start resumes from here.
-                writer.print(f"signal {guard.received}: saving step {step} and exiting")
-                save()
-                preempted = True
-                break
-
-        if logged_step != step:  # the last step of an epoch-bounded or preempted run
-            log()
-        # A re-run that had nothing left to train: the run is finished if its last step's validation is
-        # recorded; one stopped by SIGTERM (or killed in that validation) at its last step validates now.
-        rerun = resumed and step == start_step and not preempted
-        if rerun and validation_recorded(workdir, step):
-            writer.print(f"the run in {workdir} is already finished at step {step} (num_train_steps / num_epochs): "
-                         "nothing to train or validate")
-        elif not preempted:
-            if rerun:
-                writer.print(f"the run in {workdir} reached its last step {step} but not its final validation "
-                             "(stopped before it): validating")
-            if rerun or config.eval.every_steps <= 0 or step % config.eval.every_steps:
-                last.update({f"validation_{k}": v for k, v in validate().items()})
-            save()
+        loop.train(guard)
+        loop.finish()
         ckpt.wait_until_finished()  # still guarded: a SIGTERM while the last save is written waits for it
     ckpt.close()
     writer.close()
-    last["step"] = step
-    last["preempted"] = preempted
-    last["signal"] = guard.received if preempted else None
-    return last
+    return loop.result(guard.received)

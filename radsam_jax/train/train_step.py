@@ -7,6 +7,7 @@ accumulation, a `shard_map` all-reduces once after the microbatch loop); the sta
 parameters and Adam moments are updated in place (no second copy in device memory).
 """
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -155,6 +156,98 @@ def abstract_train_state(model_config: ModelConfig, config: ml_collections.Confi
 # --------------------------------------------------------------------------------------------------
 # Update step
 # --------------------------------------------------------------------------------------------------
+def _scaled_gradients(model: Sam, loss_config: LossSettings) -> Callable:
+    """`grads_and_metrics(trainable, frozen, buffers, scale, batch, parts)`: gradients of scale x loss / parts
+    with respect to `trainable`, and metrics / parts."""
+
+    def loss_fn(params, buffers, batch):
+        # Only params are differentiated: buffers enter as a constant of this function.
+        mask_logits, iou_pred = model.apply({"params": params, "buffers": buffers},
+                                            batch["image"], batch_prompts(batch))
+        return radsam_loss(mask_logits, iou_pred, batch["target"], loss_config)
+
+    def grads_and_metrics(trainable, frozen, buffers, scale, batch, parts: int):
+        def scaled_loss(trainable):
+            loss, metrics = loss_fn(optimizer_lib.combine(trainable, frozen), buffers, batch)
+            return loss * (scale / parts), jax.tree.map(lambda m: m / parts, metrics)
+        return jax.grad(scaled_loss, has_aux=True)(trainable)
+
+    return grads_and_metrics
+
+
+def _accumulated_gradients(grads_and_metrics: Callable, accum: int, microbatches: int) -> Callable:
+    """`accumulated(trainable, frozen, buffers, scale, local_batch)`, to run inside shard_map: this device's
+    rows as `accum` microbatches of the `microbatches` of the global batch. The loss and metrics are means
+    over equal microbatches, so the sum over all of them of their gradients / metrics, each divided by their
+    number, is the whole batch's; the sum is one psum after the loop."""
+
+    def accumulated(trainable, frozen, buffers, scale, local_batch):
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), local_batch)
+
+        def add(total, one):
+            part = grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches)
+            return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, part), None
+
+        shapes = jax.eval_shape(lambda one: grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches),
+                                jax.tree.map(lambda x: x[0], micro))
+        total, _ = jax.lax.scan(add, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes), micro)
+        return jax.lax.psum(total, DATA_AXIS)
+
+    return accumulated
+
+
+def _batch_gradients(model: Sam, loss_config: LossSettings, accum: int, mesh) -> Callable:
+    """`grads(trainable, frozen, buffers, scale, batch) -> (grads, metrics)` of scale x the global batch's
+    loss: in one pass, or (accum > 1) as `accum` microbatches per device summed in a shard_map."""
+    grads_and_metrics = _scaled_gradients(model, loss_config)
+    if accum == 1:  # XLA splits the batch over the mesh and all-reduces the gradients itself
+        return functools.partial(grads_and_metrics, parts=1)
+    microbatches = accum * mesh.shape[DATA_AXIS]  # equal parts of the global batch
+    accumulated = _accumulated_gradients(grads_and_metrics, accum, microbatches)
+
+    def grads(trainable, frozen, buffers, scale, batch):
+        rows = batch["image"].shape[0]
+        if rows % microbatches:
+            raise ValueError(f"grad_accum_steps {accum}: a batch of {rows} does not split into {accum} "
+                             f"microbatches on each of the {mesh.shape[DATA_AXIS]} devices")
+        # check_vma off: differentiating inside with respect to the replicated parameters would
+        # otherwise psum each microbatch's gradients. Every output must go through the final psum.
+        return jax.shard_map(
+            accumulated, mesh=mesh, in_specs=(P(), P(), P(), P(), P(DATA_AXIS)), out_specs=P(), check_vma=False,
+        )(trainable, frozen, buffers, scale, batch)
+
+    return grads
+
+
+def _all_finite(grads) -> jax.Array:
+    """Whether every gradient is finite (a bool scalar): False after a float16 overflow."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+
+def _apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads, frozen, finite: jax.Array,
+                     use_loss_scale: bool) -> TrainState:
+    """`state` one step on, updated with the (unscaled) gradients of its trainable parameters. With the
+    float16 loss scale, non-finite grads keep the old params / moments and halve the scale."""
+    grads = optimizer_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimiser zeroes those
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if use_loss_scale:
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        loss_scale = state.loss_scale.update(finite)
+    else:
+        loss_scale = state.loss_scale
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
+
+
+def _applied_learning_rate(schedule: Optional[optax.Schedule], state: TrainState) -> jax.Array:
+    """The rate the update of `state` applies (0 without a schedule): the schedule follows the optimiser's
+    own count, which a step skipped for float16 overflow does not advance (state.step does)."""
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    return jnp.asarray(schedule(counts[0][1] if counts else state.step) if schedule is not None else 0.0,
+                       jnp.float32)
+
+
 def make_train_step(
     model_config: ModelConfig,
     config: ml_collections.ConfigDict,
@@ -176,83 +269,23 @@ def make_train_step(
     (in a `shard_map`), sums their gradients and all-reduces once: the same update as k = 1 (to
     float32 rounding) with about 1/k of the activation memory and one gradient all-reduce per step.
     """
-    dtype = compute_dtype(config.precision)
-    model = Sam(model_config, dtype=dtype, remat=config.remat, attention=training_attention(config))
-    loss_config = loss_settings(config)
+    model = Sam(model_config, dtype=compute_dtype(config.precision), remat=config.remat,
+                attention=training_attention(config))
+    batch_gradients = _batch_gradients(model, loss_settings(config), int(config.grad_accum_steps), mesh)
     use_loss_scale = config.precision == "float16"
-    accum = int(config.grad_accum_steps)
-    microbatches = accum * mesh.shape[DATA_AXIS]  # equal parts of the global batch
-
-    def loss_fn(params, buffers, batch):
-        # Only params are differentiated: buffers enter as a constant of this function.
-        mask_logits, iou_pred = model.apply({"params": params, "buffers": buffers},
-                                            batch["image"], batch_prompts(batch))
-        return radsam_loss(mask_logits, iou_pred, batch["target"], loss_config)
-
-    def grads_and_metrics(trainable, frozen, buffers, scale, batch, parts: int):
-        """Gradients of scale x loss / parts with respect to `trainable`, and metrics / parts."""
-        def scaled_loss(trainable):
-            loss, metrics = loss_fn(optimizer_lib.combine(trainable, frozen), buffers, batch)
-            return loss * (scale / parts), jax.tree.map(lambda m: m / parts, metrics)
-        return jax.grad(scaled_loss, has_aux=True)(trainable)
-
-    def accumulated(trainable, frozen, buffers, scale, local_batch):
-        """Inside shard_map: this device's rows as `accum` microbatches. The loss and metrics are
-        means over equal microbatches, so the sum over all of them of their gradients / metrics,
-        each divided by their number, is the whole batch's; the sum is one psum after the loop."""
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), local_batch)
-
-        def add(total, one):
-            part = grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches)
-            return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, part), None
-
-        shapes = jax.eval_shape(lambda one: grads_and_metrics(trainable, frozen, buffers, scale, one, microbatches),
-                                jax.tree.map(lambda x: x[0], micro))
-        total, _ = jax.lax.scan(add, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes), micro)
-        return jax.lax.psum(total, DATA_AXIS)
 
     def train_step(state: TrainState, batch: dict):
         scale = state.loss_scale.scale
         labels = optimizer_lib.trainable_labels(state.params, config.optim.trainable, config.optim.frozen)
         trainable, frozen = optimizer_lib.partition(state.params, labels)
-        if accum == 1:  # XLA splits the batch over the mesh and all-reduces the gradients itself
-            grads, metrics = grads_and_metrics(trainable, frozen, state.buffers, scale, batch, 1)
-        else:
-            rows = batch["image"].shape[0]
-            if rows % microbatches:
-                raise ValueError(f"grad_accum_steps {accum}: a batch of {rows} does not split into {accum} "
-                                 f"microbatches on each of the {mesh.shape[DATA_AXIS]} devices")
-            # check_vma off: differentiating inside with respect to the replicated parameters would
-            # otherwise psum each microbatch's gradients. Every output must go through the final psum.
-            grads, metrics = jax.shard_map(
-                accumulated, mesh=mesh, in_specs=(P(), P(), P(), P(), P(DATA_AXIS)), out_specs=P(), check_vma=False,
-            )(trainable, frozen, state.buffers, scale, batch)
+        grads, metrics = batch_gradients(trainable, frozen, state.buffers, scale, batch)
         grads = jax.tree.map(lambda g: (g / scale).astype(jnp.float32), grads)
-        if use_loss_scale:
-            # Non-finite grads (fp16 overflow): keep the old params / moments, halve the scale.
-            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        else:
-            finite = jnp.asarray(True)
+        # Non-finite grads (fp16 overflow) skip the update (_apply_gradients); other precisions never overflow.
+        finite = _all_finite(grads) if use_loss_scale else jnp.asarray(True)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        grads = optimizer_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimiser zeroes those
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if use_loss_scale:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-            loss_scale = state.loss_scale.update(finite)
-        else:
-            loss_scale = state.loss_scale
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
-        metrics = dict(metrics)
-        metrics["grad_norm"] = grad_norm
-        # The rate this update applied: the schedule follows the optimiser's own count, which a step
-        # skipped for float16 overflow does not advance (state.step does).
-        counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
-        metrics["lr"] = jnp.asarray(schedule(counts[0][1] if counts else state.step) if schedule is not None else 0.0,
-                                    jnp.float32)
-        metrics["loss_scale"] = scale
-        metrics["finite"] = finite.astype(jnp.float32)
+        new_state = _apply_gradients(tx, state, grads, frozen, finite, use_loss_scale)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=_applied_learning_rate(schedule, state), loss_scale=scale,
+                       finite=finite.astype(jnp.float32))
         return new_state, metrics
 
     rep = replicated(mesh)
