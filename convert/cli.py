@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     print(
         f"converted {args.src} -> {args.dst}: {c.name} ({model.num_params():,} parameters, "
-        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format, {c.mask_prompt} mask prompts"
+        f"{c.image_size}x{c.image_size} input, {model.metadata['source_format']} format, {c.preprocessing} preprocessing, {c.mask_prompt} mask prompts"
         + (f", {c.decoder_heads} decoder heads ({model.metadata['decoder_heads_from']})"
            if "decoder_heads_from" in model.metadata else "") + ")"
     )

@@ -170,7 +170,7 @@ def _safetensors_state_dict(path: Path) -> Iterator[StateDict]:
                 x = f.get_tensor(key)
             except Exception as e:
                 raise ConversionError(f"{path}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
-            if not np.issubdtype(x.dtype, np.floating):
+            if not jnp.issubdtype(x.dtype, jnp.floating):  # numpy's floats and ml_dtypes' bfloat16 (bf16 fine-tunes)
                 raise ConversionError(f"{path}: tensor {key} is {x.dtype}, not floating point: not a weight (damaged or quantised?)")
             return _finite(x if x.dtype == np.float32 else x.astype(np.float32), path, key)
 

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -123,6 +124,8 @@ def read_header(path) -> dict:
         # A training run's folder, or one of its step folders: its model comes out with `radsam export`.
         run = next((p for p in (path, path.parent.parent) if (p / "checkpoints").is_dir()), None)
         hint = f"; {run} is a training run: `radsam export {run} DST` writes its model" if run is not None else ""
+        if not hint and any(next(path.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.index.json", "*.pth")):
+            hint = "; it holds PyTorch or Hugging Face weights: convert them with `radsam convert`"
         raise CheckpointError(f"{path} is not a RadSAM model checkpoint: {CONFIG_FILE} is missing{hint}")
     try:
         header = json.loads(config_file.read_text())
@@ -179,13 +182,31 @@ def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(variables_dir, abstract)
     except ValueError as e:
-        raise CheckpointError(f"{variables_dir} does not match the model in {CONFIG_FILE}: {e}") from e
+        if not _TENSORSTORE_STATUS.match(str(e)):  # else a failed read (damaged bytes), not another model
+            raise CheckpointError(f"{variables_dir} does not match the model in {CONFIG_FILE}: {e}") from e
+        raise CheckpointError(f"cannot read {variables_dir}: {_orbax_error_text(e)} (damaged? copy or convert the model "
+                              f"again)") from e
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"cannot read {variables_dir}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read {variables_dir}: {_orbax_error_text(e)} (damaged? copy or convert the model "
+                              f"again)") from e
     # Orbax does not compare shapes with the target; the model would fail later and less clearly.
     _check_against_config(restored, config)
     variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), restored)
     return RadSam(config, variables, dtype=dtype, metadata=header.get("metadata", {}))
+
+
+_TENSORSTORE_STATUS = re.compile(r"[A-Z][A-Z_]+: ")  # "FAILED_PRECONDITION: Error reading ...", "DATA_LOSS: ..."
+
+
+def _orbax_error_text(e: Exception) -> str:
+    """The error, without the TensorStore spec (about 60 lines) that reads of damaged arrays append:
+    the array it names is kept."""
+    text = f"{type(e).__name__}: {e}"
+    head, found, spec = text.partition(" See full TensorStore details")
+    if not found:
+        return text
+    arrays = re.findall(r"'path': '([^'/]+)/?'", spec)  # the array's key; the folder's path has slashes
+    return head.rstrip(".") + (f" of array {arrays[0]}" if arrays else "")
 
 
 @functools.lru_cache(maxsize=8)

@@ -76,6 +76,11 @@ def test_missing_directory_and_header(tmp_path):
     (tmp_path / "file.pth").write_text("x")
     with pytest.raises(CheckpointError, match="radsam convert"):
         load_checkpoint(tmp_path / "file.pth")
+    (tmp_path / "hf").mkdir()  # a Hugging Face SamModel folder, not converted
+    (tmp_path / "hf" / "model.safetensors").write_text("x")
+    with pytest.raises(CheckpointError, match="radsam.json is missing; it holds PyTorch or Hugging Face weights: "
+                                              "convert them with `radsam convert`"):
+        load_checkpoint(tmp_path / "hf")
 
 
 def _copy_with_header(saved, tmp_path, edit):
@@ -159,6 +164,39 @@ def test_missing_variables(saved, tmp_path):
     shutil.rmtree(path / "variables")
     with pytest.raises(CheckpointError, match="variables/ is missing"):
         load_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reader threads after the error
+def test_damaged_array_bytes_name_the_array_in_one_line(saved, tmp_path):
+    """TensorStore appends its whole spec (about 60 lines) to a failed read: the message keeps the
+    array's key instead."""
+    import shutil
+
+    path = tmp_path / "damaged"
+    shutil.copytree(saved, path)
+    data = max((f for f in (path / "variables").rglob("*") if f.is_file() and f.parent.name == "d"),
+               key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)  # zeroed in the middle of the compressed arrays
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read {path / 'variables'}: ") and message.endswith("(damaged? copy or convert the model again)")
+    assert "\n" not in message and "TensorStore details" not in message
+    assert re.search(r"params\.[\w.]+", message), message  # the array, whichever way TensorStore says it
+
+
+def test_tensorstore_spec_is_cut_from_read_errors():
+    from radsam_jax.checkpoint import _orbax_error_text
+
+    spec = ("TensorStore({\n  'base': {\n    'kvstore': {\n      'base': {'driver': 'file', 'path': '/m/variables/'},\n"
+            "      'path': 'params.mask_decoder.iou_token/',\n    },\n  },\n})>")
+    e = Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore details: "
+                  "<bound method spec of " + spec)
+    assert _orbax_error_text(e) == ("Exception: Encountered error while reading array index: (slice(0, 8, 1),) of array "
+                                    "params.mask_decoder.iou_token")
+    assert _orbax_error_text(OSError("disk gone")) == "OSError: disk gone"
 
 
 def test_ct_window_round_trips(small, tmp_path):

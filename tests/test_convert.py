@@ -226,6 +226,19 @@ def test_sharded_hugging_face_checkpoints_convert(tmp_path):
         convert_checkpoint(index, tmp_path / "out")
 
 
+def test_bfloat16_hugging_face_weights_convert_exactly(tmp_path):
+    """bf16 fine-tunes: safetensors hands bfloat16 to NumPy as ml_dtypes' type (no np.floating
+    subtype), torch as torch.bfloat16; both widen exactly to the same float32 weights."""
+    hf = build_small_hf_sam().to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "st")
+    hf.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    from_st = convert_checkpoint(tmp_path / "st", tmp_path / "from_st")
+    _same_weights(from_st, convert_checkpoint(tmp_path / "bin", tmp_path / "from_bin"))
+    key = "vision_encoder.pos_embed"
+    expected = hf.state_dict()[key].float().numpy()[0]
+    np.testing.assert_array_equal(np.asarray(from_st.variables["params"]["image_encoder"]["pos_embed"])[0], expected)
+
+
 def test_hugging_face_iou_head_missing_a_middle_layer_is_refused(tmp_path):
     from safetensors.torch import save_file
 
@@ -417,6 +430,7 @@ def test_cli_medsam_preprocessing_is_recorded(tmp_path, small_pth):
     dst = tmp_path / "medsam"
     result = _run_cli(small_pth, dst, "--preprocessing", "medsam")
     assert result.returncode == 0, result.stderr
+    assert "medsam preprocessing" in result.stdout
     assert load_checkpoint(dst).config.preprocessing == "medsam"
 
 

@@ -534,6 +534,8 @@ def test_edit_slices_batched_without_propagation(tiny_model):
     r2 = p.edit(7, [[18, 14]], [1])
     assert redecode_slices._cache_size() == n and (p._state.table_labels[7] != -1).sum() == 2
     assert not np.delete(r2.mask, [7, 10, 12], axis=2).any()
+    r3 = p.edit_slices({15: ([[20, 16]], [1])})  # a slice no prompt segmented: the bounds now reach it
+    assert r3.bounds == (7, 15) and np.isfinite(r3.iou[15]) and p._state.hi == 15
     with pytest.raises(ValueError, match="at least one correction point"):
         p.edit_slices({7: ([], [])})
     with pytest.raises(ValueError, match="must be \\(points, point_labels\\)"):
@@ -620,6 +622,19 @@ def test_encoder_uses_the_models_attention(tiny_model, monkeypatch):
     chunked.encode_slices(8, 11)
     assert seen == ["fused", "chunked"]
     np.testing.assert_allclose(np.asarray(fused.embeddings[8:12]), np.asarray(chunked.embeddings[8:12]), atol=1e-5, rtol=1e-5)
+
+
+def test_encode_slices_refuses_indices_outside_the_volume(tiny_model):
+    """A negative lo wrapped: the slices were marked encoded while the padding rows got their embeddings."""
+    p = VolumePredictor(tiny_model, bucket=32)
+    p.set_volume(synthetic_volume())
+    for lo, hi, match in ((-2, 19, "lo -2 is outside the image, which has slices 0..19"),
+                          (0, 20, "hi 20 is outside the image"), (2.5, 3, "lo index must be an integer, got 2.5"),
+                          (5, 4, "encode_slices needs lo <= hi, got 5 > 4")):
+        with pytest.raises(ValueError, match=match):
+            p.encode_slices(lo, hi)
+    assert not p._encoded.any() and not np.asarray(p.embeddings).any()
+    assert p.encode_slices(18, 19) == 2 and np.asarray(p.embeddings[18:20]).any()
 
 
 def test_bfloat16_runs(tiny_model):

@@ -314,6 +314,9 @@ class VolumePredictor:
     def encode_slices(self, lo: int, hi: int, progress: Optional[Callable[[int], Any]] = None) -> int:
         """Encodes the not-yet-cached slices lo..hi (inclusive) in chunks; returns how many it encoded."""
         self._require_volume()
+        lo, hi = self._check_slice(lo, "lo"), self._check_slice(hi, "hi")  # a negative index would wrap into padding
+        if lo > hi:
+            raise ValueError(f"encode_slices needs lo <= hi, got {lo} > {hi}")
         todo = np.flatnonzero(~self._encoded[lo: hi + 1]) + lo
         return self._encode_indices(todo, progress)
 
@@ -334,7 +337,8 @@ class VolumePredictor:
 
     @property
     def embeddings(self) -> jax.Array:
-        """(Zp, e, e, C) cached embeddings (zeros for slices not yet encoded)."""
+        """(Zp, e, e, C) cached embeddings (zeros for slices not yet encoded). The next encode reuses
+        this buffer (donated, no copy) and deletes this array: to keep it, copy it (`np.asarray`)."""
         self._require_volume()
         return self._embeddings
 
@@ -646,8 +650,10 @@ class VolumePredictor:
             jnp.asarray(table_labels[rows]), jnp.asarray(state.table_boxes[rows]), jnp.asarray(state.table_has_box[rows]),
             state.logits, state.iou, self._resized, mask_prompt=self.config.mask_prompt,
         )
-        self._state = dataclasses.replace(state, table_points=table_points, table_labels=table_labels, logits=logits, iou=iou)
-        return self._result(logits, iou, (state.lo, state.hi))
+        lo, hi = min(state.lo, *ks), max(state.hi, *ks)  # a slice first segmented by its edit counts too
+        self._state = dataclasses.replace(state, lo=lo, hi=hi, table_points=table_points, table_labels=table_labels,
+                                          logits=logits, iou=iou)
+        return self._result(logits, iou, (lo, hi))
 
     # ------------------------------------------------------------------------------------------
     # Results
