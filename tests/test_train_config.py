@@ -239,6 +239,30 @@ def test_runlocal_shrinks_every_full_recipe_and_a_mistyped_variant_is_refused(na
         load_config_file(str(REPO / f"configs/train/{name}.py:runlocl"))
 
 
+@pytest.mark.parametrize("name", ["example_cpu_clicks", "example_cpu_continue"])
+def test_fine_tuning_recipes_of_the_bundled_model_offer_no_variant(name):
+    """example_cpu.py's runlocal would shrink the architecture that their init_checkpoint fixes."""
+    config = load_config_file(str(REPO / f"configs/train/{name}.py"))
+    assert (config.init_checkpoint, config.model.name) == ("radsam_jax/assets/default_checkpoint", "small")
+    with pytest.raises(ConfigError, match="config variant 'runlocal' is not offered: this file has none"):
+        load_config_file(str(REPO / f"configs/train/{name}.py:runlocal"))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RADSAM_NUM_PROCESSES": "2", "RADSAM_PROCESS_ID": "3"},
+     r"process_id 3 \(distributed_process_id / RADSAM_PROCESS_ID\) is not in 0..1"),
+    ({"RADSAM_NUM_PROCESSES": "two"}, "distributed_num_processes / RADSAM_NUM_PROCESSES must be an integer, got 'two'"),
+])
+def test_topology_mistakes_are_config_errors(monkeypatch, env, message):
+    from radsam_jax.train import loop
+    from radsam_jax.train.config_lib import base_config
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        loop.distributed_arguments(base_config())
+
+
 def test_training_intensity_and_window_are_the_models():
     from radsam_jax.train import loop
 

@@ -218,6 +218,9 @@ stage("resume_synthetic_as_pipeline", lambda: resumable(lambda saved: None, data
 stage("resume_mixture_with_another_dataset", lambda: resumable(
     mixture, data_source="mixture", data_mixture={"amos": 1.0, "totalseg": 1.0, "generic": 1.0}))
 stage("resume_mixture_reweighted", lambda: resumable(mixture, data_source="mixture", data_mixture={"amos": 3.0, "totalseg": 1.0}))
+# The saved data position counts batches: another batch size would skip or repeat samples.
+stage("resume_with_another_batch", lambda: resumable(lambda saved: None, batch_size=2 * tiny_config().batch_size))
+stage("resume_with_the_same_batch", lambda: resumable(lambda saved: None))
 print(json.dumps(out))
 """
 
@@ -275,6 +278,10 @@ def test_a_resume_that_changes_the_state_form_is_a_config_error(run_record):
     assert "data_source 'mixture' of amos, totalseg, and it resumes only from the same data, not 'mixture' of " \
         "amos, generic, totalseg" in added, added
     assert _ok(r["resume_mixture_reweighted"]) == "no error"  # new weights, the same datasets
+    batch = r["resume_with_another_batch"].get("error", "")
+    assert batch.startswith("ConfigError: ") and "saved its data position in batches of" in batch, batch
+    assert "would skip or repeat training samples" in batch and "grad_accum_steps" in batch, batch
+    assert _ok(r["resume_with_the_same_batch"]) == "no error"
 
 
 def test_a_resume_in_float16_starts_the_loss_scale_afresh(run_record):

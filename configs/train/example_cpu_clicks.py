@@ -9,11 +9,12 @@ fine-tuning toward clicks"): no change beyond the bootstrap intervals; not adopt
 
 from pathlib import Path
 
-from radsam_jax.train.config_lib import load_config_file
+from radsam_jax.train.config_lib import config_variant, load_config_file
 
 
 def get_config(arg: str = ""):
-    c = load_config_file(str(Path(__file__).with_name("example_cpu.py")), arg or None)
+    config_variant(arg, ())  # none: example_cpu.py's runlocal shrinks the model that init_checkpoint fixes
+    c = load_config_file(str(Path(__file__).with_name("example_cpu.py")))
     c.init_checkpoint = "radsam_jax/assets/default_checkpoint"  # the bundled model (repo-relative)
     c.num_train_steps = 800  # ~20 min on the 2-core CPU
     c.optim.learning_rate = 1e-4  # fine-tuning: a quarter of the from-scratch rate

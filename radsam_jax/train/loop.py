@@ -76,10 +76,11 @@ def distributed_arguments(config: ml_collections.ConfigDict) -> dict:
             try:
                 value = int(value)
             except ValueError:
-                raise ValueError(f"{field} / {env} must be an integer, got {value!r}") from None
+                raise ConfigError(f"{field} / {env} must be an integer, got {value!r}") from None
         args[arg] = value
     if "num_processes" in args and "process_id" in args and not 0 <= args["process_id"] < args["num_processes"]:
-        raise ValueError(f"process_id {args['process_id']} is not in 0..{args['num_processes'] - 1}")
+        raise ConfigError(f"process_id {args['process_id']} ({DISTRIBUTED_FIELDS['process_id'][0]} / "
+                          f"{DISTRIBUTED_FIELDS['process_id'][1]}) is not in 0..{args['num_processes'] - 1}")
     return args
 
 
@@ -93,7 +94,13 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     wanted = (config.get("distributed", False) or bool(args)
               or os.environ.get("RADSAM_DISTRIBUTED", "").lower() in ("1", "true"))
     if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**args)
+        try:
+            jax.distributed.initialize(**args)
+        except ValueError as e:  # a topology JAX could not complete (no coordinator outside a detected cluster)
+            given = ", ".join(f"{f} / {env}" for f, env in DISTRIBUTED_FIELDS.values())
+            raise ConfigError(f"cannot start the multi-process run: {e}; outside a cluster JAX detects (Slurm, TPU pod, "
+                              f"K8s, Open MPI), give every process the topology: {given} "
+                              f"(docs/multihost.md)") from None
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
@@ -286,6 +293,12 @@ def _check_resumable(ckpt: checkpointing.Checkpointer, target, saved_config: Opt
         raise ConfigError(f"{ckpt.directory}/{step} saved the data order of data_source {named(*sources[0])}, and it "
                           f"resumes only from the same data, not {named(*sources[1])}; {advice}")
     old, new = _flat(saved_config), _flat(config.to_dict())
+    if "batch_size" in old and int(old["batch_size"]) != int(config.batch_size):
+        # Grain's saved position counts batches: in batches of another size it would skip or repeat samples.
+        raise ConfigError(f"{ckpt.directory}/{step} saved its data position in batches of {int(old['batch_size'])} "
+                          f"(batch_size), and it resumes only with that batch size, not {config.batch_size}: another "
+                          f"would skip or repeat training samples (to fit fewer devices, grad_accum_steps splits the "
+                          f"batch into microbatches); {advice}")
     loaders = {"pipeline": ["data"], "mixture": [f"datasets.{n}" for n in dict(config.get("data_mixture", {}))]}
     for key in (f"{name}.num_workers" for name in loaders.get(config.data_source, [])):
         if key in old and key in new and int(old[key]) != int(new[key]) and max(int(old[key]), int(new[key])) > 0:
@@ -730,8 +743,10 @@ class _TrainingLoop:
         values = {k: float(v) for k, v in jax.device_get(self.metrics).items()}  # syncs the device
         values["images_per_s"] = self.images_since / (time.perf_counter() - self.t0)
         self.writer.write(self.step, values)
+        first = self.logged_step == self.start_step  # the train step's compilation is in this interval's time
         self.writer.print(f"step {self.step}{'/' + str(self.total_steps) if self.total_steps else ''} "
-                          f"loss {values['loss']:.4f} dice {values['dice']:.3f} {values['images_per_s']:.1f} images/s")
+                          f"loss {values['loss']:.4f} dice {values['dice']:.3f} {values['images_per_s']:.1f} images/s"
+                          + (" (compilation included)" if first else ""))
         self.last.update(values)
         self.logged_step = self.step
         self._restart_throughput()
@@ -741,6 +756,7 @@ class _TrainingLoop:
         any process, which saves the step reached."""
         if self.step == 0 and self.config.eval.at_start:
             self.validate()
+            self._restart_throughput()
         while self.total_steps is None or self.step < self.total_steps:
             try:
                 batch = next(self.train_iter)
@@ -752,7 +768,8 @@ class _TrainingLoop:
             self._log_validate_save()
             if checkpointing.stop_requested_anywhere(guard.should_stop):
                 # Preemption: save where we are and leave; the next start resumes from here.
-                self.writer.print(f"signal {guard.received}: saving step {self.step} and exiting")
+                by = f"signal {guard.received}" if guard.received is not None else "a signal to another process"
+                self.writer.print(f"{by}: saving step {self.step} and exiting")
                 self.save()
                 self.preempted = True
                 break
