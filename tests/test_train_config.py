@@ -263,6 +263,18 @@ def test_topology_mistakes_are_config_errors(monkeypatch, env, message):
         loop.distributed_arguments(base_config())
 
 
+def test_distributed_without_a_coordinator_is_a_config_error(tmp_path):
+    """Outside a cluster JAX detects, --config.distributed=True needs the topology: said as a config error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RADSAM_", "SLURM_", "OMPI_", "JAX_COORDINATOR"))}
+    config = str(REPO / "configs/train/example_cpu.py:runlocal")
+    r = subprocess.run([sys.executable, "-m", "radsam_jax.cli", "train", "--config", config, "--workdir", str(tmp_path / "run"),
+                        "--config.distributed=True"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "radsam train: error: cannot start the multi-process run:" in r.stderr, r.stderr
+    assert "RADSAM_COORDINATOR_ADDRESS" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_intensity_and_window_are_the_models():
     from radsam_jax.train import loop
 
