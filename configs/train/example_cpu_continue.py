@@ -2,7 +2,8 @@
 of the same recipe: its held-out validation Dice was still rising at the last step (MODEL_CARD.md),
 so a longer run is the cheapest check of what more training buys. A warm restart: the weights start
 from the export (the optimiser state is not exported), a short warm-up, then a second cosine decay
-from half the first run's peak rate. Same data, mixture, augmentation and loss.
+from half the first run's peak rate. Same data, mixture, augmentation and loss. Result (MODEL_CARD.md,
+"Tried: a longer run"): the training patient fits better, the held-out one does not; not adopted.
 
     radsam train --config configs/train/example_cpu_continue.py --workdir runs/small_continue
 """
