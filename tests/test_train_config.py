@@ -239,13 +239,16 @@ def test_runlocal_shrinks_every_full_recipe_and_a_mistyped_variant_is_refused(na
         load_config_file(str(REPO / f"configs/train/{name}.py:runlocl"))
 
 
-@pytest.mark.parametrize("name", ["example_cpu_clicks", "example_cpu_continue"])
-def test_fine_tuning_recipes_of_the_bundled_model_offer_no_variant(name):
-    """example_cpu.py's runlocal would shrink the architecture that their init_checkpoint fixes."""
-    config = load_config_file(str(REPO / f"configs/train/{name}.py"))
-    assert (config.init_checkpoint, config.model.name) == ("radsam_jax/assets/default_checkpoint", "small")
-    with pytest.raises(ConfigError, match="config variant 'runlocal' is not offered: this file has none"):
-        load_config_file(str(REPO / f"configs/train/{name}.py:runlocal"))
+def test_fine_tuning_recipes_of_the_bundled_model():
+    """example_cpu.py's runlocal would shrink the architecture that their init_checkpoint fixes: none."""
+    path = str(REPO / "configs/train/example_cpu_finetune.py")
+    longer, clicks = load_config_file(path), load_config_file(f"{path}:clicks")
+    for c in (clicks, longer):
+        assert (c.init_checkpoint, c.model.name, c.eval.at_start) == ("radsam_jax/assets/default_checkpoint", "small", True)
+    assert (clicks.num_train_steps, clicks.data.prompts.mixture.mask_points, longer.num_train_steps) == (800, 0.4, 2500)
+    assert longer.data.prompts.mixture == load_config_file(str(REPO / "configs/train/example_cpu.py")).data.prompts.mixture
+    with pytest.raises(ConfigError, match="config variant 'runlocal' is not one of this file's: clicks"):
+        load_config_file(f"{path}:runlocal")
 
 
 @pytest.mark.parametrize("env, message", [

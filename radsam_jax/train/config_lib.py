@@ -53,8 +53,7 @@ def config_variant(arg: Optional[str], variants: Sequence[str] = ("runlocal",)) 
     the file does not offer, rather than the full recipe for a mistyped `runlocal`."""
     arg = arg or ""
     if arg and arg not in variants:
-        offered = f"one of this file's: {', '.join(variants)}" if variants else "offered: this file has none"
-        raise ConfigError(f"config variant {arg!r} is not {offered}")
+        raise ConfigError(f"config variant {arg!r} is not one of this file's: {', '.join(variants)}")
     return arg
 
 
