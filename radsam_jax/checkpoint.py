@@ -182,7 +182,7 @@ def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(variables_dir, abstract)
     except ValueError as e:
-        if not _TENSORSTORE_STATUS.match(str(e)):  # else a failed read (damaged bytes), not another model
+        if not _TENSORSTORE_READ_FAILURE.search(str(e)):  # else damaged bytes, not another model
             raise CheckpointError(f"{variables_dir} does not match the model in {CONFIG_FILE}: {e}") from e
         raise CheckpointError(f"cannot read {variables_dir}: {_orbax_error_text(e)} (damaged? copy or convert the model "
                               f"again)") from e
@@ -195,7 +195,8 @@ def load_checkpoint(path, dtype=jnp.float32) -> RadSam:
     return RadSam(config, variables, dtype=dtype, metadata=header.get("metadata", {}))
 
 
-_TENSORSTORE_STATUS = re.compile(r"[A-Z][A-Z_]+: ")  # "FAILED_PRECONDITION: Error reading ...", "DATA_LOSS: ..."
+# TensorStore's failed reads: "FAILED_PRECONDITION: Error reading ...", "Error opening "zarr" driver: ...".
+_TENSORSTORE_READ_FAILURE = re.compile(r"^[A-Z][A-Z_]+: |Error (reading|opening) ")
 
 
 def _orbax_error_text(e: Exception) -> str:
