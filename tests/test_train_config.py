@@ -308,6 +308,8 @@ def test_training_intensity_and_window_are_the_models():
                                                   "define \\(it has 'amos', 'totalseg'\\)"),
     ("(('amos', 0.0), ('totalseg', 0.0))", "data_mixture weights must be >= 0 with a positive sum"),
     ("(('amos', -1.0), ('totalseg', 2.0))", "data_mixture weights must be >= 0 with a positive sum"),
+    ("amos:0.7,totalseg:0.3", "data_mixture must be \\(name, weight\\) pairs, e.g. --config.data_mixture=\"\\(\\('amos', 0.7\\), "
+                              "\\('totalseg', 0.3\\)\\)\", got \\(\\('amos:0.7',\\), \\('totalseg:0.3',\\)\\)"),
 ])
 def test_a_mixture_of_unknown_datasets_or_without_weight_is_a_config_error(mixture, message):
     from radsam_jax.train import loop

@@ -528,7 +528,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         from radsam_jax.train.mixture import mixture_probabilities
 
         try:
-            mixture_probabilities(dict(config.data_mixture), list(config.get("datasets", {})))
+            weights = dict(config.data_mixture)
+        except (TypeError, ValueError):  # e.g. amos:0.7,totalseg:0.3 from the command line
+            raise ConfigError(f"data_mixture must be (name, weight) pairs, e.g. --config.data_mixture=\"(('amos', 0.7), "
+                              f"('totalseg', 0.3))\", got {config.data_mixture!r}") from None
+        try:
+            mixture_probabilities(weights, list(config.get("datasets", {})))
         except ValueError as e:
             raise ConfigError(str(e)) from e
     if config.data_source in ("pipeline", "mixture"):
