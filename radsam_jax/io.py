@@ -309,8 +309,19 @@ def _as_integer_labels(data: np.ndarray, path) -> np.ndarray:
 
 
 def read_label_file(path) -> tuple[np.ndarray, np.ndarray, str]:
-    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine, sha256 of the
-    file): one read of its bytes, so the hash names the voxels returned even if the file changes."""
+    """`read_label_array` and the sha256 of the file, from one read of its bytes: the hash names the
+    voxels returned even if the file changes meanwhile (segment-batch records it)."""
+    labels, affine, raw = _read_label_bytes(path)
+    return labels, affine, hashlib.sha256(raw).hexdigest()
+
+
+def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine)."""
+    labels, affine, _ = _read_label_bytes(path)  # no hash: every training and evaluation case reads here
+    return labels, affine
+
+
+def _read_label_bytes(path) -> tuple[np.ndarray, np.ndarray, bytes]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"label map not found: {path}")
@@ -318,13 +329,7 @@ def read_label_file(path) -> tuple[np.ndarray, np.ndarray, str]:
         raise ValueError(f"label map {path} is not a NIfTI file (.nii, .nii.gz)")
     raw = path.read_bytes()
     data, affine = _read_nifti(path, "label map", lambda img: np.asanyarray(img.dataobj), raw)  # applies scl_slope/inter
-    return _as_integer_labels(data, path), affine, hashlib.sha256(raw).hexdigest()
-
-
-def read_label_array(path) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI label map in its own voxel order -> (integer array (X, Y, Z), affine)."""
-    labels, affine, _ = read_label_file(path)
-    return labels, affine
+    return _as_integer_labels(data, path), affine, raw
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = AFFINE_ATOL_MM) -> bool:
